@@ -1,0 +1,125 @@
+"""`qlora` command line: run the Prefect flow, run one stage (what dvc.yaml calls), render dvc.yaml."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+
+def _configure_env(root: Path) -> None:
+    # Must happen before Prefect is imported: it reads settings at import time.
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Cache records live with the outputs they describe.
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(root / ".qlora" / "prefect-results"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def _fail(msg: str) -> int:
+    print(f"qlora: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_run(args) -> int:
+    root = Path.cwd()
+    _configure_env(root)
+    from tasks.common import PipelineError
+    from tasks.config import ParamsError, load_params
+    try:
+        params = load_params(args.params, args.set)
+    except ParamsError as exc:
+        return _fail(str(exc))
+    from flows.pipeline import qlora_pipeline
+    started = time.perf_counter()
+    try:
+        out = qlora_pipeline(params.model_dump(mode="json"), str(root), args.params)
+    except PipelineError as exc:
+        return _fail(str(exc))
+    seconds = time.perf_counter() - started
+    stages, ml = out["stages"], out["mlflow"]
+    print(f"\nqlora run finished in {seconds:.1f} s")
+    for name, s in stages.items():
+        keys = ", ".join(f"{k}={v}" for k, v in s["summary"].items() if k in
+                         ("rows", "accuracy", "macro_f1", "eval_loss", "perplexity", "final_loss", "steps"))
+        print(f"  {name:<9} {s['status']:<7} {keys}")
+    print(f"  adapter:  {root / 'models/adapter'}")
+    print(f"  merged:   {root / 'models/merged'}")
+    print(f"  metrics:  {root / 'reports/metrics.json'}")
+    print(f"  mlflow:   run {ml['run_id']} at {ml['tracking_uri']}"
+          + (f" (model version {ml['model_version']})" if ml.get("model_version") else ""))
+    return 0
+
+
+def cmd_stage(args) -> int:
+    root = Path.cwd()
+    _configure_env(root)
+    from flows.stages import BY_NAME
+    from tasks.common import PipelineError
+    from tasks.config import ParamsError, load_params
+    if args.name not in BY_NAME:
+        return _fail(f"unknown stage {args.name!r}; stages: {', '.join(BY_NAME)}")
+    try:
+        params = load_params(args.params, args.set)
+        res = BY_NAME[args.name].run(params, root)
+    except (ParamsError, PipelineError) as exc:
+        return _fail(str(exc))
+    print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in res.summary.items()))
+    return 0
+
+
+def cmd_dvc_yaml(args) -> int:
+    from flows.stages import dvc_yaml
+    text = "# Rendered by `qlora dvc-yaml` from flows/stages.py; a test fails if they disagree.\n" \
+        + yaml.safe_dump(dvc_yaml(), sort_keys=False)
+    if args.write:
+        Path("dvc.yaml").write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_track(args) -> int:
+    """Record outputs made by `dvc repro` as an MLflow run, as `qlora run` does."""
+    root = Path.cwd()
+    _configure_env(root)
+    from flows import tracking
+    from flows.stages import STAGES
+    from tasks.common import content_hash
+    from tasks.config import load_params
+    params = load_params(args.params, args.set)
+    stages = {s.name: {"status": "dvc", "outputs": {o: content_hash(root / o) for o in s.outs
+                                                    if (root / o).exists()}} for s in STAGES}
+    with tracking.pipeline_run(params, root, params_file=args.params) as run:
+        run.record(stages)
+    print(f"mlflow: run {run.info['run_id']} at {run.info['tracking_uri']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="qlora", description="Reproducible QLoRA fine-tuning pipeline")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, fn, helptext in (("run", cmd_run, "run the whole Prefect flow (cached stages + MLflow)"),
+                               ("stage", cmd_stage, "run one stage (what dvc.yaml calls)"),
+                               ("track", cmd_track, "record the current outputs as an MLflow run")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "stage":
+            p.add_argument("name")
+        p.add_argument("--params", default="params.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a params value, e.g. --set train.lr=1e-4 (repeatable)")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("dvc-yaml", help="print (or --write) dvc.yaml rendered from flows/stages.py")
+    p.add_argument("--write", action="store_true")
+    p.set_defaults(fn=cmd_dvc_yaml)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Contract for classification data (CSV, JSONL or parquet): text columns plus a label.
+
+Every value arrives as a string (the readers do not coerce types), so a wrong label type
+shows up as a label outside the allowed set rather than as a silent cast.
+"""
+import pandera.pandas as pa
+
+from schemas.checks import NOT_BLANK, at_least_n_classes
+
+
+def classification_schema(text_columns: list[str], label_column: str,
+                          allowed_labels: list[str] | None, min_classes: int = 2) -> pa.DataFrameSchema:
+    label_checks = [NOT_BLANK]
+    if allowed_labels is not None:
+        label_checks.append(pa.Check.isin(allowed_labels, error=f"label must be one of {allowed_labels}"))
+    columns = {c: pa.Column(str, checks=[NOT_BLANK], nullable=False) for c in text_columns}
+    columns[label_column] = pa.Column(str, checks=label_checks, nullable=False)
+    return pa.DataFrameSchema(
+        columns,
+        checks=[at_least_n_classes(label_column, min_classes)],
+        # The same text twice (same or conflicting label) would leak across splits.
+        unique=list(text_columns),
+        report_duplicates="exclude_first",
+        strict=False,
+        coerce=False,
+        name="classification",
+    )

@@ -1,0 +1,113 @@
+"""Step 6: evaluate the adapter on the 4-bit base over the held-out split.
+
+seq_cls: accuracy, macro-F1, per-class precision/recall/F1 and a confusion matrix.
+causal_lm: loss and perplexity on answer tokens, plus a few greedy generations.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from tqdm.auto import tqdm
+
+from tasks.batching import batches
+from tasks.common import StageResult, atomic_dir, resolve, result, write_json
+from tasks.config import Params
+from tasks.modeling import DTYPES, load_saved, load_tokenizer, pick_device, set_threads
+from tasks.plots import plot_confusion
+from tasks.quantize import OUT_DIR as BASE
+from tasks.tokenize import IGNORE, label_names, load_split
+from tasks.train import ADAPTER
+
+METRICS = "reports/metrics.json"
+EVAL_DIR = "reports/eval"
+
+
+def load_adapted(params: Params, root: Path, device: torch.device):
+    from peft import PeftModel
+    base = load_saved(params.task, resolve(root, BASE), device)
+    model = PeftModel.from_pretrained(base, str(resolve(root, ADAPTER)))
+    return model.eval()
+
+
+def classification_metrics(y_true: list[int], y_pred: list[int], names: list[str]) -> dict:
+    labels = list(range(len(names)))
+    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    acc = sum(int(a == b) for a, b in zip(y_true, y_pred)) / len(y_true)
+    return {"accuracy": acc, "macro_f1": float(f.mean()),
+            "per_class": {n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                              "support": int(support[i])} for i, n in enumerate(names)},
+            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist()}
+
+
+@torch.no_grad()
+def predict(model, frame, batch_size: int, pad_id: int, task: str, device, dtype):
+    """seq_cls: predicted class per row. causal_lm: (summed answer-token loss, answer tokens)."""
+    preds, loss_sum, n_tok = [], 0.0, 0
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    for batch in tqdm(batches(frame, batch_size, pad_id, task), total=math.ceil(len(frame) / batch_size),
+                      desc="evaluate", unit="batch"):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if task == "seq_cls":
+            preds += out.logits.argmax(-1).tolist()
+            continue
+        logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                 ignore_index=IGNORE, reduction="sum")
+        loss_sum += loss.item()
+        n_tok += int((labels != IGNORE).sum())
+    return preds if task == "seq_cls" else (loss_sum, n_tok)
+
+
+@torch.no_grad()
+def generate_samples(model, tok, frame, n: int, max_new_tokens: int, device) -> list[dict]:
+    samples = []
+    for ids, labels, row in zip(frame["input_ids"][:n], frame["labels"][:n], frame["row"][:n]):
+        prompt = [i for i, lab in zip(ids, labels) if lab == IGNORE]
+        x = torch.tensor([prompt], device=device)
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+        samples.append({"row": row, "prompt": tok.decode(prompt, skip_special_tokens=True),
+                        "reference": tok.decode([i for i in labels if i != IGNORE], skip_special_tokens=True),
+                        "generated": tok.decode(out[0, len(prompt):], skip_special_tokens=True)})
+    return samples
+
+
+def run(params: Params, root: Path) -> StageResult:
+    e = params.eval
+    set_threads(params.train.threads)
+    device = pick_device(params.train.device)
+    dtype = DTYPES[params.quant.compute_dtype]
+    tok = load_tokenizer(str(resolve(root, ADAPTER)))
+    model = load_adapted(params, root, device)
+    frame = load_split(root, e.split)
+    with atomic_dir(resolve(root, EVAL_DIR)) as tmp:
+        if params.task == "seq_cls":
+            names = label_names(root)
+            preds = predict(model, frame, e.batch_size, tok.pad_token_id, params.task, device, dtype)
+            truth = frame["labels"].astype(int).tolist()
+            m = classification_metrics(truth, preds, names)
+            metrics = {"split": e.split, "rows": len(frame), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                       "per_class": m["per_class"]}
+            with open(tmp / "confusion.csv", "w", newline="") as f:  # DVC's confusion template reads this
+                w = csv.writer(f)
+                w.writerow(["actual", "predicted"])
+                w.writerows((names[a], names[b]) for a, b in zip(truth, preds))
+            write_json(tmp / "confusion_matrix.json", {"labels": names, "matrix": m["confusion_matrix"]})
+            plot_confusion(m["confusion_matrix"], names, tmp / "confusion.png",
+                           f"{e.split}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
+        else:
+            loss_sum, n_tok = predict(model, frame, e.batch_size, tok.pad_token_id, params.task, device, dtype)
+            loss = loss_sum / max(1, n_tok)
+            metrics = {"split": e.split, "rows": len(frame), "eval_loss": loss, "perplexity": math.exp(min(loss, 50)),
+                       "answer_tokens": n_tok}
+            samples = generate_samples(model, tok, frame, e.num_samples, e.max_new_tokens, device)
+            (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    write_json(resolve(root, METRICS), metrics)
+    return result("evaluate", root, [METRICS, EVAL_DIR], **{k: v for k, v in metrics.items() if k != "per_class"})

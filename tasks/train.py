@@ -1,0 +1,126 @@
+"""Step 5: train LoRA adapters on the frozen 4-bit base. The loop is the whole story:
+setup (model, LoRA, optimizer, schedule), then for each step: batch -> forward -> backward
+-> clip -> step, logging the loss; finally save the adapter, the log and its plot.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tasks.batching import batches, epoch_order
+from tasks.common import StageResult, atomic_dir, resolve, result, write_json
+from tasks.config import LoraSection, Params, TrainConfig
+from tasks.modeling import DTYPES, load_saved, load_tokenizer, pick_device, set_threads
+from tasks.plots import plot_loss
+from tasks.tokenize import load_split
+from tasks.quantize import OUT_DIR as BASE
+
+ADAPTER = "models/adapter"
+REPORT_DIR = "reports/train"
+
+
+def add_lora(model, lora: LoraSection, task: str, gradient_checkpointing: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if gradient_checkpointing and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                     target_modules=lora.target_modules, task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def make_optimizer(params, t: TrainConfig, device: torch.device):
+    name = t.optimizer
+    if name == "auto":
+        name = "paged_adamw_32bit" if device.type == "cuda" else "adamw"
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay), name
+    import bitsandbytes as bnb  # paged optimizers page their state to CPU RAM under memory pressure
+    cls = bnb.optim.PagedAdamW32bit if name == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay), name
+
+
+def linear_schedule(optimizer, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def run(params: Params, root: Path) -> StageResult:
+    t = params.train
+    set_threads(t.threads)
+    torch.manual_seed(params.seed)
+    device = pick_device(t.device)
+    # --- setup
+    tok = load_tokenizer(str(resolve(root, BASE)))
+    model = load_saved(params.task, resolve(root, BASE), device)
+    model = add_lora(model, params.lora, params.task, t.gradient_checkpointing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    train_rows = load_split(root, "train")
+    lengths = train_rows["input_ids"].map(len).tolist()
+    steps_per_epoch = math.ceil(len(train_rows) / (t.batch_size * t.grad_accum))
+    total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
+    optimizer, opt_name = make_optimizer(trainable, t, device)
+    scheduler = linear_schedule(optimizer, int(t.warmup_ratio * total), total)
+    dtype = DTYPES[params.quant.compute_dtype]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # --- train
+    log, step, epoch, tokens, started = [], 0, 0, 0, time.perf_counter()
+    model.train()
+    bar = tqdm(total=total, desc="train", unit="step")
+    while step < total:
+        stream = batches(train_rows, t.batch_size, tok.pad_token_id, params.task,
+                         epoch_order(lengths, t.batch_size, params.seed, epoch))
+        for micro, batch in enumerate(stream):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                loss = model(**batch).loss / t.grad_accum
+            loss.backward()
+            tokens += int(batch["attention_mask"].sum())
+            if (micro + 1) % t.grad_accum:
+                continue
+            torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            log.append({"step": step, "epoch": epoch, "loss": round(loss.item() * t.grad_accum, 6),
+                        "lr": scheduler.get_last_lr()[0], "tokens": tokens})
+            bar.update(1)
+            if step % t.log_every == 0:
+                bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-t.log_every:]) / t.log_every:.4f}")
+            if step >= total:
+                break
+        epoch += 1
+    bar.close()
+    seconds = time.perf_counter() - started
+    # --- save
+    with atomic_dir(resolve(root, ADAPTER)) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    summary = {"steps": step, "epochs_seen": epoch, "final_loss": log[-1]["loss"],
+               "mean_loss_last_10pct": sum(r["loss"] for r in log[-max(1, len(log) // 10):]) / max(1, len(log) // 10),
+               "train_seconds": round(seconds, 2), "tokens": tokens, "tokens_per_second": round(tokens / seconds, 1),
+               "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name,
+               "device": str(device)}
+    with atomic_dir(resolve(root, REPORT_DIR)) as tmp:
+        with open(tmp / "loss.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(log[0]))
+            w.writeheader()
+            w.writerows(log)
+        plot_loss(log, tmp / "loss.png")
+        write_json(tmp / "summary.json", summary)
+    return result("train", root, [ADAPTER, REPORT_DIR], **summary)

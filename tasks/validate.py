@@ -1,0 +1,139 @@
+"""Step 1: read the raw dataset, clean its text, check it against its pandera contract.
+
+Writes data/validated/{dataset.jsonl,labels.json} only when every rule holds, and always
+writes reports/validation.json naming each bad row (file, row, column, rule, value).
+"""
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+
+import pandas as pd
+import pandera.errors
+
+from schemas import classification_schema, instruction_schema
+from tasks.common import PipelineError, StageResult, atomic_dir, resolve, result, write_json
+from tasks.config import Params
+from tasks.dataio import ROW, read_raw
+
+OUT_DIR = "data/validated"
+REPORT = "reports/validation.json"
+_ENTITY = re.compile(r"(?:&)?#(\d+);")
+_SPACES = re.compile(r"\s+")
+_MAX_LISTED = 20
+
+
+def clean_text(s: str) -> str:
+    """Undo the escaping found in scraped news text: '#36;' -> '$', '&amp;' -> '&',
+    a backslash used as a line break -> a space, runs of whitespace -> one space."""
+    s = _ENTITY.sub(lambda m: chr(int(m.group(1))) if int(m.group(1)) < 0x110000 else m.group(0), s)
+    s = html.unescape(s).replace("\\", " ")
+    return _SPACES.sub(" ", s).strip()
+
+
+def _failures(err: pandera.errors.SchemaErrors, df: pd.DataFrame, path: Path) -> list[dict]:
+    out = []
+    for fc in err.failure_cases.to_dict("records"):
+        idx = fc.get("index")
+        has_row = idx is not None and idx == idx and idx in df.index
+        check = str(fc.get("check"))
+        rule = check.split("(")[0] if check else "schema"
+        if rule == "field_uniqueness" or "unique" in rule or "duplicate" in check:
+            rule = "unique_rows"
+        out.append({"file": str(path), "row": str(df.at[idx, ROW]) if has_row else None,
+                    "column": fc.get("column"), "rule": rule,
+                    "value": None if fc.get("failure_case") is None else str(fc.get("failure_case"))[:200]})
+    return out
+
+
+def _label_space(params: Params) -> tuple[list[str], dict[str, int] | None]:
+    d = params.data
+    if d.label_names is None:
+        return [], None
+    mapping = {str(d.label_base + i): i for i in range(len(d.label_names))}
+    mapping.update({n: i for i, n in enumerate(d.label_names)})
+    return list(d.label_names), mapping
+
+
+def _prepare(params: Params, df: pd.DataFrame):
+    d = params.data
+    if params.task == "seq_cls":
+        names, mapping = _label_space(params)
+        if d.clean_text:
+            for c in d.text_columns:
+                if c in df:
+                    df[c] = df[c].map(lambda v: clean_text(v) if isinstance(v, str) else v)
+        schema = classification_schema(d.text_columns, d.label_column,
+                                       sorted(mapping) if mapping else None, d.min_classes)
+        return schema, names, mapping
+    for c in ("instruction", "input", "output"):
+        if c in df and d.clean_text:
+            df[c] = df[c].map(lambda v: v.strip() if isinstance(v, str) else v)
+    if "input" in df:
+        df["input"] = df["input"].map(lambda v: "" if v is None else v)  # optional field
+    return instruction_schema(), [], None
+
+
+def validate_frame(params: Params, df: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, list[dict], list[dict]]:
+    """Return (valid rows, errors, dropped duplicates). Pure: no files written."""
+    schema, _, _ = _prepare(params, df)
+    missing = [c for c in schema.columns if c not in df.columns]
+    if missing:
+        found = [c for c in df.columns if c != ROW]
+        return df, [{"file": str(path), "row": None, "column": c, "rule": "column_present",
+                     "value": f"columns found: {found}"} for c in missing], []
+    try:
+        schema.validate(df, lazy=True)
+        return df, [], []
+    except pandera.errors.SchemaErrors as err:
+        errors = _failures(err, df, path)
+    dropped = []
+    if params.data.duplicates == "drop":
+        dropped = [e for e in errors if e["rule"] == "unique_rows"]
+        errors = [e for e in errors if e["rule"] != "unique_rows"]
+        rows = {e["row"] for e in dropped}
+        df = df[~df[ROW].astype(str).isin(rows)]
+    return df, errors, dropped
+
+
+def canonical_rows(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    d = params.data
+    if params.task == "causal_lm":
+        return df[["instruction", "input", "output", ROW]].rename(columns={ROW: "row"}), []
+    names, mapping = _label_space(params)
+    if mapping is None:
+        names = sorted(df[d.label_column].unique())
+        mapping = {n: i for i, n in enumerate(names)}
+    text = df[d.text_columns].apply(lambda r: ". ".join(t.rstrip(".") for t in r), axis=1) \
+        if len(d.text_columns) > 1 else df[d.text_columns[0]]
+    return pd.DataFrame({"text": text, "label": df[d.label_column].map(mapping).astype(int),
+                         "row": df[ROW].astype(str)}), names
+
+
+def run(params: Params, root: Path) -> StageResult:
+    src = resolve(root, params.data.path)
+    report_path = resolve(root, REPORT)
+    try:
+        df = read_raw(src, params.data.format, params.data.header, params.data.columns)
+    except PipelineError as exc:
+        write_json(report_path, {"file": str(src), "status": "failed", "errors": [{"file": str(src),
+                   "row": None, "column": None, "rule": "readable", "value": str(exc)}]})
+        raise
+    n_rows = len(df)
+    df, errors, dropped = validate_frame(params, df, src)
+    report = {"file": str(src), "task": params.task, "rows": n_rows, "valid_rows": n_rows - len(errors),
+              "errors": errors, "dropped_duplicates": dropped, "status": "failed" if errors else "passed"}
+    write_json(report_path, report)
+    if errors:
+        listed = "\n".join(f"  - {e['file']}: row {e['row']}, column {e['column']}: rule {e['rule']}"
+                           f" (value: {e['value']!r})" for e in errors[:_MAX_LISTED])
+        more = f"\n  ... and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
+        raise PipelineError(f"{src}: {len(errors)} validation error(s); full report: {report_path}\n"
+                            f"{listed}{more}")
+    rows, names = canonical_rows(params, df)
+    with atomic_dir(resolve(root, OUT_DIR)) as tmp:
+        rows.to_json(tmp / "dataset.jsonl", orient="records", lines=True, force_ascii=False)
+        write_json(tmp / "labels.json", {"names": names})
+    return result("validate", root, [OUT_DIR, REPORT], rows=len(rows), dropped=len(dropped),
+                  classes=len(names))
