@@ -12,7 +12,7 @@ def classification_schema(text_columns: list[str], label_column: str,
                           allowed_labels: list[str] | None, min_classes: int = 2) -> pa.DataFrameSchema:
     label_checks = [NOT_BLANK]
     if allowed_labels is not None:
-        label_checks.append(pa.Check.isin(allowed_labels, error=f"label must be one of {allowed_labels}"))
+        label_checks.append(pa.Check.isin(allowed_labels))
     columns = {c: pa.Column(str, checks=[NOT_BLANK], nullable=False) for c in text_columns}
     columns[label_column] = pa.Column(str, checks=label_checks, nullable=False)
     return pa.DataFrameSchema(

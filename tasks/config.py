@@ -70,7 +70,7 @@ class QuantConfig(Section):
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     # Kept out of quantization (classification heads must be, or PEFT fails on them).
-    skip_modules: list[str] = ["classifier", "pooler", "score", "lm_head"]
+    skip_modules: list[str] = ["classifier", "pooler.dense", "score", "lm_head"]
 
 
 class LoraSection(Section):

@@ -33,17 +33,22 @@ def clean_text(s: str) -> str:
 
 
 def _failures(err: pandera.errors.SchemaErrors, df: pd.DataFrame, path: Path) -> list[dict]:
-    out = []
+    """One entry per (row, column, rule), with the row as the reader numbered it."""
+    out, seen = [], set()
     for fc in err.failure_cases.to_dict("records"):
         idx = fc.get("index")
         has_row = idx is not None and idx == idx and idx in df.index
-        check = str(fc.get("check"))
-        rule = check.split("(")[0] if check else "schema"
-        if rule == "field_uniqueness" or "unique" in rule or "duplicate" in check:
-            rule = "unique_rows"
-        out.append({"file": str(path), "row": str(df.at[idx, ROW]) if has_row else None,
-                    "column": fc.get("column"), "rule": rule,
-                    "value": None if fc.get("failure_case") is None else str(fc.get("failure_case"))[:200]})
+        rule = str(fc.get("check") or "schema")
+        if "uniqueness" in rule:
+            rule = "unique_rows"  # the same text again: a duplicate, or a leak across splits
+        row = str(df.at[idx, ROW]) if has_row else None
+        column = None if rule == "unique_rows" else fc.get("column")
+        if (row, column, rule) in seen:
+            continue
+        seen.add((row, column, rule))
+        value = fc.get("failure_case")
+        out.append({"file": str(path), "row": row, "column": column, "rule": rule,
+                    "value": None if value is None or value != value else str(value)[:200]})
     return out
 
 

@@ -1,0 +1,36 @@
+# Two entry points (see README): `make run` and `make test`. Both set everything up first.
+SHELL := /bin/bash
+VENV  := .venv
+BIN   := $(VENV)/bin
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup data run test test-fast bench clean
+
+$(BIN)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: pip takes the CPU build on this machine instead of a multi-GB CUDA one
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed data
+
+# The raw dataset is DVC-tracked (data/raw/ag_news.dvc, imported from ../shared/datasets).
+# `dvc update` re-imports it from its source; the check makes sure it is the committed version.
+data: $(BIN)/.installed
+	@if [ ! -f data/raw/ag_news/test.csv ]; then $(BIN)/dvc update -q data/raw/ag_news.dvc; fi
+	@git diff --quiet -- data/raw/ag_news.dvc || { echo "data/raw/ag_news differs from the DVC version committed in git (see git diff data/raw/ag_news.dvc)"; exit 1; }
+
+run: setup
+	$(BIN)/qlora run
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf data/validated data/split data/tokenized models reports .qlora mlruns.db mlartifacts

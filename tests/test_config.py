@@ -1,0 +1,44 @@
+import pytest
+
+from tasks.config import Params, ParamsError, load_params
+from tests.conftest import REPO, repo_params, write_params
+
+
+def test_repo_params_load_with_every_section():
+    p = load_params(REPO / "params.yaml")
+    assert p.task == "seq_cls"
+    assert p.quant.quant_type == "nf4" and p.quant.double_quant and p.quant.compute_dtype == "bfloat16"
+    assert "classifier" in p.quant.skip_modules
+    assert p.lora.target_modules == "all-linear"
+
+
+def test_override_parses_yaml_values(tmp_path):
+    path = write_params(tmp_path, repo_params())
+    p = load_params(path, ["train.lr=1e-4", "lora.target_modules=[query, value]", "merge.enabled=false"])
+    assert p.train.lr == 1e-4
+    assert p.lora.target_modules == ["query", "value"]
+    assert p.merge.enabled is False
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("lora.rr=8", "lora.rr", "did you mean 'r'"),
+    ("trian.lr=1", "trian", "did you mean 'train'"),
+    ("lora.r=0", "lora.r", "greater than 0"),
+    ("train.lr=-1", "train.lr", "greater than 0"),
+    ("train.batch_size=0", "train.batch_size", "greater than 0"),
+    ("quant.quant_type=int3", "quant.quant_type", "'nf4' or 'fp4'"),
+    ("train.epochs=lots", "train.epochs", "valid number"),
+])
+def test_bad_params_name_the_key(tmp_path, override, key, words):
+    path = write_params(tmp_path, repo_params())
+    with pytest.raises(ParamsError) as exc:
+        load_params(path, [override])
+    msg = str(exc.value)
+    assert f"{key}:" in msg and words in msg, msg
+
+
+def test_digest_depends_only_on_named_keys():
+    a = Params()
+    b = Params.model_validate({**a.model_dump(), "eval": {**a.eval.model_dump(), "batch_size": 7}})
+    assert a.digest(("lora", "train")) == b.digest(("lora", "train"))
+    assert a.digest(("eval",)) != b.digest(("eval",))
