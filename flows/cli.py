@@ -35,10 +35,15 @@ def cmd_run(args) -> int:
         params = load_params(args.params, args.set)
     except ParamsError as exc:
         return _fail(str(exc))
+    from flows.lock import ProjectBusy, project_lock
     from flows.pipeline import qlora_pipeline
     started = time.perf_counter()
     try:
-        out = qlora_pipeline(params.model_dump(mode="json"), str(root), args.params)
+        with project_lock(root, wait=args.wait):
+            out = qlora_pipeline(params.model_dump(mode="json"), str(root), args.params)
+    except ProjectBusy as exc:
+        print(f"qlora: {exc}", file=sys.stderr)
+        return 3
     except PipelineError as exc:
         return _fail(str(exc))
     seconds = time.perf_counter() - started
@@ -59,6 +64,7 @@ def cmd_run(args) -> int:
 def cmd_stage(args) -> int:
     root = Path.cwd()
     _configure_env(root)
+    from flows.lock import ProjectBusy, project_lock
     from flows.stages import BY_NAME
     from tasks.common import PipelineError
     from tasks.config import ParamsError, load_params
@@ -66,7 +72,11 @@ def cmd_stage(args) -> int:
         return _fail(f"unknown stage {args.name!r}; stages: {', '.join(BY_NAME)}")
     try:
         params = load_params(args.params, args.set)
-        res = BY_NAME[args.name].run(params, root)
+        with project_lock(root, wait=args.wait, what=f"qlora stage {args.name}"):
+            res = BY_NAME[args.name].run(params, root)
+    except ProjectBusy as exc:
+        print(f"qlora: {exc}", file=sys.stderr)
+        return 3
     except (ParamsError, PipelineError) as exc:
         return _fail(str(exc))
     print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in res.summary.items()))
@@ -113,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--params", default="params.yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a params value, e.g. --set train.lr=1e-4 (repeatable)")
+        p.add_argument("--wait", action="store_true", help="wait for a run already holding the project")
         p.set_defaults(fn=fn)
     p = sub.add_parser("dvc-yaml", help="print (or --write) dvc.yaml rendered from flows/stages.py")
     p.add_argument("--write", action="store_true")

@@ -49,7 +49,7 @@ STAGES: tuple[Stage, ...] = (
           code=("tasks/quantize.py", "tasks/modeling.py"),
           params=("task", "seed", "model", "quant", "train.device"), outs=(quantize.OUT_DIR,)),
     Stage("train", train.run, deps=(tokenize.OUT_DIR, quantize.OUT_DIR),
-          code=("tasks/train.py", "tasks/batching.py", "tasks/plots.py", "tasks/modeling.py"),
+          code=("tasks/train.py", "tasks/checkpoint.py", "tasks/batching.py", "tasks/plots.py", "tasks/modeling.py"),
           params=("task", "seed", "lora", "train", "quant.compute_dtype"), outs=(train.ADAPTER, train.REPORT_DIR)),
     Stage("evaluate", evaluate.run, deps=(tokenize.OUT_DIR, quantize.OUT_DIR, train.ADAPTER),
           code=("tasks/evaluate.py", "tasks/batching.py", "tasks/plots.py", "tasks/modeling.py"),

@@ -160,8 +160,14 @@ class PipelineRun:
 @contextmanager
 def pipeline_run(params: Params, root: Path, flow_run_id: str = "", params_file: str = "params.yaml"):
     import mlflow
-    uri = tracking_uri(params, root)
-    check_reachable(uri)
+    uri, fallback_from = tracking_uri(params, root), None
+    try:
+        check_reachable(uri)
+    except PipelineError as exc:
+        if not params.tracking.fallback_to_local:
+            raise
+        fallback_from, uri = uri, f"sqlite:///{root / 'mlruns.db'}"
+        print(f"warning: {exc}\nwarning: tracking.fallback_to_local is true: recording this run in {uri}")
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(params.tracking.experiment) is None:
         location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
@@ -170,6 +176,8 @@ def pipeline_run(params: Params, root: Path, flow_run_id: str = "", params_file:
     _, base = resolve_source(params.model)
     tags = {**git_state(REPO), **data_version(params, root), **base, "task": params.task,
             "prefect_flow_run_id": flow_run_id, "params_file": params_file}
+    if fallback_from:
+        tags["tracking_fallback_from"] = fallback_from
     with mlflow.start_run(tags=tags) as run:
         mlflow.log_params(_flatten(params.model_dump(mode="json")))
         handle = PipelineRun(mlflow, run, params, root, tags)

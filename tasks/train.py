@@ -5,6 +5,8 @@ setup (model, LoRA, optimizer, schedule), then for each step: batch -> forward -
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -13,11 +15,12 @@ import torch
 from tqdm.auto import tqdm
 
 from tasks.batching import batches, epoch_order
-from tasks.common import StageResult, atomic_dir, resolve, result, write_json
+from tasks import checkpoint
+from tasks.common import StageResult, atomic_dir, content_hash, resolve, result, write_json
 from tasks.config import LoraSection, Params, TrainConfig
 from tasks.modeling import DTYPES, load_saved, load_tokenizer, pick_device, set_threads
 from tasks.plots import plot_loss
-from tasks.tokenize import load_split
+from tasks.tokenize import OUT_DIR as TOKENIZED, load_split
 from tasks.quantize import OUT_DIR as BASE
 
 ADAPTER = "models/adapter"
@@ -58,6 +61,15 @@ def linear_schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def run_fingerprint(params: Params, root: Path) -> str:
+    """Identifies a training run by its inputs and settings (which checkpoints it may resume)."""
+    h = hashlib.sha256(json.dumps([params.task, params.seed, params.lora.model_dump(mode="json"),
+                                   params.train.model_dump(mode="json"), params.quant.compute_dtype]).encode())
+    for d in (TOKENIZED, BASE):
+        h.update(content_hash(resolve(root, d)).encode())
+    return h.hexdigest()
+
+
 def run(params: Params, root: Path) -> StageResult:
     t = params.train
     set_threads(t.threads)
@@ -77,18 +89,29 @@ def run(params: Params, root: Path) -> StageResult:
     scheduler = linear_schedule(optimizer, int(t.warmup_ratio * total), total)
     dtype = DTYPES[params.quant.compute_dtype]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # --- resume from the last checkpoint of this same run, if a crash left one
+    ckpt_dir = resolve(root, checkpoint.DIR)
+    fingerprint = run_fingerprint(params, root)
+    log, step, epoch, skip, tokens = [], 0, 0, 0, 0
+    resume_from = checkpoint.latest(ckpt_dir, fingerprint) if t.checkpoint_every else None
+    if resume_from is not None:
+        state = checkpoint.restore(resume_from, model, optimizer, scheduler)
+        log, step, epoch, skip, tokens = state["log"], state["step"], state["epoch"], state["next_micro"], state["tokens"]
+        print(f"train: resuming from {resume_from} (step {step} of {total})")
     # --- train
-    log, step, epoch, tokens, started = [], 0, 0, 0, time.perf_counter()
+    started = time.perf_counter()
     model.train()
-    bar = tqdm(total=total, desc="train", unit="step")
+    bar = tqdm(total=total, initial=step, desc="train", unit="step")
     while step < total:
-        stream = batches(train_rows, t.batch_size, tok.pad_token_id, params.task,
-                         epoch_order(lengths, t.batch_size, params.seed, epoch))
-        for micro, batch in enumerate(stream):
+        order = epoch_order(lengths, t.batch_size, params.seed, epoch)[skip * t.batch_size:]
+        optimizer.zero_grad(set_to_none=True)
+        accum = 0.0
+        for micro, batch in enumerate(batches(train_rows, t.batch_size, tok.pad_token_id, params.task, order), skip):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
                 loss = model(**batch).loss / t.grad_accum
             loss.backward()
+            accum += loss.item()
             tokens += int(batch["attention_mask"].sum())
             if (micro + 1) % t.grad_accum:
                 continue
@@ -97,21 +120,26 @@ def run(params: Params, root: Path) -> StageResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            log.append({"step": step, "epoch": epoch, "loss": round(loss.item() * t.grad_accum, 6),
+            log.append({"step": step, "epoch": epoch, "loss": round(accum, 6),
                         "lr": scheduler.get_last_lr()[0], "tokens": tokens})
+            accum = 0.0
             bar.update(1)
             if step % t.log_every == 0:
                 bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-t.log_every:]) / t.log_every:.4f}")
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
+                checkpoint.save(ckpt_dir, model, optimizer, scheduler,
+                                {"fingerprint": fingerprint, "step": step, "epoch": epoch,
+                                 "next_micro": micro + 1, "tokens": tokens, "log": log})
             if step >= total:
                 break
-        epoch += 1
+        epoch, skip = epoch + 1, 0
     bar.close()
     seconds = time.perf_counter() - started
     # --- save
     with atomic_dir(resolve(root, ADAPTER)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    summary = {"steps": step, "epochs_seen": epoch, "final_loss": log[-1]["loss"],
+    summary = {"steps": step, "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else 0, "epochs_seen": epoch, "final_loss": log[-1]["loss"],
                "mean_loss_last_10pct": sum(r["loss"] for r in log[-max(1, len(log) // 10):]) / max(1, len(log) // 10),
                "train_seconds": round(seconds, 2), "tokens": tokens, "tokens_per_second": round(tokens / seconds, 1),
                "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name,
@@ -123,4 +151,5 @@ def run(params: Params, root: Path) -> StageResult:
             w.writerows(log)
         plot_loss(log, tmp / "loss.png")
         write_json(tmp / "summary.json", summary)
+    checkpoint.clear(ckpt_dir)  # the adapter is saved: checkpoints of this run are spent
     return result("train", root, [ADAPTER, REPORT_DIR], **summary)

@@ -1,0 +1,209 @@
+"""Faults: a crash mid-training, two runs at once, untrusted model files, tracking down,
+bad params at the command line, rows too long, leakage between splits."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flows.cli import main as qlora_main
+from flows.lock import ProjectBusy, project_lock
+from tasks import quantize, split, tokenize, validate
+from tasks.common import PipelineError
+from tasks.config import Params
+from tests.conftest import REPO, repo_params, small_cls_params, write_params
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def _qlora(root: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=root, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _prepared(root: Path, raw: dict) -> Params:
+    write_params(root, raw)
+    params = Params.model_validate(raw)
+    for stage in (validate, split, tokenize, quantize):
+        stage.run(params, root)
+    return params
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_resumes_to_the_same_adapter(tmp_path, agnews_small):
+    raw = small_cls_params(agnews_small)
+    raw["train"].update(max_steps=12, checkpoint_every=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    _prepared(a, raw), _prepared(b, raw)
+    # a: killed with SIGKILL once the step-6 checkpoint is on disk, then run again
+    proc = _qlora(a, "stage", "train")
+    ckpt = a / ".qlora/checkpoints/train/step-00000006"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (a / "models/adapter").exists()  # nothing half-written was published
+    resumed = _qlora(a, "stage", "train")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resuming from" in out and "step 6 of 12" in out, out
+    assert not (a / ".qlora/checkpoints/train").exists()  # spent checkpoints are removed
+    # b: the same training, never interrupted
+    plain = _qlora(b, "stage", "train")
+    out_b, _ = plain.communicate(timeout=600)
+    assert plain.returncode == 0, out_b
+    wa = load_file(a / "models/adapter/adapter_model.safetensors")
+    wb = load_file(b / "models/adapter/adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "reports/train/loss.csv").read_text() == (b / "reports/train/loss.csv").read_text()
+    assert json.loads((a / "reports/train/summary.json").read_text())["resumed_from_step"] == 6
+
+
+def test_second_run_on_a_busy_project_exits_with_a_clear_message(tmp_path, agnews_small):
+    write_params(tmp_path, small_cls_params(agnews_small))
+    with project_lock(tmp_path):
+        proc = _qlora(tmp_path, "run")
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 3, out
+    assert "another pipeline run holds" in out and f'"pid": {os.getpid()}' in out
+    assert not (tmp_path / "data").exists()  # it wrote nothing
+
+
+def test_waiting_run_takes_the_lock_when_the_first_ends(tmp_path):
+    code = ("import time,sys; from pathlib import Path; from flows.lock import project_lock\n"
+            "with project_lock(Path(sys.argv[1]), wait=True): print(time.time())")
+    with project_lock(tmp_path):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=_env(), cwd=REPO,
+                                stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert proc.poll() is None  # still waiting
+        released = time.time()
+    acquired = float(proc.communicate(timeout=60)[0])
+    assert acquired >= released
+    with pytest.raises(ProjectBusy):
+        with project_lock(tmp_path):
+            with project_lock(tmp_path):
+                pass
+
+
+def test_bad_params_stop_the_cli_before_any_work(tmp_path, capsys, monkeypatch, agnews_small):
+    write_params(tmp_path, small_cls_params(agnews_small))
+    monkeypatch.chdir(tmp_path)
+    assert qlora_main(["run", "--set", "lora.r=0", "--set", "train.batch_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.r:" in err and "train.batch_size:" in err
+    assert qlora_main(["stage", "train", "--set", "train.lrr=1"]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_relative_paths_cannot_leave_the_project(tmp_path):
+    with pytest.raises(ValueError, match="leaves the project"):
+        Params.model_validate(repo_params(data={"path": "../../etc/passwd"}))
+    with pytest.raises(ValueError, match="leaves the project"):
+        Params.model_validate(repo_params(model={"name": "../models/x"}))
+    assert Params.model_validate(repo_params(data={"path": "/abs/ok.csv"})).data.path == "/abs/ok.csv"
+
+
+def test_pickle_only_model_is_refused(tmp_path, agnews_small):
+    model_dir = tmp_path / "evil-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "bert"}')
+    (model_dir / "pytorch_model.bin").write_bytes(b"not opened")
+    raw = small_cls_params(agnews_small)
+    raw["model"]["name"] = str(model_dir)
+    params = Params.model_validate(raw)
+    validate.run(params, tmp_path)
+    with pytest.raises(PipelineError, match=r"pytorch_model.bin\); only safetensors are loaded"):
+        quantize.run(params, tmp_path)
+
+
+def test_remote_code_is_not_run_unless_allowed(tmp_path, agnews_small):
+    model_dir = tmp_path / "custom-model"
+    model_dir.mkdir()
+    marker = tmp_path / "code-ran"
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "custom_bert", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
+                                                  "AutoModelForSequenceClassification": "modeling_custom.M"}}))
+    (model_dir / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    (model_dir / "model.safetensors").write_bytes(b"")
+    raw = small_cls_params(agnews_small)
+    raw["model"]["name"] = str(model_dir)
+    params = Params.model_validate(raw)
+    assert params.model.trust_remote_code is False
+    validate.run(params, tmp_path)
+    with pytest.raises(PipelineError, match="trust_remote_code"):
+        quantize.run(params, tmp_path)
+    assert not marker.exists()
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, agnews_small):
+    from flows.pipeline import qlora_pipeline
+    raw = small_cls_params(agnews_small)
+    raw["tracking"]["tracking_uri"] = f"http://127.0.0.1:{_unused_port()}"
+    started = time.time()
+    with pytest.raises(PipelineError, match="unreachable"):
+        qlora_pipeline(Params.model_validate(raw).model_dump(mode="json"), str(tmp_path))
+    assert time.time() - started < 60
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_unreachable_tracking_server_can_fall_back_to_local(tmp_path, agnews_small):
+    import mlflow
+
+    from flows.pipeline import qlora_pipeline
+    raw = small_cls_params(agnews_small)
+    dead = f"http://127.0.0.1:{_unused_port()}"
+    raw["tracking"].update(tracking_uri=dead, fallback_to_local=True)
+    out = qlora_pipeline(Params.model_validate(raw).model_dump(mode="json"), str(tmp_path))
+    assert out["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    mlflow.set_tracking_uri(out["mlflow"]["tracking_uri"])
+    run = mlflow.tracking.MlflowClient().get_run(out["mlflow"]["run_id"])
+    assert run.data.tags["tracking_fallback_from"] == dead
+
+
+def test_long_rows_are_counted_or_refused(tmp_path, agnews_small):
+    raw = small_cls_params(agnews_small)
+    raw["tokenize"]["max_length"] = 24
+    params = Params.model_validate(raw)
+    for stage in (validate, split):
+        stage.run(params, tmp_path)
+    res = tokenize.run(params, tmp_path)
+    stats = json.loads((tmp_path / "data/tokenized/stats.json").read_text())
+    assert res.summary["train_truncated"] == stats["splits"]["train"]["truncated_rows"] > 0
+    assert stats["splits"]["train"]["max_tokens"] == 24
+    before = (tmp_path / "data/tokenized/stats.json").read_bytes()
+    raw["tokenize"]["truncation"] = False
+    with pytest.raises(PipelineError, match=r"rows longer than tokenize.max_length=24 .* rule: max_length"):
+        tokenize.run(Params.model_validate(raw), tmp_path)
+    assert (tmp_path / "data/tokenized/stats.json").read_bytes() == before
+
+
+def test_split_refuses_leakage():
+    import pandas as pd
+    df = pd.DataFrame({"text": ["a", "b", "c", "d", "a"] * 4, "label": [0, 1, 0, 1, 1] * 4,
+                       "row": [str(i) for i in range(20)]})
+    with pytest.raises(PipelineError, match="leakage"):
+        split.split_frame(df, 0.2, 0.2, 0, None)
