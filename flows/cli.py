@@ -111,20 +111,92 @@ def cmd_track(args) -> int:
     return 0
 
 
+def cmd_retrain(args) -> int:
+    root = Path.cwd()
+    _configure_env(root)
+    from flows.lock import ProjectBusy, project_lock
+    from flows.retrain import retrain_flow
+    from tasks.common import PipelineError
+    from tasks.config import ParamsError
+    try:
+        with project_lock(root, wait=args.wait, what="qlora retrain"):
+            out = retrain_flow(str(root), args.params, args.set)
+    except ProjectBusy as exc:
+        print(f"qlora: {exc}", file=sys.stderr)
+        return 3
+    except (ParamsError, PipelineError) as exc:
+        return _fail(str(exc))
+    print(f"retrain: {out['status']}" + (f"; {out['decision']['reason']}" if "decision" in out else ""))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve the retraining flow on a cron schedule (Prefect `serve`): a long-running process."""
+    root = Path.cwd()
+    _configure_env(root)
+    from flows.retrain import retrain_flow
+    from tasks.config import ParamsError, load_params
+    try:
+        load_params(args.params, args.set)  # fail now, not at 3 a.m.
+    except ParamsError as exc:
+        return _fail(str(exc))
+    retrain_flow.serve(name=args.name, cron=args.cron,
+                       parameters={"root": str(root), "params_file": args.params, "overrides": args.set})
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    root = Path.cwd()
+    _configure_env(root)
+    import json
+
+    import mlflow
+
+    from flows import lineage, tracking
+    from tasks.common import PipelineError
+    from tasks.config import load_params
+    params = load_params(args.params) if Path(args.params).exists() else None
+    uri = args.tracking_uri or (tracking.tracking_uri(params, root) if params else None) \
+        or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        info = lineage.lineage(args.model)
+    except PipelineError as exc:
+        return _fail(str(exc))
+    verified = lineage.verify(info, root) if args.verify else None
+    if args.json:
+        print(json.dumps({**info, **({"verify": verified} if verified else {})}, indent=2))
+    else:
+        lineage.render(info, verified)
+    return 0 if verified is None or verified["ok"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qlora", description="Reproducible QLoRA fine-tuning pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, fn, helptext in (("run", cmd_run, "run the whole Prefect flow (cached stages + MLflow)"),
                                ("stage", cmd_stage, "run one stage (what dvc.yaml calls)"),
-                               ("track", cmd_track, "record the current outputs as an MLflow run")):
+                               ("track", cmd_track, "record the current outputs as an MLflow run"),
+                               ("retrain", cmd_retrain, "ingest the inbox, version data, retrain, promote"),
+                               ("serve", cmd_serve, "serve the retraining flow on a cron schedule")):
         p = sub.add_parser(name, help=helptext)
         if name == "stage":
             p.add_argument("name")
+        if name == "serve":
+            p.add_argument("--cron", required=True, help='e.g. "0 3 * * 1" (Mondays 03:00)')
+            p.add_argument("--name", default="qlora-retrain", help="deployment name")
         p.add_argument("--params", default="params.yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a params value, e.g. --set train.lr=1e-4 (repeatable)")
         p.add_argument("--wait", action="store_true", help="wait for a run already holding the project")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("lineage", help="what data, code and settings produced a registered model")
+    p.add_argument("model", help="NAME[@alias] or NAME/VERSION (default alias: champion)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verify", action="store_true", help="re-hash local data against the record")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(fn=cmd_lineage)
     p = sub.add_parser("dvc-yaml", help="print (or --write) dvc.yaml rendered from flows/stages.py")
     p.add_argument("--write", action="store_true")
     p.set_defaults(fn=cmd_dvc_yaml)

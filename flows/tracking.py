@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from flows.dvc_ops import find_dvc_file
 from flows.stages import REPO
 from tasks.common import PipelineError, content_hash, read_json, resolve
 from tasks.config import Params
@@ -50,18 +51,13 @@ def data_version(params: Params, root: Path) -> dict:
     """The DVC hash of the raw data when a .dvc file tracks it, and our own sha256 always."""
     path = resolve(root, params.data.path).resolve()
     facts = {"data_path": params.data.path, "data_sha256": content_hash(path)}
-    for parent in [path, *path.parents]:
-        if not parent.name:
-            break
-        dvc_file = parent.with_name(parent.name + ".dvc")
-        if dvc_file.is_file():
-            meta = yaml.safe_load(dvc_file.read_text())
-            out = meta["outs"][0]
-            facts.update({"dvc_file": str(dvc_file.relative_to(root) if dvc_file.is_relative_to(root) else dvc_file),
-                          "dvc_data_md5": out.get("md5", ""), "dvc_data_path": out.get("path", "")})
-            if meta.get("deps"):
-                facts["dvc_import_source"] = meta["deps"][0].get("path", "")
-            break
+    dvc_file = find_dvc_file(path, root)
+    if dvc_file is not None:
+        meta = yaml.safe_load(dvc_file.read_text())
+        facts.update({"dvc_file": str(dvc_file.relative_to(Path(root).resolve())),
+                      "dvc_data_md5": meta["outs"][0].get("md5", ""), "dvc_data_path": meta["outs"][0].get("path", "")})
+        if meta.get("deps"):
+            facts["dvc_import_source"] = meta["deps"][0].get("path", "")
     return facts
 
 
@@ -178,7 +174,7 @@ def pipeline_run(params: Params, root: Path, flow_run_id: str = "", params_file:
             "prefect_flow_run_id": flow_run_id, "params_file": params_file}
     if fallback_from:
         tags["tracking_fallback_from"] = fallback_from
-    with mlflow.start_run(tags=tags) as run:
+    with mlflow.start_run(tags=tags, nested=mlflow.active_run() is not None) as run:
         mlflow.log_params(_flatten(params.model_dump(mode="json")))
         handle = PipelineRun(mlflow, run, params, root, tags)
         try:

@@ -53,6 +53,10 @@ class DataConfig(Section):
 
 
 class SplitConfig(Section):
+    # stratified: seeded, class-balanced, re-drawn over the whole dataset each time.
+    # hash: each row's split is a hash of its text, so rows never move between splits as
+    # new data arrives (what retraining needs to compare models on one held-out set).
+    method: Literal["stratified", "hash"] = "stratified"
     validation: float = Field(0.1, gt=0, lt=0.5)
     test: float = Field(0.1, gt=0, lt=0.5)
     seed: int = 42
@@ -134,6 +138,17 @@ class TrackingConfig(Section):
     fallback_to_local: bool = False
 
 
+class RetrainConfig(Section):
+    inbox: str = "data/inbox"
+    metric: str = "accuracy"       # from reports/metrics.json: accuracy, macro_f1, eval_loss, ...
+    greater_is_better: bool = True
+    alias: str = "champion"
+    dvc_remote: str | None = None  # None: the repository's default DVC remote
+    git_commit: bool = True        # commit the new .dvc file, so the data version is in git
+
+    _inbox_inside = field_validator("inbox")(classmethod(lambda cls, v: _inside_project(v)))
+
+
 class Params(Section):
     task: Literal["seq_cls", "causal_lm"] = "seq_cls"
     seed: int = 42
@@ -147,6 +162,7 @@ class Params(Section):
     eval: EvalConfig = EvalConfig()
     merge: MergeConfig = MergeConfig()
     tracking: TrackingConfig = TrackingConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "Params":

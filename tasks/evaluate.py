@@ -112,3 +112,21 @@ def run(params: Params, root: Path) -> StageResult:
             (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     write_json(resolve(root, METRICS), metrics)
     return result("evaluate", root, [METRICS, EVAL_DIR], **{k: v for k, v in metrics.items() if k != "per_class"})
+
+
+def score_merged(params: Params, root: Path, model_dir: Path) -> dict:
+    """Metrics of a merged (plain transformers) model on this project's current test split:
+    how champion and challenger are compared on one and the same held-out set."""
+    from tasks.modeling import auto_class
+    check_safe_dir(model_dir)
+    device = pick_device(params.train.device)
+    model = auto_class(params.task).from_pretrained(str(model_dir), use_safetensors=True).to(device).eval()
+    tok = load_tokenizer(str(model_dir))
+    frame = load_split(root, "test")
+    dtype = next(model.parameters()).dtype
+    out = predict(model, frame, params.eval.batch_size, tok.pad_token_id, params.task, device, dtype)
+    if params.task == "seq_cls":
+        m = classification_metrics(frame["labels"].astype(int).tolist(), out, label_names(root))
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "rows": len(frame)}
+    loss = out[0] / max(1, out[1])
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "rows": len(frame)}

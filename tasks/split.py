@@ -1,6 +1,7 @@
 """Step 2: a seeded (and for classification, stratified) train/validation/test split."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -41,11 +42,24 @@ def _check_no_leak(parts: dict[str, pd.DataFrame]) -> None:
             seen.setdefault(values, name)
 
 
+def hash_split(df: pd.DataFrame, validation: float, test: float, seed: int) -> dict[str, pd.DataFrame]:
+    """Assign each row by a hash of its text: stable as rows are added or removed."""
+    keys = df["text"] if "text" in df else df["instruction"] + "\n" + df["input"]
+    u = keys.map(lambda k: int(hashlib.sha256(f"{seed}:{k}".encode()).hexdigest()[:12], 16) / 16 ** 12)
+    parts = {"train": df[u >= test + validation], "validation": df[(u >= test) & (u < test + validation)],
+             "test": df[u < test]}
+    if min(len(p) for p in parts.values()) == 0:
+        raise PipelineError(f"hash split of {len(df)} rows left a split empty; add rows or use split.method: stratified")
+    _check_no_leak(parts)
+    return parts
+
+
 def run(params: Params, root: Path) -> StageResult:
     df = pd.read_json(resolve(root, IN_DIR) / "dataset.jsonl", lines=True, dtype=False)
     s = params.split
     stratify = "label" if params.task == "seq_cls" and s.stratify else None
-    parts = split_frame(df, s.validation, s.test, s.seed, stratify)
+    parts = hash_split(df, s.validation, s.test, s.seed) if s.method == "hash" \
+        else split_frame(df, s.validation, s.test, s.seed, stratify)
     with atomic_dir(resolve(root, OUT_DIR)) as tmp:
         for name, part in parts.items():
             part.to_json(tmp / f"{name}.jsonl", orient="records", lines=True, force_ascii=False)
