@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -28,16 +29,38 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow-server")
+def _postgres(d: Path) -> str:
+    """A throwaway PostgreSQL server from Debian's packages on a loopback port (skips if absent).
+    Its files live in `d`, a folder the postgres user can reach (pytest's temp root is private)."""
+    bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not bindir or not (bindir[-1] / "initdb").exists():
+        pytest.skip("PostgreSQL server binaries are not installed")
+    bindir, data, port = bindir[-1], d / "pgdata", _port()
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data.mkdir()
+    if as_pg:
+        shutil.chown(d, "postgres")
+        shutil.chown(data, "postgres")
+    subprocess.run(as_pg + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "mlflow"], check=True,
+                   capture_output=True)
+    subprocess.run(as_pg + [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(d / "pg.log"), "-w", "start", "-o",
+                            f"-p {port} -k {d} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(as_pg + [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"], check=True, capture_output=True)
+    return f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def mlflow_server(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"mlflow-{request.param}")
+    pg_dir = Path(tempfile.mkdtemp(prefix="qlora-pg-")) if request.param == "postgresql" else None
+    backend = f"sqlite:///{d / 'mlflow.db'}" if pg_dir is None else _postgres(pg_dir)
     port = _port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+                             "--backend-store-uri", backend,
                              "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
                             stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while time.time() < deadline:
         try:
             urllib.request.urlopen(url + "/health", timeout=2)
@@ -50,6 +73,12 @@ def mlflow_server(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+    if request.param == "postgresql":
+        bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+        as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run(as_pg + [str(bindir / "pg_ctl"), "-D", str(pg_dir / "pgdata"), "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(pg_dir, ignore_errors=True)
 
 
 def _git(root, *args):
