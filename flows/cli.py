@@ -157,7 +157,7 @@ def cmd_lineage(args) -> int:
     from tasks.config import load_params
     params = load_params(args.params) if Path(args.params).exists() else None
     uri = args.tracking_uri or (tracking.tracking_uri(params, root) if params else None) \
-        or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns.db'}"
+        or tracking.USER_TRACKING_URI or f"sqlite:///{root / 'mlruns.db'}"
     mlflow.set_tracking_uri(uri)
     try:
         info = lineage.lineage(args.model)

@@ -21,10 +21,13 @@ from tasks.config import Params
 from tasks.modeling import resolve_source
 
 MERGED_HASH_TAG = "merged_sha256"
+# Read once, at import: mlflow.set_tracking_uri() writes this variable itself, so a later
+# read would return the last project's store rather than the user's choice.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def tracking_uri(params: Params, root: Path) -> str:
-    return params.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns.db'}"
+    return params.tracking.tracking_uri or USER_TRACKING_URI or f"sqlite:///{root / 'mlruns.db'}"
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -88,6 +88,23 @@ def test_deleted_output_is_not_taken_as_a_cache_hit(project):
     assert (root / "reports/eval/confusion.png").exists()
 
 
+def test_bad_data_stops_the_flow_before_any_model_load_and_keeps_outputs(project, tmp_path):
+    from tasks.common import PipelineError, content_hash
+    root, raw, _ = project
+    bad = tmp_path / "bad.csv"
+    bad.write_text('"1","A title","A body"\n"2","Another","Body"\n"5","Unknown label","Body"\n')
+    raw = json.loads(json.dumps(raw))
+    raw["data"]["path"] = str(bad)
+    before = {p: content_hash(root / p) for p in ("data/validated", "models/adapter", "models/merged")}
+    loads = LOAD_COUNT["base"]
+    with pytest.raises(PipelineError, match=r"bad.csv: row 3, column label: rule isin"):
+        run_flow(root, raw)
+    assert LOAD_COUNT["base"] == loads
+    assert {p: content_hash(root / p) for p in before} == before
+    report = json.loads((root / "reports/validation.json").read_text())
+    assert report["status"] == "failed" and report["errors"][0]["row"] == "3"
+
+
 def test_mlflow_run_records_params_metrics_artifacts_lineage(project):
     root, raw, first = project
     info = first["_out"]["mlflow"]
@@ -107,7 +124,7 @@ def test_mlflow_run_records_params_metrics_artifacts_lineage(project):
     assert tags["prefect_flow_run_id"] == first["_out"]["flow_run_id"]
     assert len(tags["data_sha256"]) == 64
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "reports", "merged_model"} <= artifacts
+    assert {"adapter", "reports", "merged_model"} <= artifacts, (tags.get("registered_model_version"), info)
     assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "reports/eval")}
     assert "reports/eval/confusion.png" in plots

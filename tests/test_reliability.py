@@ -43,27 +43,33 @@ def _prepared(root: Path, raw: dict) -> Params:
 
 @pytest.mark.slow
 def test_sigkill_mid_training_resumes_to_the_same_adapter(tmp_path, agnews_small):
+    """a: `qlora run` (Prefect) killed with SIGKILL mid-training, then run again: the cached
+    stages stay cached, training is not a cache hit and resumes from its last checkpoint.
+    b: the same training never interrupted (`qlora stage train`, the DVC path). Same adapter."""
     raw = small_cls_params(agnews_small)
     raw["train"].update(max_steps=12, checkpoint_every=3)
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    _prepared(a, raw), _prepared(b, raw)
-    # a: killed with SIGKILL once the step-6 checkpoint is on disk, then run again
-    proc = _qlora(a, "stage", "train")
+    write_params(a, raw)
+    proc = _qlora(a, "run")
     ckpt = a / ".qlora/checkpoints/train/step-00000006"
-    deadline = time.time() + 300
+    deadline = time.time() + 400
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (a / "models/adapter").exists()  # nothing half-written was published
-    resumed = _qlora(a, "stage", "train")
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out
+    again = _qlora(a, "run")
+    out, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, out
+    status = {line.split()[0]: line.split()[1] for line in out.splitlines()
+              if line.startswith("  ") and len(line.split()) > 1 and line.split()[1] in ("ran", "cached")}
+    assert status == {"validate": "cached", "split": "cached", "tokenize": "cached", "quantize": "cached",
+                      "train": "ran", "evaluate": "ran", "merge": "ran"}, out
     assert "resuming from" in out and "step 6 of 12" in out, out
     assert not (a / ".qlora/checkpoints/train").exists()  # spent checkpoints are removed
-    # b: the same training, never interrupted
+    _prepared(b, raw)
     plain = _qlora(b, "stage", "train")
     out_b, _ = plain.communicate(timeout=600)
     assert plain.returncode == 0, out_b
@@ -131,6 +137,14 @@ def test_pickle_only_model_is_refused(tmp_path, agnews_small):
     validate.run(params, tmp_path)
     with pytest.raises(PipelineError, match=r"pytorch_model.bin\); only safetensors are loaded"):
         quantize.run(params, tmp_path)
+
+
+def test_pickle_only_adapter_is_refused(tmp_path):
+    from tasks.modeling import check_safe_dir
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"not opened")
+    with pytest.raises(PipelineError, match="adapter weights are pickle files"):
+        check_safe_dir(tmp_path, "adapter")
 
 
 def test_remote_code_is_not_run_unless_allowed(tmp_path, agnews_small):

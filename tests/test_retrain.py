@@ -49,36 +49,44 @@ def _postgres(d: Path) -> str:
     return f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def mlflow_server(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(f"mlflow-{request.param}")
-    pg_dir = Path(tempfile.mkdtemp(prefix="qlora-pg-")) if request.param == "postgresql" else None
-    backend = f"sqlite:///{d / 'mlflow.db'}" if pg_dir is None else _postgres(pg_dir)
-    port = _port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", backend,
-                             "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
-                            stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except Exception:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("MLflow server did not start:\n" + (d / "server.log").read_text())
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    if request.param == "postgresql":
+def _stop_postgres(pg_dir: Path) -> None:
+    if (pg_dir / "pgdata" / "postmaster.pid").exists():
         bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
         as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         subprocess.run(as_pg + [str(bindir / "pg_ctl"), "-D", str(pg_dir / "pgdata"), "-m", "fast", "stop"],
                        capture_output=True)
-        shutil.rmtree(pg_dir, ignore_errors=True)
+    shutil.rmtree(pg_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def mlflow_server(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"mlflow-{request.param}")
+    pg_dir = Path(tempfile.mkdtemp(prefix="qlora-pg-")) if request.param == "postgresql" else None
+    proc = None
+    try:
+        backend = f"sqlite:///{d / 'mlflow.db'}" if pg_dir is None else _postgres(pg_dir)
+        port = _port()
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                                 "--backend-store-uri", backend,
+                                 "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
+                                stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("MLflow server did not start:\n" + (d / "server.log").read_text())
+                time.sleep(0.5)
+        yield url
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+        if pg_dir is not None:
+            _stop_postgres(pg_dir)
 
 
 def _git(root, *args):
