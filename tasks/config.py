@@ -110,6 +110,9 @@ class TrainConfig(Section):
     # auto: paged AdamW (bitsandbytes) on CUDA, torch AdamW on CPU.
     optimizer: Literal["auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "auto"
     gradient_checkpointing: bool = True
+    # Liger Triton kernels (fused linear+cross-entropy, RMSNorm, SwiGLU, RoPE): CUDA and
+    # Llama/Mistral/Qwen2 models only; ignored elsewhere. Needs the liger-kernel package.
+    liger_kernels: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(50, ge=0)  # steps between resumable checkpoints; 0: none

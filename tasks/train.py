@@ -42,6 +42,20 @@ def add_lora(model, lora: LoraSection, task: str, gradient_checkpointing: bool):
     return get_peft_model(model, cfg)
 
 
+LIGER = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
+         "qwen2": "apply_liger_kernel_to_qwen2"}
+
+
+def apply_speedups(model_type: str, t: TrainConfig, device: torch.device) -> bool:
+    """Patch the model classes with Liger kernels before the model is built; True if applied."""
+    if not (t.liger_kernels and device.type == "cuda" and model_type in LIGER):
+        return False
+    import liger_kernel.transformers as liger
+    getattr(liger, LIGER[model_type])(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                      fused_linear_cross_entropy=True)
+    return True
+
+
 def make_optimizer(params, t: TrainConfig, device: torch.device):
     name = t.optimizer
     if name == "auto":
@@ -77,6 +91,8 @@ def run(params: Params, root: Path) -> StageResult:
     device = pick_device(t.device)
     # --- setup
     tok = load_tokenizer(str(resolve(root, BASE)))
+    model_type = json.loads((resolve(root, BASE) / "config.json").read_text()).get("model_type", "")
+    liger = apply_speedups(model_type, t, device)
     model = load_saved(params.task, resolve(root, BASE), device)
     model = add_lora(model, params.lora, params.task, t.gradient_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -142,7 +158,7 @@ def run(params: Params, root: Path) -> StageResult:
     summary = {"steps": step, "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else 0, "epochs_seen": epoch, "final_loss": log[-1]["loss"],
                "mean_loss_last_10pct": sum(r["loss"] for r in log[-max(1, len(log) // 10):]) / max(1, len(log) // 10),
                "train_seconds": round(seconds, 2), "tokens": tokens, "tokens_per_second": round(tokens / seconds, 1),
-               "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name,
+               "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name, "liger_kernels": liger,
                "device": str(device)}
     with atomic_dir(resolve(root, REPORT_DIR)) as tmp:
         with open(tmp / "loss.csv", "w", newline="") as f:
