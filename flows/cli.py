@@ -130,18 +130,55 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+def _local_prefect_server(root: Path):
+    """Prefect's ephemeral API has no scheduler, so a cron needs a server: start one on
+    loopback for as long as `qlora serve` runs (its database stays in .prefect/)."""
+    import socket
+    import subprocess
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (root / ".prefect").mkdir(exist_ok=True)
+    log = open(root / ".prefect" / "server.log", "a")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except Exception:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"the local Prefect server did not start; see {root / '.prefect' / 'server.log'}")
+
+
 def cmd_serve(args) -> int:
-    """Serve the retraining flow on a cron schedule (Prefect `serve`): a long-running process."""
+    """Serve the retraining flow on a cron schedule (Prefect `serve`): a long-running process.
+    Against PREFECT_API_URL when set; otherwise against a Prefect server it starts locally."""
     root = Path.cwd()
     _configure_env(root)
-    from flows.retrain import retrain_flow
-    from tasks.config import ParamsError, load_params
+    from tasks.config import ParamsError, check_retrain_ready, load_params
     try:
-        load_params(args.params, args.set)  # fail now, not at 3 a.m.
+        check_retrain_ready(load_params(args.params, args.set))  # fail now, not at 3 a.m.
     except ParamsError as exc:
         return _fail(str(exc))
-    retrain_flow.serve(name=args.name, cron=args.cron,
-                       parameters={"root": str(root), "params_file": args.params, "overrides": args.set})
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        server, os.environ["PREFECT_API_URL"] = _local_prefect_server(root)
+        print(f"qlora serve: started a local Prefect server at {os.environ['PREFECT_API_URL']} (UI and scheduler)")
+    try:
+        from flows.retrain import retrain_flow
+        retrain_flow.serve(name=args.name, cron=args.cron,
+                           parameters={"root": str(root), "params_file": args.params, "overrides": args.set})
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
     return 0
 
 

@@ -12,8 +12,8 @@ from prefect import flow, get_run_logger, runtime, task
 
 from flows import dvc_ops, tracking
 from flows.pipeline import qlora_pipeline
-from tasks.common import PipelineError, read_json, resolve
-from tasks.config import Params, load_params
+from tasks.common import resolve
+from tasks.config import Params, check_retrain_ready, load_params
 from tasks.evaluate import score_merged
 from tasks.ingest import REPORT as INGEST_REPORT
 from tasks.ingest import ingest
@@ -90,11 +90,7 @@ def retrain_flow(root: str = ".", params_file: str = "params.yaml", overrides: l
     logger = get_run_logger()
     root_path = Path(root).resolve()
     params = load_params(root_path / params_file, overrides or [])
-    if params.split.method != "hash":
-        raise PipelineError("retraining compares models on one held-out test set, which needs rows to keep "
-                            "their split as data grows: set split.method: hash")
-    if not params.merge.enabled:
-        raise PipelineError("retraining compares merged models: set merge.enabled: true")
+    check_retrain_ready(params)
     pj = params.model_dump(mode="json")
     uri = tracking.tracking_uri(params, root_path)
     tracking.check_reachable(uri)

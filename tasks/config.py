@@ -247,5 +247,14 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raise ParamsError(_explain(exc, str(path))) from None
 
 
+def check_retrain_ready(params: Params) -> None:
+    """Settings retraining needs (checked when serving starts, not at the first scheduled run)."""
+    if params.split.method != "hash":
+        raise ParamsError("retraining compares models on one held-out test set, which needs rows to keep "
+                          "their split as data grows: set split.method: hash")
+    if not params.merge.enabled:
+        raise ParamsError("retraining compares merged models: set merge.enabled: true")
+
+
 def write_params(params: Params, path: Path) -> None:
     path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
