@@ -48,7 +48,7 @@ def lineage(ref: str, client=None) -> dict:
         "lineage": {k: tags[k] for k in LINEAGE_TAGS if k in tags},
         "datasets": inputs,
         "metrics": {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith(("test_", "validation_"))
-                    and "_f1_" not in k and "_precision_" not in k and "_recall_" not in k},
+                    and not any(part in k for part in ("_f1_", "_precision_", "_recall_", "_support_", "_rows"))},
         "params": dict(sorted(run.data.params.items())),
         "parents": parents,
     }

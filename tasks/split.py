@@ -49,7 +49,8 @@ def hash_split(df: pd.DataFrame, validation: float, test: float, seed: int) -> d
     parts = {"train": df[u >= test + validation], "validation": df[(u >= test) & (u < test + validation)],
              "test": df[u < test]}
     if min(len(p) for p in parts.values()) == 0:
-        raise PipelineError(f"hash split of {len(df)} rows left a split empty; add rows or use split.method: stratified")
+        raise PipelineError(f"hash split of {len(df)} rows left a split empty; add rows or use "
+                            f"split.method: stratified")
     _check_no_leak(parts)
     return parts
 

@@ -26,7 +26,8 @@ def encode_classification(tok, rows: pd.DataFrame, max_length: int) -> tuple[pd.
     ids = tok(rows["text"].tolist(), add_special_tokens=True, truncation=False)["input_ids"]
     long_rows = [r for r, x in zip(rows["row"].astype(str), ids) if len(x) > max_length]
     ids = [x if len(x) <= max_length else x[: max_length - 1] + [x[-1]] for x in ids]  # keep [SEP]
-    return pd.DataFrame({"input_ids": ids, "labels": rows["label"].astype(int), "row": rows["row"].astype(str)}), long_rows
+    frame = pd.DataFrame({"input_ids": ids, "labels": rows["label"].astype(int), "row": rows["row"].astype(str)})
+    return frame, long_rows
 
 
 def encode_instructions(tok, rows: pd.DataFrame, max_length: int, template: str) -> tuple[pd.DataFrame, list[str]]:
@@ -60,7 +61,7 @@ def run(params: Params, root: Path) -> StageResult:
         stats[split] = {"rows": len(frame), "truncated_rows": len(long_rows),
                         "mean_tokens": round(float(lengths.mean()), 2), "max_tokens": int(lengths.max())}
         if params.task == "causal_lm":
-            stats[split]["rows_without_answer_tokens"] = int(frame["labels"].map(lambda l: max(l) < 0).sum())
+            stats[split]["rows_without_answer_tokens"] = int(frame["labels"].map(lambda labels: max(labels) < 0).sum())
         too_long[split] = long_rows
         frames[split] = frame
     if not t.truncation and any(too_long.values()):

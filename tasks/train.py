@@ -112,10 +112,11 @@ def run(params: Params, root: Path) -> StageResult:
     resume_from = checkpoint.latest(ckpt_dir, fingerprint) if t.checkpoint_every else None
     if resume_from is not None:
         state = checkpoint.restore(resume_from, model, optimizer, scheduler)
-        log, step, epoch, skip, tokens = state["log"], state["step"], state["epoch"], state["next_micro"], state["tokens"]
+        log, step, epoch, tokens = state["log"], state["step"], state["epoch"], state["tokens"]
+        skip = state["next_micro"]  # micro-batches of this epoch already consumed
         print(f"train: resuming from {resume_from} (step {step} of {total})")
     # --- train
-    started = time.perf_counter()
+    started, tokens_before = time.perf_counter(), tokens
     model.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
     while step < total:
@@ -155,9 +156,12 @@ def run(params: Params, root: Path) -> StageResult:
     with atomic_dir(resolve(root, ADAPTER)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    summary = {"steps": step, "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else 0, "epochs_seen": epoch, "final_loss": log[-1]["loss"],
-               "mean_loss_last_10pct": sum(r["loss"] for r in log[-max(1, len(log) // 10):]) / max(1, len(log) // 10),
-               "train_seconds": round(seconds, 2), "tokens": tokens, "tokens_per_second": round(tokens / seconds, 1),
+    tail = log[-max(1, len(log) // 10):]
+    summary = {"steps": step, "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else 0,
+               "epochs_seen": epoch, "final_loss": log[-1]["loss"],
+               "mean_loss_last_10pct": sum(r["loss"] for r in tail) / len(tail),
+               "train_seconds": round(seconds, 2), "tokens": tokens,
+               "tokens_per_second": round((tokens - tokens_before) / seconds, 1),  # this process's share
                "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name, "liger_kernels": liger,
                "device": str(device)}
     with atomic_dir(resolve(root, REPORT_DIR)) as tmp:
