@@ -123,6 +123,75 @@ def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int) -> dic
     return out
 
 
+def instruction_frame(seq: int):
+    """The Alpaca sample, tokenized as the pipeline does (prompt template, loss on answers),
+    with a BPE tokenizer trained offline (no hub): real lengths, real padding."""
+    import pandas as pd
+    from tasks.tokenize import encode_instructions
+    from tests.conftest import ALPACA
+    from tests.tiny_llm import build_tiny_llama
+    from transformers import AutoTokenizer
+    tok_dir = build_tiny_llama(Path("/tmp/qlora-bench/tok"), ALPACA)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    rows = pd.read_json(ALPACA)
+    rows = pd.concat([rows] * 4, ignore_index=True).assign(row=lambda d: [str(i) for i in range(len(d))])
+    frame, _ = encode_instructions(tok, rows, seq, "alpaca")
+    return frame, tok.pad_token_id
+
+
+def measure_data(build, batches: list, warmup: int) -> dict:
+    """Non-pad tokens/s over a pass through real batches (each: (inputs, real token count))."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model, opt = build()
+    model.train()
+    seconds, real_tokens, losses = 0.0, 0, []
+    for i, (batch, real) in enumerate(batches):
+        batch = {k: v.cuda() for k, v in batch.items()}
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            seconds += time.perf_counter() - t0
+            real_tokens += real
+        losses.append(round(loss.item(), 4))
+    out = {"nonpad_tokens_per_s": round(real_tokens / seconds, 1), "steps": len(batches),
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "first_losses": losses[:4]}
+    del model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def padding_vs_packing(name: str, seq: int, bs: int, rank: int, warmup: int) -> None:
+    """Plain recipe with dynamic padding (batches of bs examples) vs the project with
+    packing (rows of seq tokens), both on the same instruction examples."""
+    from tasks.batching import collate, collate_packed, pack_bins
+    frame, pad = instruction_frame(seq)
+    lengths = frame["input_ids"].map(len).tolist()
+    order = torch.randperm(len(frame), generator=torch.Generator().manual_seed(0)).tolist()
+    padded = []
+    for i in range(0, len(order), bs):
+        b = collate(frame.iloc[order[i: i + bs]], pad, "causal_lm")
+        padded.append((b, int(b["attention_mask"].sum())))
+    bins = pack_bins(order, lengths, seq)
+    rows_per_batch = 1  # one packed row of seq tokens holds about as many tokens as bs padded examples
+    packed = [collate_packed(frame, bins[i: i + rows_per_batch], pad) for i in range(0, len(bins), rows_per_batch)]
+    path = model_dir(name)
+    base = measure_data(lambda: plain_recipe(path, rank), padded, warmup)
+    print(json.dumps({"shape": name, "data": "alpaca-sample x4", "recipe": "plain-hf, dynamic padding",
+                      "batch": f"{bs} examples", **base}), flush=True)
+    proj = measure_data(lambda: project_recipe(path, rank, liger=True, gc_on=True), packed, warmup)
+    proj["nonpad_speed_ratio"] = round(proj["nonpad_tokens_per_s"] / base["nonpad_tokens_per_s"], 3)
+    print(json.dumps({"shape": name, "data": "alpaca-sample x4", "recipe": "qlora-flow[liger+gc+packing]",
+                      "batch": f"{rows_per_batch} packed row(s) of <= {seq} tokens", **proj}), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="llama-1b,llama-8b")
@@ -132,11 +201,15 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--variants", default="liger+gc", help="project variants: liger+gc, gc, liger")
+    ap.add_argument("--packing", default="", help="shape for the real-data run: padding vs packing")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA GPU"}))
         return 0
     print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}), flush=True)
+    if a.packing:  # padding vs packing on real instruction data (plain first: Liger patches globally)
+        padding_vs_packing(a.packing, a.seq, a.bs, a.rank, a.warmup)
+        return 0
     # Every plain run first: Liger patches transformers' Llama classes for the whole process.
     plain = {}
     for name in a.shapes.split(","):

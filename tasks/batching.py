@@ -47,3 +47,42 @@ def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     flat = [j for chunk in chunks for j in chunk]
     blocks = [flat[i: i + batch_size] for i in range(0, len(flat), batch_size)]
     return [j for b in torch.randperm(len(blocks), generator=g).tolist() for j in blocks[b]]
+
+
+def pack_bins(order: list[int], lengths: list[int], max_length: int) -> list[list[int]]:
+    """Greedy packing in the given order: each bin holds whole examples whose lengths sum
+    to at most max_length (an example longer than that was truncated at tokenization)."""
+    bins, current, used = [], [], 0
+    for i in order:
+        if current and used + lengths[i] > max_length:
+            bins.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    if current:
+        bins.append(current)
+    return bins
+
+
+def collate_packed(frame: pd.DataFrame, bins: list[list[int]], pad_id: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Causal-LM rows made of several examples. position_ids restart at 0 for each example
+    and no attention_mask is passed: transformers then builds a block-diagonal causal mask
+    (sdpa/eager) or varlen attention (flash), so no example sees another. The token that
+    would predict across a boundary is the next example's first prompt token, whose label
+    is already -100, so the loss never spans two examples. Returns (batch, real tokens)."""
+    width = max(sum(len(frame["input_ids"].iat[i]) for i in b) for b in bins)
+    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(bins), width), dtype=torch.long)
+    real = 0
+    for r, b in enumerate(bins):
+        at = 0
+        for i in b:
+            seq, lab = list(frame["input_ids"].iat[i]), list(frame["labels"].iat[i])
+            ids[r, at: at + len(seq)] = torch.tensor(seq)
+            labels[r, at: at + len(seq)] = torch.tensor(lab)
+            pos[r, at: at + len(seq)] = torch.arange(len(seq))
+            at += len(seq)
+        pos[r, at:] = torch.arange(width - at)  # padding: a sequence of its own, no loss
+        real += at
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}, real

@@ -110,6 +110,9 @@ class TrainConfig(Section):
     # auto: paged AdamW (bitsandbytes) on CUDA, torch AdamW on CPU.
     optimizer: Literal["auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "auto"
     gradient_checkpointing: bool = True
+    # causal_lm: pack whole examples into rows of tokenize.max_length (batch_size counts
+    # packed rows); attention never crosses examples. Ignored for seq_cls.
+    packing: bool = False
     # Liger Triton kernels (fused linear+cross-entropy, RMSNorm, SwiGLU, RoPE): CUDA and
     # Llama/Mistral/Qwen2 models only; ignored elsewhere. Needs the liger-kernel package.
     liger_kernels: bool = False

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tasks.batching import batches, epoch_order
+from tasks.batching import batches, collate_packed, epoch_order, pack_bins
 from tasks import checkpoint
 from tasks.common import StageResult, atomic_dir, content_hash, resolve, result, write_json
 from tasks.config import LoraSection, Params, TrainConfig
@@ -75,6 +75,18 @@ def linear_schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def epoch_batches(rows, lengths: list[int], params: Params, pad_id: int, epoch: int, skip: int):
+    """This epoch's (batch, real-token count) pairs, from micro-batch `skip` on (a resume)."""
+    t = params.train
+    order = epoch_order(lengths, t.batch_size, params.seed, epoch)
+    if t.packing and params.task == "causal_lm":
+        bins = pack_bins(order, lengths, params.tokenize.max_length)
+        groups = [bins[i: i + t.batch_size] for i in range(0, len(bins), t.batch_size)]
+        return (collate_packed(rows, g, pad_id) for g in groups[skip:])
+    return ((b, int(b["attention_mask"].sum()))
+            for b in batches(rows, t.batch_size, pad_id, params.task, order[skip * t.batch_size:]))
+
+
 def run_fingerprint(params: Params, root: Path) -> str:
     """Identifies a training run by its inputs and settings (which checkpoints it may resume)."""
     h = hashlib.sha256(json.dumps([params.task, params.seed, params.lora.model_dump(mode="json"),
@@ -99,7 +111,9 @@ def run(params: Params, root: Path) -> StageResult:
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     train_rows = load_split(root, "train")
     lengths = train_rows["input_ids"].map(len).tolist()
-    steps_per_epoch = math.ceil(len(train_rows) / (t.batch_size * t.grad_accum))
+    rows_per_epoch = len(pack_bins(list(range(len(lengths))), lengths, params.tokenize.max_length)) \
+        if t.packing and params.task == "causal_lm" else len(train_rows)
+    steps_per_epoch = math.ceil(rows_per_epoch / (t.batch_size * t.grad_accum))
     total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
     optimizer, opt_name = make_optimizer(trainable, t, device)
     scheduler = linear_schedule(optimizer, int(t.warmup_ratio * total), total)
@@ -116,20 +130,21 @@ def run(params: Params, root: Path) -> StageResult:
         skip = state["next_micro"]  # micro-batches of this epoch already consumed
         print(f"train: resuming from {resume_from} (step {step} of {total})")
     # --- train
+    extra = {"use_cache": False} if params.task == "causal_lm" else {}  # a cache would disable packing masks
     started, tokens_before = time.perf_counter(), tokens
     model.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
     while step < total:
-        order = epoch_order(lengths, t.batch_size, params.seed, epoch)[skip * t.batch_size:]
         optimizer.zero_grad(set_to_none=True)
         accum = 0.0
-        for micro, batch in enumerate(batches(train_rows, t.batch_size, tok.pad_token_id, params.task, order), skip):
+        for micro, (batch, n_tokens) in enumerate(epoch_batches(train_rows, lengths, params, tok.pad_token_id,
+                                                                  epoch, skip), skip):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
-                loss = model(**batch).loss / t.grad_accum
+                loss = model(**batch, **extra).loss / t.grad_accum
             loss.backward()
             accum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += n_tokens
             if (micro + 1) % t.grad_accum:
                 continue
             torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
