@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -72,7 +73,10 @@ def cmd_stage(args) -> int:
         return _fail(f"unknown stage {args.name!r}; stages: {', '.join(BY_NAME)}")
     try:
         params = load_params(args.params, args.set)
-        with project_lock(root, wait=args.wait, what=f"qlora stage {args.name}"):
+        # Under torchrun the ranks of one run share the project: only rank 0 takes the lock.
+        lock = project_lock(root, wait=args.wait, what=f"qlora stage {args.name}") \
+            if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+        with lock:
             res = BY_NAME[args.name].run(params, root)
     except ProjectBusy as exc:
         print(f"qlora: {exc}", file=sys.stderr)

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tasks.batching import batches, collate_packed, epoch_order, pack_bins
-from tasks import checkpoint
+from tasks import checkpoint, distributed
 from tasks.common import StageResult, atomic_dir, content_hash, resolve, result, write_json
 from tasks.config import LoraSection, Params, TrainConfig
 from tasks.modeling import DTYPES, load_saved, load_tokenizer, pick_device, set_threads
@@ -24,6 +24,7 @@ from tasks.tokenize import OUT_DIR as TOKENIZED, load_split
 from tasks.quantize import OUT_DIR as BASE
 
 ADAPTER = "models/adapter"
+WARMUP_STEPS = 3  # steps left out of the steady-state throughput figure (kernel compilation, caches)
 REPORT_DIR = "reports/train"
 
 
@@ -80,9 +81,10 @@ def epoch_batches(rows, lengths: list[int], params: Params, pad_id: int, epoch: 
     t = params.train
     order = epoch_order(lengths, t.batch_size, params.seed, epoch)
     if t.packing and params.task == "causal_lm":
-        bins = pack_bins(order, lengths, params.tokenize.max_length)
+        bins = distributed.shard(pack_bins(order, lengths, params.tokenize.max_length))
         groups = [bins[i: i + t.batch_size] for i in range(0, len(bins), t.batch_size)]
         return (collate_packed(rows, g, pad_id) for g in groups[skip:])
+    order = distributed.shard(order)
     return ((b, int(b["attention_mask"].sum()))
             for b in batches(rows, t.batch_size, pad_id, params.task, order[skip * t.batch_size:]))
 
@@ -100,20 +102,21 @@ def run(params: Params, root: Path) -> StageResult:
     t = params.train
     set_threads(t.threads)
     torch.manual_seed(params.seed)
-    device = pick_device(t.device)
+    device = distributed.setup(pick_device(t.device))
     # --- setup
     tok = load_tokenizer(str(resolve(root, BASE)))
     model_type = json.loads((resolve(root, BASE) / "config.json").read_text()).get("model_type", "")
     liger = apply_speedups(model_type, t, device)
     model = load_saved(params.task, resolve(root, BASE), device)
     model = add_lora(model, params.lora, params.task, t.gradient_checkpointing)
+    forward = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     train_rows = load_split(root, "train")
     lengths = train_rows["input_ids"].map(len).tolist()
     rows_per_epoch = len(pack_bins(list(range(len(lengths))), lengths, params.tokenize.max_length)) \
         if t.packing and params.task == "causal_lm" else len(train_rows)
-    steps_per_epoch = math.ceil(rows_per_epoch / (t.batch_size * t.grad_accum))
+    steps_per_epoch = math.ceil(rows_per_epoch // distributed.world()[1] / (t.batch_size * t.grad_accum))
     total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
     optimizer, opt_name = make_optimizer(trainable, t, device)
     scheduler = linear_schedule(optimizer, int(t.warmup_ratio * total), total)
@@ -131,7 +134,7 @@ def run(params: Params, root: Path) -> StageResult:
         print(f"train: resuming from {resume_from} (step {step} of {total})")
     # --- train
     extra = {"use_cache": False} if params.task == "causal_lm" else {}  # a cache would disable packing masks
-    started, tokens_before = time.perf_counter(), tokens
+    started, tokens_before, step_at_start, warm = time.perf_counter(), tokens, step, None
     model.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step")
     while step < total:
@@ -141,10 +144,10 @@ def run(params: Params, root: Path) -> StageResult:
                                                                   epoch, skip), skip):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
-                loss = model(**batch, **extra).loss / t.grad_accum
+                loss = forward(**batch, **extra).loss / t.grad_accum
             loss.backward()
             accum += loss.item()
-            tokens += n_tokens
+            tokens += distributed.total(n_tokens, device)
             if (micro + 1) % t.grad_accum:
                 continue
             torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
@@ -152,13 +155,15 @@ def run(params: Params, root: Path) -> StageResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            log.append({"step": step, "epoch": epoch, "loss": round(accum, 6),
+            log.append({"step": step, "epoch": epoch, "loss": round(distributed.mean(accum, device), 6),
                         "lr": scheduler.get_last_lr()[0], "tokens": tokens})
             accum = 0.0
+            if step == step_at_start + WARMUP_STEPS:  # throughput is measured after warm-up
+                warm = (time.perf_counter(), tokens)
             bar.update(1)
             if step % t.log_every == 0:
                 bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-t.log_every:]) / t.log_every:.4f}")
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total and distributed.is_main():
                 checkpoint.save(ckpt_dir, model, optimizer, scheduler,
                                 {"fingerprint": fingerprint, "step": step, "epoch": epoch,
                                  "next_micro": micro + 1, "tokens": tokens, "log": log})
@@ -167,7 +172,10 @@ def run(params: Params, root: Path) -> StageResult:
         epoch, skip = epoch + 1, 0
     bar.close()
     seconds = time.perf_counter() - started
-    # --- save
+    # --- save (one writer: rank 0; the adapter format is the same for any number of GPUs)
+    if not distributed.is_main():
+        distributed.barrier()
+        return result("train", root, [ADAPTER, REPORT_DIR], world_size=distributed.world()[1])
     with atomic_dir(resolve(root, ADAPTER)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -176,9 +184,11 @@ def run(params: Params, root: Path) -> StageResult:
                "epochs_seen": epoch, "final_loss": log[-1]["loss"],
                "mean_loss_last_10pct": sum(r["loss"] for r in tail) / len(tail),
                "train_seconds": round(seconds, 2), "tokens": tokens,
-               "tokens_per_second": round((tokens - tokens_before) / seconds, 1),  # this process's share
+               "tokens_per_second": round((tokens - tokens_before) / seconds, 1),  # all ranks, this process's run
+               "tokens_per_second_after_warmup":
+                   round((tokens - warm[1]) / (time.perf_counter() - warm[0]), 1) if warm else None,
                "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name, "liger_kernels": liger,
-               "device": str(device)}
+               "device": str(device), "world_size": distributed.world()[1]}
     with atomic_dir(resolve(root, REPORT_DIR)) as tmp:
         with open(tmp / "loss.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(log[0]))
@@ -187,4 +197,5 @@ def run(params: Params, root: Path) -> StageResult:
         plot_loss(log, tmp / "loss.png")
         write_json(tmp / "summary.json", summary)
     checkpoint.clear(ckpt_dir)  # the adapter is saved: checkpoints of this run are spent
+    distributed.barrier()
     return result("train", root, [ADAPTER, REPORT_DIR], **summary)

@@ -221,3 +221,28 @@ def test_split_refuses_leakage():
                        "row": [str(i) for i in range(20)]})
     with pytest.raises(PipelineError, match="leakage"):
         split.split_frame(df, 0.2, 0.2, 0, None)
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_training_saves_the_same_adapter_format(tmp_path, agnews_small):
+    """torchrun with 2 processes (gloo on CPU here, NCCL on GPUs): each trains on its shard,
+    rank 0 alone writes, and the adapter has the same files and tensors as a 1-process one."""
+    raw = small_cls_params(agnews_small)
+    raw["train"].update(max_steps=3, checkpoint_every=0)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    _prepared(one, raw), _prepared(two, raw)
+    single = _qlora(one, "stage", "train")
+    assert single.wait(timeout=600) == 0, single.stdout.read()
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "flows.cli", "stage", "train"],
+                          cwd=two, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((two / "reports/train/summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    w1 = load_file(one / "models/adapter/adapter_model.safetensors")
+    w2 = load_file(two / "models/adapter/adapter_model.safetensors")
+    assert w1.keys() == w2.keys() and all(w1[k].shape == w2[k].shape for k in w1)
+    assert sorted(p.name for p in (one / "models/adapter").iterdir()) == \
+        sorted(p.name for p in (two / "models/adapter").iterdir())
+    assert not all(torch.equal(w1[k], w2[k]) for k in w1)  # 2 shards of data: a different update

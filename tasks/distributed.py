@@ -1,0 +1,64 @@
+"""Data parallelism for the training loop under torchrun: one process per GPU, each on its
+own shard of every epoch, gradients averaged by DDP. With WORLD_SIZE unset (one process)
+every function here is a no-op, so the loop reads the same either way."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup(device: torch.device) -> torch.device:
+    """Start the process group (NCCL on CUDA, gloo on CPU); this rank's device."""
+    rank, size = world()
+    if size == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def shard(items: list) -> list:
+    """This rank's share, the same length on every rank (so no rank waits on another)."""
+    rank, size = world()
+    return items if size == 1 else items[rank::size][: len(items) // size]
+
+
+def wrap(model, device: torch.device):
+    if world()[1] == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def mean(x: float, device: torch.device) -> float:
+    return _reduce(x, device) / world()[1]
+
+
+def total(x: int, device: torch.device) -> int:
+    return int(_reduce(x, device))
+
+
+def _reduce(x: float, device: torch.device) -> float:
+    if world()[1] == 1:
+        return x
+    t = torch.tensor([float(x)], device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
