@@ -76,17 +76,20 @@ def plain_recipe(path: str, rank: int):
     return model, opt
 
 
-def project_recipe(path: str, rank: int, liger: bool, gc_on: bool):
+def project_recipe(path: str, rank: int, liger: bool, gc_on: bool, upcast: bool = True, head16: bool = False):
     """The project's path: tasks.modeling.load_base + tasks.train.add_lora/make_optimizer."""
     from tasks.config import LoraSection, ModelConfig, QuantConfig, TrainConfig
     from tasks.modeling import load_base
     from tasks.train import add_lora, apply_speedups, make_optimizer
     device = torch.device("cuda")
-    t = TrainConfig(lr=2e-4, liger_kernels=liger, gradient_checkpointing=gc_on, optimizer="auto")
+    t = TrainConfig(lr=2e-4, liger_kernels=liger, gradient_checkpointing=gc_on, optimizer="auto",
+                    upcast_non_quantized=upcast)
     apply_speedups("llama", t, device)
     model = load_base("causal_lm", path, ModelConfig(name=path, prefer_embedded=False), QuantConfig(), device)
     torch.manual_seed(1)
-    model = add_lora(model, LoraSection(r=rank, alpha=2 * rank, dropout=0.05), "causal_lm", gc_on)
+    model = add_lora(model, LoraSection(r=rank, alpha=2 * rank, dropout=0.05), "causal_lm", gc_on, upcast)
+    if head16:  # experiment: only the output head back in bf16, the residual stream stays fp32
+        model.get_output_embeddings().to(torch.bfloat16)
     opt, _ = make_optimizer([p for p in model.parameters() if p.requires_grad], t, device)
     return model, opt
 
@@ -200,7 +203,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--variants", default="liger+gc", help="project variants: liger+gc, gc, liger")
+    ap.add_argument("--variants", default="liger+gc+bf16",
+                    help="project variants, '+'-joined: liger, gc, bf16 (no fp32 upcast of non-quantized weights)")
     ap.add_argument("--packing", default="", help="shape for the real-data run: padding vs packing")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -217,7 +221,8 @@ def main() -> int:
         plain[name] = measure(lambda: plain_recipe(path, a.rank), name, a.seq, a.bs, a.steps, a.warmup)
         print(json.dumps({"shape": name, "recipe": "plain-hf", **plain[name]}), flush=True)
     for variant in a.variants.split(","):
-        opts = dict(liger="liger" in variant, gc_on="gc" in variant)
+        parts = set(variant.split("+"))
+        opts = dict(liger="liger" in parts, gc_on="gc" in parts, upcast="bf16" not in parts, head16="head16" in parts)
         for name in a.shapes.split(","):
             path, base = model_dir(name), plain[name]
             try:

@@ -110,6 +110,9 @@ class TrainConfig(Section):
     # auto: paged AdamW (bitsandbytes) on CUDA, torch AdamW on CPU.
     optimizer: Literal["auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "auto"
     gradient_checkpointing: bool = True
+    # PEFT's k-bit preparation casts non-quantized weights (embeddings, lm_head, norms) to
+    # fp32. false keeps them in the compute dtype: less memory, faster on GPU.
+    upcast_non_quantized: bool = True
     # causal_lm: pack whole examples into rows of tokenize.max_length (batch_size counts
     # packed rows); attention never crosses examples. Ignored for seq_cls.
     packing: bool = False

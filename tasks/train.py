@@ -28,19 +28,29 @@ WARMUP_STEPS = 3  # steps left out of the steady-state throughput figure (kernel
 REPORT_DIR = "reports/train"
 
 
-def add_lora(model, lora: LoraSection, task: str, gradient_checkpointing: bool):
+def add_lora(model, lora: LoraSection, task: str, gradient_checkpointing: bool, upcast: bool = True):
+    """Freeze the base, set up checkpointing, add adapters. upcast=True is PEFT's
+    prepare_model_for_kbit_training, which also casts every non-quantized weight (embeddings,
+    lm_head, norms) to fp32; upcast=False keeps them in the compute dtype."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    if getattr(model, "is_loaded_in_4bit", False):
+    if getattr(model, "is_loaded_in_4bit", False) and not upcast:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if getattr(model, "is_loaded_in_4bit", False) and upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif gradient_checkpointing:
+    if gradient_checkpointing and not (getattr(model, "is_loaded_in_4bit", False) and upcast):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if gradient_checkpointing and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                      target_modules=lora.target_modules, task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    model = get_peft_model(model, cfg)
+    for p in model.parameters():  # trained weights stay fp32: bf16 would round small updates away
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 LIGER = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
@@ -108,7 +118,7 @@ def run(params: Params, root: Path) -> StageResult:
     model_type = json.loads((resolve(root, BASE) / "config.json").read_text()).get("model_type", "")
     liger = apply_speedups(model_type, t, device)
     model = load_saved(params.task, resolve(root, BASE), device)
-    model = add_lora(model, params.lora, params.task, t.gradient_checkpointing)
+    model = add_lora(model, params.lora, params.task, t.gradient_checkpointing, t.upcast_non_quantized)
     forward = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
