@@ -6,7 +6,6 @@ the same content; otherwise the task runs again.
 """
 from __future__ import annotations
 
-
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
