@@ -54,9 +54,10 @@ def cmd_run(args) -> int:
         keys = ", ".join(f"{k}={v}" for k, v in s["summary"].items() if k in
                          ("rows", "accuracy", "macro_f1", "eval_loss", "perplexity", "final_loss", "steps"))
         print(f"  {name:<9} {s['status']:<7} {keys}")
-    print(f"  adapter:  {root / 'models/adapter'}")
-    print(f"  merged:   {root / 'models/merged'}")
-    print(f"  metrics:  {root / 'reports/metrics.json'}")
+    from tasks import evaluate, merge, train
+    print(f"  adapter:  {root / train.ADAPTER}")
+    print(f"  merged:   {root / merge.OUT_DIR}")
+    print(f"  metrics:  {root / evaluate.METRICS}")
     print(f"  mlflow:   run {ml['run_id']} at {ml['tracking_uri']}"
           + (f" (model version {ml['model_version']})" if ml.get("model_version") else ""))
     return 0

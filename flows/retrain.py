@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger, runtime, task
 
 from flows import dvc_ops, tracking
 from flows.pipeline import qlora_pipeline
+from tasks import merge
 from tasks.common import resolve
 from tasks.config import Params, check_retrain_ready, load_params
 from tasks.evaluate import score_merged
@@ -50,7 +51,7 @@ def promote_task(params_json: dict, root: str, model_version: str | None, pipeli
     name = params.tracking.registered_model
     root_path = Path(root)
     metric = r.metric
-    challenger = score_merged(params, root_path, root_path / "models/merged")[metric]
+    challenger = score_merged(params, root_path, root_path / merge.OUT_DIR)[metric]
     try:
         champ = client.get_model_version_by_alias(name, r.alias)
     except Exception:
@@ -73,12 +74,11 @@ def promote_task(params_json: dict, root: str, model_version: str | None, pipeli
                 "champion_version": champ.version if champ else None, "champion_score": champion_score,
                 "promoted": promote, "reason": reason,
                 "champion_after": model_version if promote else (champ.version if champ else None)}
-    for run_id in (pipeline_run_id,):
-        client.set_tag(run_id, "champion_decision", "promoted" if promote else "kept")
-        client.set_tag(run_id, "champion_reason", reason)
-        client.log_metric(run_id, f"challenger_{metric}", challenger)
-        if champion_score is not None:
-            client.log_metric(run_id, f"champion_{metric}", champion_score)
+    client.set_tag(pipeline_run_id, "champion_decision", "promoted" if promote else "kept")
+    client.set_tag(pipeline_run_id, "champion_reason", reason)
+    client.log_metric(pipeline_run_id, f"challenger_{metric}", challenger)
+    if champion_score is not None:
+        client.log_metric(pipeline_run_id, f"champion_{metric}", champion_score)
     if model_version:
         client.set_model_version_tag(name, model_version, f"test_{metric}_at_registration", str(challenger))
     return decision

@@ -99,7 +99,7 @@ def dvc_yaml(stages: tuple[Stage, ...] = STAGES) -> dict:
         if s.metrics:
             entry["metrics"] = [{m: {"cache": False}} for m in s.metrics]
         out["stages"][s.name] = entry
-    out["metrics"] = ["reports/metrics.json", "reports/train/summary.json"]
+    out["metrics"] = [evaluate.METRICS, f"{train.REPORT_DIR}/summary.json"]
     out["plots"] = [
         {"reports/train/loss.csv": {"x": "step", "y": "loss", "title": "LoRA training loss"}},
         {"reports/eval/confusion.csv": {"template": "confusion", "x": "predicted", "y": "actual",

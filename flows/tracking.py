@@ -16,6 +16,7 @@ import yaml
 
 from flows.dvc_ops import find_dvc_file
 from flows.stages import REPO
+from tasks import evaluate, merge, quantize, tokenize, train, validate
 from tasks.common import PipelineError, content_hash, read_json, resolve
 from tasks.config import Params
 from tasks.modeling import resolve_source
@@ -89,7 +90,7 @@ class PipelineRun:
         mlflow, root = self.mlflow, self.root
         mlflow.set_tags({f"stage.{n}": s["status"] for n, s in stages.items()})
         self._log_dataset()
-        log_path = root / "reports/train/loss.csv"
+        log_path = root / train.REPORT_DIR / "loss.csv"
         if log_path.exists():
             from mlflow.entities import Metric
             import time
@@ -101,27 +102,27 @@ class PipelineRun:
             client = mlflow.tracking.MlflowClient()
             for i in range(0, len(metrics), 900):
                 client.log_batch(self.run.info.run_id, metrics=metrics[i:i + 900])
-            summary = read_json(root / "reports/train/summary.json")
+            summary = read_json(root / train.REPORT_DIR / "summary.json")
             mlflow.log_metrics({f"train_{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-        metrics = read_json(root / "reports/metrics.json")
+        metrics = read_json(root / evaluate.METRICS)
         split = metrics.get("split", "test")
         flat = {f"{split}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
         for cls, vals in metrics.get("per_class", {}).items():
             flat.update({_metric_name(f"{split}_{m}_{cls}"): v for m, v in vals.items()})
         mlflow.log_metrics(flat)
-        for rel in ("reports/train", "reports/eval"):
+        for rel in (train.REPORT_DIR, evaluate.EVAL_DIR):
             if (root / rel).is_dir():
                 mlflow.log_artifacts(str(root / rel), rel)
-        for rel in ("reports/validation.json", "reports/metrics.json", "data/tokenized/stats.json"):
+        for rel in (validate.REPORT, evaluate.METRICS, f"{tokenize.OUT_DIR}/stats.json"):
             if (root / rel).exists():
                 mlflow.log_artifact(str(root / rel), "reports")
-        mlflow.log_artifacts(str(root / "models/adapter"), "adapter")
-        mlflow.log_artifact(str(root / "models/base/lineage.json"), "base_model")
+        mlflow.log_artifacts(str(root / train.ADAPTER), "adapter")
+        mlflow.log_artifact(str(root / quantize.OUT_DIR / "lineage.json"), "base_model")
         self._register_merged(stages)
 
     def _log_dataset(self) -> None:
         import pandas as pd
-        path = self.root / "data/validated/dataset.jsonl"
+        path = self.root / validate.OUT_DIR / "dataset.jsonl"
         df = pd.read_json(path, lines=True, dtype=False)
         ds = self.mlflow.data.from_pandas(df, source=str(resolve(self.root, self.params.data.path)),
                                           name=Path(self.params.data.path).name,
@@ -130,12 +131,12 @@ class PipelineRun:
         self.mlflow.set_tag("dataset_digest", ds.digest)
 
     def _register_merged(self, stages: dict[str, dict]) -> None:
-        merged = self.root / "models/merged"
+        merged = self.root / merge.OUT_DIR
         if not (merged / "config.json").exists():
             return
         mlflow, name = self.mlflow, self.params.tracking.registered_model
         client = mlflow.tracking.MlflowClient()
-        digest = stages.get("merge", {}).get("outputs", {}).get("models/merged") or content_hash(merged)
+        digest = stages.get("merge", {}).get("outputs", {}).get(merge.OUT_DIR) or content_hash(merged)
         try:
             existing = client.search_model_versions(f"name='{name}' and tags.{MERGED_HASH_TAG}='{digest}'")
         except Exception:
@@ -184,7 +185,7 @@ def pipeline_run(params: Params, root: Path, flow_run_id: str = "", params_file:
             yield handle
         except BaseException as exc:
             mlflow.set_tag("error", str(exc)[:5000])
-            report = root / "reports/validation.json"
+            report = root / validate.REPORT
             if report.exists():
                 mlflow.log_artifact(str(report), "reports")
             mlflow.end_run(status="FAILED")

@@ -62,27 +62,28 @@ def _label_space(params: Params) -> tuple[list[str], dict[str, int] | None]:
 
 
 def _prepare(params: Params, df: pd.DataFrame):
+    """Clean df's text columns in place; return the contract they must meet."""
     d = params.data
     if params.task == "seq_cls":
-        names, mapping = _label_space(params)
+        _, mapping = _label_space(params)
         if d.clean_text:
             for c in d.text_columns:
                 if c in df:
                     df[c] = df[c].map(lambda v: clean_text(v) if isinstance(v, str) else v)
         schema = classification_schema(d.text_columns, d.label_column,
                                        sorted(mapping) if mapping else None, d.min_classes)
-        return schema, names, mapping
+        return schema
     for c in ("instruction", "input", "output"):
         if c in df and d.clean_text:
             df[c] = df[c].map(lambda v: v.strip() if isinstance(v, str) else v)
     if "input" in df:
         df["input"] = df["input"].map(lambda v: "" if v is None else v)  # optional field
-    return instruction_schema(), [], None
+    return instruction_schema()
 
 
 def validate_frame(params: Params, df: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, list[dict], list[dict]]:
-    """Return (valid rows, errors, dropped duplicates). Pure: no files written."""
-    schema, _, _ = _prepare(params, df)
+    """Return (valid rows, errors, dropped duplicates). Writes no files; cleans df's text in place."""
+    schema = _prepare(params, df)
     missing = [c for c in schema.columns if c not in df.columns]
     if missing:
         found = [c for c in df.columns if c != ROW]
