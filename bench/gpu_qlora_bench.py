@@ -5,12 +5,15 @@ Prints one JSON line per (shape, recipe): tokens/s (median of timed steps after 
 peak GPU memory, MFU (4N FLOPs a token, as in ../shared/bench), the per-step losses, and
 for the project recipe the ratios against the plain one. Skips (exit 0) without CUDA.
 
-    python bench/gpu_qlora_bench.py --shapes llama-1b,llama-8b --seq 2048 --bs 4
+    python bench/gpu_qlora_bench.py --shapes llama-1b,llama-8b --seq 2048 --bs 4 \
+        --variants liger+gc,liger+gc+mixed --reference llama-1b
 
 The plain recipe is the one in ../shared/bench/plain_hf_qlora_reference.py: NF4 double
 quant, bf16 compute, LoRA r=16 all-linear, gradient checkpointing, paged AdamW 32-bit, sdpa.
 The project recipe builds the same model with tasks.modeling / tasks.train (the code
 `qlora run` trains with) and the speed options of params.yaml (train.liger_kernels, ...).
+Peak memory is each recipe's own: the previous recipe's model is collected first and
+anything still held is subtracted (printed as leftover_gib).
 """
 from __future__ import annotations
 
@@ -76,27 +79,55 @@ def plain_recipe(path: str, rank: int):
     return model, opt
 
 
-def project_recipe(path: str, rank: int, liger: bool, gc_on: bool, upcast: bool = True, head16: bool = False):
+def fp32_reference(path: str, rank: int):
+    """The plain recipe with every computation in fp32 on the same 4-bit weights: what the
+    bf16 recipes approximate (slow; for loss curves only)."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                                 device_map={"": 0}, quantization_config=q)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model.config.use_cache = False
+    torch.manual_seed(1)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, bias="none",
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    opt = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    return model, opt
+
+
+def project_recipe(path: str, rank: int, liger: bool, gc_on: bool, precision: str = "fp32_upcast",
+                   skip_last: int = 0):
     """The project's path: tasks.modeling.load_base + tasks.train.add_lora/make_optimizer."""
     from tasks.config import LoraSection, ModelConfig, QuantConfig, TrainConfig
     from tasks.modeling import load_base
     from tasks.train import add_lora, apply_speedups, make_optimizer
     device = torch.device("cuda")
     t = TrainConfig(lr=2e-4, liger_kernels=liger, gradient_checkpointing=gc_on, optimizer="auto",
-                    upcast_non_quantized=upcast)
+                    precision=precision, gradient_checkpointing_skip_last=skip_last)
     apply_speedups("llama", t, device)
     model = load_base("causal_lm", path, ModelConfig(name=path, prefer_embedded=False), QuantConfig(), device)
     torch.manual_seed(1)
-    model = add_lora(model, LoraSection(r=rank, alpha=2 * rank, dropout=0.05), "causal_lm", gc_on, upcast)
-    if head16:  # experiment: only the output head back in bf16, the residual stream stays fp32
-        model.get_output_embeddings().to(torch.bfloat16)
+    model = add_lora(model, LoraSection(r=rank, alpha=2 * rank, dropout=0.05), "causal_lm", t, torch.bfloat16)
     opt, _ = make_optimizer([p for p in model.parameters() if p.requires_grad], t, device)
     return model, opt
 
 
-def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int) -> dict:
+def variant_options(variant: str) -> dict:
+    """'liger+gc+mixed+skip4' -> project_recipe keyword arguments."""
+    parts = variant.split("+")
+    skip = [int(p[4:]) for p in parts if p.startswith("skip")]
+    precision = next((p for p in parts if p in ("fp32_upcast", "mixed", "bf16")), "fp32_upcast")
+    return dict(liger="liger" in parts, gc_on="gc" in parts, precision=precision, skip_last=skip[0] if skip else 0)
+
+
+def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int, bf16: bool = True) -> dict:
+    gc.collect()  # an earlier recipe's model is cyclic garbage until collected
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    leftover = torch.cuda.memory_allocated()  # anything an earlier recipe still holds
     model, opt = build()
     model.train()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -105,7 +136,7 @@ def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int) -> dic
     for _ in range(warmup + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -117,10 +148,11 @@ def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int) -> dic
     tok_s = bs * seq / med
     gpu = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), 989e12)
-    out = {"tokens_per_s": round(tok_s, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    out = {"tokens_per_s": round(tok_s, 1), "peak_gib": round((torch.cuda.max_memory_allocated() - leftover) / 2**30, 2),
+           "leftover_gib": round(leftover / 2**30, 2),
            "mfu": round(tok_s * flops_per_token(name, seq) / peak, 4), "median_step_s": round(med, 4),
            "losses": losses}
-    del model, opt
+    del model, opt, loss  # the last loss holds the graph's nodes, and through them the model
     gc.collect()
     torch.cuda.empty_cache()
     return out
@@ -144,6 +176,7 @@ def instruction_frame(seq: int):
 
 def measure_data(build, batches: list, warmup: int) -> dict:
     """Non-pad tokens/s over a pass through real batches (each: (inputs, real token count))."""
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model, opt = build()
@@ -165,13 +198,13 @@ def measure_data(build, batches: list, warmup: int) -> dict:
         losses.append(round(loss.item(), 4))
     out = {"nonpad_tokens_per_s": round(real_tokens / seconds, 1), "steps": len(batches),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "first_losses": losses[:4]}
-    del model, opt
+    del model, opt, loss
     gc.collect()
     torch.cuda.empty_cache()
     return out
 
 
-def padding_vs_packing(name: str, seq: int, bs: int, rank: int, warmup: int) -> None:
+def padding_vs_packing(name: str, seq: int, bs: int, rank: int, warmup: int, variant: str) -> None:
     """Plain recipe with dynamic padding (batches of bs examples) vs the project with
     packing (rows of seq tokens), both on the same instruction examples."""
     from tasks.batching import collate, collate_packed, pack_bins
@@ -189,9 +222,9 @@ def padding_vs_packing(name: str, seq: int, bs: int, rank: int, warmup: int) -> 
     base = measure_data(lambda: plain_recipe(path, rank), padded, warmup)
     print(json.dumps({"shape": name, "data": "alpaca-sample x4", "recipe": "plain-hf, dynamic padding",
                       "batch": f"{bs} examples", **base}), flush=True)
-    proj = measure_data(lambda: project_recipe(path, rank, liger=True, gc_on=True), packed, warmup)
+    proj = measure_data(lambda: project_recipe(path, rank, **variant_options(variant)), packed, warmup)
     proj["nonpad_speed_ratio"] = round(proj["nonpad_tokens_per_s"] / base["nonpad_tokens_per_s"], 3)
-    print(json.dumps({"shape": name, "data": "alpaca-sample x4", "recipe": "qlora-flow[liger+gc+packing]",
+    print(json.dumps({"shape": name, "data": "alpaca-sample x4", "recipe": f"qlora-flow[{variant}+packing]",
                       "batch": f"{rows_per_batch} packed row(s) of <= {seq} tokens", **proj}), flush=True)
 
 
@@ -203,8 +236,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--variants", default="liger+gc+bf16",
-                    help="project variants, '+'-joined: liger, gc, bf16 (no fp32 upcast of non-quantized weights)")
+    ap.add_argument("--variants", default="liger+gc+mixed",
+                    help="project variants, comma-separated, each '+'-joined from: liger, gc, skipN "
+                         "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)")
+    ap.add_argument("--reference", default="", help="shapes that also get the fp32-compute reference's losses")
     ap.add_argument("--packing", default="", help="shape for the real-data run: padding vs packing")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -212,7 +247,7 @@ def main() -> int:
         return 0
     print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}), flush=True)
     if a.packing:  # padding vs packing on real instruction data (plain first: Liger patches globally)
-        padding_vs_packing(a.packing, a.seq, a.bs, a.rank, a.warmup)
+        padding_vs_packing(a.packing, a.seq, a.bs, a.rank, a.warmup, a.variants.split(",")[0])
         return 0
     # Every plain run first: Liger patches transformers' Llama classes for the whole process.
     plain = {}
@@ -220,9 +255,13 @@ def main() -> int:
         path = model_dir(name)
         plain[name] = measure(lambda: plain_recipe(path, a.rank), name, a.seq, a.bs, a.steps, a.warmup)
         print(json.dumps({"shape": name, "recipe": "plain-hf", **plain[name]}), flush=True)
+    refs = {}
+    for name in filter(None, a.reference.split(",")):  # loss curves only: its speed is not the point
+        ref = refs[name] = measure(lambda: fp32_reference(model_dir(name), a.rank), name, a.seq, a.bs, a.steps, a.warmup, bf16=False)
+        ref["max_loss_diff"] = round(max(abs(x - y) for x, y in zip(ref["losses"], plain[name]["losses"])), 5)
+        print(json.dumps({"shape": name, "recipe": "fp32-reference", **ref}), flush=True)
     for variant in a.variants.split(","):
-        parts = set(variant.split("+"))
-        opts = dict(liger="liger" in parts, gc_on="gc" in parts, upcast="bf16" not in parts, head16="head16" in parts)
+        opts = variant_options(variant)
         for name in a.shapes.split(","):
             path, base = model_dir(name), plain[name]
             try:
@@ -233,6 +272,8 @@ def main() -> int:
             r["speed_ratio"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
             r["memory_ratio"] = round(r["peak_gib"] / base["peak_gib"], 3)
             r["max_loss_diff"] = round(max(abs(x - y) for x, y in zip(r["losses"], base["losses"])), 5)
+            if name in refs:
+                r["max_loss_diff_vs_fp32"] = round(max(abs(x - y) for x, y in zip(r["losses"], refs[name]["losses"])), 5)
             print(json.dumps({"shape": name, "recipe": f"qlora-flow[{variant}]", **r}), flush=True)
     return 0
 

@@ -110,9 +110,13 @@ class TrainConfig(Section):
     # auto: paged AdamW (bitsandbytes) on CUDA, torch AdamW on CPU.
     optimizer: Literal["auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "auto"
     gradient_checkpointing: bool = True
-    # PEFT's k-bit preparation casts non-quantized weights (embeddings, lm_head, norms) to
-    # fp32. false keeps them in the compute dtype: less memory, faster on GPU.
-    upcast_non_quantized: bool = True
+    # The last N decoder layers keep their activations instead of recomputing them in the
+    # backward pass: faster, about one layer's activations more memory each.
+    gradient_checkpointing_skip_last: int = Field(0, ge=0)
+    # fp32_upcast: PEFT's k-bit preparation (all non-quantized weights fp32; the plain recipe).
+    # mixed: fp32 residual stream and adapter sums, bf16 elsewhere (same loss, faster;
+    # Llama-layout decoders). bf16: fastest, loss lags early. See tasks/precision.py.
+    precision: Literal["fp32_upcast", "mixed", "bf16"] = "fp32_upcast"
     # causal_lm: pack whole examples into rows of tokenize.max_length (batch_size counts
     # packed rows); attention never crosses examples. Ignored for seq_cls.
     packing: bool = False

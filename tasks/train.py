@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tasks.batching import batches, collate_packed, epoch_order, pack_bins
-from tasks import checkpoint, distributed
+from tasks import checkpoint, distributed, precision
 from tasks.common import StageResult, atomic_dir, content_hash, resolve, result, write_json
 from tasks.config import LoraSection, Params, TrainConfig
 from tasks.modeling import DTYPES, load_saved, load_tokenizer, pick_device, set_threads
@@ -28,21 +28,11 @@ WARMUP_STEPS = 3  # steps left out of the steady-state throughput figure (kernel
 REPORT_DIR = "reports/train"
 
 
-def add_lora(model, lora: LoraSection, task: str, gradient_checkpointing: bool, upcast: bool = True):
-    """Freeze the base, set up checkpointing, add adapters. upcast=True is PEFT's
-    prepare_model_for_kbit_training, which also casts every non-quantized weight (embeddings,
-    lm_head, norms) to fp32; upcast=False keeps them in the compute dtype."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    if getattr(model, "is_loaded_in_4bit", False) and not upcast:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    if getattr(model, "is_loaded_in_4bit", False) and upcast:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    if gradient_checkpointing and not (getattr(model, "is_loaded_in_4bit", False) and upcast):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if gradient_checkpointing and hasattr(model.config, "use_cache"):
+def add_lora(model, lora: LoraSection, task: str, t: TrainConfig, compute_dtype: torch.dtype):
+    """Freeze the base, set up checkpointing and precision (tasks/precision.py), add adapters."""
+    from peft import LoraConfig, get_peft_model
+    model = precision.prepare_base(model, t.precision, t.gradient_checkpointing, t.gradient_checkpointing_skip_last)
+    if t.gradient_checkpointing and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
                      target_modules=lora.target_modules, task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM")
@@ -50,6 +40,8 @@ def add_lora(model, lora: LoraSection, task: str, gradient_checkpointing: bool, 
     for p in model.parameters():  # trained weights stay fp32: bf16 would round small updates away
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    if t.precision == "mixed":
+        precision.apply_mixed(model, compute_dtype)
     return model
 
 
@@ -118,7 +110,8 @@ def run(params: Params, root: Path) -> StageResult:
     model_type = json.loads((resolve(root, BASE) / "config.json").read_text()).get("model_type", "")
     liger = apply_speedups(model_type, t, device)
     model = load_saved(params.task, resolve(root, BASE), device)
-    model = add_lora(model, params.lora, params.task, t.gradient_checkpointing, t.upcast_non_quantized)
+    dtype = DTYPES[params.quant.compute_dtype]
+    model = add_lora(model, params.lora, params.task, t, dtype)
     forward = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
@@ -130,7 +123,6 @@ def run(params: Params, root: Path) -> StageResult:
     total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
     optimizer, opt_name = make_optimizer(trainable, t, device)
     scheduler = linear_schedule(optimizer, int(t.warmup_ratio * total), total)
-    dtype = DTYPES[params.quant.compute_dtype]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     # --- resume from the last checkpoint of this same run, if a crash left one
     ckpt_dir = resolve(root, checkpoint.DIR)

@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_cuda_training_uses_paged_optimizer_and_learns(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32_upcast", "mixed"])
+def test_cuda_training_uses_paged_optimizer_and_learns(tmp_path, precision):
     model_dir = build_tiny_llama(tmp_path / "tiny-llama", ALPACA)
     rows = pd.read_json(ALPACA).assign(row=lambda d: [str(i + 1) for i in range(len(d))])
     (tmp_path / "data/split").mkdir(parents=True)
@@ -32,7 +33,7 @@ def test_cuda_training_uses_paged_optimizer_and_learns(tmp_path):
         task="causal_lm", data={"path": str(ALPACA), "label_names": None}, model={"name": str(model_dir)},
         tokenize={"max_length": 256}, eval={"num_samples": 1, "max_new_tokens": 4},
         train={"max_steps": 10, "batch_size": 8, "lr": 0.01, "device": "cuda", "gradient_checkpointing": True,
-               "liger_kernels": liger, "log_every": 1}))
+               "liger_kernels": liger, "log_every": 1, "precision": precision}))
     for stage in (tokenize, quantize, train, evaluate):
         stage.run(params, tmp_path)
     summary = json.loads((tmp_path / "reports/train/summary.json").read_text())
