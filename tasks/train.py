@@ -190,6 +190,7 @@ def run(params: Params, root: Path) -> StageResult:
                "tokens_per_second_after_warmup":
                    round((tokens - warm[1]) / (time.perf_counter() - warm[0]), 1) if warm else None,
                "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name, "liger_kernels": liger,
+               "precision": t.precision,
                "device": str(device), "world_size": distributed.world()[1]}
     with atomic_dir(resolve(root, REPORT_DIR)) as tmp:
         with open(tmp / "loss.csv", "w", newline="") as f:
