@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -61,33 +62,16 @@ def flops_per_token(name: str, seq: int) -> float:
     return 4 * n + 2 * (2 * 2 * n_layers * seq * h)
 
 
-def plain_recipe(path: str, rank: int):
-    """Verbatim the seeds' recipe: transformers + peft + bitsandbytes."""
+def plain_recipe(path: str, rank: int, dtype: torch.dtype = torch.bfloat16):
+    """Verbatim the seeds' recipe: transformers + peft + bitsandbytes. dtype=float32 makes it
+    the fp32 reference: every computation in fp32 on the same 4-bit weights, what the bf16
+    recipes approximate (slow; for loss curves only)."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa",
-                                                 device_map={"": 0}, quantization_config=q)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model.config.use_cache = False
-    torch.manual_seed(1)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, bias="none",
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
-    opt = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    return model, opt
-
-
-def fp32_reference(path: str, rank: int):
-    """The plain recipe with every computation in fp32 on the same 4-bit weights: what the
-    bf16 recipes approximate (slow; for loss curves only)."""
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                           bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
                                                  device_map={"": 0}, quantization_config=q)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model.config.use_cache = False
@@ -119,7 +103,9 @@ def variant_options(variant: str) -> dict:
     """'liger+gc+mixed+skip4' -> project_recipe keyword arguments."""
     parts = variant.split("+")
     skip = [int(p[4:]) for p in parts if p.startswith("skip")]
-    precision = next((p for p in parts if p in ("fp32_upcast", "mixed", "bf16")), "fp32_upcast")
+    from tasks.config import TrainConfig
+    modes = typing.get_args(TrainConfig.model_fields["precision"].annotation)
+    precision = next((p for p in parts if p in modes), TrainConfig.model_fields["precision"].default)
     return dict(liger="liger" in parts, gc_on="gc" in parts, precision=precision, skip_last=skip[0] if skip else 0)
 
 
@@ -257,7 +243,8 @@ def main() -> int:
         print(json.dumps({"shape": name, "recipe": "plain-hf", **plain[name]}), flush=True)
     refs = {}
     for name in filter(None, a.reference.split(",")):  # loss curves only: its speed is not the point
-        ref = refs[name] = measure(lambda: fp32_reference(model_dir(name), a.rank), name, a.seq, a.bs, a.steps, a.warmup, bf16=False)
+        ref = refs[name] = measure(lambda: plain_recipe(model_dir(name), a.rank, torch.float32), name, a.seq, a.bs,
+                                   a.steps, a.warmup, bf16=False)
         ref["max_loss_diff"] = round(max(abs(x - y) for x, y in zip(ref["losses"], plain[name]["losses"])), 5)
         print(json.dumps({"shape": name, "recipe": "fp32-reference", **ref}), flush=True)
     for variant in a.variants.split(","):
