@@ -1,4 +1,6 @@
-"""`qlora` command line: run the Prefect flow, run one stage (what dvc.yaml calls), render dvc.yaml."""
+"""`qlora` command line. The pipeline's state lives in DVC (dvc.yaml, params.yaml, dvc.lock):
+`qlora run` reproduces it through DVC inside a Prefect flow and records the result in MLflow;
+`qlora stage NAME` is the command each dvc.yaml stage runs (through bin/qlora)."""
 from __future__ import annotations
 
 import argparse
@@ -8,90 +10,212 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+PARAMS = "params.yaml"
+EXIT_ERROR, EXIT_BUSY, EXIT_REJECTED = 2, 3, 4
 
 
 def _configure_env(root: Path) -> None:
     # Must happen before Prefect is imported: it reads settings at import time.
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Cache records live with the outputs they describe.
-    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(root / ".qlora" / "prefect-results"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    # The stages DVC runs for this command use this interpreter (bin/qlora reads it).
+    os.environ.setdefault("QLORA_PYTHON", sys.executable)
 
 
 def _fail(msg: str) -> int:
     print(f"qlora: error: {msg}", file=sys.stderr)
-    return 2
+    return EXIT_ERROR
+
+
+def _sync_dvc_yaml(root: Path, params, write: bool) -> str | None:
+    """dvc.yaml must be the rendering of flows/stages.py for these params (whether the base model
+    is a local directory decides two deps). Returns a message when it is (or was made) current."""
+    from flows.stages import render_dvc_yaml
+    path, text = root / "dvc.yaml", render_dvc_yaml(params)
+    if path.exists() and path.read_text() == text:
+        return None
+    if not write:
+        from tasks.common import PipelineError
+        raise PipelineError(f"{path} is not the rendering of flows/stages.py for these params (is model.name a "
+                            f"local directory now?): run `qlora dvc-yaml --write` and commit it")
+    path.write_text(text)
+    return f"dvc.yaml re-rendered for these params (model.name {params.model.name!r})"
+
+
+def _print_outcome(root: Path, out, seconds: float) -> None:
+    from tasks import catalog
+    from tasks.common import read_json
+    facts = {"validate": catalog.VALIDATION_REPORT, "train": catalog.TRAIN_SUMMARY, "evaluate": catalog.METRICS}
+    print(f"\nqlora run finished in {seconds:.1f} s")
+    for name, s in out.stages.items():
+        keys = ""
+        if name in facts and (root / facts[name]).exists():
+            keys = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in read_json(root / facts[name]).items()
+                             if k in ("rows", "accuracy", "macro_f1", "eval_loss", "perplexity", "final_loss", "steps"))
+        print(f"  {name:<9} {'ran' if s.ran else 'skipped':<8} {keys}")
+    print(f"  data:     {out.data['data_path']} md5 {out.data['md5']} ({out.data['status']})")
+    print(f"  adapter:  {root / catalog.ADAPTER_DIR}")
+    print(f"  merged:   {root / catalog.MERGED_DIR}")
+    print(f"  metrics:  {root / catalog.METRICS}")
+    if out.experiment:
+        print(f"  dvc:      experiment {out.experiment.name} ({out.experiment.rev[:7]}, baseline "
+              f"{out.experiment.baseline[:7]}): `dvc exp show`, `dvc exp apply {out.experiment.name}`")
+    ml = out.mlflow
+    if ml.get("reused"):
+        print(f"  mlflow:   nothing changed: run {ml['run_id']} at {ml['tracking_uri']} already holds these outputs")
+    else:
+        print(f"  mlflow:   run {ml['run_id']} at {ml['tracking_uri']}"
+              + (f" (model version {ml['model_version']})" if ml.get("model_version") else ""))
+
+
+def _apply_overrides(root: Path, overrides: list[str]) -> None:
+    from flows import dvc_ops
+    dvc_ops.apply_params(root, overrides)
+    print(f"params.yaml: set {', '.join(overrides)}. As with `dvc exp run -S`, the workspace keeps these values "
+          f"after the run; `dvc exp apply`/`git checkout params.yaml` switch back.")
 
 
 def cmd_run(args) -> int:
     root = Path.cwd()
     _configure_env(root)
+    from flows.data_check import ALLOW_ENV
+    from flows.lock import ProjectBusy, project_lock
+    from flows.prefect_server import prefect_api
     from tasks.common import PipelineError
     from tasks.config import ParamsError, load_params
-    try:
-        params = load_params(args.params, args.set)
-    except ParamsError as exc:
-        return _fail(str(exc))
-    from flows.lock import ProjectBusy, project_lock
-    from flows.pipeline import qlora_pipeline
+    if args.allow_unverified_data:
+        os.environ[ALLOW_ENV] = "1"
     started = time.perf_counter()
     try:
+        params = load_params(root / PARAMS, args.set)  # every override checked before params.yaml changes
         with project_lock(root, wait=args.wait):
-            out = qlora_pipeline(params.model_dump(mode="json"), str(root), args.params)
+            if args.set:
+                _apply_overrides(root, args.set)
+            note = _sync_dvc_yaml(root, params, write=True)
+            if note:
+                print(note)
+            from flows import dvc_ops
+            experiment = bool(args.set or args.name)
+            if experiment and not dvc_ops.is_git_repo(root):
+                print("warning: not a git repository with a commit: the run is not saved as a DVC experiment")
+                experiment = False
+            with prefect_api(root):
+                from flows.pipeline import Project, qlora_pipeline
+                out = qlora_pipeline(Project(root=root), experiment=experiment, experiment_name=args.name)
     except ProjectBusy as exc:
         print(f"qlora: {exc}", file=sys.stderr)
-        return 3
-    except PipelineError as exc:
+        return EXIT_BUSY
+    except (ParamsError, PipelineError) as exc:
         return _fail(str(exc))
-    seconds = time.perf_counter() - started
-    stages, ml = out["stages"], out["mlflow"]
-    print(f"\nqlora run finished in {seconds:.1f} s")
-    for name, s in stages.items():
-        keys = ", ".join(f"{k}={v}" for k, v in s["summary"].items() if k in
-                         ("rows", "accuracy", "macro_f1", "eval_loss", "perplexity", "final_loss", "steps"))
-        print(f"  {name:<9} {s['status']:<7} {keys}")
-    from tasks import evaluate, merge, train
-    print(f"  adapter:  {root / train.ADAPTER}")
-    print(f"  merged:   {root / merge.OUT_DIR}")
-    print(f"  metrics:  {root / evaluate.METRICS}")
-    print(f"  mlflow:   run {ml['run_id']} at {ml['tracking_uri']}"
-          + (f" (model version {ml['model_version']})" if ml.get("model_version") else ""))
+    _print_outcome(root, out, time.perf_counter() - started)
     return 0
 
 
 def cmd_stage(args) -> int:
+    """One stage, as dvc.yaml runs it. Reads params.yaml (what DVC tracks)."""
     root = Path.cwd()
     _configure_env(root)
-    from flows.lock import ProjectBusy, project_lock
+    from flows import dvc_ops
+    from flows.data_check import check_data, require_committed_version
+    from flows.lock import ProjectBusy, die_with_holder, project_lock
     from flows.stages import BY_NAME
     from tasks.common import PipelineError
     from tasks.config import ParamsError, load_params
     if args.name not in BY_NAME:
         return _fail(f"unknown stage {args.name!r}; stages: {', '.join(BY_NAME)}")
+    die_with_holder()  # started for a `qlora run` that was killed: do not train on alone
+    error_file = dvc_ops.stage_error_path(root, args.name)
+    error_file.unlink(missing_ok=True)
+    if args.set:
+        print(f"warning: --set {' '.join(args.set)}: this run of {args.name} is not what dvc.lock will record")
     try:
-        params = load_params(args.params, args.set)
+        params = load_params(root / PARAMS, args.set)
+        in_dvc_project = (root / "dvc.yaml").exists()  # else a stage run by hand: no record, no resume
+        if in_dvc_project and not args.set:
+            _sync_dvc_yaml(root, params, write=False)
         # Under torchrun the ranks of one run share the project: only rank 0 takes the lock.
         lock = project_lock(root, wait=args.wait, what=f"qlora stage {args.name}") \
             if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
         with lock:
-            res = BY_NAME[args.name].run(params, root)
+            if args.name == "validate":  # before any stage reads the data, whoever started the stage
+                require_committed_version(check_data(params, root))
+            if args.name == "train":
+                resume_key = dvc_ops.stage_key(root, "train") if in_dvc_project and not args.set else None
+                res = BY_NAME["train"].run(params, root, resume_key=resume_key)
+            else:
+                res = BY_NAME[args.name].run(params, root)
     except ProjectBusy as exc:
         print(f"qlora: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_BUSY
     except (ParamsError, PipelineError) as exc:
+        error_file.parent.mkdir(parents=True, exist_ok=True)
+        error_file.write_text(str(exc))
         return _fail(str(exc))
     print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in res.summary.items()))
     return 0
 
 
+def cmd_sweep(args) -> int:
+    root = Path.cwd()
+    _configure_env(root)
+    from flows import dvc_ops
+    from flows.lock import ProjectBusy, project_lock
+    from flows.prefect_server import prefect_api
+    from tasks.common import PipelineError
+    from tasks.config import ParamsError
+    if not dvc_ops.is_git_repo(root):
+        return _fail("a sweep saves DVC experiments, which need a git repository with a commit")
+    name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
+    params_path, lock_path = root / PARAMS, root / dvc_ops.LOCK_FILE
+    try:
+        with project_lock(root, wait=args.wait, what="qlora sweep"):
+            before = (params_path.read_bytes(), lock_path.read_bytes() if lock_path.exists() else None)
+            with prefect_api(root):
+                from flows.pipeline import Project
+                from flows.sweep import sweep_flow
+                out = sweep_flow(Project(root=root), args.grid, name)
+            restored = _restore_workspace(root, *before)
+    except ProjectBusy as exc:
+        print(f"qlora: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except (ParamsError, PipelineError) as exc:
+        return _fail(str(exc))
+    _print_table(out["rows"], out["columns"])
+    print(f"\nbest by {out['metric']}: {out['best']['experiment']}  (`dvc exp apply {out['best']['experiment']}`)")
+    print(f"comparison: {out['dir']}/comparison.csv, comparison.png; MLflow parent run {out['parent_run_id']}")
+    print(restored)
+    return 0
+
+
+def _restore_workspace(root: Path, params_bytes: bytes, lock_bytes: bytes | None) -> str:
+    """Put the workspace back as it was before the sweep (as a queued `dvc exp run` leaves it)."""
+    from flows import dvc_ops
+    if lock_bytes is None:
+        return "workspace: left at the last point (there was no dvc.lock to go back to)"
+    (root / PARAMS).write_bytes(params_bytes)
+    (root / dvc_ops.LOCK_FILE).write_bytes(lock_bytes)
+    dvc_ops.dvc(root, "checkout", "-q", "--force")
+    return "workspace: params.yaml, dvc.lock and outputs restored to what they were before the sweep"
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    shown = [c for c in columns if c not in ("mlflow_run",)]
+    cells = [[f"{r.get(c):.4f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in shown] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(shown)]
+    print("  ".join(c.ljust(w) for c, w in zip(shown, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
 def cmd_dvc_yaml(args) -> int:
-    from flows.stages import dvc_yaml
-    text = "# Rendered by `qlora dvc-yaml` from flows/stages.py; a test fails if they disagree.\n" \
-        + yaml.safe_dump(dvc_yaml(), sort_keys=False)
+    from flows.stages import render_dvc_yaml
+    from tasks.config import load_params
+    text = render_dvc_yaml(load_params(PARAMS))
     if args.write:
         Path("dvc.yaml").write_text(text)
     else:
@@ -99,91 +223,63 @@ def cmd_dvc_yaml(args) -> int:
     return 0
 
 
-def cmd_track(args) -> int:
-    """Record outputs made by `dvc repro` as an MLflow run, as `qlora run` does."""
-    root = Path.cwd()
-    _configure_env(root)
-    from flows import tracking
-    from flows.stages import STAGES
-    from tasks.common import content_hash
-    from tasks.config import load_params
-    params = load_params(args.params, args.set)
-    stages = {s.name: {"status": "dvc", "outputs": {o: content_hash(root / o) for o in s.outs
-                                                    if (root / o).exists()}} for s in STAGES}
-    with tracking.pipeline_run(params, root, params_file=args.params) as run:
-        run.record(stages)
-    print(f"mlflow: run {run.info['run_id']} at {run.info['tracking_uri']}")
+def cmd_params(args) -> int:
+    """params.yaml rendered from the typed defaults in tasks/config.py (one source of defaults)."""
+    from tasks.config import render_params_yaml
+    text = render_params_yaml()
+    if args.write:
+        Path(PARAMS).write_text(text)
+    else:
+        print(text, end="")
     return 0
+
+
+def _flow_exit(state) -> int:
+    if state.is_completed():
+        return 0
+    if state.name == "Skipped":  # another command holds the project
+        return EXIT_BUSY
+    if state.name == "Rejected":
+        return EXIT_REJECTED
+    return EXIT_ERROR
 
 
 def cmd_retrain(args) -> int:
     root = Path.cwd()
     _configure_env(root)
-    from flows.lock import ProjectBusy, project_lock
-    from flows.retrain import retrain_flow
-    from tasks.common import PipelineError
-    from tasks.config import ParamsError
-    try:
-        with project_lock(root, wait=args.wait, what="qlora retrain"):
-            out = retrain_flow(str(root), args.params, args.set)
-    except ProjectBusy as exc:
-        print(f"qlora: {exc}", file=sys.stderr)
-        return 3
-    except (ParamsError, PipelineError) as exc:
-        return _fail(str(exc))
-    print(f"retrain: {out['status']}" + (f"; {out['decision']['reason']}" if "decision" in out else ""))
-    return 0
-
-
-def _local_prefect_server(root: Path):
-    """Prefect's ephemeral API has no scheduler, so a cron needs a server: start one on
-    loopback for as long as `qlora serve` runs (its database stays in .prefect/)."""
-    import socket
-    import subprocess
-    import urllib.request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (root / ".prefect").mkdir(exist_ok=True)
-    log = open(root / ".prefect" / "server.log", "a")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return proc, url
-        except Exception:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"the local Prefect server did not start; see {root / '.prefect' / 'server.log'}")
+    from flows.data_check import ALLOW_ENV
+    from flows.prefect_server import prefect_api
+    if args.allow_unverified_data:
+        os.environ[ALLOW_ENV] = "1"
+    with prefect_api(root):
+        from flows.retrain import retrain_flow
+        state = retrain_flow(str(root), args.set, wait_for_lock=args.wait, return_state=True)
+    code = _flow_exit(state)
+    if code == 0:
+        out = state.result()
+        print(f"retrain: {out['status']}" + (f"; {out['decision']['reason']}" if "decision" in out else ""))
+    else:
+        print(f"qlora: retrain {state.name}: {state.message}", file=sys.stderr)
+    return code
 
 
 def cmd_serve(args) -> int:
     """Serve the retraining flow on a cron schedule (Prefect `serve`): a long-running process.
-    Against PREFECT_API_URL when set; otherwise against a Prefect server it starts locally."""
+    Against PREFECT_API_URL when set; otherwise against a Prefect server (UI and scheduler) it
+    starts for as long as it runs. Each scheduled run takes the project lock, or ends Skipped."""
     root = Path.cwd()
     _configure_env(root)
+    from flows.prefect_server import prefect_api
     from tasks.config import ParamsError, check_retrain_ready, load_params
     try:
-        check_retrain_ready(load_params(args.params, args.set))  # fail now, not at 3 a.m.
+        check_retrain_ready(load_params(root / PARAMS, args.set))  # fail now, not at 3 a.m.
     except ParamsError as exc:
         return _fail(str(exc))
-    server = None
-    if not os.environ.get("PREFECT_API_URL"):
-        server, os.environ["PREFECT_API_URL"] = _local_prefect_server(root)
-        print(f"qlora serve: started a local Prefect server at {os.environ['PREFECT_API_URL']} (UI and scheduler)")
-    try:
-        from flows.retrain import retrain_flow
-        retrain_flow.serve(name=args.name, cron=args.cron,
-                           parameters={"root": str(root), "params_file": args.params, "overrides": args.set})
-    finally:
+    with prefect_api(root, services=True, ui=True) as (url, server):
         if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+            print(f"qlora serve: started a local Prefect server at {url} (UI and scheduler)")
+        from flows.retrain import retrain_flow
+        retrain_flow.serve(name=args.name, cron=args.cron, parameters={"root": str(root), "overrides": args.set})
     return 0
 
 
@@ -197,7 +293,7 @@ def cmd_lineage(args) -> int:
     from flows import lineage, tracking
     from tasks.common import PipelineError
     from tasks.config import load_params
-    params = load_params(args.params) if Path(args.params).exists() else None
+    params = load_params(root / PARAMS) if (root / PARAMS).exists() else None
     uri = args.tracking_uri or (tracking.tracking_uri(params, root) if params else None) \
         or tracking.USER_TRACKING_URI or f"sqlite:///{root / 'mlruns.db'}"
     mlflow.set_tracking_uri(uri)
@@ -216,32 +312,43 @@ def cmd_lineage(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qlora", description="Reproducible QLoRA fine-tuning pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, fn, helptext in (("run", cmd_run, "run the whole Prefect flow (cached stages + MLflow)"),
-                               ("stage", cmd_stage, "run one stage (what dvc.yaml calls)"),
-                               ("track", cmd_track, "record the current outputs as an MLflow run"),
-                               ("retrain", cmd_retrain, "ingest the inbox, version data, retrain, promote"),
-                               ("serve", cmd_serve, "serve the retraining flow on a cron schedule")):
+    for name, fn, helptext in (
+            ("run", cmd_run, "reproduce the pipeline through DVC in a Prefect flow, record it in MLflow"),
+            ("stage", cmd_stage, "run one stage (what each dvc.yaml stage calls)"),
+            ("sweep", cmd_sweep, "run every combination of --grid values as DVC experiments"),
+            ("retrain", cmd_retrain, "ingest the inbox, version data, retrain, promote"),
+            ("serve", cmd_serve, "serve the retraining flow on a cron schedule")):
         p = sub.add_parser(name, help=helptext)
         if name == "stage":
             p.add_argument("name")
         if name == "serve":
             p.add_argument("--cron", required=True, help='e.g. "0 3 * * 1" (Mondays 03:00)')
             p.add_argument("--name", default="qlora-retrain", help="deployment name")
-        p.add_argument("--params", default="params.yaml")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a params value, e.g. --set train.lr=1e-4 (repeatable)")
-        p.add_argument("--wait", action="store_true", help="wait for a run already holding the project")
+        if name in ("run", "sweep"):
+            p.add_argument("--name", default=None, help="DVC experiment name (sweeps: prefix)")
+        if name == "sweep":
+            p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                           help="values of one params key (repeatable: every combination runs)")
+        else:
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="set a params.yaml value, e.g. --set train.lr=1e-4 (repeatable); run: "
+                                "as a DVC experiment (`dvc exp run -S` semantics)")
+        if name in ("run", "retrain"):
+            p.add_argument("--allow-unverified-data", action="store_true",
+                           help="run on data that is not its committed DVC version; recorded as unverified")
+        p.add_argument("--wait", action="store_true", help="wait for a command already holding the project")
         p.set_defaults(fn=fn)
     p = sub.add_parser("lineage", help="what data, code and settings produced a registered model")
     p.add_argument("model", help="NAME[@alias] or NAME/VERSION (default alias: champion)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--verify", action="store_true", help="re-hash local data against the record")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--verify", action="store_true", help="re-hash the data on disk against the record")
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(fn=cmd_lineage)
-    p = sub.add_parser("dvc-yaml", help="print (or --write) dvc.yaml rendered from flows/stages.py")
-    p.add_argument("--write", action="store_true")
-    p.set_defaults(fn=cmd_dvc_yaml)
+    for name, fn, helptext in (("dvc-yaml", cmd_dvc_yaml, "print (or --write) dvc.yaml rendered from flows/stages.py"),
+                               ("params", cmd_params, "print (or --write) params.yaml rendered from tasks/config.py")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--write", action="store_true")
+        p.set_defaults(fn=fn)
     args = ap.parse_args(argv)
     return args.fn(args)
 

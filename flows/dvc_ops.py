@@ -1,16 +1,143 @@
-"""DVC and git glue for data versions: find the .dvc file behind a path, record a new
-version (`dvc add`), push it to the remote, and commit the .dvc file to git."""
+"""DVC glue: the one place that decides what is up to date (dvc.lock), hashes data the way
+DVC does, runs parameter experiments, and records new data versions (`dvc add` + push +
+git commit of the .dvc file)."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from tasks.common import PipelineError
 
+LOCK_FILE = "dvc.lock"
+PARAMS_FILE = "params.yaml"
 
+
+# --- hashing: DVC's md5 (a file's md5; a folder's md5 of its listing, suffixed .dir), always
+# from the bytes: DVC's state database would answer from (inode, mtime, size) and miss an edit
+# that keeps them.
+def md5(path: Path) -> str:
+    from dvc_data.hashfile.hash import hash_file
+    from dvc_data.hashfile.tree import Tree
+    from dvc_objects.fs.local import LocalFileSystem
+    fs, path = LocalFileSystem(), Path(path)
+    if path.is_file():
+        return hash_file(str(path), fs, "md5", state=None)[1].value
+    if not path.is_dir():
+        raise FileNotFoundError(path)
+    tree = Tree()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        meta, hash_info = hash_file(str(file), fs, "md5", state=None)
+        tree.add(file.relative_to(path).parts, meta, hash_info)
+    tree.digest()
+    return tree.hash_info.value
+
+
+# --- the pipeline, one stage at a time
+_REPOS: dict[str, object] = {}
+
+
+@contextmanager
+def _repo(root: Path):
+    """One dvc.repo.Repo per project for this process: opening one costs ~0.2 s, and a run asks
+    DVC about seven stages. DVC resets the repo's caches after each locked operation."""
+    from dvc.repo import Repo
+    key = str(Path(root).resolve())
+    with contextlib.chdir(key):  # DVC resolves some paths (targets, stage wdirs) against the cwd
+        if key not in _REPOS:
+            _REPOS[key] = Repo(key)
+        yield _REPOS[key]
+
+
+def reproduce(root: Path, stage: str) -> bool:
+    """`dvc repro --single-item STAGE`: DVC runs the stage's command when its deps, params or
+    code changed (or its outputs are missing), records it in dvc.lock, and skips it otherwise.
+    Returns whether it ran."""
+    from dvc.exceptions import ReproductionError
+    with _repo(root) as repo:
+        repo.scm_context.quiet = True  # no "git add dvc.lock" hints after every stage
+        try:
+            ran = repo.reproduce(targets=[f"{repo.root_dir}/dvc.yaml:{stage}"], single_item=True)
+        except ReproductionError as exc:
+            raise PipelineError(stage_error(root, stage) or f"stage {stage} failed: {exc.__cause__ or exc}") from None
+    return bool(ran)
+
+
+def stage_error_path(root: Path, stage: str) -> Path:
+    from tasks.catalog import STAGE_ERRORS_DIR
+    return Path(root) / STAGE_ERRORS_DIR / f"{stage}.txt"
+
+
+def stage_error(root: Path, stage: str) -> str | None:
+    """The message a failed stage left (its process is DVC's child; the message names file, row, rule)."""
+    path = stage_error_path(root, stage)
+    return path.read_text().strip() if path.exists() else None
+
+
+def status(root: Path) -> dict:
+    """`dvc status`: {} when every stage and data file is up to date."""
+    with _repo(root) as repo:
+        return repo.status()
+
+
+def stage_key(root: Path, stage: str) -> str:
+    """DVC's run-cache key of a stage as it stands: the sha256 of its command, the hashes of its
+    deps and its params (not its outputs). Names one exact training run: what resumable
+    checkpoints are keyed on. (DVC computes the same key for its run cache; it declines to for
+    stages with persistent outputs, so the key is computed here with DVC's functions.)"""
+    from dvc.stage.cache import _get_cache_hash
+    from dvc.stage.serialize import to_single_stage_lockfile
+    with _repo(root) as repo:
+        (target,) = repo.stage.collect(f"{repo.root_dir}/dvc.yaml:{stage}")
+        target.save_deps()
+        return _get_cache_hash(to_single_stage_lockfile(target), key=True)
+
+
+def lock(root: Path) -> dict:
+    path = Path(root) / LOCK_FILE
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(path.read_text(), Loader=loader) if path.exists() else {}
+
+
+def lock_digest(root: Path) -> str:
+    """One hash of every stage's recorded deps, params and outputs: equal digests, equal results."""
+    path = Path(root) / LOCK_FILE
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
+
+
+def locked_outs(root: Path, stage: str) -> dict[str, str]:
+    """{output path: DVC md5} of a stage as dvc.lock records it."""
+    entry = lock(root).get("stages", {}).get(stage, {})
+    return {o["path"]: o.get("md5", "") for o in entry.get("outs", [])}
+
+
+# --- experiments: `qlora run --set` is `dvc exp run -S` in the workspace, in steps
+def apply_params(root: Path, overrides: list[str]) -> None:
+    """Write the overrides into params.yaml, as `dvc exp run -S` does (comments are kept)."""
+    from dvc.utils.hydra import apply_overrides
+    apply_overrides(str(Path(root) / PARAMS_FILE), list(overrides))
+
+
+def is_git_repo(root: Path) -> bool:
+    return subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root,
+                          capture_output=True).returncode == 0
+
+
+def save_experiment(root: Path, name: str | None) -> tuple[str, str]:
+    """`dvc exp save`: the workspace (params, dvc.lock, outputs in the DVC cache) becomes an
+    experiment that `dvc exp show` lists and `dvc exp apply`/`branch` restore. Returns (name, rev)."""
+    with _repo(root) as repo:
+        rev = repo.experiments.save(name=name, force=bool(name))
+        names = repo.experiments.get_exact_name([rev])
+    return names.get(rev) or name or rev[:7], rev
+
+
+# --- data versions
 def find_dvc_file(path: Path, root: Path) -> Path | None:
     """The .dvc file tracking `path` (the file itself or a folder above it, inside root)."""
     path, root = Path(path).resolve(), Path(root).resolve()
@@ -25,6 +152,15 @@ def find_dvc_file(path: Path, root: Path) -> Path | None:
 
 def dvc_md5(dvc_file: Path) -> str:
     return yaml.safe_load(Path(dvc_file).read_text())["outs"][0]["md5"]
+
+
+def committed_dvc_md5(dvc_file: Path, root: Path) -> str | None:
+    """The md5 in the .dvc file as git's HEAD has it; None when git does not track it."""
+    rel = Path(dvc_file).resolve().relative_to(Path(root).resolve()).as_posix()
+    p = subprocess.run(["git", "show", f"HEAD:{rel}"], cwd=root, capture_output=True, text=True)
+    if p.returncode:
+        return None
+    return yaml.safe_load(p.stdout)["outs"][0]["md5"]
 
 
 def _run(cmd: list[str], root: Path) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.common import PipelineError, content_hash
+from tasks.common import PipelineError
 
-LINEAGE_TAGS = ("git_commit", "git_dirty", "data_path", "data_sha256", "dvc_file", "dvc_data_md5",
-                "dvc_data_path", "dvc_import_source", "dataset_digest", "base_model", "base_model_source",
-                "base_model_revision", "task", "prefect_flow_run_id")
+LINEAGE_TAGS = ("git_commit", "git_dirty", "data_path", "data_md5", "data_file_md5", "data_verified", "data_check",
+                "dvc_file", "dvc_tracked_path", "dvc_data_md5", "dataset_digest", "dvc_experiment",
+                "dvc_experiment_rev", "dvc_experiment_baseline", "dvc_lock_sha256", "base_model",
+                "base_model_source", "base_model_revision", "task", "prefect_flow_run_id")
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
@@ -55,20 +56,29 @@ def lineage(ref: str, client=None) -> dict:
 
 
 def verify(info: dict, root: Path) -> dict:
-    """Re-hash the data this user has at the recorded path and compare with the record."""
-    from flows.dvc_ops import dvc_md5, find_dvc_file
+    """Re-hash the data on disk (DVC's md5, from the bytes) and compare it with the record: the
+    version is ok only if the bytes are what the run trained on AND the run's data was the
+    committed DVC version (a run on unverified data never verifies)."""
+    from flows.dvc_ops import md5
     lin = info["lineage"]
-    path = Path(lin.get("data_path", ""))
-    path = path if path.is_absolute() else root / path
-    out = {"data_path": str(path), "recorded_sha256": lin.get("data_sha256"), "exists": path.exists()}
+    tracked = lin.get("dvc_tracked_path") or lin.get("data_path", "")
+    path = Path(tracked) if Path(tracked).is_absolute() else root / tracked
+    out = {"path": str(path), "recorded_md5": lin.get("data_md5"), "exists": path.exists(),
+           "recorded_verified": lin.get("data_verified", "unknown")}
     if path.exists():
-        out["current_sha256"] = content_hash(path)
-        out["sha256_matches"] = out["current_sha256"] == out["recorded_sha256"]
-    dvc_file = find_dvc_file(path, root) if path.exists() or path.parent.exists() else None
-    if dvc_file is not None and "dvc_data_md5" in lin:
-        out["recorded_dvc_md5"], out["current_dvc_md5"] = lin["dvc_data_md5"], dvc_md5(dvc_file)
-        out["dvc_matches"] = out["recorded_dvc_md5"] == out["current_dvc_md5"]
-    out["ok"] = bool(out.get("sha256_matches")) and out.get("dvc_matches", True)
+        out["current_md5"] = md5(path)
+        out["bytes_match"] = out["current_md5"] == out["recorded_md5"]
+    problems = []
+    if not out["exists"]:
+        problems.append(f"{path} does not exist here")
+    elif not out["bytes_match"]:
+        problems.append(f"{path} hashes to md5 {out['current_md5']}, the run trained on {out['recorded_md5']}")
+    if out["recorded_verified"] == "false":
+        problems.append("the run's data was not its committed DVC version (recorded as unverified)")
+    elif out["recorded_verified"] not in ("true", "untracked"):
+        problems.append("the record has no data verification")
+    out["problems"] = problems
+    out["ok"] = not problems
     return out
 
 

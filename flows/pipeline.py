@@ -1,80 +1,126 @@
-"""The Prefect flow: run each stage as a cached task, then record the run in MLflow.
+"""The Prefect flow: check the data version, then the seven stages as tasks wired by their
+real dependencies, then the MLflow record.
 
-A task's cache key is flows.stages.cache_key (content of inputs + params section +
-source). A cache hit is trusted only if the outputs it recorded are still on disk with
-the same content; otherwise the task runs again.
+Prefect orchestrates (retries, the UI, schedules, work pools); it caches nothing. Whether a
+stage is up to date is DVC's call: each task asks DVC to reproduce its one stage, which runs
+`bin/qlora stage NAME` when its deps, params or code changed and skips it otherwise, exactly
+as `dvc repro` would. A skipped task ends in a Completed state named "Skipped".
 """
 from __future__ import annotations
 
+import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+from pydantic import BaseModel
 
-from flows import tracking
-from flows.stages import BY_NAME, STAGES, Stage, cache_key, outputs_intact
-from tasks.common import PipelineError, content_hash
-from tasks.config import Params
-from tasks.modeling import resolve_source
-
-
-def _source_fingerprint(params: Params) -> str:
-    """Stages that read the base model also key on its files when it is a local copy."""
-    source, lineage = resolve_source(params.model)
-    if Path(source).is_dir():
-        return content_hash(Path(source))
-    return f"{lineage['base_model']}@{lineage['base_model_revision']}"
+from flows import dvc_ops, tracking
+from flows.data_check import ALLOW_ENV, DataCheck, check_data, require_committed_version
+from flows.stages import STAGES, upstream
+from tasks.config import Params, load_params
 
 
-@task(persist_result=True, result_serializer="json")
-def run_stage(stage_name: str, params_json: dict, root: str, key: str) -> dict:
-    # `key` is not read here: it is what the cache is keyed on (see cache_key_fn below).
-    params = Params.model_validate(params_json)
-    return BY_NAME[stage_name].run(params, Path(root)).to_json()
+class Project(BaseModel):
+    """The project every task works in: a DVC repository (dvc.yaml, params.yaml, dvc.lock)."""
+    root: Path
+
+    def params(self) -> Params:
+        return load_params(self.root / dvc_ops.PARAMS_FILE)
 
 
-def _stage_task(stage: Stage, refresh: bool):
-    return run_stage.with_options(
-        name=stage.name,
-        cache_key_fn=lambda ctx, p: p["key"],
-        refresh_cache=refresh,
-    )
+class StageOutcome(BaseModel):
+    stage: str
+    ran: bool                 # False: DVC found it up to date
+    seconds: float
+    outs: dict[str, str]      # output path -> DVC md5, as dvc.lock records it
 
 
-def run_stages(params: Params, root: Path, logger=None) -> dict[str, dict]:
-    """Run every stage in order; returns {stage: {"status", "outputs", "summary"}}."""
-    report: dict[str, dict] = {}
-    fingerprint = _source_fingerprint(params)
-    for stage in STAGES:
-        extra = fingerprint if stage.name in ("tokenize", "quantize") else ""
-        key = cache_key(stage, params, root, extra)
-        args = dict(stage_name=stage.name, params_json=params.model_dump(mode="json"), root=str(root), key=key)
-        state = _stage_task(stage, refresh=False)(**args, return_state=True)
-        if state.is_completed() and state.name == "Cached" and not outputs_intact(state.result()["outputs"], root):
-            if logger:
-                logger.warning(f"{stage.name}: cached outputs changed or missing on disk; running again")
-            state = _stage_task(stage, refresh=True)(**args, return_state=True)
-        if not state.is_completed():
-            exc = state.result(raise_on_failure=False)
-            if isinstance(exc, BaseException):
-                raise exc
-            raise PipelineError(f"stage {stage.name} ended in state {state.name}")
-        out = state.result()
-        report[stage.name] = {"status": "cached" if state.name == "Cached" else "ran", "key": key,
-                              "outputs": out["outputs"], "summary": out["summary"]}
-        if logger:
-            logger.info(f"{stage.name}: {report[stage.name]['status']}")
-    return report
+class Experiment(BaseModel):
+    name: str
+    rev: str                  # the experiment's commit (refs/exps); `dvc exp apply NAME` restores it
+    baseline: str             # the git commit it was made on
 
 
-@flow(name="qlora-pipeline", log_prints=True)
-def qlora_pipeline(params_json: dict, root: str, params_file: str = "params.yaml") -> dict:
+class PipelineOutcome(BaseModel):
+    stages: dict[str, StageOutcome]
+    data: dict
+    lock_digest: str
+    flow_run_id: str
+    experiment: Experiment | None = None
+    mlflow: dict = {}
+
+    @property
+    def ran_any(self) -> bool:
+        return any(s.ran for s in self.stages.values())
+
+
+@task(name="check-data", cache_policy=NO_CACHE)
+def check_data_task(project: Project, params: Params) -> DataCheck:
+    """Hash the raw data and compare it with its committed DVC version, before any stage reads it."""
+    return require_committed_version(check_data(params, project.root))
+
+
+@task(cache_policy=NO_CACHE)
+def run_stage(project: Project, stage: str, upstream: list[StageOutcome]) -> StageOutcome:
+    # `upstream` is not read: passing the upstream outcomes is what draws the DAG's edges in Prefect.
+    started = time.perf_counter()
+    ran = dvc_ops.reproduce(project.root, stage)
+    outcome = StageOutcome(stage=stage, ran=ran, seconds=round(time.perf_counter() - started, 2),
+                           outs=dvc_ops.locked_outs(project.root, stage))
+    if not ran:
+        return Completed(name="Skipped", message="up to date in dvc.lock", data=outcome)
+    return outcome
+
+
+@task(name="save-experiment", cache_policy=NO_CACHE)
+def save_experiment_task(project: Project, name: str | None, stages: list[StageOutcome]) -> Experiment:
+    exp_name, rev = dvc_ops.save_experiment(project.root, name)
+    return Experiment(name=exp_name, rev=rev, baseline=tracking.git_state(project.root)["git_commit"])
+
+
+@task(name="record", cache_policy=NO_CACHE)
+def record_task(project: Project, params: Params, outcome: PipelineOutcome, parent_run_id: str | None) -> dict:
+    return tracking.record_pipeline(params, project.root, outcome, parent_run_id=parent_run_id)
+
+
+@contextmanager
+def _unverified_data_allowed(allow: bool):
+    """The opt-in reaches the validate stage, which DVC runs as a separate process."""
+    previous = os.environ.get(ALLOW_ENV)
+    if allow:
+        os.environ[ALLOW_ENV] = "1"
+    try:
+        yield
+    finally:
+        if allow and previous is None:
+            os.environ.pop(ALLOW_ENV, None)
+
+
+@flow(name="qlora-pipeline")
+def qlora_pipeline(project: Project, experiment: bool = False, experiment_name: str | None = None,
+                   parent_run_id: str | None = None, allow_unverified_data: bool = False) -> PipelineOutcome:
+    """check-data -> validate -> split -> tokenize | quantize -> train -> evaluate | merge -> record.
+    experiment: save the workspace as a DVC experiment afterwards (what `--set` asks for).
+    parent_run_id: record as a child of this MLflow run (sweeps, retraining), always as a new run."""
     logger = get_run_logger()
-    params = Params.model_validate(params_json)
-    root_path = Path(root).resolve()
-    flow_run_id = str(runtime.flow_run.id)
-    with tracking.pipeline_run(params, root_path, flow_run_id=flow_run_id, params_file=params_file) as mlrun:
-        stages = run_stages(params, root_path, logger)
-        mlrun.record(stages)
-    return {"stages": stages, "mlflow": mlrun.info, "flow_run_id": flow_run_id}
-
-
+    params = project.params()
+    tracking.usable_uri(params, project.root)  # an unreachable tracking server stops the run before any stage
+    with _unverified_data_allowed(allow_unverified_data):
+        data = check_data_task(project, params)
+        states, outcomes = {}, {}
+        for stage in STAGES:
+            # Upstream states as inputs: Prefect records them as the task's dependencies (the DAG's edges).
+            states[stage.name] = run_stage.with_options(name=stage.name)(
+                project, stage.name, [states[name] for name in upstream(stage)], return_state=True)
+            outcomes[stage.name] = states[stage.name].result()  # raises if the stage failed
+            logger.info(f"{stage.name}: {'ran' if outcomes[stage.name].ran else 'skipped (up to date in dvc.lock)'}")
+    exp = save_experiment_task(project, experiment_name, list(outcomes.values())) if experiment else None
+    outcome = PipelineOutcome(stages=outcomes, data=data.to_json() | {"tags": data.tags()},
+                              lock_digest=dvc_ops.lock_digest(project.root), flow_run_id=str(runtime.flow_run.id),
+                              experiment=exp)
+    outcome.mlflow = record_task(project, params, outcome, parent_run_id)
+    return outcome

@@ -1,23 +1,32 @@
-"""Retraining on new data: ingest the inbox -> version the data with DVC -> run the
-pipeline -> promote the new model version to champion only if it beats the current one
-on the same held-out test set. One parent MLflow run records each attempt, skipped and
-rejected ones included; the pipeline's run is nested under it.
+"""Retraining on new data: take the project lock -> check the data version -> ingest the
+inbox -> version the data with DVC -> run the pipeline -> promote the new model version to
+champion only if it beats the current one on the same held-out test set.
+
+One parent MLflow run records each attempt, skipped and rejected ones included; the
+pipeline's run is nested under it. The flow run's final state says what happened, so
+Prefect's UI and automations see it: Completed (trained, or no new data), Failed named
+"Rejected" (a drop broke a rule; the report is attached as a Prefect artifact), Cancelled
+named "Skipped" (another command held the project lock; a scheduled run never writes
+beside it).
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled, Failed
 
 from flows import dvc_ops, tracking
-from flows.pipeline import qlora_pipeline
-from tasks import merge
+from flows.data_check import check_data, require_committed_version
+from flows.lock import ProjectBusy, project_lock
+from flows.pipeline import Project, qlora_pipeline
+from tasks import catalog
 from tasks.common import resolve
 from tasks.config import Params, check_retrain_ready, load_params
-from tasks.evaluate import score_merged
-from tasks.ingest import REPORT as INGEST_REPORT
-from tasks.ingest import ingest
 
 
 def beats(challenger: float, champion: float | None, greater_is_better: bool) -> bool:
@@ -27,31 +36,31 @@ def beats(challenger: float, champion: float | None, greater_is_better: bool) ->
     return challenger > champion if greater_is_better else challenger < champion
 
 
-@task(name="ingest")
-def ingest_task(params_json: dict, root: str) -> dict:
-    params = Params.model_validate(params_json)
-    res = ingest(params, Path(root), resolve(Path(root), params.retrain.inbox))
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest_task(params: Params, project: Project) -> dict:
+    from tasks.ingest import ingest
+    res = ingest(params, project.root, resolve(project.root, params.retrain.inbox))
     return res.__dict__
 
 
-@task(name="version-data")
-def version_task(params_json: dict, root: str, files: list[str]) -> dict:
-    params = Params.model_validate(params_json)
+@task(name="version-data", cache_policy=NO_CACHE)
+def version_task(params: Params, project: Project, files: list[str]) -> dict:
     names = ", ".join(Path(f).name for f in files)
-    return dvc_ops.new_version(resolve(Path(root), params.data.path), Path(root), params.retrain.dvc_remote,
+    return dvc_ops.new_version(resolve(project.root, params.data.path), project.root, params.retrain.dvc_remote,
                                params.retrain.git_commit, f"data: merge {names} from the retraining inbox")
 
 
-@task(name="promote")
-def promote_task(params_json: dict, root: str, model_version: str | None, pipeline_run_id: str) -> dict:
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_task(params: Params, project: Project, model_version: str | None, pipeline_run_id: str) -> dict:
     import mlflow
-    params = Params.model_validate(params_json)
+
+    from tasks.evaluate import score_merged
     r = params.retrain
     client = mlflow.tracking.MlflowClient()
     name = params.tracking.registered_model
-    root_path = Path(root)
+    root = project.root
     metric = r.metric
-    challenger = score_merged(params, root_path, root_path / merge.OUT_DIR)[metric]
+    challenger = score_merged(params, root, root / catalog.MERGED_DIR)[metric]
     try:
         champ = client.get_model_version_by_alias(name, r.alias)
     except Exception:
@@ -60,7 +69,7 @@ def promote_task(params_json: dict, root: str, model_version: str | None, pipeli
     if champ is not None and champ.version != model_version:
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(artifact_uri=champ.source, dst_path=tmp)
-            champion_score = score_merged(params, root_path, Path(local))[metric]
+            champion_score = score_merged(params, root, Path(local))[metric]
     if model_version is None or (champ is not None and champ.version == model_version):
         promote, reason = False, "no new model version (same weights as an existing one)"
     else:
@@ -84,40 +93,65 @@ def promote_task(params_json: dict, root: str, model_version: str | None, pipeli
     return decision
 
 
+def _report_markdown(got: dict) -> str:
+    rows = "\n".join(f"| {e['file']} | {e['row']} | {e['column']} | {e['rule']} | {e['value']} |"
+                     for e in got["errors"][:200])
+    return (f"# Rejected drop\n\n{len(got['errors'])} error(s); nothing was merged, the dataset, its DVC version "
+            f"and the registry are unchanged.\n\n| file | row | column | rule | value |\n|---|---|---|---|---|\n"
+            f"{rows}\n\nFull report: `{catalog.INGEST_REPORT}`\n\n```json\n{json.dumps(got, indent=1)[:20000]}\n```\n")
+
+
 @flow(name="qlora-retrain")
-def retrain_flow(root: str = ".", params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def retrain_flow(root: str = ".", overrides: list[str] | None = None, wait_for_lock: bool = False):
+    try:
+        with project_lock(Path(root), wait=wait_for_lock, what="qlora retrain"):
+            return _retrain(Path(root).resolve(), overrides or [])
+    except ProjectBusy as exc:
+        get_run_logger().warning(f"skipped: {exc}")
+        return Cancelled(name="Skipped", message=str(exc), data={"status": "busy", "message": str(exc)})
+
+
+def _retrain(root: Path, overrides: list[str]):
     import mlflow
     logger = get_run_logger()
-    root_path = Path(root).resolve()
-    params = load_params(root_path / params_file, overrides or [])
+    params = load_params(root / dvc_ops.PARAMS_FILE, overrides)  # fails on a bad key before anything is written
     check_retrain_ready(params)
-    pj = params.model_dump(mode="json")
-    uri = tracking.tracking_uri(params, root_path)
-    tracking.check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(params.tracking.experiment)
+    if overrides:  # the stages read params.yaml (DVC tracks it): the overrides go there, as `dvc exp run -S` does
+        dvc_ops.apply_params(root, overrides)
+        logger.info(f"params.yaml: set {', '.join(overrides)}")
+    project = Project(root=root)
+    require_committed_version(check_data(params, root))  # before the inbox is merged into it
+    mlflow, _, _ = tracking.use_store(params, root)
     with mlflow.start_run(run_name="retrain", tags={"qlora_kind": "retrain",
                                                     "prefect_flow_run_id": str(runtime.flow_run.id)}) as parent:
-        got = ingest_task(pj, str(root_path))
+        got = ingest_task(params, project)
         mlflow.set_tag("retrain_status", got["status"])
         mlflow.log_metric("added_rows", got["added_rows"])
-        if (root_path / INGEST_REPORT).exists():
-            mlflow.log_artifact(str(root_path / INGEST_REPORT), "reports")
-        if got["status"] != "merged":
-            msg = "no new data: retraining skipped" if got["status"] == "no_new_data" else \
-                f"new data rejected ({len(got['errors'])} error(s)); dataset and model unchanged; see {INGEST_REPORT}"
-            logger.info(msg)
+        if (root / catalog.INGEST_REPORT).exists():
+            mlflow.log_artifact(str(root / catalog.INGEST_REPORT), "reports")
+        if got["status"] == "no_new_data":
+            logger.info("no new data: retraining skipped")
+            mlflow.set_tag("retrain_message", "no new data: retraining skipped")
+            return {"status": "skipped", "ingest": got, "run_id": parent.info.run_id}
+        if got["status"] == "rejected":
+            msg = (f"new data rejected ({len(got['errors'])} error(s)); dataset and model unchanged; "
+                   f"see {catalog.INGEST_REPORT}")
             mlflow.set_tag("retrain_message", msg)
-            return {"status": "skipped" if got["status"] == "no_new_data" else "rejected", "ingest": got,
-                    "run_id": parent.info.run_id}
-        version = version_task(pj, str(root_path), got["files"])
+            create_markdown_artifact(_report_markdown(got), key="rejected-drop", description=msg)
+            return Failed(name="Rejected", message=msg,
+                          data={"status": "rejected", "ingest": got, "run_id": parent.info.run_id})
+        version = version_task(params, project, got["files"])
         mlflow.set_tags({"dvc_data_md5": version["md5"], "dvc_file": version["dvc_file"],
                          "data_git_commit": version["git_commit"] or ""})
-        out = qlora_pipeline(pj, str(root_path), params_file)
-        decision = promote_task(pj, str(root_path), out["mlflow"].get("model_version"), out["mlflow"]["run_id"])
+        if not params.retrain.git_commit:  # the new version is recorded in the workspace only
+            logger.warning("retrain.git_commit is false: the new data version is not committed; "
+                           "the run is recorded as unverified")
+        out = qlora_pipeline(project, parent_run_id=parent.info.run_id,
+                             allow_unverified_data=not params.retrain.git_commit)
+        decision = promote_task(params, project, out.mlflow.get("model_version"), out.mlflow["run_id"])
         mlflow.set_tags({"champion_decision": "promoted" if decision["promoted"] else "kept",
                          "champion_reason": decision["reason"]})
         mlflow.log_dict(decision, "champion_decision.json")
         logger.info(f"champion decision: {decision['reason']}")
-        return {"status": "trained", "ingest": got, "data": version, "pipeline": out["mlflow"],
+        return {"status": "trained", "ingest": got, "data": version, "pipeline": out.mlflow,
                 "decision": decision, "run_id": parent.info.run_id}

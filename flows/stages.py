@@ -1,111 +1,121 @@
-"""The pipeline's DAG, declared once. The Prefect flow runs these stages in this order with
-cache keys built from exactly these deps, code and params; dvc.yaml must declare the same
-(tests/test_dvc_agreement.py proves it, and `qlora dvc-yaml` renders it).
+"""The pipeline's DAG, declared once: what each stage runs, reads (data, code, params) and
+writes. dvc.yaml is rendered from it (`qlora dvc-yaml --write`), and DVC's dvc.lock is the
+one record of which stages are up to date, whichever door the user came in by: `dvc repro`
+runs `bin/qlora stage NAME` for a changed stage, and `qlora run` asks DVC to reproduce each
+stage (flows/dvc_ops.py), which runs the same command or skips it.
 """
 from __future__ import annotations
 
-import hashlib
+import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from tasks import evaluate, merge, quantize, split, tokenize, train, validate
-from tasks.common import StageResult, content_hash, resolve
+from tasks import catalog
+from tasks.common import StageResult
 from tasks.config import Params
 
 REPO = Path(__file__).resolve().parent.parent
-COMMON_CODE = ("tasks/common.py", "tasks/config.py")
+COMMON_CODE = ("tasks/common.py", "tasks/config.py", "tasks/catalog.py")
+STAGE_COMMAND = "bin/qlora stage {name}"   # bin/qlora finds the project's interpreter; no venv to activate
+RAW_DATA = "${data.path}"                  # a dvc.yaml template: DVC reads the value from params.yaml
+LOCAL_BASE_MODEL = "${model.name}"         # a dependency only while model.name is a local directory
 _TEMPLATE = re.compile(r"\$\{([a-z_.]+)\}")
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[[Params, Path], StageResult]
-    deps: tuple[str, ...]      # data paths under the project root; ${key} takes a params value
-    code: tuple[str, ...]      # source files and folders (repo-relative) whose edits re-run the stage
+    module: str                # tasks.<name>: its run(params, root) is the stage (imported when it runs)
+    deps: tuple[str, ...]      # data paths (catalog names, or ${key} templates of params values)
+    code: tuple[str, ...]      # source files and folders whose edits re-run the stage
     params: tuple[str, ...]    # dotted params.yaml keys the stage reads
-    outs: tuple[str, ...]      # what it writes; reports/ paths are small and not DVC-cached
+    outs: tuple[str, ...]      # everything it writes (all DVC-cached: `dvc checkout`/`exp apply` restore them)
     metrics: tuple[str, ...] = ()
 
     def data_deps(self, params: Params) -> list[str]:
-        return [_TEMPLATE.sub(lambda m: str(params.get(m.group(1))), d) for d in self.deps]
+        """Deps as DVC resolves them: templates filled in; the base model only when local."""
+        return [_TEMPLATE.sub(lambda m: str(params.get(m.group(1))), d) for d in self.declared_deps(params)]
+
+    def declared_deps(self, params: Params) -> list[str]:
+        return [d for d in self.deps if d != LOCAL_BASE_MODEL or base_model_is_local(params)]
 
     def all_code(self) -> tuple[str, ...]:
         return COMMON_CODE + self.code
 
+    def run(self, params: Params, root: Path, **kwargs) -> StageResult:
+        return importlib.import_module(self.module).run(params, root, **kwargs)
+
+
+def base_model_is_local(params: Params) -> bool:
+    return Path(params.model.name).is_dir()
+
 
 STAGES: tuple[Stage, ...] = (
-    Stage("validate", validate.run, deps=("${data.path}",),
+    Stage("validate", "tasks.validate", deps=(RAW_DATA,),
           code=("tasks/validate.py", "tasks/dataio.py", "schemas"),
-          params=("task", "data"), outs=(validate.OUT_DIR,), metrics=(validate.REPORT,)),
-    Stage("split", split.run, deps=(split.IN_DIR,), code=("tasks/split.py",),
-          params=("task", "split"), outs=(split.OUT_DIR,)),
-    Stage("tokenize", tokenize.run, deps=(tokenize.IN_DIR, tokenize.LABELS),
+          params=("task", "data"), outs=(catalog.VALIDATED_DIR, catalog.VALIDATION_REPORT)),
+    Stage("split", "tasks.split", deps=(catalog.VALIDATED_DIR,), code=("tasks/split.py",),
+          params=("task", "split"), outs=(catalog.SPLIT_DIR,)),
+    Stage("tokenize", "tasks.tokenize", deps=(catalog.SPLIT_DIR, catalog.LABELS, LOCAL_BASE_MODEL),
           code=("tasks/tokenize.py", "tasks/prompts.py", "tasks/modeling.py"),
-          params=("task", "tokenize", "model"), outs=(tokenize.OUT_DIR,)),
-    Stage("quantize", quantize.run, deps=(quantize.LABELS,),
+          params=("task", "tokenize", "model"), outs=(catalog.TOKENIZED_DIR,)),
+    Stage("quantize", "tasks.quantize", deps=(catalog.LABELS, LOCAL_BASE_MODEL),
           code=("tasks/quantize.py", "tasks/modeling.py"),
-          params=("task", "seed", "model", "quant", "train.device"), outs=(quantize.OUT_DIR,)),
-    Stage("train", train.run, deps=(tokenize.OUT_DIR, quantize.OUT_DIR),
+          params=("task", "seed", "model", "quant", "train.device"), outs=(catalog.BASE_MODEL_DIR,)),
+    Stage("train", "tasks.train", deps=(catalog.TOKENIZED_DIR, catalog.BASE_MODEL_DIR),
           code=("tasks/train.py", "tasks/checkpoint.py", "tasks/batching.py", "tasks/plots.py", "tasks/modeling.py",
                 "tasks/precision.py", "tasks/distributed.py"),
-          params=("task", "seed", "lora", "train", "quant.compute_dtype"), outs=(train.ADAPTER, train.REPORT_DIR)),
-    Stage("evaluate", evaluate.run, deps=(tokenize.OUT_DIR, quantize.OUT_DIR, train.ADAPTER),
+          params=("task", "seed", "model.name", "lora", "train", "quant.compute_dtype"),
+          outs=(catalog.ADAPTER_DIR, catalog.TRAIN_REPORT_DIR)),
+    Stage("evaluate", "tasks.evaluate", deps=(catalog.TOKENIZED_DIR, catalog.BASE_MODEL_DIR, catalog.ADAPTER_DIR),
           code=("tasks/evaluate.py", "tasks/batching.py", "tasks/plots.py", "tasks/modeling.py"),
           params=("task", "eval", "train.device", "train.threads", "quant.compute_dtype"),
-          outs=(evaluate.EVAL_DIR,), metrics=(evaluate.METRICS,)),
-    Stage("merge", merge.run, deps=(quantize.OUT_DIR, train.ADAPTER),
-          code=("tasks/merge.py", "tasks/modeling.py"), params=("task", "merge"), outs=(merge.OUT_DIR,)),
+          outs=(catalog.EVAL_DIR,), metrics=(catalog.METRICS,)),
+    Stage("merge", "tasks.merge", deps=(catalog.BASE_MODEL_DIR, catalog.ADAPTER_DIR),
+          code=("tasks/merge.py", "tasks/modeling.py"), params=("task", "merge"), outs=(catalog.MERGED_DIR,)),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
 
-def code_hash(paths: tuple[str, ...]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.encode() + b"\0" + content_hash(REPO / p).encode())
-    return h.hexdigest()
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
-def cache_key(stage: Stage, params: Params, root: Path, extra: str = "") -> str:
-    """Content of every input + the stage's params + its source: equal keys, equal outputs."""
-    h = hashlib.sha256(stage.name.encode())
-    for dep in stage.data_deps(params):
-        h.update(dep.encode() + b"\0" + content_hash(resolve(root, dep)).encode())
-    h.update(code_hash(stage.all_code()).encode())
-    h.update(params.digest(stage.params).encode())
-    h.update(extra.encode())
-    return h.hexdigest()
+def upstream(stage: Stage) -> list[str]:
+    """The stages whose outputs this one reads (the edges of the DAG)."""
+    return [s.name for s in STAGES if s is not stage
+            and any(_inside(d, o) for d in stage.deps for o in s.outs + s.metrics)]
 
 
-def outputs_intact(outputs: dict[str, str], root: Path) -> bool:
-    """True when every recorded output still exists with the recorded content."""
-    try:
-        return all(content_hash(resolve(root, p)) == h for p, h in outputs.items())
-    except FileNotFoundError:
-        return False
-
-
-def dvc_yaml(stages: tuple[Stage, ...] = STAGES) -> dict:
-    """dvc.yaml as data: the same stages, deps (data + code), params and outputs."""
+def dvc_yaml(params: Params, stages: tuple[Stage, ...] = STAGES) -> dict:
+    """dvc.yaml as data, for these params (they decide whether a local base model is a dep)."""
     out: dict = {"stages": {}}
     for s in stages:
-        entry: dict = {"cmd": f"qlora stage {s.name}", "deps": list(s.deps) + list(s.all_code()),
-                       "params": list(s.params)}
-        outs = [o if not o.startswith("reports/") else {o: {"cache": False}} for o in s.outs]
-        if outs:
-            entry["outs"] = outs
+        entry: dict = {"cmd": STAGE_COMMAND.format(name=s.name),
+                       "deps": s.declared_deps(params) + list(s.all_code()), "params": list(s.params)}
+        # persist: DVC leaves the previous outputs in place while a stage runs (it would delete them
+        # first); stages replace theirs atomically, so a failed run loses nothing.
+        if s.outs:
+            entry["outs"] = [{o: {"persist": True}} for o in s.outs]
         if s.metrics:
-            entry["metrics"] = [{m: {"cache": False}} for m in s.metrics]
+            entry["metrics"] = [{m: {"persist": True}} for m in s.metrics]
         out["stages"][s.name] = entry
-    out["metrics"] = [evaluate.METRICS, f"{train.REPORT_DIR}/summary.json"]
+    out["metrics"] = [catalog.METRICS, catalog.TRAIN_SUMMARY]  # files inside stage outputs
     out["plots"] = [
-        {"reports/train/loss.csv": {"x": "step", "y": "loss", "title": "LoRA training loss"}},
-        {"reports/eval/confusion.csv": {"template": "confusion", "x": "predicted", "y": "actual",
-                                        "title": "Confusion matrix (test split)"}},
-        "reports/train/loss.png",
-        "reports/eval/confusion.png",
+        {catalog.TRAIN_LOSS_CSV: {"x": "step", "y": "loss", "title": "LoRA training loss"}},
+        {catalog.CONFUSION_CSV: {"template": "confusion", "x": "predicted", "y": "actual",
+                                 "title": "Confusion matrix (test split)"}},
+        catalog.TRAIN_LOSS_PNG,
+        catalog.CONFUSION_PNG,
     ]
     return out
+
+
+DVC_YAML_HEADER = ("# Rendered by `qlora dvc-yaml --write` from flows/stages.py (and params.yaml's model.name);\n"
+                   "# a test fails if they disagree.\n")
+
+
+def render_dvc_yaml(params: Params) -> str:
+    import yaml
+    return DVC_YAML_HEADER + yaml.safe_dump(dvc_yaml(params), sort_keys=False)

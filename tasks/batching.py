@@ -6,7 +6,7 @@ from typing import Iterator
 import pandas as pd
 import torch
 
-IGNORE = -100
+from tasks.catalog import IGNORE_INDEX as IGNORE
 
 
 def collate(rows: pd.DataFrame, pad_id: int, task: str) -> dict[str, torch.Tensor]:

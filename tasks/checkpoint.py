@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-DIR = ".qlora/checkpoints/train"
 KEEP = 2
 
 

@@ -1,7 +1,8 @@
-"""What every step shares: content hashes, atomic writes, results and the error type."""
+"""What every step shares: atomic writes, the stage result and the error type.
+
+Whether a stage is up to date is DVC's to say (dvc.lock); stages only write their outputs."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,33 +19,10 @@ class PipelineError(RuntimeError):
 
 @dataclass
 class StageResult:
+    """What a stage wrote (paths relative to the project root) and a few facts about it."""
     stage: str
-    outputs: dict[str, str]  # path relative to root -> content hash
+    outputs: list[str]
     summary: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"stage": self.stage, "outputs": self.outputs, "summary": self.summary}
-
-
-def sha256_file(path: Path, _chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def content_hash(path: Path) -> str:
-    """sha256 of a file, or of a directory's (relative path, file hash) listing."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    if not path.is_dir():
-        raise FileNotFoundError(path)
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(p.relative_to(path).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
-    return h.hexdigest()
 
 
 def resolve(root: Path, p: str | Path) -> Path:
@@ -53,8 +31,8 @@ def resolve(root: Path, p: str | Path) -> Path:
     return p if p.is_absolute() else Path(root) / p
 
 
-def result(stage: str, root: Path, outs: list[str], **summary) -> StageResult:
-    return StageResult(stage, {o: content_hash(resolve(root, o)) for o in outs}, summary)
+def result(stage: str, outs: list[str], **summary) -> StageResult:
+    return StageResult(stage, list(outs), summary)
 
 
 @contextmanager

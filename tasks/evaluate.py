@@ -15,23 +15,21 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from tqdm.auto import tqdm
 
 from tasks.batching import batches
+from tasks import catalog
+from tasks.catalog import IGNORE_INDEX as IGNORE
 from tasks.common import StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import Params
 from tasks.modeling import DTYPES, check_safe_dir, load_saved, load_tokenizer, pick_device, set_threads
 from tasks.plots import plot_confusion
-from tasks.quantize import OUT_DIR as BASE
-from tasks.tokenize import IGNORE, label_names, load_split
-from tasks.train import ADAPTER
+from tasks.tokenize import label_names, load_split
 
-METRICS = "reports/metrics.json"
-EVAL_DIR = "reports/eval"
 
 
 def load_adapted(params: Params, root: Path, device: torch.device):
     from peft import PeftModel
-    check_safe_dir(resolve(root, ADAPTER), "adapter")
-    base = load_saved(params.task, resolve(root, BASE), device)
-    model = PeftModel.from_pretrained(base, str(resolve(root, ADAPTER)))
+    check_safe_dir(resolve(root, catalog.ADAPTER_DIR), "adapter")
+    base = load_saved(params.task, resolve(root, catalog.BASE_MODEL_DIR), device)
+    model = PeftModel.from_pretrained(base, str(resolve(root, catalog.ADAPTER_DIR)))
     return model.eval()
 
 
@@ -85,23 +83,23 @@ def run(params: Params, root: Path) -> StageResult:
     set_threads(params.train.threads)
     device = pick_device(params.train.device)
     dtype = DTYPES[params.quant.compute_dtype]
-    tok = load_tokenizer(str(resolve(root, ADAPTER)))
+    tok = load_tokenizer(str(resolve(root, catalog.ADAPTER_DIR)))
     model = load_adapted(params, root, device)
     frame = load_split(root, e.split)
-    with atomic_dir(resolve(root, EVAL_DIR)) as tmp:
+    with atomic_dir(resolve(root, catalog.EVAL_DIR)) as tmp:
         if params.task == "seq_cls":
             names = label_names(root)
             preds = predict(model, frame, e.batch_size, tok.pad_token_id, params.task, device, dtype)
             truth = frame["labels"].astype(int).tolist()
             m = classification_metrics(truth, preds, names)
-            metrics = {"split": e.split, "rows": len(frame), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                       "per_class": m["per_class"]}
-            with open(tmp / "confusion.csv", "w", newline="") as f:  # DVC's confusion template reads this
+            metrics = {"split": e.split, "rows": len(frame), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+            write_json(tmp / Path(catalog.PER_CLASS).name, m["per_class"])
+            with open(tmp / Path(catalog.CONFUSION_CSV).name, "w", newline="") as f:  # DVC's confusion template reads this
                 w = csv.writer(f)
                 w.writerow(["actual", "predicted"])
                 w.writerows((names[a], names[b]) for a, b in zip(truth, preds))
             write_json(tmp / "confusion_matrix.json", {"labels": names, "matrix": m["confusion_matrix"]})
-            plot_confusion(m["confusion_matrix"], names, tmp / "confusion.png",
+            plot_confusion(m["confusion_matrix"], names, tmp / Path(catalog.CONFUSION_PNG).name,
                            f"{e.split}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
         else:
             loss_sum, n_tok = predict(model, frame, e.batch_size, tok.pad_token_id, params.task, device, dtype)
@@ -109,9 +107,9 @@ def run(params: Params, root: Path) -> StageResult:
             metrics = {"split": e.split, "rows": len(frame), "eval_loss": loss, "perplexity": math.exp(min(loss, 50)),
                        "answer_tokens": n_tok}
             samples = generate_samples(model, tok, frame, e.num_samples, e.max_new_tokens, device)
-            (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    write_json(resolve(root, METRICS), metrics)
-    return result("evaluate", root, [METRICS, EVAL_DIR], **{k: v for k, v in metrics.items() if k != "per_class"})
+            (tmp / Path(catalog.SAMPLES).name).write_text("".join(json.dumps(s) + "\n" for s in samples))
+    write_json(resolve(root, catalog.METRICS), metrics)
+    return result("evaluate", [catalog.METRICS, catalog.EVAL_DIR], **metrics)
 
 
 def score_merged(params: Params, root: Path, model_dir: Path) -> dict:

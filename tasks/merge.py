@@ -9,23 +9,20 @@ from pathlib import Path
 
 import torch
 
+from tasks import catalog
 from tasks.common import StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import Params
 from tasks.modeling import DTYPES, auto_class, check_safe_dir, load_saved, load_tokenizer
-from tasks.quantize import OUT_DIR as BASE
-from tasks.train import ADAPTER
-
-OUT_DIR = "models/merged"
 
 
 def merged_model(params: Params, root: Path, dtype: torch.dtype):
     from peft import PeftModel
-    check_safe_dir(resolve(root, ADAPTER), "adapter")
-    base = load_saved(params.task, resolve(root, BASE), torch.device("cpu"))
+    check_safe_dir(resolve(root, catalog.ADAPTER_DIR), "adapter")
+    base = load_saved(params.task, resolve(root, catalog.BASE_MODEL_DIR), torch.device("cpu"))
     if getattr(base, "is_loaded_in_4bit", False):
         base = base.dequantize(dtype=dtype)
     base = base.to(dtype)
-    model = PeftModel.from_pretrained(base, str(resolve(root, ADAPTER)))
+    model = PeftModel.from_pretrained(base, str(resolve(root, catalog.ADAPTER_DIR)))
     return model.merge_and_unload().eval()
 
 
@@ -46,12 +43,13 @@ def plain_copy(model, task: str):
 
 
 def run(params: Params, root: Path) -> StageResult:
-    with atomic_dir(resolve(root, OUT_DIR)) as tmp:
+    with atomic_dir(resolve(root, catalog.MERGED_DIR)) as tmp:
         if not params.merge.enabled:
             write_json(tmp / "skipped.json", {"reason": "merge.enabled is false"})
         else:
             model = plain_copy(merged_model(params, root, DTYPES[params.merge.dtype]), params.task)
             model.save_pretrained(tmp, safe_serialization=True)
-            load_tokenizer(str(resolve(root, ADAPTER))).save_pretrained(tmp)
-            write_json(tmp / "merge.json", {"dtype": params.merge.dtype, "base": BASE, "adapter": ADAPTER})
-    return result("merge", root, [OUT_DIR], merged=params.merge.enabled, dtype=params.merge.dtype)
+            load_tokenizer(str(resolve(root, catalog.ADAPTER_DIR))).save_pretrained(tmp)
+            write_json(tmp / "merge.json", {"dtype": params.merge.dtype, "base": catalog.BASE_MODEL_DIR,
+                                            "adapter": catalog.ADAPTER_DIR})
+    return result("merge", [catalog.MERGED_DIR], merged=params.merge.enabled, dtype=params.merge.dtype)

@@ -9,18 +9,17 @@ from pathlib import Path
 
 import torch
 
+from tasks import catalog
 from tasks.common import StageResult, atomic_dir, read_json, resolve, result, write_json
 from tasks.config import Params
 from tasks.modeling import load_base, load_tokenizer, resolve_source
 
-LABELS = "data/validated/labels.json"
-OUT_DIR = "models/base"
 
 
 def run(params: Params, root: Path) -> StageResult:
     torch.manual_seed(params.seed)  # a classification head is initialised here
     source, lineage = resolve_source(params.model)
-    names = read_json(resolve(root, LABELS))["names"] if params.task == "seq_cls" else None
+    names = read_json(resolve(root, catalog.LABELS))["names"] if params.task == "seq_cls" else None
     device = torch.device("cpu")  # saved weights are device-free; training moves them
     if torch.cuda.is_available() and params.train.device != "cpu":
         device = torch.device("cuda")
@@ -29,10 +28,10 @@ def run(params: Params, root: Path) -> StageResult:
     n_params = sum(p.numel() for p in model.parameters())
     footprint = model.get_memory_footprint()
     n_4bit = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
-    with atomic_dir(resolve(root, OUT_DIR)) as tmp:
+    with atomic_dir(resolve(root, catalog.BASE_MODEL_DIR)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        write_json(tmp / "lineage.json", {**lineage, "quant": params.quant.model_dump(), "task": params.task,
+        write_json(tmp / Path(catalog.BASE_LINEAGE).name, {**lineage, "quant": params.quant.model_dump(), "task": params.task,
                                           "stored_params": n_params, "footprint_bytes": footprint,
                                           "linear4bit_modules": n_4bit})
-    return result("quantize", root, [OUT_DIR], footprint_bytes=footprint, linear4bit_modules=n_4bit)
+    return result("quantize", [catalog.BASE_MODEL_DIR], footprint_bytes=footprint, linear4bit_modules=n_4bit)

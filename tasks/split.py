@@ -7,12 +7,10 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from tasks import catalog
 from tasks.common import PipelineError, StageResult, atomic_dir, resolve, result
 from tasks.config import Params
 
-IN_DIR = "data/validated"
-OUT_DIR = "data/split"
-SPLITS = ("train", "validation", "test")
 
 
 def split_frame(df: pd.DataFrame, validation: float, test: float, seed: int,
@@ -56,12 +54,12 @@ def hash_split(df: pd.DataFrame, validation: float, test: float, seed: int) -> d
 
 
 def run(params: Params, root: Path) -> StageResult:
-    df = pd.read_json(resolve(root, IN_DIR) / "dataset.jsonl", lines=True, dtype=False)
+    df = pd.read_json(resolve(root, catalog.VALIDATED_ROWS), lines=True, dtype=False)
     s = params.split
     stratify = "label" if params.task == "seq_cls" and s.stratify else None
     parts = hash_split(df, s.validation, s.test, s.seed) if s.method == "hash" \
         else split_frame(df, s.validation, s.test, s.seed, stratify)
-    with atomic_dir(resolve(root, OUT_DIR)) as tmp:
+    with atomic_dir(resolve(root, catalog.SPLIT_DIR)) as tmp:
         for name, part in parts.items():
             part.to_json(tmp / f"{name}.jsonl", orient="records", lines=True, force_ascii=False)
-    return result("split", root, [OUT_DIR], **{n: len(p) for n, p in parts.items()})
+    return result("split", [catalog.SPLIT_DIR], **{n: len(p) for n, p in parts.items()})

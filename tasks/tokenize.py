@@ -10,16 +10,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from tasks import catalog
+from tasks.catalog import IGNORE_INDEX, SPLITS
 from tasks.common import PipelineError, StageResult, atomic_dir, read_json, resolve, result, write_json
 from tasks.config import Params
 from tasks.modeling import load_tokenizer, resolve_source
 from tasks.prompts import render_prompt
-from tasks.split import SPLITS
 
-IN_DIR = "data/split"
-LABELS = "data/validated/labels.json"
-OUT_DIR = "data/tokenized"
-IGNORE = -100
 
 
 def encode_classification(tok, rows: pd.DataFrame, max_length: int) -> tuple[pd.DataFrame, list[str]]:
@@ -36,7 +33,7 @@ def encode_instructions(tok, rows: pd.DataFrame, max_length: int, template: str)
     for ins, inp, ans, row in zip(rows["instruction"], rows["input"], rows["output"], rows["row"].astype(str)):
         prompt = tok(render_prompt(template, ins, inp), add_special_tokens=True)["input_ids"]
         answer = tok(ans, add_special_tokens=False)["input_ids"] + eos
-        ids, labels = prompt + answer, [IGNORE] * len(prompt) + answer
+        ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
         if len(ids) > max_length:
             long_rows.append(row)
             ids, labels = ids[:max_length], labels[:max_length]
@@ -52,7 +49,7 @@ def run(params: Params, root: Path) -> StageResult:
     stats, too_long = {}, {}
     frames = {}
     for split in SPLITS:
-        rows = pd.read_json(resolve(root, IN_DIR) / f"{split}.jsonl", lines=True, dtype=False)
+        rows = pd.read_json(resolve(root, catalog.SPLIT_DIR) / f"{split}.jsonl", lines=True, dtype=False)
         if params.task == "seq_cls":
             frame, long_rows = encode_classification(tok, rows, t.max_length)
         else:
@@ -66,20 +63,20 @@ def run(params: Params, root: Path) -> StageResult:
         frames[split] = frame
     if not t.truncation and any(too_long.values()):
         listed = "; ".join(f"{s}: rows {', '.join(r[:10])}" for s, r in too_long.items() if r)
-        raise PipelineError(f"{resolve(root, IN_DIR)}: rows longer than tokenize.max_length={t.max_length} "
+        raise PipelineError(f"{resolve(root, catalog.SPLIT_DIR)}: rows longer than tokenize.max_length={t.max_length} "
                             f"with tokenize.truncation=false ({listed}); rule: max_length")
-    with atomic_dir(resolve(root, OUT_DIR)) as tmp:
+    with atomic_dir(resolve(root, catalog.TOKENIZED_DIR)) as tmp:
         for split, frame in frames.items():
             frame.to_parquet(tmp / f"{split}.parquet", index=False)
-        shutil.copy(resolve(root, LABELS), tmp / "labels.json")
-        write_json(tmp / "stats.json", {"max_length": t.max_length, "splits": stats,
+        shutil.copy(resolve(root, catalog.LABELS), tmp / "labels.json")
+        write_json(tmp / Path(catalog.TOKENIZE_STATS).name, {"max_length": t.max_length, "splits": stats,
                                         "truncated_rows": {s: r for s, r in too_long.items()}})
-    return result("tokenize", root, [OUT_DIR], **{f"{s}_truncated": v["truncated_rows"] for s, v in stats.items()})
+    return result("tokenize", [catalog.TOKENIZED_DIR], **{f"{s}_truncated": v["truncated_rows"] for s, v in stats.items()})
 
 
 def load_split(root: Path, split: str) -> pd.DataFrame:
-    return pd.read_parquet(resolve(root, OUT_DIR) / f"{split}.parquet")
+    return pd.read_parquet(resolve(root, catalog.TOKENIZED_DIR) / f"{split}.parquet")
 
 
 def label_names(root: Path) -> list[str]:
-    return read_json(resolve(root, OUT_DIR) / "labels.json")["names"]
+    return read_json(resolve(root, catalog.TOKENIZED_DIR) / "labels.json")["names"]

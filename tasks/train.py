@@ -5,7 +5,6 @@ setup (model, LoRA, optimizer, schedule), then for each step: batch -> forward -
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import time
@@ -15,17 +14,17 @@ import torch
 from tqdm.auto import tqdm
 
 from tasks.batching import batches, collate_packed, epoch_order, pack_bins
-from tasks import checkpoint, distributed, precision
-from tasks.common import StageResult, atomic_dir, content_hash, resolve, result, write_json
+from tasks import catalog, checkpoint, distributed, precision
+from tasks.common import StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import LoraSection, Params, TrainConfig
 from tasks.modeling import DTYPES, load_saved, load_tokenizer, pick_device, set_threads
 from tasks.plots import plot_loss
-from tasks.tokenize import OUT_DIR as TOKENIZED, load_split
-from tasks.quantize import OUT_DIR as BASE
+from tasks.tokenize import load_split
 
-ADAPTER = "models/adapter"
+ADAPTER = catalog.ADAPTER_DIR
+BASE = catalog.BASE_MODEL_DIR
 WARMUP_STEPS = 3  # steps left out of the steady-state throughput figure (kernel compilation, caches)
-REPORT_DIR = "reports/train"
+REPORT_DIR = catalog.TRAIN_REPORT_DIR
 
 
 def add_lora(model, lora: LoraSection, task: str, t: TrainConfig, compute_dtype: torch.dtype):
@@ -91,16 +90,24 @@ def epoch_batches(rows, lengths: list[int], params: Params, pad_id: int, epoch: 
             for b in batches(rows, t.batch_size, pad_id, params.task, order[skip * t.batch_size:]))
 
 
-def run_fingerprint(params: Params, root: Path) -> str:
-    """Identifies a training run by its inputs and settings (which checkpoints it may resume)."""
-    h = hashlib.sha256(json.dumps([params.task, params.seed, params.lora.model_dump(mode="json"),
-                                   params.train.model_dump(mode="json"), params.quant.compute_dtype]).encode())
-    for d in (TOKENIZED, BASE):
-        h.update(content_hash(resolve(root, d)).encode())
-    return h.hexdigest()
+def save_adapter(model, tok, path: Path, base_model: str) -> None:
+    """The adapter folder, byte-for-byte the same for the same training, wherever it ran:
+    PEFT writes target_modules in set order (which changes with Python's hash seed) and the
+    absolute path of the base it was loaded from; write the sorted list and the base's name."""
+    for cfg in model.peft_config.values():
+        cfg.base_model_name_or_path = base_model
+        if isinstance(cfg.target_modules, (set, frozenset, list, tuple)):
+            cfg.target_modules = sorted(cfg.target_modules)
+    model.save_pretrained(path, safe_serialization=True)
+    config_path = path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tok.save_pretrained(path)
 
 
-def run(params: Params, root: Path) -> StageResult:
+def run(params: Params, root: Path, resume_key: str | None = None) -> StageResult:
+    """Train the adapter. `resume_key` names this exact run (its inputs and settings, e.g.
+    DVC's run-cache key of the stage): checkpoints are written and resumed only under it."""
     t = params.train
     set_threads(t.threads)
     torch.manual_seed(params.seed)
@@ -125,10 +132,10 @@ def run(params: Params, root: Path) -> StageResult:
     scheduler = linear_schedule(optimizer, int(t.warmup_ratio * total), total)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     # --- resume from the last checkpoint of this same run, if a crash left one
-    ckpt_dir = resolve(root, checkpoint.DIR)
-    fingerprint = run_fingerprint(params, root)
+    ckpt_dir = resolve(root, catalog.CHECKPOINT_DIR)
+    checkpoint_every = t.checkpoint_every if resume_key else 0
     log, step, epoch, skip, tokens = [], 0, 0, 0, 0
-    resume_from = checkpoint.latest(ckpt_dir, fingerprint) if t.checkpoint_every else None
+    resume_from = checkpoint.latest(ckpt_dir, resume_key) if checkpoint_every else None
     if resume_from is not None:
         state = checkpoint.restore(resume_from, model, optimizer, scheduler)
         log, step, epoch, tokens = state["log"], state["step"], state["epoch"], state["tokens"]
@@ -165,9 +172,9 @@ def run(params: Params, root: Path) -> StageResult:
             bar.update(1)
             if step % t.log_every == 0:
                 bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-t.log_every:]) / t.log_every:.4f}")
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total and distributed.is_main():
+            if checkpoint_every and step % checkpoint_every == 0 and step < total and distributed.is_main():
                 checkpoint.save(ckpt_dir, model, optimizer, scheduler,
-                                {"fingerprint": fingerprint, "step": step, "epoch": epoch,
+                                {"fingerprint": resume_key, "step": step, "epoch": epoch,
                                  "next_micro": micro + 1, "tokens": tokens, "log": log})
             if step >= total:
                 break
@@ -177,10 +184,9 @@ def run(params: Params, root: Path) -> StageResult:
     # --- save (one writer: rank 0; the adapter format is the same for any number of GPUs)
     if not distributed.is_main():
         distributed.barrier()
-        return result("train", root, [ADAPTER, REPORT_DIR], world_size=distributed.world()[1])
+        return result("train", [ADAPTER, REPORT_DIR], world_size=distributed.world()[1])
     with atomic_dir(resolve(root, ADAPTER)) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        save_adapter(model, tok, tmp, params.model.name)
     tail = log[-max(1, len(log) // 10):]
     summary = {"steps": step, "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else 0,
                "epochs_seen": epoch, "final_loss": log[-1]["loss"],
@@ -201,4 +207,4 @@ def run(params: Params, root: Path) -> StageResult:
         write_json(tmp / "summary.json", summary)
     checkpoint.clear(ckpt_dir)  # the adapter is saved: checkpoints of this run are spent
     distributed.barrier()
-    return result("train", root, [ADAPTER, REPORT_DIR], **summary)
+    return result("train", [ADAPTER, REPORT_DIR], **summary)

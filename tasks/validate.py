@@ -13,12 +13,11 @@ import pandas as pd
 import pandera.errors
 
 from schemas import classification_schema, instruction_schema
+from tasks import catalog
 from tasks.common import PipelineError, StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import Params
 from tasks.dataio import ROW, read_raw
 
-OUT_DIR = "data/validated"
-REPORT = "reports/validation.json"
 _ENTITY = re.compile(r"(?:&)?#(\d+);")
 _SPACES = re.compile(r"\s+")
 _MAX_LISTED = 20
@@ -119,7 +118,7 @@ def canonical_rows(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, list
 
 def run(params: Params, root: Path) -> StageResult:
     src = resolve(root, params.data.path)
-    report_path = resolve(root, REPORT)
+    report_path = resolve(root, catalog.VALIDATION_REPORT)
     try:
         df = read_raw(src, params.data.format, params.data.header, params.data.columns)
     except PipelineError as exc:
@@ -138,8 +137,8 @@ def run(params: Params, root: Path) -> StageResult:
         raise PipelineError(f"{src}: {len(errors)} validation error(s); full report: {report_path}\n"
                             f"{listed}{more}")
     rows, names = canonical_rows(params, df)
-    with atomic_dir(resolve(root, OUT_DIR)) as tmp:
-        rows.to_json(tmp / "dataset.jsonl", orient="records", lines=True, force_ascii=False)
-        write_json(tmp / "labels.json", {"names": names})
-    return result("validate", root, [OUT_DIR, REPORT], rows=len(rows), dropped=len(dropped),
+    with atomic_dir(resolve(root, catalog.VALIDATED_DIR)) as tmp:
+        rows.to_json(tmp / Path(catalog.VALIDATED_ROWS).name, orient="records", lines=True, force_ascii=False)
+        write_json(tmp / Path(catalog.LABELS).name, {"names": names})
+    return result("validate", [catalog.VALIDATED_DIR, catalog.VALIDATION_REPORT], rows=len(rows), dropped=len(dropped),
                   classes=len(names))

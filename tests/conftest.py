@@ -1,6 +1,7 @@
 """Shared fixtures. Prefect's ephemeral API and result store go to a temp dir; they must be
 configured before Prefect is imported, hence at module import time here."""
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ["QLORA_PYTHON"] = sys.executable  # what bin/qlora runs the stages DVC starts with
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
@@ -38,6 +44,46 @@ def write_params(root: Path, raw: dict) -> Path:
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.email=test@qlora", "-c", "user.name=test", *args], cwd=root,
+                          check=True, capture_output=True, text=True).stdout
+
+
+def env() -> dict:
+    """A command's environment as a user's shell gives it: no venv on PATH, no test settings."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "QLORA_", "MLFLOW_"))}
+    e.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
+    return e
+
+
+def make_project(dest: Path, raw: dict | None = None, ag_news: bool = False) -> Path:
+    """A fresh clone of this repository at `dest` (its tracked and new files, committed to a new
+    git repository), with ../shared beside it as CI has, and the venv linked as `make setup`
+    leaves it. raw: params to write. ag_news: restore the DVC-tracked AG News as `make data`
+    does; otherwise its .dvc file is removed (tests that bring their own data)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                            text=True, check=True).stdout.split()
+    for f in listed:
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f)
+    shared = dest.parent / "shared"
+    if not shared.exists():
+        shared.symlink_to(SHARED.parent)
+    (dest / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    if raw is not None:
+        write_params(dest, raw)
+    if ag_news:
+        subprocess.run([sys.executable, "-m", "dvc", "update", "-q", "data/raw/ag_news.dvc"], cwd=dest, env=env(),
+                       check=True)
+    else:
+        (dest / "data/raw/ag_news.dvc").unlink()
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "fresh clone")
+    return dest
 
 
 @pytest.fixture(scope="session")

@@ -37,8 +37,17 @@ def test_bad_params_name_the_key(tmp_path, override, key, words):
     assert f"{key}:" in msg and words in msg, msg
 
 
-def test_digest_depends_only_on_named_keys():
-    a = Params()
-    b = Params.model_validate({**a.model_dump(), "eval": {**a.eval.model_dump(), "batch_size": 7}})
-    assert a.digest(("lora", "train")) == b.digest(("lora", "train"))
-    assert a.digest(("eval",)) != b.digest(("eval",))
+def test_params_yaml_and_the_typed_defaults_are_one_source():
+    """params.yaml is the rendering of tasks/config.py's defaults (`qlora params --write`), with
+    every field's help text as a comment: the two cannot disagree."""
+    from tasks.config import render_params_yaml
+    text = (REPO / "params.yaml").read_text()
+    assert text == render_params_yaml()
+    assert load_params(REPO / "params.yaml") == Params()
+    for section, field in Params.model_fields.items():
+        sub = field.annotation
+        fields = sub.model_fields.items() if isinstance(sub, type) and hasattr(sub, "model_fields") \
+            else [(section, field)]
+        for key, f in fields:
+            assert f.description, f"{section}.{key} has no help text"
+            assert f.description.split()[0] in text

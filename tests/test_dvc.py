@@ -1,17 +1,20 @@
-"""dvc.yaml and the Prefect flow describe one DAG; `dvc repro` reproduces it, twice = no-op."""
+"""One DAG, one cache, one record: dvc.yaml is the rendering of flows/stages.py, and `qlora run`
+and `dvc repro` agree on what is up to date because both go through DVC (dvc.lock)."""
+import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
 from flows.cli import main as qlora_main
-from flows.stages import STAGES
-from tasks.config import load_params
-from tests.conftest import REPO, small_cls_params, write_params
+from flows.stages import STAGES, render_dvc_yaml
+from tasks import catalog
+from tasks.config import Params, load_params
+from tests.conftest import REPO, env, make_project, repo_params, small_cls_params, write_params
 
 
 def dvc_view(repo_dir: Path) -> dict:
@@ -28,14 +31,15 @@ def dvc_view(repo_dir: Path) -> dict:
                 "deps": [d.def_path for d in s.deps if not isinstance(d, ParamsDependency)],
                 "params": [p for d in s.deps if isinstance(d, ParamsDependency) for p in d.params],
                 "outs": sorted(o.def_path for o in s.outs),
+                "persist": all(o.persist for o in s.outs),
             }
     return view
 
 
 def flow_view(params_path: Path) -> dict:
     params = load_params(params_path)
-    return {s.name: {"cmd": f"qlora stage {s.name}", "deps": s.data_deps(params) + list(s.all_code()),
-                     "params": list(s.params), "outs": sorted(s.outs + s.metrics)} for s in STAGES}
+    return {s.name: {"cmd": f"bin/qlora stage {s.name}", "deps": s.data_deps(params) + list(s.all_code()),
+                     "params": list(s.params), "outs": sorted(s.outs + s.metrics), "persist": True} for s in STAGES}
 
 
 def test_dvc_yaml_and_flow_agree_on_stages_deps_params_outs():
@@ -47,38 +51,101 @@ def test_dvc_yaml_is_the_rendering_of_the_flow(capsys):
     assert capsys.readouterr().out == (REPO / "dvc.yaml").read_text()
 
 
+def test_every_path_in_dvc_yaml_comes_from_the_catalog():
+    names = {v for k, v in vars(catalog).items() if k.isupper() and isinstance(v, str)}
+    for s in STAGES:
+        for p in s.outs + s.metrics + tuple(d for d in s.deps if not d.startswith("${")):
+            assert p in names, (s.name, p)
+
+
+def test_a_local_base_model_directory_is_a_dvc_dependency(tmp_path):
+    """model.name naming a local directory: tokenize and quantize depend on its files in
+    dvc.yaml, and a stage refuses to run while dvc.yaml does not say so."""
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    params = Params.model_validate(repo_params(model={"name": str(model_dir)}))
+    text = render_dvc_yaml(params)
+    stages = yaml.safe_load(text)["stages"]
+    assert "${model.name}" in stages["tokenize"]["deps"] and "${model.name}" in stages["quantize"]["deps"]
+    assert "${model.name}" not in yaml.safe_load(render_dvc_yaml(Params()))["stages"]["quantize"]["deps"]
+    project = tmp_path / "p"
+    project.mkdir()
+    write_params(project, repo_params(model={"name": str(model_dir)}))
+    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())  # rendered for the hub id
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "quantize"], cwd=project, env=env(),
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "qlora dvc-yaml --write" in p.stderr, p.stderr
+
+
 def test_raw_dataset_is_tracked_by_dvc():
     meta = yaml.safe_load((REPO / "data/raw/ag_news.dvc").read_text())
     assert meta["outs"][0]["path"] == "ag_news" and meta["outs"][0]["md5"].endswith(".dir")
     assert load_params(REPO / "params.yaml").data.path.startswith("data/raw/ag_news/")
     assert "/data/raw/ag_news" in (REPO / ".gitignore").read_text().split()
+    assert "/data/inbox/" in (REPO / ".gitignore").read_text().split()
+
+
+def _run(cmd: list, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, **kw)
+    return p
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_stages_then_does_nothing(tmp_path, agnews_small):
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (REPO / f).is_file():
-            (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, tmp_path / f)
-    write_params(tmp_path, small_cls_params(agnews_small))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=tmp_path, check=True, env=env)
-
-    def dvc(*args) -> str:
-        p = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
-        assert p.returncode == 0, p.stdout + p.stderr
-        return p.stdout + p.stderr
-
-    first = dvc("repro")
+def test_dvc_repro_as_the_readme_says_then_qlora_run_runs_nothing(tmp_path, agnews_small):
+    """A fresh clone after `make setup`: `.venv/bin/dvc repro` with nothing activated (PATH
+    without the venv) runs every stage; then `qlora run` runs no stage and loads no model, and
+    records the result in MLflow once; `dvc status` is up to date throughout."""
+    root = make_project(tmp_path / "project", small_cls_params(agnews_small))
+    first = _run([".venv/bin/dvc", "repro"], root)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for s in STAGES:
-        assert f"Running stage '{s.name}'" in first, first
-    assert (tmp_path / "models/merged/model.safetensors").exists()
-    assert (tmp_path / "dvc.lock").exists()
-    second = dvc("repro")
-    assert "Running stage" not in second, second
-    assert "up to date" in dvc("status", "dvc.yaml")
-    metrics = dvc("metrics", "show")
-    assert "accuracy" in metrics
+        assert f"Running stage '{s.name}'" in first.stdout, first.stdout
+    assert (root / "models/merged/model.safetensors").exists()
+    lock_before = (root / "dvc.lock").read_bytes()
+    run = _run([".venv/bin/qlora", "run"], root)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for s in STAGES:
+        assert f"  {s.name:<9} skipped" in run.stdout, run.stdout
+    assert "Running stage" not in run.stdout + run.stderr and "Loading weights" not in run.stderr
+    assert (root / "dvc.lock").read_bytes() == lock_before
+    run_id = run.stdout.split("mlflow:   run ")[1].split()[0]
+    again = _run([".venv/bin/qlora", "run"], root)
+    assert f"run {run_id} at" in again.stdout and "already holds these outputs" in again.stdout, again.stdout
+    status = _run([".venv/bin/dvc", "status"], root)
+    assert "up to date" in status.stdout, status.stdout
+    assert "accuracy" in _run([".venv/bin/dvc", "metrics", "show"], root).stdout
+
+
+@pytest.mark.slow
+def test_qlora_run_set_is_a_dvc_experiment(tmp_path, agnews_small):
+    """`qlora run --set lora.r=8` follows `dvc exp run -S`: params.yaml keeps the value, the run is
+    saved as an experiment that `dvc exp show` lists with its params and metrics, the MLflow run
+    carries its name and commit, and `dvc exp apply` brings it back."""
+    root = make_project(tmp_path / "project", small_cls_params(agnews_small))
+    base = _run([".venv/bin/qlora", "run"], root)
+    assert base.returncode == 0, base.stdout[-3000:] + base.stderr[-3000:]
+    exp = _run([".venv/bin/qlora", "run", "--set", "lora.r=8", "--name", "rank8"], root)
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    assert "params.yaml: set lora.r=8" in exp.stdout and "dvc exp run -S" in exp.stdout
+    assert yaml.safe_load((root / "params.yaml").read_text())["lora"]["r"] == 8
+    ran = [line.split()[0] for line in exp.stdout.splitlines() if line.startswith("  ") and " ran " in line + " "]
+    assert ran == ["train", "evaluate", "merge"], exp.stdout
+    shown = json.loads(_run([".venv/bin/dvc", "exp", "show", "--json"], root).stdout)
+    exps = [e for b in shown for e in (b.get("experiments") or [])]
+    rank8 = [e for e in exps if e.get("name") == "rank8"]
+    assert rank8, shown
+    data = rank8[0]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["lora"]["r"] == 8
+    assert 0 <= data["metrics"][catalog.METRICS]["data"]["accuracy"] <= 1
+    rev = data["rev"]
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns.db'}")
+    run_id = exp.stdout.split("mlflow:   run ")[1].split()[0]
+    tags = mlflow.tracking.MlflowClient().get_run(run_id).data.tags
+    assert tags["dvc_experiment"] == "rank8" and tags["dvc_experiment_rev"] == rev
+    assert "up to date" in _run([".venv/bin/dvc", "status"], root).stdout
+    # back to the baseline params, then apply the experiment: params and outputs return
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=root, check=True)
+    applied = _run([".venv/bin/dvc", "exp", "apply", "rank8"], root)
+    assert applied.returncode == 0, applied.stderr
+    assert yaml.safe_load((root / "params.yaml").read_text())["lora"]["r"] == 8
+    assert json.loads((root / "models/adapter/adapter_config.json").read_text())["r"] == 8

@@ -1,0 +1,44 @@
+"""The data catalog: every artifact the pipeline reads or writes, named once.
+
+Stages (tasks/), the DAG and dvc.yaml (flows/stages.py), tracking (flows/tracking.py) and
+the tests all take paths from here. Paths are relative to the project root.
+"""
+from __future__ import annotations
+
+# data: validate -> split -> tokenize
+VALIDATED_DIR = "data/validated"
+VALIDATED_ROWS = f"{VALIDATED_DIR}/dataset.jsonl"
+LABELS = f"{VALIDATED_DIR}/labels.json"          # class names, in label-index order
+SPLIT_DIR = "data/split"                          # {train,validation,test}.jsonl
+TOKENIZED_DIR = "data/tokenized"                  # {split}.parquet, labels.json, stats.json
+TOKENIZE_STATS = f"{TOKENIZED_DIR}/stats.json"
+SPLITS = ("train", "validation", "test")
+
+# models: quantize -> train -> merge
+BASE_MODEL_DIR = "models/base"                    # the 4-bit base, saved pre-quantized
+BASE_LINEAGE = f"{BASE_MODEL_DIR}/lineage.json"   # where the base came from
+ADAPTER_DIR = "models/adapter"                    # the LoRA adapter (PEFT format)
+MERGED_DIR = "models/merged"                      # base + adapter as one plain model
+
+# reports: small files people and tracking read
+VALIDATION_REPORT = "reports/validation.json"     # every bad row: file, row, column, rule, value
+TRAIN_REPORT_DIR = "reports/train"
+TRAIN_LOSS_CSV = f"{TRAIN_REPORT_DIR}/loss.csv"
+TRAIN_LOSS_PNG = f"{TRAIN_REPORT_DIR}/loss.png"
+TRAIN_SUMMARY = f"{TRAIN_REPORT_DIR}/summary.json"
+EVAL_DIR = "reports/eval"
+CONFUSION_CSV = f"{EVAL_DIR}/confusion.csv"
+CONFUSION_PNG = f"{EVAL_DIR}/confusion.png"
+PER_CLASS = f"{EVAL_DIR}/per_class.json"
+SAMPLES = f"{EVAL_DIR}/samples.jsonl"
+METRICS = "reports/metrics.json"                  # headline metrics (dvc metrics, MLflow)
+INGEST_REPORT = "reports/ingest.json"             # what retraining took from the inbox
+SWEEPS_DIR = "reports/sweeps"                     # one folder per `qlora sweep`
+
+# project state that is not an artifact
+CHECKPOINT_DIR = ".qlora/checkpoints/train"       # resumable training checkpoints
+LOCK_FILE = ".qlora/lock"                         # one writing command at a time
+STAGE_ERRORS_DIR = ".qlora/errors"                # a failed stage's message, for whoever ran it through DVC
+
+# conventions shared by tokenize, batching, train and evaluate
+IGNORE_INDEX = -100                               # label of tokens that carry no loss
