@@ -94,6 +94,8 @@ def cmd_run(args) -> int:
     try:
         params = load_params(root / PARAMS, args.set)  # every override checked before params.yaml changes
         with project_lock(root, wait=args.wait):
+            if not (root / ".dvc").is_dir():
+                raise PipelineError(f"{root} is not a DVC project (no .dvc/): run qlora in a clone of qlora-flow")
             if args.set:
                 _apply_overrides(root, args.set)
             note = _sync_dvc_yaml(root, params, write=True)
@@ -153,8 +155,9 @@ def cmd_stage(args) -> int:
         print(f"qlora: {exc}", file=sys.stderr)
         return EXIT_BUSY
     except (ParamsError, PipelineError) as exc:
-        error_file.parent.mkdir(parents=True, exist_ok=True)
-        error_file.write_text(str(exc))
+        if os.environ.get("DVC_STAGE"):  # run by DVC: leave the message for whoever called DVC
+            error_file.parent.mkdir(parents=True, exist_ok=True)
+            error_file.write_text(str(exc))
         return _fail(str(exc))
     print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in res.summary.items()))
     return 0

@@ -116,11 +116,11 @@ def _retrain(root: Path, overrides: list[str]):
     logger = get_run_logger()
     params = load_params(root / dvc_ops.PARAMS_FILE, overrides)  # fails on a bad key before anything is written
     check_retrain_ready(params)
+    require_committed_version(check_data(params, root))  # before the inbox is merged into it, or anything written
     if overrides:  # the stages read params.yaml (DVC tracks it): the overrides go there, as `dvc exp run -S` does
         dvc_ops.apply_params(root, overrides)
         logger.info(f"params.yaml: set {', '.join(overrides)}")
     project = Project(root=root)
-    require_committed_version(check_data(params, root))  # before the inbox is merged into it
     mlflow, _, _ = tracking.use_store(params, root)
     with mlflow.start_run(run_name="retrain", tags={"qlora_kind": "retrain",
                                                     "prefect_flow_run_id": str(runtime.flow_run.id)}) as parent:

@@ -72,7 +72,10 @@ def git_state(cwd: Path) -> dict:
     def git(*args) -> str:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
     try:
-        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain")))}
+        # params.yaml and dvc.lock are recorded on the run itself (params, dvc_lock_sha256): dirty means
+        # the code or anything else differs from git_commit.
+        changes = git("status", "--porcelain", "--", ".", ":(exclude)params.yaml", ":(exclude)dvc.lock")
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": str(bool(changes))}
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
 

@@ -74,7 +74,10 @@ def make_project(dest: Path, raw: dict | None = None, ag_news: bool = False) -> 
         shared.symlink_to(SHARED.parent)
     (dest / ".venv").symlink_to(Path(sys.executable).parent.parent)
     if raw is not None:
+        from flows.stages import render_dvc_yaml
+        from tasks.config import Params
         write_params(dest, raw)
+        (dest / "dvc.yaml").write_text(render_dvc_yaml(Params.model_validate(raw)))  # as `qlora run` would
     if ag_news:
         subprocess.run([sys.executable, "-m", "dvc", "update", "-q", "data/raw/ag_news.dvc"], cwd=dest, env=env(),
                        check=True)

@@ -5,11 +5,13 @@ import math
 import pandas as pd
 import pytest
 import torch
+import yaml
 
-from flows.pipeline import qlora_pipeline
+from flows.pipeline import Project, qlora_pipeline
 from tasks.config import Params
-from tasks.tokenize import IGNORE, encode_instructions
-from tests.conftest import ALPACA, repo_params
+from tasks.catalog import IGNORE_INDEX as IGNORE
+from tasks.tokenize import encode_instructions
+from tests.conftest import ALPACA, make_project, repo_params
 from tests.tiny_llm import build_tiny_llama
 
 
@@ -51,9 +53,14 @@ def test_causal_lm_flow_end_to_end(tmp_path, tiny_llama):
     from tasks.tokenize import load_split
     raw = causal_params(tiny_llama)
     params = Params.model_validate(raw)
-    out = qlora_pipeline(params.model_dump(mode="json"), str(tmp_path))
-    assert {s["status"] for s in out["stages"].values()} == {"ran"}
-    assert out["stages"]["quantize"]["summary"]["linear4bit_modules"] == 14  # 2 layers x 7; lm_head kept
+    tmp_path = make_project(tmp_path / "project", raw)
+    out = qlora_pipeline(Project(root=tmp_path))
+    assert all(s.ran for s in out.stages.values())
+    lineage = json.loads((tmp_path / "models/base/lineage.json").read_text())
+    assert lineage["linear4bit_modules"] == 14  # 2 layers x 7; lm_head kept
+    # the local base model directory is a DVC dependency of tokenize and quantize
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    assert any(d["path"] == str(tiny_llama) for d in lock["quantize"]["deps"])
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
     assert metrics["answer_tokens"] > 0 and math.isclose(metrics["perplexity"], math.exp(metrics["eval_loss"]))
     samples = [json.loads(x) for x in (tmp_path / "reports/eval/samples.jsonl").read_text().splitlines()]

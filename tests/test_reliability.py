@@ -18,11 +18,11 @@ from flows.lock import ProjectBusy, project_lock
 from tasks import quantize, split, tokenize, validate
 from tasks.common import PipelineError
 from tasks.config import Params
-from tests.conftest import REPO, repo_params, small_cls_params, write_params
+from tests.conftest import REPO, make_project, repo_params, small_cls_params, write_params
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "QLORA_LOCK"))}
     env.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PYTHONUNBUFFERED="1")
     return env
@@ -41,31 +41,73 @@ def _prepared(root: Path, raw: dict) -> Params:
     return params
 
 
+def _descendants(pid: int) -> set[int]:
+    """Every live process below pid (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.mark.slow
-def test_sigkill_mid_training_resumes_to_the_same_adapter(tmp_path, agnews_small):
-    """a: `qlora run` (Prefect) killed with SIGKILL mid-training, then run again: the cached
-    stages stay cached, training is not a cache hit and resumes from its last checkpoint.
+def test_sigkill_mid_training_leaves_no_process_and_resumes_to_the_same_adapter(tmp_path, agnews_small):
+    """a: `qlora run` killed with SIGKILL mid-training: its Prefect server and the training stage
+    die with it (no listener left on the server's port). Run again: DVC skips the upstream
+    stages, training resumes from its last checkpoint.
     b: the same training never interrupted (`qlora stage train`, the DVC path). Same adapter."""
     raw = small_cls_params(agnews_small)
     raw["train"].update(max_steps=12, checkpoint_every=3)
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    write_params(a, raw)
+    a = make_project(tmp_path / "a", raw)
+    b = make_project(tmp_path / "b", raw)
     proc = _qlora(a, "run")
     ckpt = a / ".qlora/checkpoints/train/step-00000006"
     deadline = time.time() + 400
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()
+    below = _descendants(proc.pid)
+    server = [p for p in below if b"prefect\x00server\x00start" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    stage = [p for p in below if b"stage\x00train" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert server and stage, "the run has no Prefect server or training process to check"
+    argv = Path(f"/proc/{server[0]}/cmdline").read_bytes().split(b"\x00")
+    port = int(argv[argv.index(b"--port") + 1])
+    assert _listening(port)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 20
+    while any(_alive(p) for p in below) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in below if _alive(p)], "processes outlived the killed run"
+    assert not _listening(port)
     assert not (a / "models/adapter").exists()  # nothing half-written was published
     again = _qlora(a, "run")
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
     status = {line.split()[0]: line.split()[1] for line in out.splitlines()
-              if line.startswith("  ") and len(line.split()) > 1 and line.split()[1] in ("ran", "cached")}
-    assert status == {"validate": "cached", "split": "cached", "tokenize": "cached", "quantize": "cached",
+              if line.startswith("  ") and len(line.split()) > 1 and line.split()[1] in ("ran", "skipped")}
+    assert status == {"validate": "skipped", "split": "skipped", "tokenize": "skipped", "quantize": "skipped",
                       "train": "ran", "evaluate": "ran", "merge": "ran"}, out
     assert "resuming from" in out and "step 6 of 12" in out, out
     assert not (a / ".qlora/checkpoints/train").exists()  # spent checkpoints are removed
@@ -173,28 +215,30 @@ def _unused_port() -> int:
 
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path, agnews_small):
-    from flows.pipeline import qlora_pipeline
+    from flows.pipeline import Project, qlora_pipeline
     raw = small_cls_params(agnews_small)
     raw["tracking"]["tracking_uri"] = f"http://127.0.0.1:{_unused_port()}"
+    root = make_project(tmp_path / "project", raw)
     started = time.time()
     with pytest.raises(PipelineError, match="unreachable"):
-        qlora_pipeline(Params.model_validate(raw).model_dump(mode="json"), str(tmp_path))
+        qlora_pipeline(Project(root=root))
     assert time.time() - started < 60
-    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+    assert not (root / "data/validated").exists() and not (root / "models").exists()
 
 
 @pytest.mark.slow
 def test_unreachable_tracking_server_can_fall_back_to_local(tmp_path, agnews_small):
     import mlflow
 
-    from flows.pipeline import qlora_pipeline
+    from flows.pipeline import Project, qlora_pipeline
     raw = small_cls_params(agnews_small)
     dead = f"http://127.0.0.1:{_unused_port()}"
     raw["tracking"].update(tracking_uri=dead, fallback_to_local=True)
-    out = qlora_pipeline(Params.model_validate(raw).model_dump(mode="json"), str(tmp_path))
-    assert out["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'mlruns.db'}"
-    mlflow.set_tracking_uri(out["mlflow"]["tracking_uri"])
-    run = mlflow.tracking.MlflowClient().get_run(out["mlflow"]["run_id"])
+    root = make_project(tmp_path / "project", raw)
+    out = qlora_pipeline(Project(root=root))
+    assert out.mlflow["tracking_uri"] == f"sqlite:///{root / 'mlruns.db'}"
+    mlflow.set_tracking_uri(out.mlflow["tracking_uri"])
+    run = mlflow.tracking.MlflowClient().get_run(out.mlflow["run_id"])
     assert run.data.tags["tracking_fallback_from"] == dead
 
 

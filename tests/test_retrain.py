@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from flows.retrain import beats, retrain_flow
-from tests.conftest import AG_NEWS, small_cls_params, write_params
+from tests.conftest import AG_NEWS, make_project, small_cls_params
 
 pytestmark = pytest.mark.slow
 MODEL = "news-topics"
@@ -105,20 +105,15 @@ def _md5(root) -> str:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mlflow_server):
-    root = tmp_path_factory.mktemp("retrain-project")
-    ag = pd.read_csv(AG_NEWS, header=None, dtype=str, keep_default_na=False)
-    (root / "data/raw/news").mkdir(parents=True)
-    ag.groupby(0, group_keys=False).head(75).to_csv(root / "data/raw/news/data.csv", header=False, index=False)
-    _git(root, "init", "-q")
-    _dvc(root, "init", "-q")
-    _dvc(root, "remote", "add", "-d", "local", str(root.parent / f"{root.name}-remote"))
-    _dvc(root, "add", "-q", "data/raw/news")
     raw = small_cls_params("data/raw/news/data.csv")
     raw["split"]["method"] = "hash"
     raw["tracking"].update(tracking_uri=mlflow_server, registered_model=MODEL, experiment="retrain-test")
-    write_params(root, raw)
-    (root / ".gitignore").write_text("/data/raw/news\n/models/\n/reports/\n/data/validated/\n/data/split/\n"
-                                     "/data/tokenized/\n/data/inbox/\n/.qlora/\n")
+    root = make_project(tmp_path_factory.mktemp("retrain") / "project", raw)
+    ag = pd.read_csv(AG_NEWS, header=None, dtype=str, keep_default_na=False)
+    (root / "data/raw/news").mkdir(parents=True)
+    ag.groupby(0, group_keys=False).head(75).to_csv(root / "data/raw/news/data.csv", header=False, index=False)
+    _dvc(root, "remote", "add", "-d", "local", str(root.parent / "dvc-remote"))
+    _dvc(root, "add", "-q", "data/raw/news")
     _git(root, "add", "-A")
     _git(root, "commit", "-qm", "seed dataset")
     return root, ag
@@ -145,14 +140,14 @@ def test_retraining_story(project, mlflow_server):
     md5s = {}
 
     # 1. empty inbox: skipped, recorded
-    out = retrain_flow(str(root), "params.yaml", weak)
+    out = retrain_flow(str(root), weak)
     assert out["status"] == "skipped"
     assert client.get_run(out["run_id"]).data.tags["retrain_status"] == "no_new_data"
     seed_md5 = _md5(root)
 
     # 2. first drop (75 new rows + 5 already present): v1 becomes champion (no champion yet)
     _drop(root, pd.concat([ag.iloc[4000:4075], ag.groupby(0, group_keys=False).head(75).iloc[:5]]), "drop1.csv")
-    out = retrain_flow(str(root), "params.yaml", weak)
+    out = retrain_flow(str(root), weak)
     assert out["status"] == "trained" and out["ingest"]["added_rows"] == 75
     assert len(out["ingest"]["skipped_duplicates"]) == 5
     assert out["data"]["md5"] != seed_md5 and out["data"]["git_commit"]
@@ -165,7 +160,7 @@ def test_retraining_story(project, mlflow_server):
 
     # 3. second drop with a stronger recipe: better on the same test split -> alias moves
     _drop(root, ag.iloc[5000:5100], "drop2.csv")
-    out = retrain_flow(str(root), "params.yaml", strong)
+    out = retrain_flow(str(root), strong)
     d = out["decision"]
     v2 = d["challenger_version"]
     md5s[v2] = _md5(root)
@@ -179,20 +174,23 @@ def test_retraining_story(project, mlflow_server):
 
     # 4. third drop with a weak recipe: not better -> alias stays on v2, decision logged
     _drop(root, ag.iloc[6000:6040], "drop3.csv")
-    out = retrain_flow(str(root), "params.yaml", weak)
+    out = retrain_flow(str(root), weak)
     d = out["decision"]
     v3 = d["challenger_version"]
     md5s[v3] = _md5(root)
     assert not d["promoted"] and d["challenger_score"] <= d["champion_score"], d
     assert client.get_model_version_by_alias(MODEL, "champion").version == v2
     assert client.get_run(out["pipeline"]["run_id"]).data.tags["champion_decision"] == "kept"
+    out_v3_run = out["pipeline"]["run_id"]
 
     # 5. a bad drop: rejected with its report; data, DVC version and registry untouched
     before = (root / "data/raw/news/data.csv").read_bytes()
     versions = len(client.search_model_versions(f"name='{MODEL}'"))
     (root / "data/inbox").mkdir(exist_ok=True)
     (root / "data/inbox/bad.csv").write_text('"2","Fine title","Fine body"\n"9","Bad label","Body"\n"3","  ","x"\n')
-    out = retrain_flow(str(root), "params.yaml", strong)
+    state = retrain_flow(str(root), strong, return_state=True)
+    assert state.type.value == "FAILED" and state.name == "Rejected"
+    out = state.result(raise_on_failure=False)
     assert out["status"] == "rejected"
     rules = {(e["row"], e["rule"]) for e in out["ingest"]["errors"]}
     assert ("2", "isin(['1', '2', '3', '4', 'Business', 'Sci/Tech', 'Sports', 'World'])") in rules
@@ -219,6 +217,8 @@ def test_retraining_story(project, mlflow_server):
         assert len(info["lineage"]["git_commit"]) == 40
     rc, out = lineage(f"{MODEL}@champion", "--verify", "--json")
     info = json.loads(out)  # champion v2 was trained on older data than the user has now
-    assert rc == 1 and info["model"]["version"] == v2 and info["verify"]["dvc_matches"] is False
+    assert rc == 1 and info["model"]["version"] == v2 and info["verify"]["bytes_match"] is False
     rc, table = lineage(f"{MODEL}/{v3}", "--verify")
     assert rc == 0 and "MATCH" in table and md5s[v3] in table and "dvc_data_md5" in table, table
+    # the inbox is git-ignored: retraining leaves no untracked files that would mark runs git_dirty
+    assert client.get_run(out_v3_run).data.tags["git_dirty"] == "False"
