@@ -112,7 +112,6 @@ def retrain_flow(root: str = ".", overrides: list[str] | None = None, wait_for_l
 
 
 def _retrain(root: Path, overrides: list[str]):
-    import mlflow
     logger = get_run_logger()
     params = load_params(root / dvc_ops.PARAMS_FILE, overrides)  # fails on a bad key before anything is written
     check_retrain_ready(params)

@@ -56,7 +56,6 @@ def plot_comparison(rows: list[dict], keys: list[str], metric: str, path: Path) 
 
 @flow(name="qlora-sweep")
 def sweep_flow(project: Project, grid: list[str], name: str) -> dict:
-    import mlflow
     logger = get_run_logger()
     root = project.root
     points = parse_grid(grid)

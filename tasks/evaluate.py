@@ -94,7 +94,8 @@ def run(params: Params, root: Path) -> StageResult:
             m = classification_metrics(truth, preds, names)
             metrics = {"split": e.split, "rows": len(frame), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
             write_json(tmp / Path(catalog.PER_CLASS).name, m["per_class"])
-            with open(tmp / Path(catalog.CONFUSION_CSV).name, "w", newline="") as f:  # DVC's confusion template reads this
+            # DVC's confusion-matrix plot template reads one (actual, predicted) row per example
+            with open(tmp / Path(catalog.CONFUSION_CSV).name, "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["actual", "predicted"])
                 w.writerows((names[a], names[b]) for a, b in zip(truth, preds))

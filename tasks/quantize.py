@@ -31,7 +31,7 @@ def run(params: Params, root: Path) -> StageResult:
     with atomic_dir(resolve(root, catalog.BASE_MODEL_DIR)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        write_json(tmp / Path(catalog.BASE_LINEAGE).name, {**lineage, "quant": params.quant.model_dump(), "task": params.task,
-                                          "stored_params": n_params, "footprint_bytes": footprint,
-                                          "linear4bit_modules": n_4bit})
+        write_json(tmp / Path(catalog.BASE_LINEAGE).name, {
+            **lineage, "quant": params.quant.model_dump(), "task": params.task,
+            "stored_params": n_params, "footprint_bytes": footprint, "linear4bit_modules": n_4bit})
     return result("quantize", [catalog.BASE_MODEL_DIR], footprint_bytes=footprint, linear4bit_modules=n_4bit)

@@ -70,8 +70,9 @@ def run(params: Params, root: Path) -> StageResult:
             frame.to_parquet(tmp / f"{split}.parquet", index=False)
         shutil.copy(resolve(root, catalog.LABELS), tmp / "labels.json")
         write_json(tmp / Path(catalog.TOKENIZE_STATS).name, {"max_length": t.max_length, "splits": stats,
-                                        "truncated_rows": {s: r for s, r in too_long.items()}})
-    return result("tokenize", [catalog.TOKENIZED_DIR], **{f"{s}_truncated": v["truncated_rows"] for s, v in stats.items()})
+                                                             "truncated_rows": dict(too_long)})
+    return result("tokenize", [catalog.TOKENIZED_DIR],
+                  **{f"{s}_truncated": v["truncated_rows"] for s, v in stats.items()})
 
 
 def load_split(root: Path, split: str) -> pd.DataFrame:

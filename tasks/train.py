@@ -98,6 +98,8 @@ def save_adapter(model, tok, path: Path, base_model: str) -> None:
         cfg.base_model_name_or_path = base_model
         if isinstance(cfg.target_modules, (set, frozenset, list, tuple)):
             cfg.target_modules = sorted(cfg.target_modules)
+    base = model.get_base_model()  # PEFT's README.md names the base by the path it was loaded from
+    base.config._name_or_path = base.name_or_path = base_model
     model.save_pretrained(path, safe_serialization=True)
     config_path = path / "adapter_config.json"
     config = json.loads(config_path.read_text())

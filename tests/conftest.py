@@ -78,14 +78,16 @@ def make_project(dest: Path, raw: dict | None = None, ag_news: bool = False) -> 
         from tasks.config import Params
         write_params(dest, raw)
         (dest / "dvc.yaml").write_text(render_dvc_yaml(Params.model_validate(raw)))  # as `qlora run` would
-    if ag_news:
-        subprocess.run([sys.executable, "-m", "dvc", "update", "-q", "data/raw/ag_news.dvc"], cwd=dest, env=env(),
-                       check=True)
-    else:
+    if not ag_news:
         (dest / "data/raw/ag_news.dvc").unlink()
     git(dest, "init", "-q")
     git(dest, "add", "-A")
     git(dest, "commit", "-qm", "fresh clone")
+    if ag_news:
+        p = subprocess.run([sys.executable, "-m", "dvc", "update", "-q", "data/raw/ag_news.dvc"], cwd=dest,
+                           env=env(), capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert not git(dest, "status", "--porcelain", "data/raw/ag_news.dvc")  # the committed version
     return dest
 
 

@@ -1,7 +1,6 @@
 """One DAG, one cache, one record: dvc.yaml is the rendering of flows/stages.py, and `qlora run`
 and `dvc repro` agree on what is up to date because both go through DVC (dvc.lock)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
