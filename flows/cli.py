@@ -328,6 +328,8 @@ def cmd_predict(args) -> int:
     on a file of rows checked against the training data's contract (the label optional)."""
     root = Path.cwd()
     _configure_env(root)
+    import json
+
     import pandas as pd
 
     from flows import serving
@@ -360,7 +362,7 @@ def cmd_predict(args) -> int:
     if out_path.suffix.lower() == ".csv":
         result.to_csv(tmp, index=False)
     else:
-        result.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.to_dict("records")))
     os.replace(tmp, out_path)
     aliases = f" ({', '.join(version['aliases'])})" if version and version["aliases"] else ""
     note = ""

@@ -94,17 +94,15 @@ def log_model(params: Params, root: Path, variant: str, card: str, tags: dict | 
             metadata={"qlora_variant": variant, "task": params.task}, tags=tags)
 
 
-def register(name: str, model_info, tags: dict, description: str, model_description: str):
-    """A registry version of a logged model, with its tags and description (the MLflow UI shows both)."""
+def register(name: str, model_info, tags: dict, model_description: str):
+    """A registry version of a logged model, with its tags (the MLflow UI shows them)."""
     import mlflow
     client = mlflow.tracking.MlflowClient()
     try:
         client.create_registered_model(name, description=model_description)
     except Exception:
         pass  # it exists
-    mv = mlflow.register_model(model_info.model_uri, name, tags=tags)
-    client.update_model_version(name, mv.version, description=description)
-    return mv
+    return mlflow.register_model(model_info.model_uri, name, tags=tags)
 
 
 # --- using a version -----------------------------------------------------------------------------

@@ -239,8 +239,10 @@ def _register(mlflow, run, params: Params, root: Path, outcome, tags: dict) -> s
     version_tags = {hash_tag: digest, "variant": variant,
                     **{k: str(v) for k, v in tags.items() if not k.startswith("stage.")},
                     **{k: f"{v:.6g}" for k, v in info["metrics"].items()}}
-    mv = serving.register(name, model_info, version_tags, render_summary(facts),
+    mv = serving.register(name, model_info, version_tags,
                           f"QLoRA fine-tunes of {facts['base_model']} made by qlora-flow (task {params.task}). "
                           f"Each version is a pyfunc MLflow model carrying its model card (bundle/README.md).")
+    facts["model"]["version"] = mv.version  # the description names it; the card cannot (it is inside the version)
+    client.update_model_version(name, mv.version, description=render_summary(facts))
     mlflow.set_tag("registered_model_version", f"{name}/{mv.version}")
     return mv.version

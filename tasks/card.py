@@ -48,6 +48,8 @@ def _loads(value):
     """A params value as MLflow stores it (a string), back to data."""
     if not isinstance(value, str):
         return value
+    if value in ("True", "False"):  # MLflow writes Python's bools
+        return value == "True"
     try:
         return json.loads(value)
     except ValueError:
@@ -85,7 +87,8 @@ def record_facts(info: dict, kind: str) -> dict:
             "base_model_revision": lin.get("base_model_revision"), "labels": labels,
             "license": params.get("card.license"),
             "datasets": _dataset_names(lin, _loads(params.get("card.datasets"))),
-            "settings": {k: _loads(params[k]) for k in CARD_SETTINGS if k in params},
+            "settings": {k: _loads(params[k]) for k in CARD_SETTINGS if k in params
+                         and not (task == "seq_cls" and k == "tokenize.template")},
             "metrics": info.get("metrics") or {}, "evaluated_rows": info.get("evaluated_rows") or {},
             "training": info.get("training") or {},
             "lineage": lin, "datasets_logged": info.get("datasets", []), "run": info.get("run"),
@@ -170,7 +173,8 @@ def render_card(facts: dict) -> str:
     training = facts.get("training") or {}
     if training:
         keep = ("steps", "final_loss", "trainable_params", "total_params", "train_seconds", "tokens_per_second")
-        rows = [(k, f"{training[k]:.4g}" if isinstance(training[k], float) else training[k]) for k in keep if k in training]
+        fmt = lambda v: int(v) if isinstance(v, float) and v.is_integer() else (f"{v:.4g}" if isinstance(v, float) else v)  # noqa: E731
+        rows = [(k, fmt(training[k])) for k in keep if k in training]
         lines += ["", "## Training run", "", _table(rows, ("fact", "value"))]
     lines += ["", "## Training settings", "", _table([(k, v if isinstance(v, str) else json.dumps(v))
                                                        for k, v in s.items()], ("params.yaml key", "value"))]
@@ -179,7 +183,8 @@ def render_card(facts: dict) -> str:
                   "stage's inputs decide, so the folder is byte-for-byte reproducible. Evaluation, the data "
                   "version, git commit and MLflow run are in the card logged with each registered model version "
                   "(`qlora lineage NAME/VERSION --card`)."]
-    ref = f"models:/{model['name']}/{model['version']}" if model.get("version") else "models:/NAME@champion"
+    ref = f"models:/{model['name']}/{model['version']}" if model.get("version") else \
+        f"models:/{model.get('name') or 'NAME'}@champion"
     lines += ["", "## How to use", "", "```bash",
               f"qlora predict --model {ref} --input rows.csv --output predictions.jsonl",
               f"mlflow models serve -m {ref} --env-manager local --port 5001", "```"]
@@ -238,14 +243,17 @@ def render_summary(facts: dict) -> str:
                      + ", ".join(f"{HF_METRICS[m][1]} **{v:.4f}**" for m, v in headline.items()))
     data = lin.get("data_path")
     if data:
-        lines.append(f"**data** `{data}`: DVC md5 `{lin.get('dvc_data_md5') or lin.get('data_md5', '?')}`, "
-                     f"verified {lin.get('data_verified', 'unknown')}")
+        dvc = lin.get("dvc_data_md5")
+        lines.append(f"**data** `{data}`: " + (f"DVC md5 `{dvc}`" if dvc else f"md5 `{lin.get('data_md5', '?')}`")
+                     + f", its committed DVC version: {lin.get('data_verified', 'unknown')}")
     if lin.get("git_commit"):
         lines.append(f"**code** git `{lin['git_commit'][:12]}`" + (" (uncommitted changes)" if lin.get("git_dirty") == "True" else ""))
     if run:
         lines.append(f"**run** `{run['run_id']}`; settings: "
                      + ", ".join(f"{k}={facts['settings'][k]}" for k in ("lora.r", "train.lr", "train.max_steps", "train.epochs")
                                  if k in facts["settings"]))
-    lines.append("Card: `bundle/README.md` in the model's artifacts, or `qlora lineage NAME/VERSION --card`. "
-                 "Serve: `mlflow models serve -m models:/NAME/VERSION --env-manager local`.")
+    model = facts.get("model") or {}
+    ref = f"{model.get('name', 'NAME')}/{model.get('version', 'VERSION')}"
+    lines.append(f"Card: `bundle/README.md` in the model's artifacts, or `qlora lineage {ref} --card`. "
+                 f"Serve: `mlflow models serve -m models:/{ref} --env-manager local`.")
     return "\n\n".join(lines) + "\n"

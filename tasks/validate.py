@@ -145,7 +145,7 @@ def prediction_rows(params: Params, df: pd.DataFrame, source) -> pd.DataFrame:
     if errors:
         raise PipelineError(error_message(source, errors))
     if params.task == "causal_lm":
-        out = df[["instruction", "input", ROW]].rename(columns={ROW: "row"})
+        out = df[["instruction", "input", ROW]].rename(columns={ROW: "row"}).astype({"row": str})
         if "output" in df:
             out["expected"] = df["output"]
         return out.reset_index(drop=True)
