@@ -8,9 +8,15 @@ the same function `qlora predict` calls.
 """
 from __future__ import annotations
 
+import warnings
+
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+
+# The signature is given explicitly when the model is logged; type hints would be a second one.
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
 
 
 class QloraModel(mlflow.pyfunc.PythonModel):

@@ -79,7 +79,7 @@ def _prepare(params: Params, df: pd.DataFrame, for_prediction: bool = False):
         if c in df and d.clean_text:
             df[c] = df[c].map(lambda v: v.strip() if isinstance(v, str) else v)
     if "input" in df:
-        df["input"] = df["input"].map(lambda v: "" if v is None else v)  # optional field
+        df["input"] = df["input"].map(lambda v: "" if v is None or v != v else v)  # optional field (None, NaN)
     elif for_prediction and "instruction" in df:
         df["input"] = ""
     return instruction_schema(with_output=not for_prediction or "output" in df, unique=not for_prediction)
