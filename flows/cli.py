@@ -286,30 +286,91 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _use_tracking(root: Path, explicit: str | None):
+    """Point MLflow at --tracking-uri, else the project's store (params.yaml), else $MLFLOW_TRACKING_URI."""
+    import mlflow
+
+    from flows import tracking
+    from tasks.config import load_params
+    params = load_params(root / PARAMS) if (root / PARAMS).exists() else None
+    uri = explicit or (tracking.tracking_uri(params, root) if params else None) \
+        or tracking.USER_TRACKING_URI or f"sqlite:///{root / 'mlruns.db'}"
+    mlflow.set_tracking_uri(uri)
+    return params
+
+
 def cmd_lineage(args) -> int:
     root = Path.cwd()
     _configure_env(root)
     import json
 
-    import mlflow
-
-    from flows import lineage, tracking
+    from flows import lineage
     from tasks.common import PipelineError
-    from tasks.config import load_params
-    params = load_params(root / PARAMS) if (root / PARAMS).exists() else None
-    uri = args.tracking_uri or (tracking.tracking_uri(params, root) if params else None) \
-        or tracking.USER_TRACKING_URI or f"sqlite:///{root / 'mlruns.db'}"
-    mlflow.set_tracking_uri(uri)
+    from tasks.config import ParamsError
     try:
+        _use_tracking(root, args.tracking_uri)
         info = lineage.lineage(args.model)
-    except PipelineError as exc:
+    except (PipelineError, ParamsError) as exc:
         return _fail(str(exc))
+    if args.card:
+        print(lineage.card(info), end="")
+        return 0
     verified = lineage.verify(info, root) if args.verify else None
     if args.json:
         print(json.dumps({**info, **({"verify": verified} if verified else {})}, indent=2))
     else:
         lineage.render(info, verified)
     return 0 if verified is None or verified["ok"] else 1
+
+
+def cmd_predict(args) -> int:
+    """Batch inference: a registered version (models:/NAME@alias, models:/NAME/N) or a model folder,
+    on a file of rows checked against the training data's contract (the label optional)."""
+    root = Path.cwd()
+    _configure_env(root)
+    import json
+
+    import pandas as pd
+
+    from flows import serving
+    from tasks import predict as P
+    from tasks.common import PipelineError
+    from tasks.config import ParamsError
+    out_path = Path(args.output)
+    if out_path.suffix.lower() not in (".csv", ".jsonl"):
+        return _fail(f"--output {out_path}: write .csv or .jsonl")
+    started = time.perf_counter()
+    try:
+        project = _use_tracking(root, args.tracking_uri)
+        with serving.local_model(args.model) as (path, version):
+            info = P.describe(path)
+            params = P.bundle_params(info, path) if info["kind"] == "bundle" else project
+            if params is None:
+                raise PipelineError(f"{args.model}: a plain model folder needs the project's params.yaml (its data "
+                                    f"contract and prompt template): run in the project")
+            columns = args.columns.split(",") if args.columns else None
+            rows = P.prepare(params, P.read_rows(Path(args.input), params, args.format, args.header, columns), args.input)
+            pred = P.load_predictor(path, project, root, device=args.device)
+            out = P.predict(pred, rows, args.batch_size, args.max_new_tokens, progress=True)
+    except (PipelineError, ParamsError) as exc:
+        return _fail(str(exc))
+    used = f"{version['name']}/{version['version']}" if version else str(args.model)
+    result = pd.concat([rows[["row"]], out] + ([rows[["expected"]]] if "expected" in rows else []), axis=1)
+    result["model"] = used
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    if out_path.suffix.lower() == ".csv":
+        result.to_csv(tmp, index=False)
+    else:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.to_dict("records")))
+    os.replace(tmp, out_path)
+    aliases = f" ({', '.join(version['aliases'])})" if version and version["aliases"] else ""
+    note = ""
+    if "expected" in rows and params.task == "seq_cls":
+        note = f"; accuracy {float((result['label'] == result['expected']).mean()):.4f} against the given labels"
+    print(f"qlora predict: {len(result)} rows of {args.input} -> {out_path} with {used}{aliases} "
+          f"[{pred.variant}, {pred.device}] in {time.perf_counter() - started:.1f} s{note}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,7 +407,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--verify", action="store_true", help="re-hash the data on disk against the record")
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--card", action="store_true", help="print the version's model card (rendered from these facts)")
     p.set_defaults(fn=cmd_lineage)
+    p = sub.add_parser("predict", help="batch predictions of a registered model version or a model folder")
+    p.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION, or a folder "
+                                                  "(models/merged, models/adapter, a downloaded version)")
+    p.add_argument("--input", required=True, help="rows to predict: CSV, JSONL, JSON or parquet, with the training "
+                                                  "data's columns (the label column optional)")
+    p.add_argument("--output", required=True, help="predictions: .jsonl or .csv (each row names the model version)")
+    p.add_argument("--format", default="auto", choices=["auto", "csv", "jsonl", "json", "parquet"])
+    p.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
+                   help="CSV: the first line names the columns (default: as the training data)")
+    p.add_argument("--columns", default=None, help="CSV without a header: column names, comma-separated "
+                                                   "(default: the training data's data.columns)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the model's eval.batch_size")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="causal_lm (default: eval.max_new_tokens)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(fn=cmd_predict)
     for name, fn, helptext in (("dvc-yaml", cmd_dvc_yaml, "print (or --write) dvc.yaml rendered from flows/stages.py"),
                                ("params", cmd_params, "print (or --write) params.yaml rendered from tasks/config.py")):
         p = sub.add_parser(name, help=helptext)

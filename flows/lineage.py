@@ -10,7 +10,7 @@ from tasks.common import PipelineError
 LINEAGE_TAGS = ("git_commit", "git_dirty", "data_path", "data_md5", "data_file_md5", "data_verified", "data_check",
                 "dvc_file", "dvc_tracked_path", "dvc_data_md5", "dataset_digest", "dvc_experiment",
                 "dvc_experiment_rev", "dvc_experiment_baseline", "dvc_lock_sha256", "base_model",
-                "base_model_source", "base_model_revision", "task", "prefect_flow_run_id")
+                "base_model_source", "base_model_revision", "task", "label_names", "prefect_flow_run_id")
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
@@ -31,7 +31,15 @@ def lineage(ref: str, client=None) -> dict:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except Exception as exc:
         raise PipelineError(f"model {ref!r} not found in the registry at {mlflow.get_tracking_uri()}: {exc}") from None
-    run = client.get_run(mv.run_id)
+    return {"model": {"name": name, "version": mv.version, "aliases": list(mv.aliases), "source": mv.source,
+                      "variant": (mv.tags or {}).get("variant", "merged")},
+            **run_info(mv.run_id, client)}
+
+
+def run_info(run_id: str, client) -> dict:
+    """What the MLflow record says about the run that made a model: the facts `qlora lineage`
+    shows and the model card is rendered from (flows/serving.py, tasks/card.py)."""
+    run = client.get_run(run_id)
     tags = run.data.tags
     parents, parent_id = [], tags.get("mlflow.parentRunId")
     while parent_id:
@@ -43,16 +51,26 @@ def lineage(ref: str, client=None) -> dict:
         parent_id = parent.data.tags.get("mlflow.parentRunId")
     inputs = [{"name": d.dataset.name, "digest": d.dataset.digest, "source": d.dataset.source}
               for d in run.inputs.dataset_inputs]
+    metrics = run.data.metrics
     return {
-        "model": {"name": name, "version": mv.version, "aliases": list(mv.aliases), "source": mv.source},
         "run": {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "status": run.info.status},
         "lineage": {k: tags[k] for k in LINEAGE_TAGS if k in tags},
         "datasets": inputs,
-        "metrics": {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith(("test_", "validation_"))
+        "metrics": {k: v for k, v in sorted(metrics.items()) if k.startswith(("test_", "validation_"))
                     and not any(part in k for part in ("_f1_", "_precision_", "_recall_", "_support_", "_rows"))},
+        "evaluated_rows": {k.removesuffix("_rows"): int(v) for k, v in metrics.items()
+                           if k in ("test_rows", "validation_rows")},
+        "training": {k.removeprefix("train_"): v for k, v in sorted(metrics.items())
+                     if k.startswith("train_") and k != "train_loss"},
         "params": dict(sorted(run.data.params.items())),
         "parents": parents,
     }
+
+
+def card(info: dict, kind: str | None = None) -> str:
+    """The model card of a version (or of a run about to be registered), from these facts."""
+    from tasks.card import record_facts, render_card
+    return render_card(record_facts(info, kind or info.get("model", {}).get("variant", "merged")))
 
 
 def verify(info: dict, root: Path) -> dict:

@@ -12,7 +12,6 @@ beside it).
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
@@ -54,22 +53,24 @@ def version_task(params: Params, project: Project, files: list[str]) -> dict:
 def promote_task(params: Params, project: Project, model_version: str | None, pipeline_run_id: str) -> dict:
     import mlflow
 
-    from tasks.evaluate import score_merged
+    from flows.serving import local_model
+    from tasks.evaluate import score_model
     r = params.retrain
     client = mlflow.tracking.MlflowClient()
     name = params.tracking.registered_model
     root = project.root
     metric = r.metric
-    challenger = score_merged(params, root, root / catalog.MERGED_DIR)[metric]
+    # the challenger as it was registered (tracking.register_as), the champion as the registry holds it
+    registered = catalog.MERGED_DIR if params.tracking.register_as == "merged" else catalog.ADAPTER_DIR
+    challenger = score_model(params, root, root / registered)[metric]
     try:
         champ = client.get_model_version_by_alias(name, r.alias)
     except Exception:
         champ = None
     champion_score = None
     if champ is not None and champ.version != model_version:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=champ.source, dst_path=tmp)
-            champion_score = score_merged(params, root, Path(local))[metric]
+        with local_model(f"models:/{name}/{champ.version}") as (local, _):
+            champion_score = score_model(params, root, local)[metric]
     if model_version is None or (champ is not None and champ.version == model_version):
         promote, reason = False, "no new model version (same weights as an existing one)"
     else:

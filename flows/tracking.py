@@ -1,5 +1,5 @@
-"""MLflow glue: one run per pipeline result, with params, metrics, plots, the adapter, the
-merged model (a registered model version) and lineage tags (git commit, the data's DVC hash
+"""MLflow glue: one run per pipeline result, with params, metrics, plots, the adapter, a
+registered model version (a servable MLflow model with its model card: flows/serving.py) and lineage tags (git commit, the data's DVC hash
 and whether it was verified, the DVC experiment, the base model, the Prefect flow run).
 
 A result is identified by dvc.lock's digest: a `qlora run` that ran no stage and finds a run
@@ -21,7 +21,8 @@ from tasks.common import PipelineError, read_json
 from tasks.config import Params
 
 LOCK_TAG = "dvc_lock_sha256"
-MERGED_HASH_TAG = "merged_md5"
+MERGED_HASH_TAG = "merged_md5"    # a version's weights, as DVC hashes them: one version per weights
+ADAPTER_HASH_TAG = "adapter_md5"
 # Read once, at import: mlflow.set_tracking_uri() writes this variable itself, so a later
 # read would return the last project's store rather than the user's choice.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
@@ -142,6 +143,8 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
     tags = {**git_state(root), **outcome.data["tags"], **{k: str(base[k]) for k in
                                                          ("base_model", "base_model_source", "base_model_revision")},
             "task": params.task, "prefect_flow_run_id": outcome.flow_run_id, LOCK_TAG: outcome.lock_digest,
+            **({"label_names": json.dumps(read_json(Path(root) / catalog.LABELS)["names"])}
+               if params.task == "seq_cls" else {}),
             **{f"stage.{n}": "ran" if s.ran else "skipped" for n, s in outcome.stages.items()}}
     if outcome.experiment is not None:
         tags.update({"dvc_experiment": outcome.experiment.name, "dvc_experiment_rev": outcome.experiment.rev,
@@ -155,7 +158,7 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
         mlflow.log_params(_flatten(params.model_dump(mode="json")))
         info = {"run_id": run.info.run_id, "tracking_uri": uri, "reused": False}
         _log_results(mlflow, run, params, Path(root))
-        version = _register_merged(mlflow, run, params, Path(root), outcome.stages["merge"].outs, tags)
+        version = _register(mlflow, run, params, Path(root), outcome, tags)
         if version:
             info["model_version"] = version
     if not fallback_from:
@@ -205,27 +208,41 @@ def _log_dataset(mlflow, params: Params, root: Path) -> None:
     mlflow.set_tag("dataset_digest", ds.digest)
 
 
-def _register_merged(mlflow, run, params: Params, root: Path, merge_outs: dict, tags: dict) -> str | None:
-    merged = root / catalog.MERGED_DIR
-    if not (merged / "config.json").exists():
+def _register(mlflow, run, params: Params, root: Path, outcome, tags: dict) -> str | None:
+    """Register this result as a model version, a servable MLflow model (flows/serving.py) holding the
+    merged model or only the adapter (tracking.register_as), unless the same weights are registered."""
+    from flows import lineage, serving
+    from tasks.card import record_facts, render_card, render_summary
+    variant = params.tracking.register_as
+    if variant == "merged" and not (root / catalog.MERGED_DIR / "config.json").exists():
+        print("warning: tracking.register_as is 'merged' but there is no merged model (merge.enabled is false): "
+              "no model version registered")
         return None
     name = params.tracking.registered_model
     client = mlflow.tracking.MlflowClient()
-    digest = merge_outs.get(catalog.MERGED_DIR, "")
+    hash_tag, out = (MERGED_HASH_TAG, catalog.MERGED_DIR) if variant == "merged" else (ADAPTER_HASH_TAG, catalog.ADAPTER_DIR)
+    stage = "merge" if variant == "merged" else "train"
+    digest = outcome.stages[stage].outs.get(out, "")
     try:
-        existing = client.search_model_versions(f"name='{name}' and tags.{MERGED_HASH_TAG}='{digest}'")
+        existing = client.search_model_versions(f"name='{name}' and tags.{hash_tag}='{digest}'")
     except Exception:
         existing = []
     if existing:  # the same weights are registered already: point at them, do not copy again
         mlflow.set_tag("registered_model_version", f"{name}/{existing[0].version}")
         return existing[0].version
-    mlflow.log_artifacts(str(merged), "merged_model")
-    try:
-        client.create_registered_model(name)
-    except Exception:
-        pass  # already exists
-    source = f"{run.info.artifact_uri}/merged_model"
-    version_tags = {MERGED_HASH_TAG: digest, **{k: str(v) for k, v in tags.items() if not k.startswith("stage.")}}
-    mv = client.create_model_version(name, source, run_id=run.info.run_id, tags=version_tags)
+    # the card is rendered from the record just written: the facts `qlora lineage` shows
+    info = {"model": {"name": name, "variant": variant}, **lineage.run_info(run.info.run_id, client)}
+    facts = record_facts(info, variant)
+    card = render_card(facts)
+    mlflow.log_text(card, f"model_card/{catalog.CARD}")
+    model_info = serving.log_model(params, root, variant, card, tags={"variant": variant, hash_tag: digest})
+    version_tags = {hash_tag: digest, "variant": variant,
+                    **{k: str(v) for k, v in tags.items() if not k.startswith("stage.")},
+                    **{k: f"{v:.6g}" for k, v in info["metrics"].items()}}
+    mv = serving.register(name, model_info, version_tags,
+                          f"QLoRA fine-tunes of {facts['base_model']} made by qlora-flow (task {params.task}). "
+                          f"Each version is a pyfunc MLflow model carrying its model card (bundle/README.md).")
+    facts["model"]["version"] = mv.version  # the description names it; the card cannot (it is inside the version)
+    client.update_model_version(name, mv.version, description=render_summary(facts))
     mlflow.set_tag("registered_model_version", f"{name}/{mv.version}")
     return mv.version

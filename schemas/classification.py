@@ -8,18 +8,24 @@ import pandera.pandas as pa
 from schemas.checks import NOT_BLANK, at_least_n_classes
 
 
-def classification_schema(text_columns: list[str], label_column: str,
-                          allowed_labels: list[str] | None, min_classes: int = 2) -> pa.DataFrameSchema:
-    label_checks = [NOT_BLANK]
-    if allowed_labels is not None:
-        label_checks.append(pa.Check.isin(allowed_labels))
+def classification_schema(text_columns: list[str], label_column: str | None,
+                          allowed_labels: list[str] | None, min_classes: int = 2,
+                          unique: bool = True) -> pa.DataFrameSchema:
+    """label_column None: rows to predict, which need no label. unique False: the same text may
+    come twice (in training it would leak across splits; in prediction it is just asked twice)."""
     columns = {c: pa.Column(str, checks=[NOT_BLANK], nullable=False) for c in text_columns}
-    columns[label_column] = pa.Column(str, checks=label_checks, nullable=False)
+    checks = []
+    if label_column is not None:
+        label_checks = [NOT_BLANK]
+        if allowed_labels is not None:
+            label_checks.append(pa.Check.isin(allowed_labels))
+        columns[label_column] = pa.Column(str, checks=label_checks, nullable=False)
+        checks.append(at_least_n_classes(label_column, min_classes))
     return pa.DataFrameSchema(
         columns,
-        checks=[at_least_n_classes(label_column, min_classes)],
+        checks=checks,
         # The same text twice (same or conflicting label) would leak across splits.
-        unique=list(text_columns),
+        unique=list(text_columns) if unique else None,
         report_duplicates="exclude_first",
         strict=False,
         coerce=False,

@@ -19,6 +19,13 @@ BASE_MODEL_DIR = "models/base"                    # the 4-bit base, saved pre-qu
 BASE_LINEAGE = f"{BASE_MODEL_DIR}/lineage.json"   # where the base came from
 ADAPTER_DIR = "models/adapter"                    # the LoRA adapter (PEFT format)
 MERGED_DIR = "models/merged"                      # base + adapter as one plain model
+CARD = "README.md"                                # a model card (Hugging Face layout), beside the weights
+ADAPTER_CARD = f"{ADAPTER_DIR}/{CARD}"            # written by train: what this training determines
+MERGED_CARD = f"{MERGED_DIR}/{CARD}"              # written by merge
+
+# a bundle: what a registered MLflow model version carries (tasks/predict.py reads it)
+BUNDLE_META = "qlora_model.json"                  # task, variant, params, labels, base
+BUNDLE_WEIGHTS = {"merged": "merged", "adapter": "adapter"}  # the weights' folder, per variant
 
 # reports: small files people and tracking read
 VALIDATION_REPORT = "reports/validation.json"     # every bad row: file, row, column, rule, value

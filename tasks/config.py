@@ -163,10 +163,26 @@ class TrackingConfig(Section):
     tracking_uri: str | None = Field(None, description=(
         "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db in the project."))
     experiment: str = Field("qlora-flow", description="MLflow experiment name.")
-    registered_model: str = Field("qlora-flow-agnews", description="MLflow registered model of merged models.")
+    registered_model: str = Field("qlora-flow-agnews", description=(
+        "MLflow registered model the pipeline's versions go to (each a servable MLflow model: `mlflow "
+        "models serve -m models:/NAME@champion`, `qlora predict --model models:/NAME@champion`)."))
+    register_as: Literal["merged", "adapter"] = Field("merged", description=(
+        "What a version holds. merged: the standalone merged model (with merge.enabled false nothing is "
+        "registered). adapter: the "
+        "LoRA adapter only (megabytes); it loads and quantizes the base (model.name at "
+        "model.revision) where it is served, so the base must be reachable there."))
     fallback_to_local: bool = Field(False, description=(
         "When the tracking server does not answer: false fails the run before training, true records to "
         "the local SQLite store instead (and says so in the log and a tag)."))
+
+
+class CardConfig(Section):
+    license: str = Field("apache-2.0", description=(
+        "License of the fine-tuned model, for the model card (a Hugging Face license id; the base "
+        "model's and the data's terms apply too: MiniLM is apache-2.0)."))
+    datasets: list[str] | None = Field(None, description=(
+        "Dataset names for the model card (Hugging Face ids where there are some); null: the name of "
+        "the DVC-tracked data folder, else of the data file."))
 
 
 class RetrainConfig(Section):
@@ -195,6 +211,7 @@ class Params(Section):
     eval: EvalConfig = EvalConfig()
     merge: MergeConfig = MergeConfig()
     tracking: TrackingConfig = TrackingConfig()
+    card: CardConfig = CardConfig()
     retrain: RetrainConfig = RetrainConfig()
 
     @model_validator(mode="after")
@@ -277,8 +294,9 @@ def check_retrain_ready(params: Params) -> None:
     if params.split.method != "hash":
         raise ParamsError("retraining compares models on one held-out test set, which needs rows to keep "
                           "their split as data grows: set split.method: hash")
-    if not params.merge.enabled:
-        raise ParamsError("retraining compares merged models: set merge.enabled: true")
+    if params.tracking.register_as == "merged" and not params.merge.enabled:
+        raise ParamsError("retraining compares registered merged models: set merge.enabled: true "
+                          "(or tracking.register_as: adapter)")
 
 
 PARAMS_HEADER = """\

@@ -113,17 +113,15 @@ def run(params: Params, root: Path) -> StageResult:
     return result("evaluate", [catalog.METRICS, catalog.EVAL_DIR], **metrics)
 
 
-def score_merged(params: Params, root: Path, model_dir: Path) -> dict:
-    """Metrics of a merged (plain transformers) model on this project's current test split:
-    how champion and challenger are compared on one and the same held-out set."""
-    from tasks.modeling import auto_class
-    check_safe_dir(model_dir)
-    device = pick_device(params.train.device)
-    model = auto_class(params.task).from_pretrained(str(model_dir), use_safetensors=True).to(device).eval()
-    tok = load_tokenizer(str(model_dir))
+def score_model(params: Params, root: Path, model_dir: Path) -> dict:
+    """Metrics of a model on this project's current test split: how champion and challenger are
+    compared on one and the same held-out set. model_dir: anything tasks/predict.py loads (a
+    registered version's bundle, a plain merged folder, models/adapter on the project's base)."""
+    from tasks.predict import load_predictor
+    pred = load_predictor(Path(model_dir), params, root, device=params.train.device)
     frame = load_split(root, "test")
-    dtype = next(model.parameters()).dtype
-    out = predict(model, frame, params.eval.batch_size, tok.pad_token_id, params.task, device, dtype)
+    out = predict(pred.model, frame, params.eval.batch_size, pred.tok.pad_token_id, params.task, pred.device,
+                  pred.dtype)
     if params.task == "seq_cls":
         m = classification_metrics(frame["labels"].astype(int).tolist(), out, label_names(root))
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "rows": len(frame)}

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from tasks import catalog
+from tasks.card import write_stage_card
 from tasks.common import StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import Params
 from tasks.modeling import DTYPES, auto_class, check_safe_dir, load_saved, load_tokenizer
@@ -52,4 +53,5 @@ def run(params: Params, root: Path) -> StageResult:
             load_tokenizer(str(resolve(root, catalog.ADAPTER_DIR))).save_pretrained(tmp)
             write_json(tmp / "merge.json", {"dtype": params.merge.dtype, "base": catalog.BASE_MODEL_DIR,
                                             "adapter": catalog.ADAPTER_DIR})
+            write_stage_card(tmp, params, root, "merged")
     return result("merge", [catalog.MERGED_DIR], merged=params.merge.enabled, dtype=params.merge.dtype)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from tasks.batching import batches, collate_packed, epoch_order, pack_bins
 from tasks import catalog, checkpoint, distributed, precision
+from tasks.card import write_stage_card
 from tasks.common import StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import LoraSection, Params, TrainConfig
 from tasks.modeling import DTYPES, load_saved, load_tokenizer, pick_device, set_threads
@@ -189,6 +190,7 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
         return result("train", [ADAPTER, REPORT_DIR], world_size=distributed.world()[1])
     with atomic_dir(resolve(root, ADAPTER)) as tmp:
         save_adapter(model, tok, tmp, params.model.name)
+        write_stage_card(tmp, params, root, "adapter")  # replaces PEFT's template (it names the base's local path)
     tail = log[-max(1, len(log) // 10):]
     summary = {"steps": step, "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else 0,
                "epochs_seen": epoch, "final_loss": log[-1]["loss"],

@@ -60,8 +60,10 @@ def _label_space(params: Params) -> tuple[list[str], dict[str, int] | None]:
     return list(d.label_names), mapping
 
 
-def _prepare(params: Params, df: pd.DataFrame):
-    """Clean df's text columns in place; return the contract they must meet."""
+def _prepare(params: Params, df: pd.DataFrame, for_prediction: bool = False):
+    """Clean df's text columns in place; return the contract they must meet. for_prediction:
+    rows to predict, where the label (seq_cls) or output (causal_lm) is optional and checked
+    only when present, the same text may come twice and no number of classes is required."""
     d = params.data
     if params.task == "seq_cls":
         _, mapping = _label_space(params)
@@ -69,20 +71,24 @@ def _prepare(params: Params, df: pd.DataFrame):
             for c in d.text_columns:
                 if c in df:
                     df[c] = df[c].map(lambda v: clean_text(v) if isinstance(v, str) else v)
-        schema = classification_schema(d.text_columns, d.label_column,
-                                       sorted(mapping) if mapping else None, d.min_classes)
+        label = d.label_column if not for_prediction or d.label_column in df else None
+        schema = classification_schema(d.text_columns, label, sorted(mapping) if mapping else None,
+                                       1 if for_prediction else d.min_classes, unique=not for_prediction)
         return schema
     for c in ("instruction", "input", "output"):
         if c in df and d.clean_text:
             df[c] = df[c].map(lambda v: v.strip() if isinstance(v, str) else v)
     if "input" in df:
-        df["input"] = df["input"].map(lambda v: "" if v is None else v)  # optional field
-    return instruction_schema()
+        df["input"] = df["input"].map(lambda v: "" if v is None or v != v else v)  # optional field (None, NaN)
+    elif for_prediction and "instruction" in df:
+        df["input"] = ""
+    return instruction_schema(with_output=not for_prediction or "output" in df, unique=not for_prediction)
 
 
-def validate_frame(params: Params, df: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, list[dict], list[dict]]:
+def validate_frame(params: Params, df: pd.DataFrame, path: Path,
+                   for_prediction: bool = False) -> tuple[pd.DataFrame, list[dict], list[dict]]:
     """Return (valid rows, errors, dropped duplicates). Writes no files; cleans df's text in place."""
-    schema = _prepare(params, df)
+    schema = _prepare(params, df, for_prediction)
     missing = [c for c in schema.columns if c not in df.columns]
     if missing:
         found = [c for c in df.columns if c != ROW]
@@ -102,6 +108,13 @@ def validate_frame(params: Params, df: pd.DataFrame, path: Path) -> tuple[pd.Dat
     return df, errors, dropped
 
 
+def joined_text(df: pd.DataFrame, text_columns: list[str]) -> pd.Series:
+    """The one text a classifier reads: the text columns joined with '. '."""
+    if len(text_columns) == 1:
+        return df[text_columns[0]]
+    return df[text_columns].apply(lambda r: ". ".join(t.rstrip(".") for t in r), axis=1)
+
+
 def canonical_rows(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     d = params.data
     if params.task == "causal_lm":
@@ -110,10 +123,41 @@ def canonical_rows(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, list
     if mapping is None:
         names = sorted(df[d.label_column].unique())
         mapping = {n: i for i, n in enumerate(names)}
-    text = df[d.text_columns].apply(lambda r: ". ".join(t.rstrip(".") for t in r), axis=1) \
-        if len(d.text_columns) > 1 else df[d.text_columns[0]]
-    return pd.DataFrame({"text": text, "label": df[d.label_column].map(mapping).astype(int),
+    return pd.DataFrame({"text": joined_text(df, d.text_columns), "label": df[d.label_column].map(mapping).astype(int),
                          "row": df[ROW].astype(str)}), names
+
+
+def error_message(source, errors: list[dict], report: Path | None = None) -> str:
+    """What a user reads when rows break their contract: file, row, column and rule of each."""
+    listed = "\n".join(f"  - {e['file']}: row {e['row']}, column {e['column']}: rule {e['rule']}"
+                       f" (value: {e['value']!r})" for e in errors[:_MAX_LISTED])
+    more = f"\n  ... and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
+    where = f"; full report: {report}" if report else ""
+    return f"{source}: {len(errors)} validation error(s){where}\n{listed}{more}"
+
+
+def prediction_rows(params: Params, df: pd.DataFrame, source) -> pd.DataFrame:
+    """Rows to predict, checked against the training data's contract with the label optional
+    (text cleaned as in training). Returns seq_cls: text, row and `expected` (the class name, when
+    a label column came with the rows); causal_lm: instruction, input, row and `expected` (the
+    reference output, when given). Raises PipelineError naming file, row, column and rule."""
+    df, errors, _ = validate_frame(params, df, Path(str(source)), for_prediction=True)
+    if errors:
+        raise PipelineError(error_message(source, errors))
+    if params.task == "causal_lm":
+        out = df[["instruction", "input", ROW]].rename(columns={ROW: "row"}).astype({"row": str})
+        if "output" in df:
+            out["expected"] = df["output"]
+        return out.reset_index(drop=True)
+    d = params.data
+    out = pd.DataFrame({"text": joined_text(df, d.text_columns), "row": df[ROW].astype(str)})
+    if d.label_column in df:
+        names, mapping = _label_space(params)
+        if mapping is not None:  # label values as the data writes them (index or name) -> the class name
+            out["expected"] = df[d.label_column].map(lambda v: names[mapping[v]])
+        else:
+            out["expected"] = df[d.label_column]
+    return out.reset_index(drop=True)
 
 
 def run(params: Params, root: Path) -> StageResult:
@@ -131,11 +175,7 @@ def run(params: Params, root: Path) -> StageResult:
               "errors": errors, "dropped_duplicates": dropped, "status": "failed" if errors else "passed"}
     write_json(report_path, report)
     if errors:
-        listed = "\n".join(f"  - {e['file']}: row {e['row']}, column {e['column']}: rule {e['rule']}"
-                           f" (value: {e['value']!r})" for e in errors[:_MAX_LISTED])
-        more = f"\n  ... and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
-        raise PipelineError(f"{src}: {len(errors)} validation error(s); full report: {report_path}\n"
-                            f"{listed}{more}")
+        raise PipelineError(error_message(src, errors, report_path))
     rows, names = canonical_rows(params, df)
     with atomic_dir(resolve(root, catalog.VALIDATED_DIR)) as tmp:
         rows.to_json(tmp / Path(catalog.VALIDATED_ROWS).name, orient="records", lines=True, force_ascii=False)

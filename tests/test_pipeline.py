@@ -173,7 +173,7 @@ def test_mlflow_run_records_params_metrics_artifacts_lineage(project):
     assert tags["data_md5"] == dvc_ops.md5(Path(run.data.params["data.path"])) and tags["data_verified"] == "untracked"
     assert {f"stage.{s.name}" for s in STAGES} <= set(tags)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "reports", "merged_model"} <= artifacts
+    assert {"adapter", "reports", "model_card"} <= artifacts  # the merged model: in the version's logged model
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "reports/eval")}
     assert "reports/eval/confusion.png" in plots
     inputs = run.inputs.dataset_inputs
