@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 import typing
 from pathlib import Path
 
@@ -102,9 +103,9 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
     device = torch.device("cuda")
     t = TrainConfig(lr=2e-4, optimizer="auto", **variant_options(variant))
     plan = speed.choose(t, device, "causal_lm", "llama", quantized=True)
-    for part in variant.split("+")[1:] if variant.startswith("auto") else []:  # auto+nocompile, auto+nofused
+    for part in variant.split("+")[1:] if variant.startswith("auto") else []:  # auto+nocompile, auto+bnb
         plan = dataclasses.replace(plan, compile=plan.compile and part != "nocompile",
-                                         fused_lora=plan.fused_lora and part != "nofused")
+                                   nf4_traced=plan.nf4_traced and part != "bnb")
     scope = contextlib.ExitStack()
     patches = scope.enter_context(speed.scoped("llama"))
     if plan.liger and not plan.fast:
@@ -113,7 +114,7 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
     torch.manual_seed(1)
     t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": plan.gradient_checkpointing})
     model = add_lora(model, LoraSection(r=rank, alpha=2 * rank, dropout=dropout), "causal_lm", t_model, torch.bfloat16)
-    applied = patches.apply(model, plan, "llama") if plan.fast else {}
+    applied = patches.apply(model, plan, "llama", random=dropout > 0) if plan.fast else {}
     print(json.dumps({"variant": variant, "plan": plan.describe(), "applied": applied}), flush=True)
     opt, _ = make_optimizer([p for p in model.parameters() if p.requires_grad], t, device)
     return model, opt, scope
@@ -303,8 +304,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--variants", default="auto",
-                    help="project variants, comma-separated: auto (train.speed: auto; auto+nocompile, auto+nofused "
-                         "leave one lever out), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
+                    help="project variants, comma-separated: auto (train.speed: auto; auto+nocompile, auto+bnb "
+                         "leave one lever out: compilation, the traced 4-bit layers), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
                          "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)")
     ap.add_argument("--reference", default="", help="shapes that also get the fp32-compute reference's losses")
     ap.add_argument("--unsloth", default="", help="Unsloth tarball (.usite.tgz); empty: no Unsloth run")
@@ -339,6 +340,7 @@ def main() -> int:
             try:
                 r = measure(build, name, a.seq, a.bs, a.steps, a.warmup, **kw) if build else kw["result"]
             except Exception as exc:  # report and go on (e.g. out of memory)
+                traceback.print_exc()
                 r = {"error": repr(exc)[:600]}
             rows[recipe] = r
             emit({"shape": name, "recipe": recipe, **r})

@@ -129,9 +129,9 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0)  # 0: torch's default
     speed: Literal["auto", "off"] = Field(
         "auto", description="auto: on CUDA, a causal LM with a 4-bit Llama/Mistral/Qwen2-layout base trains on the "
-        "fast path (tasks/speed.py: compiled and checkpointed decoder layers, fused 4-bit LoRA, Liger cross-entropy, "
-        "bf16 activations with LoRA sums rounded once), whatever liger_kernels, gradient_checkpointing and precision "
-        "say; elsewhere (CPU, other models), and with off, those flags apply as set")
+        "fast path (tasks/speed.py: compiled and checkpointed decoder layers with the 4-bit dequantization inside, "
+        "Liger cross-entropy, bf16 activations), whatever liger_kernels, gradient_checkpointing and precision say; "
+        "elsewhere (CPU, other models), and with off, those flags apply as set")
 
 
 class EvalConfig(Section):

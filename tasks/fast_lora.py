@@ -1,183 +1,103 @@
-"""One autograd function for a LoRA adapter on a 4-bit (NF4, bitsandbytes) linear layer:
+"""The 4-bit base layer under a LoRA adapter, written so that torch.compile sees all of it.
 
-    y = x W^T + s (x A^T) B^T          W: frozen, 4-bit;  A (r x in), B (out x r): trained, fp32
+bitsandbytes' Linear4bit runs its matmul as an opaque operator whose Python wrapper
+dequantizes the weight (three kernel launches with double quant) and calls the GEMM; inside a
+compiled decoder layer that leaves a Python call per linear layer, per forward, recompute and
+backward, and at the 1B shape the GPU waits on Python (H100 profile, bench/results/README.md).
+Here the NF4 double-quant dequantization is plain tensor code (a 16-entry table lookup times
+a per-block scale, itself an 8-bit code times a per-256-block scale plus an offset), so
+Inductor turns it into one generated kernel launched from compiled code, next to the GEMM.
 
-PEFT computes this as two modules (bitsandbytes' 4-bit matmul, then the adapter), clones the
-base output, scales the adapter output and adds: about six passes over a (tokens x out)
-tensor, and the sum of a bf16-rounded base output and a small adapter output. Here:
-
-- The adapter output is written once, and the base GEMM adds it in its epilogue
-  (`out.addmm_(x, W^T)`: cuBLAS forms x W^T + out in its fp32 accumulator and rounds once).
-  Rounding once is what keeps the adapter's first updates: they are ~1e-3 of the layer's
-  output, below half a bf16 step. Rounding the base output first puts it on the bf16 grid,
-  and `base + delta` then rounds back to `base` every time (why train.precision: bf16, and
-  Unsloth, lag the fp32 loss early). Added to the unrounded accumulator, the delta moves the
-  rounded result by its own size in expectation.
-- Backward saves x and the (tokens x r) x A^T, not the weight: W is dequantized again.
-- Dropout on the adapter's input keeps a 1-byte mask instead of the dropped input.
-
-The forward and backward are torch.library custom ops, so a compiled decoder layer
-(tasks/speed.py) keeps them whole and fuses the elementwise work around them.
-`install(model)` routes every eligible LoRA layer of a PEFT model through them; anything
-else (merged or disabled adapters, several active adapters, DoRA, non-4-bit bases) keeps
-PEFT's forward. Nothing here is needed on CPU, but it runs there (tests check it against PEFT).
+NF4Linear is an autograd function whose backward dequantizes the weight again instead of
+keeping the bf16 copy from the forward: activations only (x is not needed: dx = g W).
+PEFT's adapter (x A^T B^T s) and its sum with the base output stay PEFT's own code; compiled,
+the sum joins the next elementwise kernel (RoPE, SwiGLU, the residual add) and is rounded
+once with it, from fp32, which is what keeps the adapters' small first updates (a bf16 sum
+on its own rounds them away: train.precision: bf16's early lag). `install(model)` routes the
+4-bit layers of a model through it; `uninstall` undoes it. Only worth it compiled (eager, the
+lookups are separate kernels): tasks/speed.py installs it with the compiled decoder layers.
 """
 from __future__ import annotations
 
 import types
-from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-_NF4 = "_qlora_flow_nf4"  # module attribute: the 4-bit weight's tensors and constants
+_NF4 = "_qlora_flow_nf4"  # module attribute: the 4-bit weight as plain tensors and constants
 
 
-def dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-               offset: Optional[Tensor], shape: list[int], blocksize: int, quant_type: str, dtype: torch.dtype) -> Tensor:
-    """bitsandbytes' dequantize_4bit, from plain tensors (double quant: the block scales are
-    themselves 8-bit, with a second level of fp32 scales every 256 blocks)."""
+def dequantize_nf4(packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None,
+                   offset: Tensor | None, code: Tensor, shape: list[int], blocksize: int,
+                   dtype: torch.dtype) -> Tensor:
+    """bitsandbytes' dequantize_4bit in tensor operations, the same arithmetic in fp32:
+    w = code[q] * scale[block], scale = nested_code[absmax] * nested_absmax[block // 256] + offset
+    (double quant), and two 4-bit codes a byte, the first in the high half."""
     if nested_absmax is not None:
-        absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, nested_absmax, nested_code, 256,
-                                                             torch.float32) + offset
-    return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
+        blocks = torch.arange(absmax.numel(), device=absmax.device) // 256
+        absmax = nested_code[absmax.int()] * nested_absmax[blocks] + offset
+    q = packed.view(-1)
+    q = torch.stack((q >> 4, q & 15), dim=-1).view(-1, blocksize)
+    w = code[q.int()] * absmax.view(-1, 1).float()
+    return w.view(shape).to(dtype)
 
 
-@torch.library.custom_op("qlora_flow::nf4_lora", mutates_args=())
-def _nf4_lora(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor],
-              nested_code: Optional[Tensor], offset: Optional[Tensor], shape: list[int], blocksize: int,
-              quant_type: str, lora_a: Tensor, lora_b: Tensor, scale: float,
-              dropout: float) -> tuple[Tensor, Tensor, Tensor]:
-    """x: (tokens, in) in the compute dtype. Returns (y, x A^T, dropout mask or an empty one)."""
-    with torch.autocast(x.device.type, enabled=False):
-        if dropout:
-            mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - dropout)
-            xd = x * mask * (1 / (1 - dropout))
-        else:
-            mask, xd = x.new_empty(0, dtype=torch.bool), x
-        xa = xd @ lora_a.to(x.dtype).t()                     # (tokens, r)
-        out = (xa * scale) @ lora_b.to(x.dtype).t()          # the adapter's output, written once
-        w = dequantize(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, x.dtype)
-        if x.is_cuda:
-            out.addmm_(x, w.t())  # epilogue: x W^T + out in fp32, one rounding
-        else:  # the same arithmetic spelled out (CPU bf16 GEMMs need not add C before rounding)
-            out = torch.addmm(out.float(), x.float(), w.float().t()).to(x.dtype)
-    return out, xa, mask
+class NF4Linear(torch.autograd.Function):
+    """y = x W^T for a 4-bit W; backward dequantizes W again rather than saving it."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, dtype):
+        ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset, code)
+        ctx.meta = (shape, blocksize, dtype)
+        w = dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, dtype)
+        return F.linear(x.to(dtype), w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, blocksize, dtype = ctx.meta
+        w = dequantize_nf4(*ctx.saved_tensors, shape, blocksize, dtype)
+        return (grad.to(dtype) @ w, None, None, None, None, None, None, None, None, None)
 
 
-@_nf4_lora.register_fake
-def _(x, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, lora_a, lora_b, scale,
-      dropout):
-    mask = torch.empty_like(x, dtype=torch.bool) if dropout else x.new_empty(0, dtype=torch.bool)
-    return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], lora_a.shape[0]), mask
-
-
-@torch.library.custom_op("qlora_flow::nf4_lora_backward", mutates_args=())
-def _nf4_lora_backward(grad: Tensor, x: Tensor, xa: Tensor, mask: Tensor, packed: Tensor, absmax: Tensor,
-                       nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], offset: Optional[Tensor],
-                       shape: list[int], blocksize: int, quant_type: str, lora_a: Tensor, lora_b: Tensor, scale: float,
-                       dropout: float, need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of y = x W^T + s (drop(x) A^T) B^T for x, A and B (dx empty if not needed)."""
-    with torch.autocast(grad.device.type, enabled=False):
-        grad = grad.to(x.dtype)
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        gb = (grad @ b) * scale                                  # (tokens, r)
-        xd = x * mask * (1 / (1 - dropout)) if dropout else x
-        da = (gb.t() @ xd).to(lora_a.dtype)                      # (r, in)
-        db = ((grad.t() @ xa) * scale).to(lora_b.dtype)          # (out, r)
-        if not need_dx:
-            return x.new_empty(0), da, db
-        dx = gb @ a                                              # the adapter's part of dx, (tokens, in)
-        if dropout:
-            dx = dx * mask * (1 / (1 - dropout))
-        w = dequantize(packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, x.dtype)
-        if x.is_cuda:
-            dx.addmm_(grad, w)  # dequantized again rather than saved from the forward
-        else:
-            dx = torch.addmm(dx.float(), grad.float(), w.float()).to(x.dtype)
-    return dx, da, db
-
-
-@_nf4_lora_backward.register_fake
-def _(grad, x, xa, mask, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, lora_a,
-      lora_b, scale, dropout, need_dx):
-    return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(lora_a), torch.empty_like(lora_b))
-
-
-def _setup_context(ctx, inputs, output):
-    x, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, a, b, scale, dropout = inputs
-    _, xa, mask = output
-    ctx.save_for_backward(x, xa, mask, packed, absmax, nested_absmax, nested_code, offset, a, b)
-    ctx.constants = (shape, blocksize, quant_type, scale, dropout)
-
-
-def _backward(ctx, grad, _grad_xa, _grad_mask):
-    x, xa, mask, packed, absmax, nested_absmax, nested_code, offset, a, b = ctx.saved_tensors
-    shape, blocksize, quant_type, scale, dropout = ctx.constants
-    dx, da, db = torch.ops.qlora_flow.nf4_lora_backward(
-        grad, x, xa, mask, packed, absmax, nested_absmax, nested_code, offset, shape, blocksize, quant_type, a, b,
-        scale, dropout, ctx.needs_input_grad[0])
-    return (dx if ctx.needs_input_grad[0] else None, None, None, None, None, None, None, None, None,
-            da, db, None, None)
-
-
-_nf4_lora.register_autograd(_backward, setup_context=_setup_context)
-
-
-def nf4_lora_linear(x: Tensor, nf4: dict, lora_a: Tensor, lora_b: Tensor, scale: float, dropout: float) -> Tensor:
-    """y = x W^T + s (drop(x) A^T) B^T for x of any leading shape, in nf4['dtype']."""
-    lead = x.shape[:-1]
-    y, _, _ = torch.ops.qlora_flow.nf4_lora(
-        x.reshape(-1, x.shape[-1]).to(nf4["dtype"]), nf4["packed"], nf4["absmax"], nf4["nested_absmax"],
-        nf4["nested_code"], nf4["offset"], nf4["shape"], nf4["blocksize"], nf4["quant_type"], lora_a, lora_b,
-        scale, dropout)
-    return y.view(*lead, y.shape[-1])
-
-
-def _weights(base) -> dict | None:
-    """The 4-bit weight of a bitsandbytes Linear4bit as plain tensors, or None."""
-    weight = getattr(base, "weight", None)
+def nf4_tensors(layer) -> dict | None:
+    """A bitsandbytes Linear4bit's NF4 weight as plain tensors and constants, or None."""
+    weight = getattr(layer, "weight", None)
     state = getattr(weight, "quant_state", None)
-    if state is None or getattr(base, "bias", None) is not None or len(state.shape) != 2:
+    if state is None or state.quant_type != "nf4" or getattr(layer, "bias", None) is not None:
         return None
-    if state.nested and state.state2.blocksize != 256:
+    if len(state.shape) != 2 or (state.nested and state.state2.blocksize != 256):
         return None
+    if state.shape[0] * state.shape[1] % state.blocksize:
+        return None
+    nested = state.nested
     return {"packed": weight.data, "absmax": state.absmax,
-            "nested_absmax": state.state2.absmax if state.nested else None,
-            "nested_code": state.state2.code if state.nested else None,
-            "offset": state.offset if state.nested else None,
+            "nested_absmax": state.state2.absmax if nested else None,
+            "nested_code": state.state2.code if nested else None,
+            "offset": state.offset if nested else None, "code": state.code.float(),
             "shape": [int(n) for n in state.shape], "blocksize": int(state.blocksize),
-            "quant_type": state.quant_type, "dtype": getattr(base, "compute_dtype", None) or state.dtype}
+            "dtype": getattr(layer, "compute_dtype", None) or torch.bfloat16}
 
 
-def _fused_forward(self, x, *args, **kwargs):
-    """Replaces PEFT's Linear4bit.forward on one module (see install)."""
-    names = [n for n in self.active_adapters if n in self.lora_A]
-    if self.disable_adapters or self.merged or len(names) != 1 or args or kwargs:
-        return type(self).forward(self, x, *args, **kwargs)
-    name = names[0]
-    dropout = self.lora_dropout[name]
-    p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
-    y = nf4_lora_linear(x, getattr(self, _NF4), self.lora_A[name].weight, self.lora_B[name].weight,
-                        float(self.scaling[name]), p)
-    return y if y.dtype == x.dtype else y.to(x.dtype)  # PEFT returns the input's dtype too
+def _forward(self, x: Tensor) -> Tensor:
+    t = getattr(self, _NF4)
+    y = NF4Linear.apply(x, t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"], t["code"],
+                        t["shape"], t["blocksize"], t["dtype"])
+    return y.to(x.dtype)  # as bitsandbytes does
 
 
 def install(model) -> int:
-    """Route each eligible LoRA layer of a PEFT model through the fused function; returns how
-    many. Undo with uninstall(model) (only instance attributes are set)."""
-    from peft.tuners.lora import LoraLayer
+    """Route every NF4 Linear4bit of the model through NF4Linear; returns how many."""
+    import bitsandbytes as bnb
     count = 0
     for module in model.modules():
-        if not isinstance(module, LoraLayer) or not hasattr(module, "base_layer"):
+        if not isinstance(module, bnb.nn.Linear4bit):
             continue
-        if any(module.use_dora.values()) or getattr(module, "lora_variant", None):
+        tensors = nf4_tensors(module)
+        if tensors is None:
             continue
-        nf4 = _weights(module.base_layer)
-        if nf4 is None:
-            continue
-        setattr(module, _NF4, nf4)
-        module.forward = types.MethodType(_fused_forward, module)
+        setattr(module, _NF4, tensors)
+        module.forward = types.MethodType(_forward, module)
         count += 1
     return count
 

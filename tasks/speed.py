@@ -7,12 +7,14 @@ train.precision say:
   - each decoder layer is checkpointed (its activations recomputed on the GPU in backward)
     around its forward compiled by torch.compile: one graph for all layers, in which norms,
     RoPE, SwiGLU, casts and residual adds become a few fused kernels;
-  - every LoRA layer is one fused 4-bit + adapter function (tasks/fast_lora.py): fewer
-    passes over activations, the weight dequantized again in backward instead of kept;
+  - the 4-bit base layers are plain tensor code (tasks/fast_lora.py), so the compiled graph
+    holds the dequantization as one generated kernel (no Python call per layer), and their
+    backward dequantizes again instead of keeping the bf16 weight;
   - Liger's fused linear + cross-entropy computes the loss without a (tokens x vocab) tensor;
-  - activations are bf16 (half the memory of an fp32 residual stream) and each LoRA layer's
-    base and adapter outputs are summed in the GEMM's fp32 accumulator and rounded once, which
-    is what keeps the adapters' small first updates (see fast_lora). Adapters stay fp32.
+  - activations are bf16 (half the memory of an fp32 residual stream); compiled, each LoRA
+    layer's `base + adapter` joins the next elementwise kernel (RoPE, SwiGLU, the residual
+    add) and is rounded once with it from fp32, which keeps the adapters' small first updates
+    (fast_lora says why). Adapters stay fp32.
 auto anywhere else, and off: the train.* flags as set (the CPU path is unchanged). On CUDA
 a model that cannot take the fast path says why in one log line.
 
@@ -43,7 +45,7 @@ class Plan:
     gradient_checkpointing: bool
     precision: str               # train.precision mode for the rest of the model (tasks/precision.py)
     compile: bool = False        # torch.compile each decoder layer (fast path)
-    fused_lora: bool = False     # tasks/fast_lora.py for every eligible LoRA layer (fast path)
+    nf4_traced: bool = False     # tasks/fast_lora.py: 4-bit layers as tensor code (compiled fast path)
     note: str = ""               # one line for the log ("" when there is nothing to say)
 
     def describe(self) -> dict:
@@ -67,11 +69,11 @@ def choose(t, device: torch.device, task: str, model_type: str, quantized: bool)
         return dataclasses.replace(flags, note=f"speed: auto: {why}; using the train.* flags as set "
                                                f"(liger_kernels={flags.liger}, precision={t.precision})")
     liger = importlib.util.find_spec("liger_kernel") is not None
-    note = ("speed: auto: fast path (compiled + checkpointed decoder layers, fused 4-bit LoRA, "
-            + ("Liger fused linear cross-entropy" if liger else "full logits: liger-kernel is not installed")
-            + ", bf16 activations with LoRA sums rounded once)")
+    note = ("speed: auto: fast path (compiled + checkpointed decoder layers with the 4-bit dequantization "
+            "inside, " + ("Liger fused linear cross-entropy" if liger else "full logits: liger-kernel is not installed")
+            + ", bf16 activations, LoRA sums rounded once with the next operation)")
     return Plan(fast=True, liger=liger, gradient_checkpointing=True, precision="bf16", compile=True,
-                fused_lora=True, note=note)
+                nf4_traced=True, note=note)
 
 
 def decoder_layers(model) -> list:
@@ -90,8 +92,10 @@ class Patches:
                             if isinstance(c, type) and c.__module__ == m.__name__]
         self.models: list[tuple[object, set[int], dict]] = []
 
-    def apply(self, model, plan: Plan, model_type: str, compile_backend: str = "inductor") -> dict:
-        """Install the fast path on a PEFT model with adapters (after tasks.train.add_lora)."""
+    def apply(self, model, plan: Plan, model_type: str, compile_backend: str = "inductor",
+              random: bool = True) -> dict:
+        """Install the fast path on a PEFT model with adapters (after tasks.train.add_lora).
+        random: the layers draw random numbers (LoRA dropout), so a recompute replays the RNG."""
         from tasks import fast_lora
         had_forward = {id(m) for m in model.modules() if "forward" in vars(m)}
         layers = decoder_layers(model)
@@ -106,13 +110,13 @@ class Patches:
             getattr(liger, LIGER[model_type])(rope=kernels, rms_norm=kernels, swiglu=kernels, cross_entropy=False,
                                               fused_linear_cross_entropy=True, model=hf)
             done["liger"] = "fused linear cross-entropy" + (", RMSNorm, RoPE, SwiGLU" if kernels else "")
-        if plan.fused_lora:
-            done["fused_lora_layers"] = fast_lora.install(model)
+        if plan.nf4_traced and plan.compile:
+            done["nf4_traced_layers"] = fast_lora.install(model)
         if plan.fast:
             step = _compiled(type(layers[0]), compile_backend) if plan.compile else _original_forward(type(layers[0]))
             for layer in layers:
                 layer.gradient_checkpointing = False  # checkpointed here instead (around the compiled forward)
-                layer.forward = types.MethodType(_checkpointed(step, plan.gradient_checkpointing), layer)
+                layer.forward = types.MethodType(_checkpointed(step, plan.gradient_checkpointing, random), layer)
             done["compiled_layers" if plan.compile else "checkpointed_layers"] = len(layers)
         return done
 
@@ -184,10 +188,11 @@ def _compiled(cls, backend: str):
     return _COMPILED[key]
 
 
-def _checkpointed(step, gradient_checkpointing: bool):
+def _checkpointed(step, gradient_checkpointing: bool, random: bool):
     def forward(self, *args, **kwargs):
         if gradient_checkpointing and self.training and torch.is_grad_enabled():
-            # Keep only this layer's input; recompute the rest in backward (RNG state replayed).
-            return checkpoint(step, self, *args, use_reentrant=False, **kwargs)
+            # Keep only this layer's input; recompute the rest in backward (replaying the RNG
+            # state only if dropout draws from it: saving it costs time on every layer).
+            return checkpoint(step, self, *args, use_reentrant=False, preserve_rng_state=random, **kwargs)
         return step(self, *args, **kwargs)
     return forward

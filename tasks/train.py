@@ -180,7 +180,7 @@ def run(params: Params, root: Path) -> StageResult:
         dtype = DTYPES[params.quant.compute_dtype]
         t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": plan.gradient_checkpointing})
         model = add_lora(model, params.lora, params.task, t_model, dtype)
-        applied = patches.apply(model, plan, model_type) if plan.fast else {}
+        applied = patches.apply(model, plan, model_type, random=params.lora.dropout > 0) if plan.fast else {}
         liger = liger or "liger" in applied
         forward = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -266,7 +266,7 @@ def run(params: Params, root: Path) -> StageResult:
                "tokens_per_second_after_warmup":
                    round((tokens - int(warm[1])) / (time.perf_counter() - warm[0]), 1) if warm else None,
                "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name, "liger_kernels": liger,
-               "precision": plan.precision + (" (LoRA sums rounded once)" if plan.fused_lora else ""),
+               "precision": plan.precision,
                "speed": {**plan.describe(), **applied},
                "device": str(device), "world_size": world}
     with atomic_dir(resolve(root, REPORT_DIR)) as tmp:
