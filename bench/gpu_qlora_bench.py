@@ -105,7 +105,8 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
     plan = speed.choose(t, device, "causal_lm", "llama", quantized=True)
     for part in variant.split("+")[1:] if variant.startswith("auto") else []:  # auto+nocompile, auto+bnb
         plan = dataclasses.replace(plan, compile=plan.compile and part != "nocompile",
-                                   nf4_traced=plan.nf4_traced and part != "bnb")
+                                   nf4_traced=plan.nf4_traced and part != "bnb",
+                                   optimizer="paged_adamw_32bit" if part == "paged" else plan.optimizer)
     scope = contextlib.ExitStack()
     patches = scope.enter_context(speed.scoped("llama"))
     if plan.liger and not plan.fast:
@@ -116,7 +117,8 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
     model = add_lora(model, LoraSection(r=rank, alpha=2 * rank, dropout=dropout), "causal_lm", t_model, torch.bfloat16)
     applied = patches.apply(model, plan, "llama", random=dropout > 0) if plan.fast else {}
     print(json.dumps({"variant": variant, "plan": plan.describe(), "applied": applied}), flush=True)
-    opt, _ = make_optimizer([p for p in model.parameters() if p.requires_grad], t, device)
+    opt, _ = make_optimizer([p for p in model.parameters() if p.requires_grad],
+                            t.model_copy(update={"optimizer": plan.optimizer}), device)
     return model, opt, scope
 
 
@@ -304,8 +306,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--variants", default="auto",
-                    help="project variants, comma-separated: auto (train.speed: auto; auto+nocompile, auto+bnb "
-                         "leave one lever out: compilation, the traced 4-bit layers), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
+                    help="project variants, comma-separated: auto (train.speed: auto; auto+nocompile, auto+bnb, "
+                         "auto+paged leave one lever out: compilation, the traced 4-bit layers, fused AdamW), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
                          "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)")
     ap.add_argument("--reference", default="", help="shapes that also get the fp32-compute reference's losses")
     ap.add_argument("--unsloth", default="", help="Unsloth tarball (.usite.tgz); empty: no Unsloth run")

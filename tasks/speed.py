@@ -31,9 +31,19 @@ import importlib.util
 import types
 
 import torch
+import torch._dynamo
+import torch._functorch.config
 from torch.utils.checkpoint import checkpoint
 
-FAST_TYPES = ("llama", "mistral", "qwen2")  # the decoder layout the fused path is written for
+FAST_TYPES = ("llama", "mistral", "qwen2")  # the decoder layout the fast path is written for
+
+# What a compiled layer keeps for its backward (AOTAutograd's partitioner). cse: merging the
+# backward's dequantization with the forward's would keep each bf16 weight from forward to
+# backward (the 4-bit point is not to); off. activation_memory_budget: recompute the cheap
+# elementwise results (RMSNorm outputs, SwiGLU's product) in backward rather than keep them:
+# about a third less memory for the layer being recomputed, never a matmul recomputed.
+PARTITIONER = {"cse": False, "activation_memory_budget": 0.5}
+
 LIGER = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
          "qwen2": "apply_liger_kernel_to_qwen2"}
 
@@ -44,6 +54,7 @@ class Plan:
     liger: bool                  # Liger kernels (on the fast path: the fused linear cross-entropy only)
     gradient_checkpointing: bool
     precision: str               # train.precision mode for the rest of the model (tasks/precision.py)
+    optimizer: str = "auto"      # train.optimizer for make_optimizer
     compile: bool = False        # torch.compile each decoder layer (fast path)
     nf4_traced: bool = False     # tasks/fast_lora.py: 4-bit layers as tensor code (compiled fast path)
     note: str = ""               # one line for the log ("" when there is nothing to say)
@@ -55,7 +66,7 @@ class Plan:
 def choose(t, device: torch.device, task: str, model_type: str, quantized: bool) -> Plan:
     """The plan for this run from train.speed and where and what it trains."""
     flags = Plan(fast=False, liger=t.liger_kernels and device.type == "cuda" and model_type in LIGER,
-                 gradient_checkpointing=t.gradient_checkpointing, precision=t.precision)
+                 gradient_checkpointing=t.gradient_checkpointing, precision=t.precision, optimizer=t.optimizer)
     if t.speed == "off" or device.type != "cuda":
         return flags
     why = None
@@ -72,8 +83,12 @@ def choose(t, device: torch.device, task: str, model_type: str, quantized: bool)
     note = ("speed: auto: fast path (compiled + checkpointed decoder layers with the 4-bit dequantization "
             "inside, " + ("Liger fused linear cross-entropy" if liger else "full logits: liger-kernel is not installed")
             + ", bf16 activations, LoRA sums rounded once with the next operation)")
-    return Plan(fast=True, liger=liger, gradient_checkpointing=True, precision="bf16", compile=True,
-                nf4_traced=True, note=note)
+    # auto: AdamW with one fused kernel for all adapters. Paging optimizer state to the CPU (the
+    # default elsewhere on CUDA) saves nothing that matters for LoRA (2 x 4 bytes per adapter
+    # weight), and bitsandbytes' per-tensor Python loop and synchronize cost 5-15% of a step.
+    optimizer = "adamw" if t.optimizer == "auto" else t.optimizer
+    return Plan(fast=True, liger=liger, gradient_checkpointing=True, precision="bf16", optimizer=optimizer,
+                compile=True, nf4_traced=True, note=note)
 
 
 def decoder_layers(model) -> list:
@@ -146,10 +161,12 @@ def scoped(model_type: str):
     patches = Patches(model_type)
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     try:
-        with torch._dynamo.config.patch({limit: 64, "suppress_errors": True}):
+        with torch._dynamo.config.patch({limit: 64, "suppress_errors": True}), \
+                torch._functorch.config.patch(PARTITIONER):
             yield patches
     finally:
         patches.undo()
+
 
 
 def _modeling_modules(model_type: str) -> list[str]:

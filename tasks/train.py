@@ -75,8 +75,8 @@ def make_optimizer(params, t: TrainConfig, device: torch.device):
     name = t.optimizer
     if name == "auto":
         name = "paged_adamw_32bit" if device.type == "cuda" else "adamw"
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay), name
+    if name == "adamw":  # on CUDA one fused kernel for all tensors
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda"), name
     import bitsandbytes as bnb  # paged optimizers page their state to CPU RAM under memory pressure
     cls = bnb.optim.PagedAdamW32bit if name == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
     return cls(params, lr=t.lr, weight_decay=t.weight_decay), name
@@ -191,7 +191,7 @@ def run(params: Params, root: Path) -> StageResult:
             if t.packing and params.task == "causal_lm" else len(train_rows)
         steps_per_epoch = math.ceil(rows_per_epoch // world / (t.batch_size * t.grad_accum))
         total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
-        optimizer, opt_name = make_optimizer(trainable, t, device)
+        optimizer, opt_name = make_optimizer(trainable, t.model_copy(update={"optimizer": plan.optimizer}), device)
         scheduler = linear_schedule(optimizer, int(t.warmup_ratio * total), total)
         autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
         # --- resume from the last checkpoint of this same run, if a crash left one
