@@ -107,6 +107,9 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
         plan = dataclasses.replace(plan, compile=plan.compile and part != "nocompile",
                                    nf4_traced=plan.nf4_traced and part != "bnb",
                                    optimizer="paged_adamw_32bit" if part == "paged" else plan.optimizer)
+    parts = variant.split("+")
+    if "cse" in parts or "nocse" in parts:  # the partitioner's settings (tasks.speed.PARTITIONER), to compare
+        speed.PARTITIONER = {} if "cse" in parts else {"cse": False}
     scope = contextlib.ExitStack()
     patches = scope.enter_context(speed.scoped("llama"))
     if plan.liger and not plan.fast:
