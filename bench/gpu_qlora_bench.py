@@ -106,12 +106,14 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
     for part in variant.split("+")[1:] if variant.startswith("auto") else []:  # auto+nocompile, auto+bnb
         plan = dataclasses.replace(plan, compile=plan.compile and part != "nocompile",
                                    nf4_traced=plan.nf4_traced and part != "bnb",
-                                   optimizer="paged_adamw_32bit" if part == "paged" else plan.optimizer)
+                                   optimizer="adamw" if part == "adamw" else plan.optimizer)
     parts = variant.split("+")
-    if "cse" in parts or "nocse" in parts:  # the partitioner's settings (tasks.speed.PARTITIONER), to compare
+    partitioner = dict(speed.PARTITIONER)
+    if "cse" in parts or "nobudget" in parts:  # the partitioner's settings (tasks.speed.PARTITIONER), to compare
         speed.PARTITIONER = {} if "cse" in parts else {"cse": False}
     scope = contextlib.ExitStack()
     patches = scope.enter_context(speed.scoped("llama"))
+    speed.PARTITIONER = partitioner  # read on entering the scope: later variants get the default again
     if plan.liger and not plan.fast:
         apply_speedups("llama", t, device)
     model = load_base("causal_lm", path, ModelConfig(name=path, prefer_embedded=False), QuantConfig(), device)
@@ -309,8 +311,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--variants", default="auto",
-                    help="project variants, comma-separated: auto (train.speed: auto; auto+nocompile, auto+bnb, "
-                         "auto+paged leave one lever out: compilation, the traced 4-bit layers, fused AdamW), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
+                    help="project variants, comma-separated: auto (train.speed: auto; auto+nocompile, auto+bnb "
+                         "leave one lever out: compilation, the traced 4-bit layers; auto+adamw: fused AdamW "
+                         "instead of paged AdamW 32-bit; auto+cse, auto+nobudget: partitioner settings), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
                          "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)")
     ap.add_argument("--reference", default="", help="shapes that also get the fp32-compute reference's losses")
     ap.add_argument("--unsloth", default="", help="Unsloth tarball (.usite.tgz); empty: no Unsloth run")
@@ -352,14 +355,14 @@ def main() -> int:
 
         if not a.no_plain:
             run("plain-hf", lambda: plain_recipe(path, a.rank))
-        if name in a.reference.split(","):  # loss curve only: its speed is not the point
-            run("fp32-reference", lambda: plain_recipe(path, a.rank, torch.float32), bf16=False)
         if a.unsloth:
             for mode in (["true", "unsloth"] if a.unsloth_gc == "both" else [a.unsloth_gc]):
                 run(f"unsloth[gc={mode}]", result=unsloth(name, a.seq, a.bs, a.steps, a.warmup, a.rank, a.unsloth, mode))
         for variant in a.variants.split(","):
             prof = f"{a.profile}/profile_{name}_{variant.replace('+', '-')}.txt" if a.profile else ""
             run(f"qlora-flow[{variant}]", lambda: project_recipe(path, a.rank, variant), profile=prof)
+        if name in a.reference.split(","):  # last (slow); for the loss curves only: its speed is not the point
+            run("fp32-reference", lambda: plain_recipe(path, a.rank, torch.float32), bf16=False)
         plain = rows.get("plain-hf", {})
         ref = rows.get("fp32-reference", {}).get("losses")
         uns = rows.get("unsloth[gc=true]", {})

@@ -99,8 +99,12 @@ def epoch_batches(rows, lengths: list[int], params: Params, pad_id: int, epoch: 
         groups = [bins[i: i + t.batch_size] for i in range(0, len(bins), t.batch_size)]
         return (collate_packed(rows, g, pad_id) for g in groups[skip:])
     order = distributed.shard(order)
-    return ((b, int(b["attention_mask"].sum()))
-            for b in batches(rows, t.batch_size, pad_id, params.task, order[skip * t.batch_size:]))
+    return ((b, real_tokens(b)) for b in batches(rows, t.batch_size, pad_id, params.task, order[skip * t.batch_size:]))
+
+
+def real_tokens(batch: dict) -> int:
+    """Non-pad tokens of a padded batch, counted on the host from the CPU batch."""
+    return int(batch["attention_mask"].sum())
 
 
 def run_fingerprint(params: Params, root: Path) -> str:

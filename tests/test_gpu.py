@@ -40,7 +40,7 @@ def _pipeline(tmp_path, **train_options):
         stage.run(params, tmp_path)
     summary = json.loads((tmp_path / "reports/train/summary.json").read_text())
     loss = pd.read_csv(tmp_path / "reports/train/loss.csv")["loss"].tolist()
-    assert summary["device"].startswith("cuda") and summary["optimizer"] == "paged_adamw_32bit"
+    assert summary["device"].startswith("cuda") and summary["optimizer"] == "paged_adamw_32bit"  # optimizer: auto
     assert len(loss) == 10 and loss[-1] < loss[0]
     assert json.loads((tmp_path / "reports/metrics.json").read_text())["answer_tokens"] > 0
     return summary
