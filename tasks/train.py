@@ -176,8 +176,8 @@ def run(params: Params, root: Path) -> StageResult:
     plan = speed.choose(t, device, params.task, model_type, quantized="quantization_config" in base_config)
     if plan.note and distributed.is_main():
         print(f"train: {plan.note}")
-    # Every patch (Liger's, compiled layers, fused LoRA) ends with this block: evaluation and
-    # merge, in this process or another, build and run unpatched models.
+    # Every patch (Liger's, compiled layers, traced 4-bit layers) ends with this block:
+    # evaluation and merge, in this process or another, build and run unpatched models.
     with speed.scoped(model_type) as patches:
         liger = apply_speedups(model_type, t, device) if plan.liger and not plan.fast else False
         model = load_saved(params.task, resolve(root, BASE), device)
@@ -234,7 +234,7 @@ def run(params: Params, root: Path) -> StageResult:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                tokens = tokens + step_tokens  # an int, or a device tensor under DDP
+                tokens = tokens + step_tokens  # a CPU tensor, or a device tensor under DDP: read at log points
                 pending.append(({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}, step_loss, tokens))
                 if step == step_at_start + WARMUP_STEPS:  # throughput is measured after warm-up
                     distributed.synchronize(device)  # once: the clock must not run ahead of the GPU
