@@ -1,28 +1,39 @@
-"""GPU benchmark: the plain Hugging Face QLoRA recipe and this project's training path, in
-ONE process on one GPU, on the same random-weight Llama-shaped model, data and batch.
+"""GPU benchmark: the plain Hugging Face QLoRA recipe, this project's training path and
+Unsloth, in ONE invocation on one GPU, on the same random-weight Llama-shaped model, data,
+batch and LoRA settings (r=16 on all linear layers, dropout 0: Unsloth's fast path needs it).
 
-Prints one JSON line per (shape, recipe): tokens/s (median of timed steps after warm-up),
-peak GPU memory, MFU (4N FLOPs a token, as in ../shared/bench), the per-step losses, and
-for the project recipe the ratios against the plain one. Skips (exit 0) without CUDA.
+Prints one JSON line per (shape, recipe): tokens/s (median of the timed steps after warm-up),
+peak GPU memory, MFU (4N FLOPs a token, as in ../shared/bench), every step's loss, the ratios
+to the plain recipe and to Unsloth, and the largest loss difference to an all-fp32 reference
+(the plain recipe with fp32 compute on the same 4-bit weights), then a table. Skips (exit 0)
+without CUDA.
 
-    python bench/gpu_qlora_bench.py --shapes llama-1b,llama-8b --seq 2048 --bs 4 \
-        --variants liger+gc,liger+gc+mixed --reference llama-1b
+    python bench/gpu_qlora_bench.py --shapes llama-1b --steps 20 --warmup 2 --reference llama-1b \
+        --variants auto --unsloth .usite.tgz --out bench/results/NAME
 
 The plain recipe is the one in ../shared/bench/plain_hf_qlora_reference.py: NF4 double
-quant, bf16 compute, LoRA r=16 all-linear, gradient checkpointing, paged AdamW 32-bit, sdpa.
-The project recipe builds the same model with tasks.modeling / tasks.train (the code
-`qlora run` trains with) and the speed options of params.yaml (train.liger_kernels, ...).
-Peak memory is each recipe's own: the previous recipe's model is collected first and
-anything still held is subtracted (printed as leftover_gib).
+quant, bf16 compute, gradient checkpointing, paged AdamW 32-bit, sdpa. The project recipe
+builds the model with tasks.modeling / tasks.train / tasks.speed (the code `qlora run` trains
+with): variant `auto` is train.speed: auto (the fast path on CUDA), other variants name the
+train.* flags of train.speed: off (e.g. liger+gc+mixed). Unsloth runs in a subprocess of its
+own (it patches transformers and peft for the whole process): bench/unsloth_reference.py,
+a copy of ../shared/bench/unsloth_reference.py, with Unsloth from the tarball named by
+--unsloth (../shared/bench/README.md says how it is built). Peak memory is each recipe's own:
+the previous recipe's model is collected first and anything still held is subtracted
+(printed as leftover_gib).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
+import traceback
 import typing
 from pathlib import Path
 
@@ -62,7 +73,7 @@ def flops_per_token(name: str, seq: int) -> float:
     return 4 * n + 2 * (2 * 2 * n_layers * seq * h)
 
 
-def plain_recipe(path: str, rank: int, dtype: torch.dtype = torch.bfloat16):
+def plain_recipe(path: str, rank: int, dtype: torch.dtype = torch.bfloat16, dropout: float = 0.0):
     """Verbatim the seeds' recipe: transformers + peft + bitsandbytes. dtype=float32 makes it
     the fp32 reference: every computation in fp32 on the same 4-bit weights, what the bf16
     recipes approximate (slow; for loss curves only)."""
@@ -76,72 +87,153 @@ def plain_recipe(path: str, rank: int, dtype: torch.dtype = torch.bfloat16):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model.config.use_cache = False
     torch.manual_seed(1)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, bias="none",
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, bias="none",
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     opt = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    return model, opt
+    return model, opt, contextlib.nullcontext()
 
 
-def project_recipe(path: str, rank: int, liger: bool, gc_on: bool, precision: str = "fp32_upcast",
-                   skip_last: int = 0):
-    """The project's path: tasks.modeling.load_base + tasks.train.add_lora/make_optimizer."""
+def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
+    """The project's path: tasks.modeling.load_base, tasks.train.add_lora/make_optimizer, and
+    tasks.speed for the plan of train.speed (variant 'auto') or of the train.* flags."""
+    from tasks import speed
     from tasks.config import LoraSection, ModelConfig, QuantConfig, TrainConfig
     from tasks.modeling import load_base
     from tasks.train import add_lora, apply_speedups, make_optimizer
     device = torch.device("cuda")
-    t = TrainConfig(lr=2e-4, liger_kernels=liger, gradient_checkpointing=gc_on, optimizer="auto",
-                    precision=precision, gradient_checkpointing_skip_last=skip_last)
-    apply_speedups("llama", t, device)
+    t = TrainConfig(lr=2e-4, optimizer="auto", **variant_options(variant))
+    plan = speed.choose(t, device, "causal_lm", "llama", quantized=True)
+    for part in variant.split("+")[1:] if variant.startswith("auto") else []:  # auto+nocompile, auto+bnb
+        plan = dataclasses.replace(plan, compile=plan.compile and part != "nocompile",
+                                   nf4_traced=plan.nf4_traced and part != "bnb",
+                                   optimizer="adamw" if part == "adamw" else plan.optimizer)
+    parts = variant.split("+")
+    partitioner = dict(speed.PARTITIONER)
+    if "cse" in parts or "nobudget" in parts:  # the partitioner's settings (tasks.speed.PARTITIONER), to compare
+        speed.PARTITIONER = {} if "cse" in parts else {"cse": False}
+    scope = contextlib.ExitStack()
+    patches = scope.enter_context(speed.scoped("llama"))
+    speed.PARTITIONER = partitioner  # read on entering the scope: later variants get the default again
+    if plan.liger and not plan.fast:
+        apply_speedups("llama", t, device)
     model = load_base("causal_lm", path, ModelConfig(name=path, prefer_embedded=False), QuantConfig(), device)
     torch.manual_seed(1)
-    model = add_lora(model, LoraSection(r=rank, alpha=2 * rank, dropout=0.05), "causal_lm", t, torch.bfloat16)
-    opt, _ = make_optimizer([p for p in model.parameters() if p.requires_grad], t, device)
-    return model, opt
+    t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": plan.gradient_checkpointing})
+    model = add_lora(model, LoraSection(r=rank, alpha=2 * rank, dropout=dropout), "causal_lm", t_model, torch.bfloat16)
+    applied = patches.apply(model, plan, "llama", random=dropout > 0) if plan.fast else {}
+    print(json.dumps({"variant": variant, "plan": plan.describe(), "applied": applied}), flush=True)
+    opt, _ = make_optimizer([p for p in model.parameters() if p.requires_grad],
+                            t.model_copy(update={"optimizer": plan.optimizer}), device)
+    return model, opt, scope
 
 
 def variant_options(variant: str) -> dict:
-    """'liger+gc+mixed+skip4' -> project_recipe keyword arguments."""
+    """'liger+gc+mixed+skip4' -> TrainConfig fields (train.speed: off); 'auto...' -> speed: auto."""
+    if variant.startswith("auto"):
+        return {"speed": "auto"}
     parts = variant.split("+")
     skip = [int(p[4:]) for p in parts if p.startswith("skip")]
     from tasks.config import TrainConfig
     modes = typing.get_args(TrainConfig.model_fields["precision"].annotation)
     precision = next((p for p in parts if p in modes), TrainConfig.model_fields["precision"].default)
-    return dict(liger="liger" in parts, gc_on="gc" in parts, precision=precision, skip_last=skip[0] if skip else 0)
+    return dict(speed="off", liger_kernels="liger" in parts, gradient_checkpointing="gc" in parts,
+                precision=precision, gradient_checkpointing_skip_last=skip[0] if skip else 0)
 
 
-def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int, bf16: bool = True) -> dict:
+def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int, bf16: bool = True,
+            profile: str = "") -> dict:
     gc.collect()  # an earlier recipe's model is cyclic garbage until collected
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()  # anything an earlier recipe still holds
-    model, opt = build()
-    model.train()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, SHAPES[name]["vocab_size"], (bs, seq), device="cuda", generator=g)
-    times, losses = [], []
-    for _ in range(warmup + steps):
+    model, opt, scope = build()
+    with scope:  # the project's patches end here (tasks.speed.scoped)
+        model.train()
+        g = torch.Generator(device="cuda").manual_seed(0)
+        ids = torch.randint(0, SHAPES[name]["vocab_size"], (bs, seq), device="cuda", generator=g)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        times, losses = [], []
+        for _ in range(warmup + steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            losses.append(round(loss.item(), 5))
+        peak_bytes = torch.cuda.max_memory_allocated()
+        # Where the peak is: one more step, with the peak read after its forward and its backward.
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        rest = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
+        forward_peak = torch.cuda.max_memory_allocated()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        losses.append(round(loss.item(), 5))
+        backward_peak = torch.cuda.max_memory_allocated()
+        peak_bytes = max(peak_bytes, backward_peak)
+        where = {k: round((v - leftover) / 2**30, 2) for k, v in
+                 (("rest_gib", rest), ("forward_peak_gib", forward_peak), ("step_peak_gib", backward_peak))}
+        table = profile_table(step, profile) if profile else None
+        del model, opt, loss  # the last loss holds the graph's nodes, and through them the model
     med = sorted(times[warmup:])[len(times[warmup:]) // 2]
     tok_s = bs * seq / med
     gpu = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), 989e12)
-    out = {"tokens_per_s": round(tok_s, 1), "peak_gib": round((torch.cuda.max_memory_allocated() - leftover) / 2**30, 2),
+    out = {"tokens_per_s": round(tok_s, 1), "peak_gib": round((peak_bytes - leftover) / 2**30, 2),
            "leftover_gib": round(leftover / 2**30, 2),
            "mfu": round(tok_s * flops_per_token(name, seq) / peak, 4), "median_step_s": round(med, 4),
-           "losses": losses}
-    del model, opt, loss  # the last loss holds the graph's nodes, and through them the model
+           "first_step_s": round(times[0], 2), **where, "losses": losses}
+    if table:
+        out["profile"] = table
     gc.collect()
     torch.cuda.empty_cache()
     return out
+
+
+def profile_table(step, path: str, rows: int = 30) -> str:
+    """Where one step's GPU time goes: torch.profiler over 2 steps, by self CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(table)
+    print(table, flush=True)
+    return path
+
+
+def unsloth(name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, tarball: str, gc_mode: str) -> dict:
+    """Unsloth's step (bench/unsloth_reference.py) in a process of its own, from the tarball."""
+    site = Path("/tmp/usite")
+    if not (site / "unsloth").exists():
+        site.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["tar", "xzf", tarball, "-C", str(site)], check=True)
+    model_dir(name)  # the same weights (and directory) as the other recipes
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(Path(__file__).with_name("unsloth_reference.py")), "--shape", name, "--seq", str(seq),
+           "--bs", str(bs), "--steps", str(steps), "--warmup", str(warmup), "--rank", str(rank), "--gc", gc_mode,
+           "--dropout", "0"]
+    gc.collect()
+    torch.cuda.empty_cache()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not rows:
+        return {"error": (proc.stdout + proc.stderr)[-1500:]}
+    row = rows[-1]
+    return {"tokens_per_s": row["tokens_per_s"], "peak_gib": row["peak_gib"], "mfu": row["mfu"],
+            "median_step_s": row["median_step_s"], "losses": row["losses"], "unsloth": row.get("unsloth")}
 
 
 def instruction_frame(seq: int):
@@ -165,7 +257,8 @@ def measure_data(build, batches: list, warmup: int) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model, opt = build()
+    model, opt, scope = build()
+    scope.__enter__()
     model.train()
     seconds, real_tokens, losses = 0.0, 0, []
     for i, (batch, real) in enumerate(batches):
@@ -185,6 +278,7 @@ def measure_data(build, batches: list, warmup: int) -> dict:
     out = {"nonpad_tokens_per_s": round(real_tokens / seconds, 1), "steps": len(batches),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "first_losses": losses[:4]}
     del model, opt, loss
+    scope.__exit__(None, None, None)
     gc.collect()
     torch.cuda.empty_cache()
     return out
@@ -208,10 +302,18 @@ def padding_vs_packing(name: str, seq: int, bs: int, rank: int, warmup: int, var
     base = measure_data(lambda: plain_recipe(path, rank), padded, warmup)
     print(json.dumps({"shape": name, "data": "alpaca-sample x4", "recipe": "plain-hf, dynamic padding",
                       "batch": f"{bs} examples", **base}), flush=True)
-    proj = measure_data(lambda: project_recipe(path, rank, **variant_options(variant)), packed, warmup)
+    proj = measure_data(lambda: project_recipe(path, rank, variant), packed, warmup)
     proj["nonpad_speed_ratio"] = round(proj["nonpad_tokens_per_s"] / base["nonpad_tokens_per_s"], 3)
     print(json.dumps({"shape": name, "data": "alpaca-sample x4", "recipe": f"qlora-flow[{variant}+packing]",
                       "batch": f"{rows_per_batch} packed row(s) of <= {seq} tokens", **proj}), flush=True)
+
+
+def ratio(a, b) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def max_diff(losses: list, ref: list | None) -> float | None:
+    return round(max(abs(x - y) for x, y in zip(losses, ref)), 5) if ref else None
 
 
 def main() -> int:
@@ -219,50 +321,89 @@ def main() -> int:
     ap.add_argument("--shapes", default="llama-1b,llama-8b")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--bs", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--variants", default="liger+gc+mixed",
-                    help="project variants, comma-separated, each '+'-joined from: liger, gc, skipN "
+    ap.add_argument("--variants", default="auto",
+                    help="project variants, comma-separated: auto (train.speed: auto; auto+nocompile, auto+bnb "
+                         "leave one lever out: compilation, the traced 4-bit layers; auto+adamw: fused AdamW "
+                         "instead of paged AdamW 32-bit; auto+cse, auto+nobudget: partitioner settings), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
                          "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)")
     ap.add_argument("--reference", default="", help="shapes that also get the fp32-compute reference's losses")
+    ap.add_argument("--unsloth", default="", help="Unsloth tarball (.usite.tgz); empty: no Unsloth run")
+    ap.add_argument("--unsloth-gc", default="true", help="true (recompute on the GPU) or unsloth (offloaded), or both")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain recipe (no ratios to it)")
+    ap.add_argument("--profile", default="", help="folder for a torch.profiler table of each project variant")
+    ap.add_argument("--out", default="", help="write the JSON lines to OUT.jsonl as well")
     ap.add_argument("--packing", default="", help="shape for the real-data run: padding vs packing")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA GPU"}))
         return 0
-    print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}), flush=True)
-    if a.packing:  # padding vs packing on real instruction data (plain first: Liger patches globally)
+    out = open(a.out + ".jsonl", "a") if a.out else None
+
+    def emit(row: dict) -> None:
+        line = json.dumps(row)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    emit({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv)})
+    if a.packing:  # padding vs packing on real instruction data
         padding_vs_packing(a.packing, a.seq, a.bs, a.rank, a.warmup, a.variants.split(",")[0])
         return 0
-    # Every plain run first: Liger patches transformers' Llama classes for the whole process.
-    plain = {}
+    results = []
     for name in a.shapes.split(","):
         path = model_dir(name)
-        plain[name] = measure(lambda: plain_recipe(path, a.rank), name, a.seq, a.bs, a.steps, a.warmup)
-        print(json.dumps({"shape": name, "recipe": "plain-hf", **plain[name]}), flush=True)
-    refs = {}
-    for name in filter(None, a.reference.split(",")):  # loss curves only: its speed is not the point
-        ref = refs[name] = measure(lambda: plain_recipe(model_dir(name), a.rank, torch.float32), name, a.seq, a.bs,
-                                   a.steps, a.warmup, bf16=False)
-        ref["max_loss_diff"] = round(max(abs(x - y) for x, y in zip(ref["losses"], plain[name]["losses"])), 5)
-        print(json.dumps({"shape": name, "recipe": "fp32-reference", **ref}), flush=True)
-    for variant in a.variants.split(","):
-        opts = variant_options(variant)
-        for name in a.shapes.split(","):
-            path, base = model_dir(name), plain[name]
+        rows = {}
+
+        def run(recipe: str, build=None, **kw) -> None:
             try:
-                r = measure(lambda: project_recipe(path, a.rank, **opts), name, a.seq, a.bs, a.steps, a.warmup)
-            except Exception as exc:  # report and go on (e.g. out of memory without checkpointing)
-                print(json.dumps({"shape": name, "recipe": f"qlora-flow[{variant}]", "error": repr(exc)[:400]}))
+                r = measure(build, name, a.seq, a.bs, a.steps, a.warmup, **kw) if build else kw["result"]
+            except Exception as exc:  # report and go on (e.g. out of memory)
+                traceback.print_exc()
+                r = {"error": repr(exc)[:600]}
+            rows[recipe] = r
+            emit({"shape": name, "recipe": recipe, **r})
+
+        if not a.no_plain:
+            run("plain-hf", lambda: plain_recipe(path, a.rank))
+        if a.unsloth:
+            for mode in (["true", "unsloth"] if a.unsloth_gc == "both" else [a.unsloth_gc]):
+                run(f"unsloth[gc={mode}]", result=unsloth(name, a.seq, a.bs, a.steps, a.warmup, a.rank, a.unsloth, mode))
+        for variant in a.variants.split(","):
+            prof = f"{a.profile}/profile_{name}_{variant.replace('+', '-')}.txt" if a.profile else ""
+            run(f"qlora-flow[{variant}]", lambda: project_recipe(path, a.rank, variant), profile=prof)
+        if name in a.reference.split(","):  # last (slow); for the loss curves only: its speed is not the point
+            run("fp32-reference", lambda: plain_recipe(path, a.rank, torch.float32), bf16=False)
+        plain = rows.get("plain-hf", {})
+        ref = rows.get("fp32-reference", {}).get("losses")
+        uns = rows.get("unsloth[gc=true]", {})
+        for recipe, r in rows.items():
+            if "error" in r or recipe == "fp32-reference":
                 continue
-            r["speed_ratio"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
-            r["memory_ratio"] = round(r["peak_gib"] / base["peak_gib"], 3)
-            r["max_loss_diff"] = round(max(abs(x - y) for x, y in zip(r["losses"], base["losses"])), 5)
-            if name in refs:
-                r["max_loss_diff_vs_fp32"] = round(max(abs(x - y) for x, y in zip(r["losses"], refs[name]["losses"])), 5)
-            print(json.dumps({"shape": name, "recipe": f"qlora-flow[{variant}]", **r}), flush=True)
+            summary = {"shape": name, "recipe": recipe, "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"],
+                       "mfu": r["mfu"], "vs_plain": ratio(r["tokens_per_s"], plain.get("tokens_per_s")),
+                       "memory_vs_plain": ratio(r["peak_gib"], plain.get("peak_gib")),
+                       "vs_unsloth": ratio(r["tokens_per_s"], uns.get("tokens_per_s")),
+                       "memory_vs_unsloth": ratio(r["peak_gib"], uns.get("peak_gib")),
+                       "max_loss_diff_vs_fp32": max_diff(r["losses"], ref),
+                       "max_loss_diff_vs_plain": max_diff(r["losses"], plain.get("losses")),
+                       "steps": len(r["losses"])}
+            results.append(summary)
+            emit({"summary": True, **summary})
+    print_table(results)
     return 0
+
+
+def print_table(results: list) -> None:
+    cols = ["shape", "recipe", "tokens_per_s", "peak_gib", "mfu", "vs_plain", "memory_vs_plain", "vs_unsloth",
+            "memory_vs_unsloth", "max_loss_diff_vs_fp32", "max_loss_diff_vs_plain", "steps"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + " --- |" * len(cols))
+    for r in results:
+        print("| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Plot the per-step losses that bench/gpu_qlora_bench.py printed: for each shape, the loss
-of every recipe (top) and its difference from the plain recipe's (bottom).
+of every recipe (top) and its difference from the all-fp32 reference's where the file has
+one, else from the plain recipe's (bottom).
 
     python bench/plot_loss_curves.py bench/results/X.jsonl [more.jsonl ...] -o out.png
 """
@@ -15,12 +16,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-STYLE = {"plain-hf": ("k", "--"), "fp32-reference": ("tab:blue", ":")}  # others: by precision mode
+STYLE = {"plain-hf": ("k", "--"), "fp32-reference": ("tab:blue", ":")}  # others: by recipe or precision mode
 
 
 def style(recipe: str) -> tuple[str, str]:
     if recipe in STYLE:
         return STYLE[recipe]
+    if recipe.startswith("unsloth"):
+        return "tab:purple", "-."
+    if recipe.startswith("qlora-flow[auto"):
+        return "tab:green", "-"
     return ("tab:red" if "bf16" in recipe else "tab:orange" if "mixed" in recipe else "tab:grey"), "-"
 
 
@@ -43,14 +48,15 @@ def main() -> int:
     curves = read(a.jsonl)
     fig, axes = plt.subplots(2, len(curves), figsize=(6 * len(curves), 7), squeeze=False, sharex="col")
     for col, (shape, recipes) in enumerate(sorted(curves.items())):
-        plain = recipes["plain-hf"]
+        base_name = "fp32-reference" if "fp32-reference" in recipes else "plain-hf"
+        base = recipes[base_name]
         for recipe, losses in recipes.items():
             steps = range(1, len(losses) + 1)
             color, line = style(recipe)
             axes[0][col].plot(steps, losses, color=color, ls=line, label=recipe)
-            axes[1][col].plot(steps, [x - y for x, y in zip(losses, plain)], color=color, ls=line, label=recipe)
+            axes[1][col].plot(steps, [x - y for x, y in zip(losses, base)], color=color, ls=line, label=recipe)
         axes[0][col].set_title(f"{shape}: training loss, same seed and batch")
-        axes[1][col].set_title("loss minus the plain recipe's")
+        axes[1][col].set_title(f"loss minus the {'all-fp32 reference' if base_name != 'plain-hf' else 'plain recipe'}'s")
         axes[1][col].set_xlabel("step")
         axes[1][col].axhline(0, color="grey", lw=0.5)
         axes[0][col].legend(fontsize=8)

@@ -65,7 +65,7 @@ STAGES: tuple[Stage, ...] = (
           params=("task", "seed", "model", "quant", "train.device"), outs=(catalog.BASE_MODEL_DIR,)),
     Stage("train", "tasks.train", deps=(catalog.TOKENIZED_DIR, catalog.BASE_MODEL_DIR),
           code=("tasks/train.py", "tasks/checkpoint.py", "tasks/batching.py", "tasks/plots.py", "tasks/modeling.py",
-                "tasks/precision.py", "tasks/distributed.py", "tasks/card.py"),
+                "tasks/precision.py", "tasks/distributed.py", "tasks/speed.py", "tasks/fast_lora.py", "tasks/card.py"),
           params=("task", "seed", "model.name", "lora", "train", "quant.compute_dtype"),
           outs=(catalog.ADAPTER_DIR, catalog.TRAIN_REPORT_DIR)),
     Stage("evaluate", "tasks.evaluate", deps=(catalog.TOKENIZED_DIR, catalog.BASE_MODEL_DIR, catalog.ADAPTER_DIR),

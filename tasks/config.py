@@ -145,6 +145,11 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(
         50, ge=0, description="Steps between resumable checkpoints (.qlora/checkpoints); 0: none.")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0: torch's default.")
+    speed: Literal["auto", "off"] = Field(
+        "auto", description="auto: on CUDA, a causal LM with a 4-bit Llama/Mistral/Qwen2-layout base trains on the "
+        "fast path (tasks/speed.py: compiled and checkpointed decoder layers with the 4-bit dequantization inside, "
+        "Liger cross-entropy, bf16 activations), whatever liger_kernels, gradient_checkpointing and precision say; "
+        "elsewhere (CPU, other models), and with off, those flags apply as set")
 
 
 class EvalConfig(Section):

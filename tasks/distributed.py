@@ -1,8 +1,10 @@
 """Data parallelism for the training loop under torchrun: one process per GPU, each on its
-own shard of every epoch, gradients averaged by DDP. With WORLD_SIZE unset (one process)
-every function here is a no-op, so the loop reads the same either way."""
+own shard of every epoch, gradients averaged by DDP (all-reduced once per optimizer step:
+no_sync on the micro-steps before). With WORLD_SIZE unset (one process) every function
+here is a no-op, so the loop reads the same either way."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -39,20 +41,28 @@ def wrap(model, device: torch.device):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def mean(x: float, device: torch.device) -> float:
-    return _reduce(x, device) / world()[1]
+def no_sync(model, skip: bool):
+    """Inside, DDP's backward leaves gradients in .grad without all-reducing them: the
+    micro-steps before the last of an optimizer step (the last one all-reduces the sum)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
 
-def total(x: int, device: torch.device) -> int:
-    return int(_reduce(x, device))
-
-
-def _reduce(x: float, device: torch.device) -> float:
+def sum_over_ranks(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x summed over all ranks, one all-reduce (x itself, wherever it is, on one process).
+    Asynchronous on the GPU: nothing here waits for the result."""
     if world()[1] == 1:
         return x
-    t = torch.tensor([float(x)], device=device)
-    dist.all_reduce(t)
-    return t.item()
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory().to(device, non_blocking=True)
+    x = x.to(device)
+    dist.all_reduce(x)
+    return x
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def is_main() -> bool:

@@ -1,6 +1,17 @@
 """Step 5: train LoRA adapters on the frozen 4-bit base. The loop is the whole story:
-setup (model, LoRA, optimizer, schedule), then for each step: batch -> forward -> backward
--> clip -> step, logging the loss; finally save the adapter, the log and its plot.
+setup (speed plan, model, LoRA, optimizer, schedule), then for each optimizer step: its
+micro-batches -> count their label tokens -> forward + backward each -> clip -> step,
+logging the loss; finally save the adapter, the log and its plot.
+
+Two rules keep it correct while fast:
+- The loss of an optimizer step is the sum over its label tokens (examples, for seq_cls)
+  divided by their number over all its micro-batches and ranks, so batch 4 x accum 1 and
+  batch 1 x accum 4 give the same gradients (a mean of micro-batch means would weigh the
+  tokens of short answers more).
+- Nothing waits on the GPU inside the loop except at log and checkpoint points: losses stay
+  on the device until then, counts are all-reduced once per optimizer step (under DDP),
+  batches are copied from pinned memory without blocking, and DDP all-reduces gradients in
+  the last micro-step's backward only.
 """
 from __future__ import annotations
 
@@ -13,8 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tasks.batching import batches, collate_packed, epoch_order, pack_bins
-from tasks import catalog, checkpoint, distributed, precision
+from tasks.batching import IGNORE, batches, collate_packed, epoch_order, pack_bins
+from tasks import catalog, checkpoint, distributed, precision, speed
 from tasks.card import write_stage_card
 from tasks.common import StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import LoraSection, Params, TrainConfig
@@ -50,7 +61,8 @@ LIGER = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_
 
 
 def apply_speedups(model_type: str, t: TrainConfig, device: torch.device) -> bool:
-    """Patch the model classes with Liger kernels before the model is built; True if applied."""
+    """Patch the model classes with Liger kernels before the model is built; True if applied.
+    (train.speed: off, or a model off the fast path; call inside speed.scoped so it ends there.)"""
     if not (t.liger_kernels and device.type == "cuda" and model_type in LIGER):
         return False
     import liger_kernel.transformers as liger
@@ -63,8 +75,8 @@ def make_optimizer(params, t: TrainConfig, device: torch.device):
     name = t.optimizer
     if name == "auto":
         name = "paged_adamw_32bit" if device.type == "cuda" else "adamw"
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay), name
+    if name == "adamw":  # on CUDA one fused kernel for all tensors
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda"), name
     import bitsandbytes as bnb  # paged optimizers page their state to CPU RAM under memory pressure
     cls = bnb.optim.PagedAdamW32bit if name == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
     return cls(params, lr=t.lr, weight_decay=t.weight_decay), name
@@ -87,8 +99,12 @@ def epoch_batches(rows, lengths: list[int], params: Params, pad_id: int, epoch: 
         groups = [bins[i: i + t.batch_size] for i in range(0, len(bins), t.batch_size)]
         return (collate_packed(rows, g, pad_id) for g in groups[skip:])
     order = distributed.shard(order)
-    return ((b, int(b["attention_mask"].sum()))
-            for b in batches(rows, t.batch_size, pad_id, params.task, order[skip * t.batch_size:]))
+    return ((b, real_tokens(b)) for b in batches(rows, t.batch_size, pad_id, params.task, order[skip * t.batch_size:]))
+
+
+def real_tokens(batch: dict) -> int:
+    """Non-pad tokens of a padded batch, counted on the host from the CPU batch."""
+    return int(batch["attention_mask"].sum())
 
 
 def save_adapter(model, tok, path: Path, base_model: str) -> None:
@@ -108,6 +124,53 @@ def save_adapter(model, tok, path: Path, base_model: str) -> None:
     tok.save_pretrained(path)
 
 
+def optimizer_steps(rows, lengths: list[int], params: Params, pad_id: int, epoch: int, skip: int):
+    """This epoch's optimizer steps from micro-batch `skip` on: (index of the micro-batch after
+    the step, [(batch, real tokens)] * grad_accum). A last, incomplete group is dropped."""
+    group = []
+    for micro, item in enumerate(epoch_batches(rows, lengths, params, pad_id, epoch, skip), skip):
+        group.append(item)
+        if len(group) == params.train.grad_accum:
+            yield micro + 1, group
+            group = []
+
+
+def loss_units(batch: dict, task: str) -> int:
+    """What the loss averages over: the label tokens a causal LM predicts (labels shift by one),
+    or the examples of a classifier. Counted on the host, from the CPU batch: no GPU sync."""
+    if task == "seq_cls":
+        return len(batch["labels"])
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    if device.type == "cuda":  # from pinned memory without blocking: a plain copy waits for the GPU to drain
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def accumulate(forward, group: list, task: str, device: torch.device, autocast, extra: dict):
+    """Forward and backward over one optimizer step's micro-batches; gradients add up in .grad.
+    Returns (this rank's share of the step's loss, the step's real tokens on all ranks), both
+    left where they are (a device tensor; an int or a tensor) for the caller to fetch later."""
+    units = [loss_units(batch, task) for batch, _ in group]
+    # One all-reduce per optimizer step (none on one process): [loss units, real tokens] of all ranks.
+    counts = distributed.sum_over_ranks(torch.tensor([sum(units), sum(real for _, real in group)]), device)
+    world = distributed.world()[1]
+    step_loss = torch.zeros((), device=device)
+    for i, ((batch, _), n) in enumerate(zip(group, units)):
+        batch = to_device(batch, device)
+        with distributed.no_sync(forward, skip=i < len(group) - 1):  # DDP all-reduces in the last backward only
+            with autocast:
+                mean = forward(**batch, **extra).loss  # mean over this micro-batch's n units (any loss path: Liger too)
+            # The sum over this micro-batch / the step's units on all ranks; times world: DDP averages ranks.
+            loss = mean * (n * world / counts[0])
+            loss.backward()
+        if n:  # a micro-batch with no label tokens has a NaN mean, a zero weight and zero gradients
+            step_loss += loss.detach()
+    return step_loss, counts[1]
+
+
 def run(params: Params, root: Path, resume_key: str | None = None) -> StageResult:
     """Train the adapter. `resume_key` names this exact run (its inputs and settings, e.g.
     DVC's run-cache key of the stage): checkpoints are written and resumed only under it."""
@@ -115,79 +178,96 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
     set_threads(t.threads)
     torch.manual_seed(params.seed)
     device = distributed.setup(pick_device(t.device))
-    # --- setup
+    world = distributed.world()[1]
+    # --- setup: what the step runs on (train.speed; tasks/speed.py), then model and optimizer
     tok = load_tokenizer(str(resolve(root, BASE)))
-    model_type = json.loads((resolve(root, BASE) / "config.json").read_text()).get("model_type", "")
-    liger = apply_speedups(model_type, t, device)
-    model = load_saved(params.task, resolve(root, BASE), device)
-    dtype = DTYPES[params.quant.compute_dtype]
-    model = add_lora(model, params.lora, params.task, t, dtype)
-    forward = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
-    train_rows = load_split(root, "train")
-    lengths = train_rows["input_ids"].map(len).tolist()
-    rows_per_epoch = len(pack_bins(list(range(len(lengths))), lengths, params.tokenize.max_length)) \
-        if t.packing and params.task == "causal_lm" else len(train_rows)
-    steps_per_epoch = math.ceil(rows_per_epoch // distributed.world()[1] / (t.batch_size * t.grad_accum))
-    total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
-    optimizer, opt_name = make_optimizer(trainable, t, device)
-    scheduler = linear_schedule(optimizer, int(t.warmup_ratio * total), total)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    # --- resume from the last checkpoint of this same run, if a crash left one
-    ckpt_dir = resolve(root, catalog.CHECKPOINT_DIR)
-    checkpoint_every = t.checkpoint_every if resume_key else 0
-    log, step, epoch, skip, tokens = [], 0, 0, 0, 0
-    resume_from = checkpoint.latest(ckpt_dir, resume_key) if checkpoint_every else None
-    if resume_from is not None:
-        state = checkpoint.restore(resume_from, model, optimizer, scheduler)
-        log, step, epoch, tokens = state["log"], state["step"], state["epoch"], state["tokens"]
-        skip = state["next_micro"]  # micro-batches of this epoch already consumed
-        print(f"train: resuming from {resume_from} (step {step} of {total})")
-    # --- train
-    extra = {"use_cache": False} if params.task == "causal_lm" else {}  # a cache would disable packing masks
-    started, tokens_before, step_at_start, warm = time.perf_counter(), tokens, step, None
-    model.train()
-    bar = tqdm(total=total, initial=step, desc="train", unit="step")
-    while step < total:
-        optimizer.zero_grad(set_to_none=True)
-        accum = 0.0
-        for micro, (batch, n_tokens) in enumerate(epoch_batches(train_rows, lengths, params, tok.pad_token_id,
-                                                                  epoch, skip), skip):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
-                loss = forward(**batch, **extra).loss / t.grad_accum
-            loss.backward()
-            accum += loss.item()
-            tokens += distributed.total(n_tokens, device)
-            if (micro + 1) % t.grad_accum:
-                continue
-            torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            log.append({"step": step, "epoch": epoch, "loss": round(distributed.mean(accum, device), 6),
-                        "lr": scheduler.get_last_lr()[0], "tokens": tokens})
-            accum = 0.0
-            if step == step_at_start + WARMUP_STEPS:  # throughput is measured after warm-up
-                warm = (time.perf_counter(), tokens)
-            bar.update(1)
-            if step % t.log_every == 0:
-                bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-t.log_every:]) / t.log_every:.4f}")
-            if checkpoint_every and step % checkpoint_every == 0 and step < total and distributed.is_main():
-                checkpoint.save(ckpt_dir, model, optimizer, scheduler,
-                                {"fingerprint": resume_key, "step": step, "epoch": epoch,
-                                 "next_micro": micro + 1, "tokens": tokens, "log": log})
-            if step >= total:
-                break
-        epoch, skip = epoch + 1, 0
-    bar.close()
-    seconds = time.perf_counter() - started
+    base_config = json.loads((resolve(root, BASE) / "config.json").read_text())
+    model_type = base_config.get("model_type", "")
+    plan = speed.choose(t, device, params.task, model_type, quantized="quantization_config" in base_config)
+    if plan.note and distributed.is_main():
+        print(f"train: {plan.note}")
+    # Every patch (Liger's, compiled layers, traced 4-bit layers) ends with this block:
+    # evaluation and merge, in this process or another, build and run unpatched models.
+    with speed.scoped(model_type) as patches:
+        liger = apply_speedups(model_type, t, device) if plan.liger and not plan.fast else False
+        model = load_saved(params.task, resolve(root, BASE), device)
+        dtype = DTYPES[params.quant.compute_dtype]
+        t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": plan.gradient_checkpointing})
+        model = add_lora(model, params.lora, params.task, t_model, dtype)
+        applied = patches.apply(model, plan, model_type, random=params.lora.dropout > 0) if plan.fast else {}
+        liger = liger or "liger" in applied
+        forward = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+        train_rows = load_split(root, "train")
+        lengths = train_rows["input_ids"].map(len).tolist()
+        rows_per_epoch = len(pack_bins(list(range(len(lengths))), lengths, params.tokenize.max_length)) \
+            if t.packing and params.task == "causal_lm" else len(train_rows)
+        steps_per_epoch = math.ceil(rows_per_epoch // world / (t.batch_size * t.grad_accum))
+        total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
+        optimizer, opt_name = make_optimizer(trainable, t.model_copy(update={"optimizer": plan.optimizer}), device)
+        scheduler = linear_schedule(optimizer, int(t.warmup_ratio * total), total)
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        # --- resume from the last checkpoint of this same run, if a crash left one
+        ckpt_dir = resolve(root, catalog.CHECKPOINT_DIR)
+        checkpoint_every = t.checkpoint_every if resume_key else 0
+        log, step, epoch, skip, tokens = [], 0, 0, 0, 0
+        resume_from = checkpoint.latest(ckpt_dir, resume_key) if checkpoint_every else None
+        if resume_from is not None:
+            state = checkpoint.restore(resume_from, model, optimizer, scheduler)
+            log, step, epoch, tokens = state["log"], state["step"], state["epoch"], state["tokens"]
+            skip = state["next_micro"]  # micro-batches of this epoch already consumed
+            print(f"train: resuming from {resume_from} (step {step} of {total})")
+        # --- train
+        extra = {"use_cache": False} if params.task == "causal_lm" else {}  # a cache would disable packing masks
+        pending = []  # log rows whose loss is still on the device: fetched together at the next log point
+
+        def fetch_log() -> None:
+            """The one host sync of a log interval: the pending steps' losses (summed over ranks)."""
+            if not pending:
+                return
+            losses = distributed.sum_over_ranks(torch.stack([loss for _, loss, _ in pending]), device) / world
+            seen = torch.stack([n for _, _, n in pending])  # tokens so far after each step (host, or device under DDP)
+            for (row, _, _), loss, n in zip(pending, losses.tolist(), seen.tolist()):
+                log.append({"step": row["step"], "epoch": row["epoch"], "loss": round(loss, 6), "lr": row["lr"],
+                            "tokens": int(n)})
+            pending.clear()
+
+        started, tokens_before, step_at_start, warm = time.perf_counter(), tokens, step, None
+        model.train()
+        bar = tqdm(total=total, initial=step, desc="train", unit="step")
+        while step < total:
+            for next_micro, group in optimizer_steps(train_rows, lengths, params, tok.pad_token_id, epoch, skip):
+                step_loss, step_tokens = accumulate(forward, group, params.task, device, autocast, extra)
+                torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens = tokens + step_tokens  # a CPU tensor, or a device tensor under DDP: read at log points
+                pending.append(({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}, step_loss, tokens))
+                if step == step_at_start + WARMUP_STEPS:  # throughput is measured after warm-up
+                    distributed.synchronize(device)  # once: the clock must not run ahead of the GPU
+                    warm = (time.perf_counter(), tokens)
+                bar.update(1)
+                save_now = checkpoint_every and step % checkpoint_every == 0 and step < total
+                if step % t.log_every == 0 or save_now or step >= total:
+                    fetch_log()
+                    bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-t.log_every:]) / min(len(log), t.log_every):.4f}")
+                if save_now and distributed.is_main():
+                    checkpoint.save(ckpt_dir, model, optimizer, scheduler,
+                                    {"fingerprint": resume_key, "step": step, "epoch": epoch,
+                                     "next_micro": next_micro, "tokens": int(tokens), "log": log})
+                if step >= total:
+                    break
+            epoch, skip = epoch + 1, 0
+        bar.close()
+        tokens = int(tokens)
+        seconds = time.perf_counter() - started
     # --- save (one writer: rank 0; the adapter format is the same for any number of GPUs)
     if not distributed.is_main():
         distributed.barrier()
-        return result("train", [ADAPTER, REPORT_DIR], world_size=distributed.world()[1])
+        return result("train", [ADAPTER, REPORT_DIR], world_size=world)
     with atomic_dir(resolve(root, ADAPTER)) as tmp:
         save_adapter(model, tok, tmp, params.model.name)
         write_stage_card(tmp, params, root, "adapter")  # replaces PEFT's template (it names the base's local path)
@@ -196,12 +276,13 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
                "epochs_seen": epoch, "final_loss": log[-1]["loss"],
                "mean_loss_last_10pct": sum(r["loss"] for r in tail) / len(tail),
                "train_seconds": round(seconds, 2), "tokens": tokens,
-               "tokens_per_second": round((tokens - tokens_before) / seconds, 1),  # all ranks, this process's run
+               "tokens_per_second": round((tokens - int(tokens_before)) / seconds, 1),  # all ranks, this process's run
                "tokens_per_second_after_warmup":
-                   round((tokens - warm[1]) / (time.perf_counter() - warm[0]), 1) if warm else None,
+                   round((tokens - int(warm[1])) / (time.perf_counter() - warm[0]), 1) if warm else None,
                "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name, "liger_kernels": liger,
-               "precision": t.precision,
-               "device": str(device), "world_size": distributed.world()[1]}
+               "precision": plan.precision,
+               "speed": {**plan.describe(), **applied},
+               "device": str(device), "world_size": world}
     with atomic_dir(resolve(root, REPORT_DIR)) as tmp:
         with open(tmp / "loss.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(log[0]))

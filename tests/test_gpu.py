@@ -1,5 +1,6 @@
-"""The CUDA path of the trainer: 4-bit base on the GPU, paged AdamW, Liger kernels on a
-Llama model. Skipped where there is no CUDA GPU (CI); run on a GPU machine."""
+"""The CUDA path of the trainer: 4-bit base on the GPU, paged AdamW, Liger kernels, and the
+fast path of train.speed: auto (tasks/speed.py, tasks/fast_lora.py). Skipped where there is
+no CUDA GPU (CI); run on a GPU machine."""
 import json
 
 import pandas as pd
@@ -15,8 +16,15 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("precision", ["fp32_upcast", "mixed"])
-def test_cuda_training_uses_paged_optimizer_and_learns(tmp_path, precision):
+def _liger() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pipeline(tmp_path, **train_options):
     model_dir = build_tiny_llama(tmp_path / "tiny-llama", ALPACA)
     rows = pd.read_json(ALPACA).assign(row=lambda d: [str(i + 1) for i in range(len(d))])
     (tmp_path / "data/split").mkdir(parents=True)
@@ -24,21 +32,57 @@ def test_cuda_training_uses_paged_optimizer_and_learns(tmp_path, precision):
     for name, part in (("train", rows.iloc[:80]), ("validation", rows.iloc[80:90]), ("test", rows.iloc[90:])):
         part.to_json(tmp_path / f"data/split/{name}.jsonl", orient="records", lines=True)
     (tmp_path / "data/validated/labels.json").write_text(json.dumps({"names": []}))
-    liger = True
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        liger = False
     params = Params.model_validate(repo_params(
         task="causal_lm", data={"path": str(ALPACA), "label_names": None}, model={"name": str(model_dir)},
         tokenize={"max_length": 256}, eval={"num_samples": 1, "max_new_tokens": 4},
-        train={"max_steps": 10, "batch_size": 8, "lr": 0.01, "device": "cuda", "gradient_checkpointing": True,
-               "liger_kernels": liger, "log_every": 1, "precision": precision}))
+        train={"max_steps": 10, "batch_size": 8, "lr": 0.01, "device": "cuda", "log_every": 1, **train_options}))
     for stage in (tokenize, quantize, train, evaluate):
         stage.run(params, tmp_path)
     summary = json.loads((tmp_path / "reports/train/summary.json").read_text())
-    assert summary["device"].startswith("cuda") and summary["optimizer"] == "paged_adamw_32bit"
-    assert summary["liger_kernels"] is liger
     loss = pd.read_csv(tmp_path / "reports/train/loss.csv")["loss"].tolist()
-    assert loss[-1] < loss[0]
+    assert summary["device"].startswith("cuda") and summary["optimizer"] == "paged_adamw_32bit"  # optimizer: auto
+    assert len(loss) == 10 and loss[-1] < loss[0]
     assert json.loads((tmp_path / "reports/metrics.json").read_text())["answer_tokens"] > 0
+    return summary
+
+
+@pytest.mark.parametrize("precision", ["fp32_upcast", "mixed"])
+def test_cuda_training_uses_paged_optimizer_and_learns(tmp_path, precision):
+    summary = _pipeline(tmp_path, speed="off", gradient_checkpointing=True, liger_kernels=_liger(),
+                        precision=precision)
+    assert summary["liger_kernels"] is _liger() and summary["speed"]["fast"] is False
+
+
+def test_speed_auto_takes_the_fast_path_and_evaluation_runs_unpatched(tmp_path):
+    from transformers.models.llama import modeling_llama
+    forward, layer_forward = modeling_llama.LlamaForCausalLM.forward, modeling_llama.LlamaDecoderLayer.forward
+    rope = modeling_llama.apply_rotary_pos_emb
+    summary = _pipeline(tmp_path, speed="auto", gradient_checkpointing=False, precision="fp32_upcast")
+    assert summary["speed"]["fast"] and summary["speed"]["compiled_layers"] == 2
+    assert summary["speed"]["nf4_traced_layers"] == 14  # 7 linear layers x 2 decoder layers
+    assert summary["liger_kernels"] is _liger()
+    assert modeling_llama.LlamaForCausalLM.forward is forward and modeling_llama.LlamaDecoderLayer.forward is layer_forward
+    assert modeling_llama.apply_rotary_pos_emb is rope
+
+
+def test_traced_nf4_dequantization_is_bitsandbytes_bit_for_bit_on_cuda():
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from tasks.fast_lora import dequantize_nf4, nf4_tensors
+    layer = bnb.nn.Linear4bit(3072, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(torch.randn(1024, 3072) * 0.02, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer = layer.cuda()
+    t = nf4_tensors(layer)
+    ours = dequantize_nf4(t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"], t["code"],
+                          t["shape"], t["blocksize"], torch.bfloat16)
+    assert torch.equal(ours, F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16))
+    x = torch.randn(2, 64, 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    g = torch.randn(2, 64, 1024, device="cuda", dtype=torch.bfloat16)
+    layer(x).backward(g)
+    from tasks import fast_lora
+    assert fast_lora.install(layer) == 1
+    layer(x2).backward(g)
+    assert torch.allclose(x.grad.float(), x2.grad.float(), rtol=1e-2, atol=1e-3)

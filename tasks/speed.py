@@ -1,0 +1,215 @@
+"""train.speed: how the training step runs, chosen once per run (`choose`), and the patches
+that make it so, scoped to the training (`scoped`).
+
+auto, on CUDA, for a causal LM with a 4-bit base and a Llama-layout decoder (Llama, Mistral,
+Qwen2), takes the fast path, whatever train.liger_kernels, train.gradient_checkpointing and
+train.precision say:
+  - each decoder layer is checkpointed (its activations recomputed on the GPU in backward)
+    around its forward compiled by torch.compile: one graph for all layers, in which norms,
+    RoPE, SwiGLU, casts and residual adds become a few fused kernels;
+  - the 4-bit base layers are plain tensor code (tasks/fast_lora.py), so the compiled graph
+    holds the dequantization as one generated kernel (no Python call per layer), and their
+    backward dequantizes again instead of keeping the bf16 weight;
+  - Liger's fused linear + cross-entropy computes the loss without a (tokens x vocab) tensor;
+  - activations are bf16 (half the memory of an fp32 residual stream); compiled, each LoRA
+    layer's `base + adapter` joins the next elementwise kernel (RoPE, SwiGLU, the residual
+    add) and is rounded once with it from fp32, which keeps the adapters' small first updates
+    (fast_lora says why). Adapters stay fp32.
+The optimizer stays train.optimizer (auto: paged AdamW 32-bit on CUDA); `adamw` is torch's
+fused AdamW there, 3% (8B) to 5% (1B) faster on the H100 for 8 bytes of state per adapter weight
+on the GPU (bench/results/README.md).
+auto anywhere else, and off: the train.* flags as set (the CPU path is unchanged). On CUDA
+a model that cannot take the fast path says why in one log line.
+
+Everything is undone when the `scoped` block ends: module-level patches (Liger's), and the
+instance patches on the models it applied to, so evaluation and merge in the same process
+build and run unpatched models.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import types
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+FAST_TYPES = ("llama", "mistral", "qwen2")  # the decoder layout the fast path is written for
+
+# What a compiled layer keeps for its backward (AOTAutograd's partitioner). cse: merging the
+# backward's dequantization with the forward's would keep each bf16 weight from forward to
+# backward (the 4-bit point is not to); off. activation_memory_budget: recompute the cheap
+# elementwise results (RMSNorm outputs, SwiGLU's product) in backward rather than keep them.
+# Together: 0.57 of the default's bytes for a small layer (tests/test_speed.py checks < 0.7);
+# at 0.5 the solver recomputed matmuls too (H100, 8B shape: step +6%), so 0.7 leaves room.
+PARTITIONER = {"cse": False, "activation_memory_budget": 0.7}
+
+LIGER = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
+         "qwen2": "apply_liger_kernel_to_qwen2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    fast: bool                   # the fast path (compiled, checkpointed layers; fused LoRA)
+    liger: bool                  # Liger kernels (on the fast path: the fused linear cross-entropy only)
+    gradient_checkpointing: bool
+    precision: str               # train.precision mode for the rest of the model (tasks/precision.py)
+    optimizer: str = "auto"      # train.optimizer for make_optimizer
+    compile: bool = False        # torch.compile each decoder layer (fast path)
+    nf4_traced: bool = False     # tasks/fast_lora.py: 4-bit layers as tensor code (compiled fast path)
+    note: str = ""               # one line for the log ("" when there is nothing to say)
+
+    def describe(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "note"}
+
+
+def choose(t, device: torch.device, task: str, model_type: str, quantized: bool) -> Plan:
+    """The plan for this run from train.speed and where and what it trains."""
+    flags = Plan(fast=False, liger=t.liger_kernels and device.type == "cuda" and model_type in LIGER,
+                 gradient_checkpointing=t.gradient_checkpointing, precision=t.precision, optimizer=t.optimizer)
+    if t.speed == "off" or device.type != "cuda":
+        return flags
+    why = None
+    if task != "causal_lm":
+        why = f"task {task} (the fast path is for causal LMs)"
+    elif model_type not in FAST_TYPES:
+        why = f"'{model_type}' is not a Llama/Mistral/Qwen2-layout decoder"
+    elif not quantized:
+        why = "the base is not 4-bit (quant.load_in_4bit: false)"
+    if why:
+        return dataclasses.replace(flags, note=f"speed: auto: {why}; using the train.* flags as set "
+                                               f"(liger_kernels={flags.liger}, precision={t.precision})")
+    liger = importlib.util.find_spec("liger_kernel") is not None
+    note = ("speed: auto: fast path (compiled + checkpointed decoder layers with the 4-bit dequantization "
+            "inside, " + ("Liger fused linear cross-entropy" if liger else "full logits: liger-kernel is not installed")
+            + ", bf16 activations, LoRA sums rounded once with the next operation)")
+    return Plan(fast=True, liger=liger, gradient_checkpointing=True, precision="bf16", optimizer=t.optimizer,
+                compile=True, nf4_traced=True, note=note)
+
+
+def decoder_layers(model) -> list:
+    return [m for m in model.modules() if hasattr(m, "input_layernorm") and hasattr(m, "post_attention_layernorm")
+            and hasattr(m, "self_attn") and hasattr(m, "mlp")]
+
+
+class Patches:
+    """Snapshot of the patchable state of one model family; apply() patches models, undo()
+    puts back the modules, classes and model instances as they were."""
+
+    def __init__(self, model_type: str):
+        self.modules = [importlib.import_module(name) for name in _modeling_modules(model_type)]
+        self.module_state = [(m, dict(vars(m))) for m in self.modules]
+        self.class_state = [(c, dict(vars(c))) for m in self.modules for c in list(vars(m).values())
+                            if isinstance(c, type) and c.__module__ == m.__name__]
+        self.models: list[tuple[object, set[int], dict]] = []
+
+    def apply(self, model, plan: Plan, model_type: str, compile_backend: str = "inductor",
+              random: bool = True) -> dict:
+        """Install the fast path on a PEFT model with adapters (after tasks.train.add_lora).
+        random: the layers draw random numbers (LoRA dropout), so a recompute replays the RNG."""
+        from tasks import fast_lora
+        had_forward = {id(m) for m in model.modules() if "forward" in vars(m)}
+        layers = decoder_layers(model)
+        self.models.append((model, had_forward, {id(layer): layer.gradient_checkpointing for layer in layers}))
+        done = {}
+        if plan.liger and model_type in LIGER:
+            import liger_kernel.transformers as liger
+            hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+            # Only the head's fused linear cross-entropy when layers are compiled: inside a
+            # compiled layer, Inductor fuses the norms, RoPE and SwiGLU itself.
+            kernels = not plan.compile
+            getattr(liger, LIGER[model_type])(rope=kernels, rms_norm=kernels, swiglu=kernels, cross_entropy=False,
+                                              fused_linear_cross_entropy=True, model=hf)
+            done["liger"] = "fused linear cross-entropy" + (", RMSNorm, RoPE, SwiGLU" if kernels else "")
+        if plan.nf4_traced and plan.compile:
+            done["nf4_traced_layers"] = fast_lora.install(model)
+        if plan.fast:
+            step = _compiled(type(layers[0]), compile_backend) if plan.compile else _original_forward(type(layers[0]))
+            for layer in layers:
+                layer.gradient_checkpointing = False  # checkpointed here instead (around the compiled forward)
+                layer.forward = types.MethodType(_checkpointed(step, plan.gradient_checkpointing, random), layer)
+            done["compiled_layers" if plan.compile else "checkpointed_layers"] = len(layers)
+        return done
+
+    def undo(self) -> None:
+        from tasks import fast_lora
+        for model, had_forward, checkpointing in self.models:
+            fast_lora.uninstall(model)
+            for m in model.modules():
+                if id(m) not in had_forward:
+                    m.__dict__.pop("forward", None)
+                if id(m) in checkpointing:
+                    m.gradient_checkpointing = checkpointing[id(m)]
+        self.models.clear()
+        for module, state in self.module_state:
+            _restore(module, state)
+        for cls, state in self.class_state:
+            _restore(cls, state)
+
+
+@contextlib.contextmanager
+def scoped(model_type: str):
+    """Patches made inside the block (module-level, or by Patches.apply) end with it.
+
+    torch.compile's limits are raised inside, too: one graph serves every decoder layer, but
+    a run that sees new sequence lengths recompiles once for dynamic shapes; and a compiler
+    failure falls back to running the layer uncompiled rather than stopping the run."""
+    import torch._dynamo
+    import torch._functorch.config
+    patches = Patches(model_type)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    try:
+        with torch._dynamo.config.patch({limit: 64, "suppress_errors": True}), \
+                torch._functorch.config.patch(PARTITIONER):
+            yield patches
+    finally:
+        patches.undo()
+
+
+
+def _modeling_modules(model_type: str) -> list[str]:
+    names = []
+    if model_type.isidentifier():
+        names.append(f"transformers.models.{model_type}.modeling_{model_type}")
+    return [n for n in names if importlib.util.find_spec(n) is not None]
+
+
+def _restore(obj, state: dict) -> None:
+    for key in set(vars(obj)) - set(state):
+        if not key.startswith("__"):  # names torch.compile installs (__compiled_fn_1, ...) stay: its code uses them
+            delattr(obj, key)
+    for key, value in state.items():
+        if vars(obj).get(key) is not value:
+            setattr(obj, key, value)
+
+
+def _original_forward(cls):
+    """The decoder layer's own forward, without transformers' checkpointing wrapper (newer
+    transformers wrap the class's forward; older ones checkpoint in __call__)."""
+    fwd = cls.forward
+    while getattr(getattr(fwd, "__code__", None), "co_name", "") == "forward_with_checkpointing":
+        fwd = fwd.__wrapped__
+    return fwd
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(cls, backend: str):
+    """One compiled function per decoder class, shared by its layers (one graph for all)."""
+    key = (cls, backend)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_original_forward(cls), backend=backend)
+    return _COMPILED[key]
+
+
+def _checkpointed(step, gradient_checkpointing: bool, random: bool):
+    def forward(self, *args, **kwargs):
+        if gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Keep only this layer's input; recompute the rest in backward (replaying the RNG
+            # state only if dropout draws from it: saving it costs time on every layer).
+            return checkpoint(step, self, *args, use_reentrant=False, preserve_rng_state=random, **kwargs)
+        return step(self, *args, **kwargs)
+    return forward

@@ -1,0 +1,144 @@
+"""train.speed (tasks/speed.py, tasks/fast_lora.py) on CPU: which runs take the fast path,
+that its 4-bit layers compute what bitsandbytes' do, what a compiled layer keeps for its
+backward, and that every patch ends with its scope. The fast path itself runs on CUDA
+(tests/test_gpu.py); here torch.compile uses backends that need no GPU."""
+import pytest
+import torch
+
+from tasks import fast_lora, speed
+from tasks.config import LoraSection, ModelConfig, QuantConfig, TrainConfig
+from tasks.modeling import load_base
+from tasks.train import add_lora
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    path = tmp_path_factory.mktemp("llama")
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=896, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, vocab_size=1000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return str(path)
+
+
+def adapted(path: str):
+    """A 4-bit model with LoRA adapters whose B is not zero (so adapters change the output)."""
+    model = load_base("causal_lm", path, ModelConfig(name=path, prefer_embedded=False), QuantConfig(), CPU)
+    torch.manual_seed(1)
+    model = add_lora(model, LoraSection(r=16, alpha=32, dropout=0.0), "causal_lm",
+                     TrainConfig(precision="bf16", gradient_checkpointing=True), torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model.train()
+
+
+def loss_and_grads(model, ids):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("device, task, model_type, quantized, speed_setting, fast, says", [
+    (CUDA, "causal_lm", "llama", True, "auto", True, "fast path"),
+    (CUDA, "causal_lm", "qwen2", True, "auto", True, "fast path"),
+    (CUDA, "causal_lm", "gpt2", True, "auto", False, "'gpt2' is not a Llama/Mistral/Qwen2-layout decoder"),
+    (CUDA, "seq_cls", "llama", True, "auto", False, "task seq_cls"),
+    (CUDA, "causal_lm", "llama", False, "auto", False, "not 4-bit"),
+    (CUDA, "causal_lm", "llama", True, "off", False, ""),
+    (CPU, "causal_lm", "llama", True, "auto", False, ""),
+])
+def test_the_fast_path_is_chosen_on_cuda_for_llama_layout_4bit_causal_lms(device, task, model_type, quantized,
+                                                                          speed_setting, fast, says):
+    t = TrainConfig(speed=speed_setting, liger_kernels=False, gradient_checkpointing=False, precision="mixed")
+    plan = speed.choose(t, device, task, model_type, quantized)
+    assert plan.fast is fast and says in plan.note and (says == "") == (plan.note == "")
+    if fast:  # whatever the flags say
+        assert plan.compile and plan.nf4_traced and plan.gradient_checkpointing and plan.precision == "bf16"
+    else:  # the flags as set
+        assert (plan.gradient_checkpointing, plan.precision, plan.liger) == (False, "mixed", False)
+
+
+def test_traced_dequantization_is_bitsandbytes_bit_for_bit(llama_dir):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    model = adapted(llama_dir)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14
+    for layer in layers:
+        t = fast_lora.nf4_tensors(layer)
+        ours = fast_lora.dequantize_nf4(t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"],
+                                        t["code"], t["shape"], t["blocksize"], torch.bfloat16)
+        assert torch.equal(ours, F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16))
+
+
+def test_fast_path_gives_the_bitsandbytes_path_gradients_and_one_graph_for_all_layers(llama_dir):
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+    loss, grads = loss_and_grads(adapted(llama_dir), ids)
+    plan = speed.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with speed.scoped("llama") as patches:
+        model = adapted(llama_dir)
+        done = patches.apply(model, plan, "llama", compile_backend="aot_eager_decomp_partition", random=False)
+        fast_loss, fast_grads = loss_and_grads(model, ids)
+    assert done["nf4_traced_layers"] == 14 and done["compiled_layers"] == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert fast_loss == pytest.approx(loss, abs=1e-3)
+    for name, g in grads.items():
+        assert (fast_grads[name] - g).norm() <= 2e-2 * g.norm(), name
+
+
+def _saved_by_one_layer(model, partitioner: dict) -> list:
+    """(shape, dtype, bytes) of every tensor one compiled decoder layer keeps for backward."""
+    import types
+    from torch._functorch import config
+    layer = model.get_base_model().model.layers[0]
+    fast_lora.install(model)
+    torch._dynamo.reset()
+    layer.forward = types.MethodType(torch.compile(speed._original_forward(type(layer)),
+                                                   backend="aot_eager_decomp_partition"), layer)
+    x = torch.randn(1, 512, 256, dtype=torch.bfloat16, requires_grad=True)
+    position = model.get_base_model().model.rotary_emb(x, torch.arange(512)[None])
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype, t.numel() * t.element_size()))
+        return t
+    with config.patch(partitioner), torch.autocast("cpu", dtype=torch.bfloat16), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, position_embeddings=position, attention_mask=None)
+    return [s for s in saved if s[1] != torch.uint8]  # the 4-bit weights themselves are no extra memory
+
+
+def test_a_compiled_layer_keeps_no_dequantized_weight_and_recomputes_elementwise_results(llama_dir):
+    weights = {(896, 256), (256, 896), (256, 256), (64, 256)}
+    default = _saved_by_one_layer(adapted(llama_dir), {})
+    ours = _saved_by_one_layer(adapted(llama_dir), speed.PARTITIONER)
+    assert weights <= {s for s, _, _ in default}  # by default the forward's bf16 weights are kept
+    assert not weights & {s for s, _, _ in ours}
+    assert sum(b for *_, b in ours) < 0.7 * sum(b for *_, b in default)
+
+
+def test_scoped_undoes_module_class_and_instance_patches(llama_dir):
+    from transformers.models.llama import modeling_llama as ml
+    rope, norm, layer_forward = ml.apply_rotary_pos_emb, ml.LlamaRMSNorm, ml.LlamaDecoderLayer.forward
+    model_forward = ml.LlamaForCausalLM.forward
+    plan = speed.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)
+    with speed.scoped("llama") as patches:
+        ml.apply_rotary_pos_emb = lambda *a, **k: None  # what Liger's module-level patching does
+        ml.LlamaRMSNorm = type("Patched", (norm,), {})
+        ml.LlamaForCausalLM.forward = lambda self, *a, **k: None
+        ml.LlamaForCausalLM.liger_was_here = True
+        model = adapted(llama_dir)
+        patches.apply(model, plan, "llama", compile_backend="eager")
+        assert all("forward" in vars(layer) for layer in speed.decoder_layers(model))
+    assert ml.apply_rotary_pos_emb is rope and ml.LlamaRMSNorm is norm
+    assert ml.LlamaForCausalLM.forward is model_forward and not hasattr(ml.LlamaForCausalLM, "liger_was_here")
+    assert ml.LlamaDecoderLayer.forward is layer_forward
+    assert not [n for n, m in model.named_modules() if "forward" in vars(m) or hasattr(m, fast_lora._NF4)]
+    assert all(layer.gradient_checkpointing for layer in speed.decoder_layers(model))  # as add_lora set it

@@ -1,0 +1,68 @@
+"""Small causal-LM pieces for tests/test_trainer.py, importable by its DDP worker processes
+without the flow (Prefect) imports of the test modules."""
+import os
+
+import pandas as pd
+import torch
+
+from tasks import distributed, train
+from tasks.batching import IGNORE, collate
+
+CPU = torch.device("cpu")
+NO_AUTOCAST = torch.autocast("cpu", enabled=False)
+EXTRA = {"use_cache": False}
+
+
+def tiny_model(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).float()
+
+
+def rows() -> pd.DataFrame:
+    """Four instruction rows: prompts of 5, 9, 3, 7 tokens with answers of 1, 6, 2, 11."""
+    g = torch.Generator().manual_seed(1)
+    ids, labels = [], []
+    for prompt, answer in ((5, 1), (9, 6), (3, 2), (7, 11)):
+        seq = torch.randint(1, 100, (prompt + answer,), generator=g).tolist()
+        ids.append(seq)
+        labels.append([IGNORE] * prompt + seq[prompt:])
+    return pd.DataFrame({"input_ids": ids, "labels": labels})
+
+
+def micro_batches(frame: pd.DataFrame, size: int) -> list:
+    out = []
+    for i in range(0, len(frame), size):
+        batch = collate(frame.iloc[i: i + size], 0, "causal_lm")
+        out.append((batch, int(batch["attention_mask"].sum())))
+    return out
+
+
+def ddp_step(rank: int, world: int, port: int, out: str) -> None:
+    """One of two gloo ranks: an optimizer step of 2 micro-batches (batch 1 x accum 2)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+    model = tiny_model()
+    ddp = DistributedDataParallel(model)
+    forwards, reduced_after = [0], []
+    model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+
+    def hook(state, bucket):  # DDP's gradient all-reduce: note how many micro-steps ran before it
+        reduced_after.append(forwards[0])
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, hook)
+    counts = []
+    real = distributed.sum_over_ranks
+    distributed.sum_over_ranks = lambda x, device: counts.append(1) or real(x, device)
+    mine = rows().iloc[[rank, rank + 2]]  # rank 0: answers of 1 and 2 tokens; rank 1: 6 and 11
+    loss, _ = train.accumulate(ddp, micro_batches(mine, 1), "causal_lm", CPU, NO_AUTOCAST, EXTRA)
+    distributed.sum_over_ranks = real
+    loss = real(loss, CPU) / world
+    torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "reduced_after": reduced_after,
+                "count_reductions": len(counts), "loss": float(loss)}, f"{out}/{rank}.pt")
+    torch.distributed.destroy_process_group()
