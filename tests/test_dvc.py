@@ -101,15 +101,20 @@ def test_dvc_repro_as_the_readme_says_then_qlora_run_runs_nothing(tmp_path, agne
         assert f"Running stage '{s.name}'" in first.stdout, first.stdout
     assert (root / "models/merged/model.safetensors").exists()
     lock_before = (root / "dvc.lock").read_bytes()
+    outputs_before = {str(p.relative_to(root)): p.stat().st_mtime_ns for p in (root / "models").rglob("*")}
     run = _run([".venv/bin/qlora", "run"], root)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for s in STAGES:
         assert f"  {s.name:<9} skipped" in run.stdout, run.stdout
-    assert "Running stage" not in run.stdout + run.stderr and "Loading weights" not in run.stderr
+    assert "Running stage" not in run.stdout + run.stderr  # no stage ran: no stage loaded a model
     assert (root / "dvc.lock").read_bytes() == lock_before
+    assert {str(p.relative_to(root)): p.stat().st_mtime_ns for p in (root / "models").rglob("*")} == outputs_before
+    # (Recording this first result registers a model version, and MLflow loads that model once to
+    # check its input example serves: the only model load, and only the first time.)
     run_id = run.stdout.split("mlflow:   run ")[1].split()[0]
     again = _run([".venv/bin/qlora", "run"], root)
     assert f"run {run_id} at" in again.stdout and "already holds these outputs" in again.stdout, again.stdout
+    assert "Loading weights" not in again.stderr and "Running stage" not in again.stdout + again.stderr
     status = _run([".venv/bin/dvc", "status"], root)
     assert "up to date" in status.stdout, status.stdout
     assert "accuracy" in _run([".venv/bin/dvc", "metrics", "show"], root).stdout
