@@ -79,12 +79,6 @@ def stage_error(root: Path, stage: str) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def status(root: Path) -> dict:
-    """`dvc status`: {} when every stage and data file is up to date."""
-    with _repo(root) as repo:
-        return repo.status()
-
-
 def stage_key(root: Path, stage: str) -> str:
     """DVC's run-cache key of a stage as it stands: the sha256 of its command, the hashes of its
     deps and its params (not its outputs). Names one exact training run: what resumable

@@ -15,13 +15,9 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    path = tmp_path_factory.mktemp("llama")
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=896, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=1, vocab_size=1000, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    return str(path)
+    from tests.tiny_llm import save_random_llama
+    return save_random_llama(tmp_path_factory.mktemp("llama"), hidden_size=256, intermediate_size=896,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, vocab_size=1000)
 
 
 def adapted(path: str):

@@ -30,3 +30,12 @@ def build_tiny_llama(out: Path, corpus_json: Path, vocab_size: int = 384, seed: 
     LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def save_random_llama(out: Path, **shape) -> str:
+    """A Llama of the given shape with seeded random bf16 weights, saved (no tokenizer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **shape)).to(torch.bfloat16).save_pretrained(out)
+    return str(out)
