@@ -67,7 +67,8 @@ def predict(model, frame, batch_size: int, pad_id: int, task: str, device, dtype
 @torch.no_grad()
 def generate_samples(model, tok, frame, n: int, max_new_tokens: int, device) -> list[dict]:
     samples = []
-    for ids, labels, row in zip(frame["input_ids"][:n], frame["labels"][:n], frame["row"][:n]):
+    first = frame[:n]
+    for ids, labels, row in zip(first["input_ids"], first["labels"], first["row"]):
         prompt = [i for i, lab in zip(ids, labels) if lab == IGNORE]
         x = torch.tensor([prompt], device=device)
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
@@ -90,7 +91,7 @@ def run(params: Params, root: Path) -> StageResult:
         if params.task == "seq_cls":
             names = label_names(root)
             preds = predict(model, frame, e.batch_size, tok.pad_token_id, params.task, device, dtype)
-            truth = frame["labels"].astype(int).tolist()
+            truth = list(frame["labels"])
             m = classification_metrics(truth, preds, names)
             metrics = {"split": e.split, "rows": len(frame), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
             write_json(tmp / Path(catalog.PER_CLASS).name, m["per_class"])
@@ -123,7 +124,7 @@ def score_model(params: Params, root: Path, model_dir: Path) -> dict:
     out = predict(pred.model, frame, params.eval.batch_size, pred.tok.pad_token_id, params.task, pred.device,
                   pred.dtype)
     if params.task == "seq_cls":
-        m = classification_metrics(frame["labels"].astype(int).tolist(), out, label_names(root))
+        m = classification_metrics(list(frame["labels"]), out, label_names(root))
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "rows": len(frame)}
     loss = out[0] / max(1, out[1])
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "rows": len(frame)}

@@ -194,7 +194,7 @@ def test_merged_model_matches_adapter_on_base(project):
     from tasks.tokenize import load_split
     root, _ = project
     params = Params.model_validate(yaml.safe_load((root / "params.yaml").read_text()))
-    batch = collate(load_split(root, "test"), 0, "seq_cls")
+    batch = collate(load_split(root, "test")[:], 0, "seq_cls")
     adapted = load_adapted(params, root, torch.device("cpu"))
     merged = AutoModelForSequenceClassification.from_pretrained(root / catalog.MERGED_DIR).eval()
     assert type(merged.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
