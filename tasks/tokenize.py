@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks import catalog
-from tasks.arrowio import RowsWriter, list_lengths, open_rows, take_column
+from tasks.arrowio import RowsWriter, iter_batches, list_lengths, open_rows, take_column
 from tasks.catalog import IGNORE_INDEX, SPLITS
 from tasks.common import PipelineError, StageResult, atomic_dir, read_json, resolve, result, write_json
 from tasks.config import Params
@@ -29,8 +29,22 @@ ROWS_PER_PROCESS = 20_000      # a process costs ~1 s to start: small splits use
 LISTED_TRUNCATED = 1_000       # rows named per split in stats.json (all are counted)
 
 
+def token_ids(tok, texts: list[str], special_tokens: bool) -> list[list[int]]:
+    """Token ids of each text. A fast tokenizer's Rust backend is called directly (encode_batch_fast:
+    the same ids as `tok(texts)`, without character offsets and the Python wrapper's per-row work:
+    ~30% faster on AG News); a slow tokenizer goes through its usual call."""
+    if getattr(tok, "is_fast", False):
+        backend = tok.backend_tokenizer
+        # a tokenizer.json may carry truncation or padding (MiniLM's: 128 tokens); `tok(...)` would reset
+        # them per call, and so does this: every token is kept and counted, cut later by max_length
+        backend.no_truncation()
+        backend.no_padding()
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=special_tokens)]
+    return tok(texts, add_special_tokens=special_tokens, truncation=False)["input_ids"]
+
+
 def encode_classification(batch: dict, tok, max_length: int) -> dict:
-    ids = tok(batch["text"], add_special_tokens=True, truncation=False)["input_ids"]
+    ids = token_ids(tok, batch["text"], special_tokens=True)
     truncated = [len(x) > max_length for x in ids]
     ids = [x if len(x) <= max_length else x[: max_length - 1] + [x[-1]] for x in ids]  # keep [SEP]
     return {"input_ids": ids, "labels": batch["label"], "truncated": truncated}
@@ -38,9 +52,9 @@ def encode_classification(batch: dict, tok, max_length: int) -> dict:
 
 def encode_instructions(batch: dict, tok, max_length: int, template: str) -> dict:
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    prompts = tok([render_prompt(template, ins, inp) for ins, inp in zip(batch["instruction"], batch["input"])],
-                  add_special_tokens=True)["input_ids"]
-    answers = tok(batch["output"], add_special_tokens=False)["input_ids"]
+    prompts = token_ids(tok, [render_prompt(template, ins, inp) for ins, inp in zip(batch["instruction"], batch["input"])],
+                        special_tokens=True)
+    answers = token_ids(tok, batch["output"], special_tokens=False)
     out_ids, out_labels, truncated = [], [], []
     for prompt, answer in zip(prompts, answers):
         answer = answer + eos
@@ -87,9 +101,10 @@ def tokenize_split(params: Params, tok, src: Path, dst: Path, work: Path, split:
              "max_tokens": int(lengths.max()) if len(lengths) else 0}
     if params.task == "causal_lm":  # a row whose answer was cut away entirely trains nothing
         stats["rows_without_answer_tokens"] = rows_without_answer_tokens(mapped.data.table.column("labels"))
-    with RowsWriter(dst, features) as out:
-        for batch in mapped.data.table.select(list(features)).to_batches(max_chunksize=10_000):
-            out.write(batch)
+    with RowsWriter(dst, features) as out:  # the map's shards, in order, read (not mapped) a batch at a time
+        for shard in mapped.cache_files:
+            for table in iter_batches(Path(shard["filename"]), list(features)):
+                out.write(table)
     named = take_column(dst, "row", truncated[:LISTED_TRUNCATED]) if len(truncated) else []
     for f in mapped.cache_files:
         Path(f["filename"]).unlink(missing_ok=True)

@@ -172,3 +172,14 @@ def test_hub_id_without_network_fails_clearly_and_needs_a_pinned_revision(tmp_pa
         require_committed_version(unpinned, allow=False)
     pinned = check_data(cls_params("hf://ag_news", revision="a" * 40), tmp_path)
     assert pinned.status == "pinned" and require_committed_version(pinned, allow=False) is pinned
+
+
+def test_fast_path_token_ids_equal_the_tokenizer_call():
+    """tokenize calls the Rust backend directly; the ids must be the tokenizer's own, whatever
+    truncation or padding its tokenizer.json carries (MiniLM's says 128 and pads)."""
+    from tasks.modeling import load_tokenizer, resolve_source
+    tok = load_tokenizer(resolve_source(Params().model)[0])
+    texts = [f"{t}. {d}" for t, d in ag_rows(300)[[1, 2]].itertuples(index=False)]
+    direct = tokenize.token_ids(tok, texts, special_tokens=True)
+    assert direct == tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    assert max(map(len, direct)) > 128  # nothing cut: the stage cuts at tokenize.max_length and counts it
