@@ -313,9 +313,11 @@ def instruction_frame(seq: int, alpaca: str = "", copies: int = 4):
     tok_dir = build_tiny_llama(Path("/tmp/qlora-bench/tok"), source)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     rows = pd.read_json(source)
-    rows = pd.concat([rows] * copies, ignore_index=True).assign(row=lambda d: [str(i) for i in range(len(d))])
-    frame, _ = encode_instructions(tok, rows, seq, "alpaca")
-    return frame, tok.pad_token_id
+    rows = pd.concat([rows] * copies, ignore_index=True)
+    from datasets import Dataset
+    encoded = encode_instructions({c: rows[c].tolist() for c in ("instruction", "input", "output")}, tok, seq,
+                                  "alpaca")
+    return Dataset.from_dict({"input_ids": encoded["input_ids"], "labels": encoded["labels"]}), tok.pad_token_id
 
 
 def label_tokens(batch: dict) -> int:
@@ -387,14 +389,14 @@ def padding_vs_packing(name: str, seq: int, rank: int, variant: str, per_step: i
     `per_step` examples in each optimizer step, in the same shuffled order."""
     from tasks.batching import collate, collate_packed, pack_bins
     frame, pad = instruction_frame(seq, alpaca, copies)
-    lengths = frame["input_ids"].map(len).tolist()
+    lengths = [len(x) for x in frame["input_ids"]]
     order = torch.randperm(len(frame), generator=torch.Generator().manual_seed(0)).tolist()
     groups = [order[i: i + per_step] for i in range(0, len(order) - per_step + 1, per_step)]  # full steps only
     padded, packed = [], []
     for g in groups:
         step = []
         for i in range(0, len(g), micro):
-            b = collate(frame.iloc[g[i: i + micro]], pad, "causal_lm")
+            b = collate(frame[g[i: i + micro]], pad, "causal_lm")
             step.append((b, int(b["attention_mask"].sum())))
         padded.append(step)
         bins = pack_bins(g, lengths, seq)
