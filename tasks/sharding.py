@@ -160,7 +160,12 @@ def load_training_state(model, optimizer, weights: dict | None, optim: dict | No
             order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
             groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optim["param_groups"]]
             full = {"state": {order[int(i)]: s for i, s in optim["state"].items()}, "param_groups": groups}
-        set_model_state_dict(model, weights if distributed.is_main() else {}, options=_options(broadcast_from_rank0=True))
+        loaded = set_model_state_dict(model, weights if distributed.is_main() else {},
+                                      options=_options(broadcast_from_rank0=True, strict=False))  # frozen: not in it
+        missing = sorted(set(loaded.missing_keys) & set(trainable_names(model)))
+        if missing or loaded.unexpected_keys:
+            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected "
+                               f"{sorted(loaded.unexpected_keys)[:3]}")
         set_optimizer_state_dict(model, optimizer, full, options=_options(broadcast_from_rank0=True))
         return
     if distributed.world()[1] > 1:  # DDP: rank 0 read it; the others may be on other hosts

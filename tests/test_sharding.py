@@ -119,3 +119,89 @@ def test_fsdp_saves_the_adapter_of_a_one_process_run_and_trains_as_ddp_does(prep
     assert not all(torch.equal(w1[k], wf[k]) for k in w1)  # 2 shards of data: not the one-process update
     lf, ld = pd.read_csv(fsdp_run / "reports/train/loss.csv"), pd.read_csv(ddp / "reports/train/loss.csv")
     assert lf["loss"].tolist() == pytest.approx(ld["loss"].tolist(), rel=1e-4)
+
+
+def worker(root: Path, key: str, *flags: str, nproc: int = 2):
+    return torchrun(root, "-m", "tests.sharding_worker", key, *flags,
+                    launch=("--standalone", "--nproc_per_node", str(nproc)))
+
+
+def with_checkpoints(prepared: Path, dest: Path, source: Path, **train_kw) -> Path:
+    root = project(prepared, dest, **train_kw)
+    shutil.copytree(source / ".qlora/checkpoints", root / ".qlora/checkpoints")
+    return root
+
+
+def test_a_checkpoint_of_2_fsdp_processes_resumes_on_2_and_on_1(prepared, tmp_path):
+    """2 FSDP processes train 6 steps with a checkpoint at step 3 (kept). From it: 2 FSDP
+    processes again end with the same adapter and losses as the uninterrupted run (sharded
+    save and restore lose nothing: weights, AdamW moments and step, schedule, data position,
+    RNG); 1 process continues at step 4 from the same log and stops at 6."""
+    ckpt = dict(max_steps=6, checkpoint_every=3)
+    a = project(prepared, tmp_path / "a", **ckpt)
+    worker(a, "run-1", "--keep-checkpoints")
+    saved = a / ".qlora/checkpoints/train/step-00000003"
+    state = json.loads((saved / "state.json").read_text())
+    assert (state["step"], state["next_row"]) == (3, 3 * 2 * 2 * 2)  # steps x batch x accum x ranks
+    opt = torch.load(saved / "optimizer.pt", weights_only=True)
+    weights = load_file(saved / "trainable.safetensors")
+    assert len(opt["state"]) == len(weights) and all(int(s["step"]) == 3 for s in opt["state"].values())
+    assert sorted(tuple(s["exp_avg"].shape) for s in opt["state"].values()) == sorted(tuple(w.shape) for w in weights.values())
+    two = with_checkpoints(prepared, tmp_path / "two", a, **ckpt)
+    out = worker(two, "run-1").stdout
+    assert "resuming from" in out and "step 3 of 6" in out, out
+    wa, w2 = adapter(a), adapter(two)
+    assert wa.keys() == w2.keys() and all(torch.allclose(wa[k], w2[k], rtol=1e-5, atol=1e-7) for k in wa)
+    la, l2 = pd.read_csv(a / "reports/train/loss.csv"), pd.read_csv(two / "reports/train/loss.csv")
+    assert la["loss"].tolist() == pytest.approx(l2["loss"].tolist(), rel=1e-5)
+    assert (summary(two)["resumed_from_step"], summary(two)["strategy"]) == (3, "fsdp")
+    one = with_checkpoints(prepared, tmp_path / "one", a, **ckpt)
+    train.run(Params.model_validate(fsdp_params(prepared / "tiny-llama", **ckpt)), one, resume_key="run-1")
+    s = summary(one)
+    assert (s["resumed_from_step"], s["steps"], s["world_size"], s["strategy"]) == (3, 6, 1, "single")
+    l1 = pd.read_csv(one / "reports/train/loss.csv")
+    assert l1["step"].tolist() == [1, 2, 3, 4, 5, 6] and l1["loss"][:3].tolist() == la["loss"][:3].tolist()
+    assert adapter(one).keys() == wa.keys()
+    assert not (one / ".qlora/checkpoints/train").exists()  # spent
+
+
+def test_the_data_position_carries_over_to_another_number_of_processes(monkeypatch):
+    """Rows consumed are counted in the epoch's order, whoever consumed them: 2 ranks for 2
+    steps, then 1 process from the checkpoint's position, see every row once, in order."""
+    monkeypatch.setattr(train, "batches", lambda rows, bs, pad, task, order: (order[i: i + bs] for i in range(0, len(order), bs)))
+    monkeypatch.setattr(train, "real_tokens", len)
+    params = Params.model_validate({"train": {"batch_size": 3, "grad_accum": 2}})
+    lengths = list(range(1, 61))
+    order = train.epoch_order(lengths, 3, params.seed, 0)
+    seen, position = [], None
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank)), monkeypatch.setenv("WORLD_SIZE", "2")
+        steps = list(train.optimizer_steps(None, lengths, params, 0, 0, 0))[:2]
+        seen += [row for _, group in steps for batch, _ in group for row in batch]
+        position = steps[-1][0]
+    assert position == 2 * 3 * 2 * 2 and sorted(seen) == sorted(order[:position])
+    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "1")
+    rest = [row for _, group in train.optimizer_steps(None, lengths, params, 0, 0, position) for batch, _ in group
+            for row in batch]
+    assert rest == order[position:]
+
+
+def test_two_nodes_of_one_process_each_train_as_one_node_of_two(fsdp_run, prepared, tmp_path):
+    """`torchrun --nnodes 2 --node_rank 0|1 --master_addr --master_port` (static rendezvous),
+    two process groups on this host standing for two machines, each with its own copy of the
+    project (no shared disk): the same FSDP training as --standalone --nproc_per_node 2, the
+    adapter written once, on node 0."""
+    port = free_port()
+    nodes = [project(prepared, tmp_path / f"node{i}") for i in (0, 1)]
+    procs = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
+                               "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "-m", "flows.cli", "stage", "train"],
+                              cwd=node, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, node in enumerate(nodes)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    s = summary(nodes[0])
+    assert (s["strategy"], s["world_size"], s["steps"]) == ("fsdp", 2, 4)
+    assert not (nodes[1] / "models/adapter").exists() and not (nodes[1] / "reports/train").exists()
+    w, ref = adapter(nodes[0]), adapter(fsdp_run)
+    assert w.keys() == ref.keys() and all(torch.allclose(w[k], ref[k], rtol=1e-5, atol=1e-7) for k in w)
