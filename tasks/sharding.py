@@ -92,12 +92,24 @@ def block_classes(model) -> set[str]:
     return names
 
 
+def load_device(strategy: str, device: torch.device) -> torch.device:
+    """Where the base is loaded: under FSDP on a GPU, host memory (each process reads the whole
+    4-bit base there, then fully_shard moves its shard of each layer to its GPU: no GPU ever
+    holds the whole model; host RAM needs a copy per process of the node), else the device."""
+    return torch.device("cpu") if strategy == "fsdp" else device
+
+
 def shard(model, device: torch.device):
     """FSDP2 over all processes: one unit per transformer block, then the root (embeddings,
-    head, what is left). In place: the model is the FSDP module afterwards."""
+    head, what is left). In place: the model is the FSDP module afterwards, its shards on
+    `device` (and the 4-bit layers' quantization constants, whole, on every process)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (distributed.world()[1],))
+    for m in model.modules():  # fully_shard moves parameters and buffers to the device, not bitsandbytes'
+        for state in {id(q): q for q in (getattr(m, "quant_state", None),  # quantization constants
+                                         getattr(getattr(m, "weight", None), "quant_state", None)) if q is not None}.values():
+            state.to(device)
     blocks = block_classes(model)
     for m in list(model.modules()):
         if type(m).__name__ in blocks and m is not model:

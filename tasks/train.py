@@ -197,7 +197,7 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
     # evaluation and merge, in this process or another, build and run unpatched models.
     with speed.scoped(model_type) as patches:
         liger = apply_speedups(model_type, t, device) if plan.liger and not plan.fast else False
-        model = load_saved(params.task, resolve(root, BASE), device)
+        model = load_saved(params.task, resolve(root, BASE), sharding.load_device(strategy, device))  # FSDP: host RAM
         dtype = DTYPES[params.quant.compute_dtype]
         t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": plan.gradient_checkpointing})
         model = add_lora(model, params.lora, params.task, t_model, dtype)
