@@ -205,3 +205,17 @@ def test_two_nodes_of_one_process_each_train_as_one_node_of_two(fsdp_run, prepar
     assert not (nodes[1] / "models/adapter").exists() and not (nodes[1] / "reports/train").exists()
     w, ref = adapter(nodes[0]), adapter(fsdp_run)
     assert w.keys() == ref.keys() and all(torch.allclose(w[k], ref[k], rtol=1e-5, atol=1e-7) for k in w)
+
+
+def test_auto_shards_only_what_one_device_cannot_hold(tmp_path, monkeypatch):
+    from tasks import sharding
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
+    cpu = torch.device("cpu")
+    assert sharding.choose("auto", tmp_path, cpu)[0] == "single"  # one process: neither
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(sharding, "device_memory", lambda device: 4000)
+    assert sharding.choose("auto", tmp_path, cpu)[0] == "ddp"  # 1000 bytes of 4000: fits
+    monkeypatch.setattr(sharding, "device_memory", lambda device: 1500)
+    strategy, why = sharding.choose("auto", tmp_path, cpu)
+    assert strategy == "fsdp" and "more than 50%" in why
+    assert sharding.choose("ddp", tmp_path, cpu)[0] == "ddp" and sharding.choose("fsdp", tmp_path, cpu)[0] == "fsdp"
