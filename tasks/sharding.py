@@ -145,7 +145,9 @@ def full_training_state(model, optimizer) -> tuple[dict, dict]:
     """(trainable weights, optimizer.state_dict()) whole, in the one-process format (optimizer
     state keyed by position, in the order of the optimizer's parameters): a collective under
     FSDP, where ranks other than 0 get ({}, {})."""
-    if not is_sharded(model):
+    if not is_sharded(model):  # whole on every rank (DDP: the same): rank 0's copy
+        if not distributed.is_main():
+            return {}, {}
         return ({n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad},
                 optimizer.state_dict())
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict

@@ -136,7 +136,8 @@ def test_a_checkpoint_of_2_fsdp_processes_resumes_on_2_and_on_1(prepared, tmp_pa
     """2 FSDP processes train 6 steps with a checkpoint at step 3 (kept). From it: 2 FSDP
     processes again end with the same adapter and losses as the uninterrupted run (sharded
     save and restore lose nothing: weights, AdamW moments and step, schedule, data position,
-    RNG); 1 process continues at step 4 from the same log and stops at 6."""
+    RNG); 2 DDP processes (rank 0 reads, then broadcasts) end with the same adapter too, to
+    DDP's rounding; 1 process continues at step 4 from the same log and stops at 6."""
     ckpt = dict(max_steps=6, checkpoint_every=3)
     a = project(prepared, tmp_path / "a", **ckpt)
     worker(a, "run-1", "--keep-checkpoints")
@@ -155,6 +156,10 @@ def test_a_checkpoint_of_2_fsdp_processes_resumes_on_2_and_on_1(prepared, tmp_pa
     la, l2 = pd.read_csv(a / "reports/train/loss.csv"), pd.read_csv(two / "reports/train/loss.csv")
     assert la["loss"].tolist() == pytest.approx(l2["loss"].tolist(), rel=1e-5)
     assert (summary(two)["resumed_from_step"], summary(two)["strategy"]) == (3, "fsdp")
+    ddp = with_checkpoints(prepared, tmp_path / "ddp", a, strategy="ddp", **ckpt)  # the same checkpoint, under DDP
+    worker(ddp, "run-1")
+    wd = adapter(ddp)
+    assert summary(ddp)["strategy"] == "ddp" and all(torch.allclose(wa[k], wd[k], rtol=1e-3, atol=1e-5) for k in wa)
     one = with_checkpoints(prepared, tmp_path / "one", a, **ckpt)
     train.run(Params.model_validate(fsdp_params(prepared / "tiny-llama", **ckpt)), one, resume_key="run-1")
     s = summary(one)
