@@ -1,14 +1,30 @@
-"""Data-parallel scaling of the project's trainer (tasks.train under torchrun): the same
-instruction data and model shape on 1 and on N GPUs; prints global non-pad tokens/s and
-the scaling factor. Skips (exit 0) with fewer than 2 GPUs.
+"""Multi-GPU scaling of the project's trainer (tasks.train under torchrun), in ONE invocation.
 
-    python bench/gpu_ddp_scaling.py --shape llama-1b --gpus 2
+1. DDP with full batches (weak scaling): the --ddp-shape model (llama-8b), packed rows of
+   --seq tokens (2048), --batch rows a GPU a micro-step (4) and --accum micro-steps an
+   optimizer step (2: DDP's no_sync on the first), train.strategy ddp, on 1 GPU and on each
+   N of --gpus (2,4) that the machine has. Prints non-pad tokens/s after warm-up (all GPUs),
+   peak memory of each GPU, and the scaling ratio tokens/s(N) / tokens/s(1) (ideal N).
+2. FSDP (train.strategy fsdp, tasks/sharding.py): the --fsdp-shape model (llama-70b, random
+   weights written directly in 4-bit by bench/random_4bit.py, so the 140 GB bf16 model never
+   exists) on --fsdp-gpus (2) GPUs, --fsdp-batch rows a GPU at --seq, gradient checkpointing:
+   tokens/s, peak memory per GPU, the loss of every step, and with --fsdp-reference the loss
+   curve of one GPU training the same global batch (fsdp-batch x N rows a step, the same rows:
+   where the 4-bit model fits one GPU, ~40 GB for 70B) and the largest difference.
+
+Every run is a fresh `torchrun --standalone --nproc_per_node N` of this file (--train-only),
+each rank printing its peak memory. A part that needs more GPUs than present is reported as
+skipped; with fewer than 2 GPUs the whole benchmark skips (exit 0, one JSON line).
+
+    python bench/gpu_ddp_scaling.py                       # DDP 8B on 1/2/4 GPUs, then FSDP 70B on 2
+    python bench/gpu_ddp_scaling.py --parts fsdp --fsdp-gpus 4 --fsdp-shape llama-70b
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,84 +35,201 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
 
+SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
+}
 
-def params_for(model_path: str, steps: int):
+
+def params_for(root: Path, train: dict):
     from tasks.config import Params
     from tests.conftest import ALPACA, repo_params
     return Params.model_validate(repo_params(
-        task="causal_lm", data={"path": str(ALPACA), "label_names": None}, model={"name": model_path},
-        tokenize={"max_length": 2048},
-        train={"max_steps": steps, "batch_size": 1, "packing": True, "liger_kernels": True, "device": "cuda",
-               "gradient_checkpointing": True, "checkpoint_every": 0, "warmup_ratio": 0.0}))
+        task="causal_lm", data={"path": str(ALPACA), "format": "auto", "label_names": None, "label_base": 0},
+        model={"name": str(root / "tokenizer")}, tokenize={"max_length": train.pop("seq")},
+        lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        train={"packing": True, "device": "cuda", "gradient_checkpointing": True, "checkpoint_every": 0,
+               "warmup_ratio": 0.0, "lr": 1e-4, **train}))
 
 
-def prepare(root: Path, shape: str, steps: int) -> None:
+def prepare_data(root: Path, seq: int) -> None:
+    """Alpaca sample x 64 (distinct instructions), tokenized for packing into rows of seq tokens."""
     import pandas as pd
-    from gpu_qlora_bench import model_dir
-    from tasks import quantize, tokenize
-    from tests.conftest import ALPACA
+    from tasks import tokenize
+    from tests.conftest import ALPACA, write_split
     from tests.tiny_llm import build_tiny_llama
     from transformers import AutoTokenizer
-    path = model_dir(shape)
-    AutoTokenizer.from_pretrained(build_tiny_llama(root / "tok", ALPACA)).save_pretrained(path)
-    rows = pd.concat([pd.read_json(ALPACA)] * 8, ignore_index=True)
-    rows["instruction"] = rows["instruction"] + " #" + rows.index.astype(str)  # distinct examples
-    rows["row"] = [str(i) for i in range(len(rows))]
-    (root / "data/split").mkdir(parents=True, exist_ok=True)
+    if (root / "data/tokenized").exists():
+        return
+    AutoTokenizer.from_pretrained(build_tiny_llama(root / "tiny", ALPACA)).save_pretrained(root / "tokenizer")
+    rows = pd.concat([pd.read_json(ALPACA)] * 64, ignore_index=True)
+    rows["instruction"] = rows["instruction"] + " #" + rows.index.astype(str)
+    p = params_for(root, {"seq": seq})
+    write_split(root, p, {"train": rows.iloc[:-16], "validation": rows.iloc[-16:-8], "test": rows.iloc[-8:]})
     (root / "data/validated").mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", rows.iloc[:-16]), ("validation", rows.iloc[-16:-8]), ("test", rows.iloc[-8:])):
-        part.to_json(root / f"data/split/{name}.jsonl", orient="records", lines=True)
     (root / "data/validated/labels.json").write_text('{"names": []}')
-    p = params_for(path, steps)
     tokenize.run(p, root)
-    quantize.run(p, root)
-    (root / "bench.json").write_text(json.dumps({"model": path}))
 
 
-def train_only(root: Path, steps: int) -> None:
-    from tasks import train
-    res = train.run(params_for(json.loads((root / "bench.json").read_text())["model"], steps), root)
+def prepare_base(root: Path, shape: str, seq: int, strategy: str) -> Path:
+    """root/<shape>/models/base: the 4-bit base (uint8-stored for DDP, as the quantize stage
+    does by default; bf16-stored for FSDP), with the data of root linked in."""
+    run_root = root / f"{shape}-{strategy}"
+    base = run_root / "models/base"
+    if not (base / "config.json").exists():
+        shutil.rmtree(run_root, ignore_errors=True)
+        if strategy == "fsdp":
+            from random_4bit import save_random_4bit_llama
+            save_random_4bit_llama(base, SHAPES[shape], device="cuda")
+            from transformers import AutoTokenizer
+            AutoTokenizer.from_pretrained(root / "tokenizer").save_pretrained(base)
+            (base / "lineage.json").write_text(json.dumps({  # what the quantize stage records (the card reads it)
+                "base_model": f"random {shape}", "base_model_source": "bench/random_4bit.py", "base_model_revision": "seed 0",
+                "quant": {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "quant_storage": "bfloat16"},
+                "task": "causal_lm"}))
+        else:
+            from gpu_qlora_bench import model_dir
+            from tasks import quantize
+            raw = Path(model_dir(shape))  # random bf16 weights (gpu_qlora_bench's shapes)
+            shutil.copytree(root / "tokenizer", raw, dirs_exist_ok=True)
+            p = params_for(root, {"seq": seq, "strategy": strategy})
+            p = p.model_copy(update={"model": p.model.model_copy(update={"name": str(raw)})})
+            quantize.run(p, run_root)
+    for d in ("data",):
+        if not (run_root / d).exists():
+            (run_root / d).symlink_to(root / d)
+    return run_root
+
+
+def train_only(root: Path, train: dict) -> None:
+    from tasks import train as trainer
+    res = trainer.run(params_for(root, train), root)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    print("PEAK " + json.dumps({"rank": int(os.environ.get("RANK", "0")),
+                                "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+                                "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)}), flush=True)
     if int(os.environ.get("RANK", "0")) == 0:
         print("SUMMARY " + json.dumps(res.summary), flush=True)
 
 
+def launch(run_root: Path, n: int, train: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                        __file__, "--train-only", "--root", str(run_root), "--train", json.dumps(train)],
+                       capture_output=True, text=True, env=env)
+    lines = p.stdout.splitlines()
+    summary = next((json.loads(x[8:]) for x in lines if x.startswith("SUMMARY ")), None)
+    if p.returncode != 0 or summary is None:
+        return {"error": (p.stdout + p.stderr)[-3000:]}
+    import pandas as pd
+    peaks = sorted((json.loads(x[5:]) for x in lines if x.startswith("PEAK ")), key=lambda r: r["rank"])
+    loss = pd.read_csv(run_root / "reports/train/loss.csv")["loss"].tolist()
+    return {"summary": summary, "peak_gib_per_gpu": [r["peak_gib"] for r in peaks],
+            "reserved_gib_per_gpu": [r["reserved_gib"] for r in peaks], "loss": loss,
+            "adapter_files": sorted(f.name for f in (run_root / "models/adapter").iterdir())}
+
+
+def emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def ddp_part(a, root: Path, have: int) -> bool:
+    run_root = prepare_base(root, a.ddp_shape, a.seq, "ddp")
+    train = {"seq": a.seq, "max_steps": a.steps, "batch_size": a.batch, "grad_accum": a.accum,
+             "log_every": a.steps, "strategy": "ddp", "speed": "auto"}
+    base = None
+    for n in [1] + [g for g in a.gpus if g > 1]:
+        if n > have:
+            emit({"part": "ddp", "shape": a.ddp_shape, "gpus": n, "skipped": f"needs {n} GPUs, found {have}"})
+            continue
+        r = launch(run_root, n, dict(train))
+        if "error" in r:
+            emit({"part": "ddp", "shape": a.ddp_shape, "gpus": n, **r})
+            return False
+        s = r["summary"]
+        tps = s["tokens_per_second_after_warmup"]
+        base = tps if n == 1 else base
+        emit({"part": "ddp", "shape": a.ddp_shape, "gpus": n, "strategy": s["strategy"], "world_size": s["world_size"],
+              "rows_per_gpu_per_step": f"{a.batch} x {a.seq} x accum {a.accum}", "steps": s["steps"],
+              "nonpad_tokens_per_s_after_warmup": tps, "peak_gib_per_gpu": r["peak_gib_per_gpu"],
+              "reserved_gib_per_gpu": r["reserved_gib_per_gpu"], "final_loss": s["final_loss"],
+              "scaling_vs_1_gpu": round(tps / base, 3) if base else None, "ideal": n,
+              "adapter_files": r["adapter_files"]})
+    return True
+
+
+def fsdp_part(a, root: Path, have: int) -> bool:
+    n = a.fsdp_gpus
+    if n > have:
+        emit({"part": "fsdp", "shape": a.fsdp_shape, "gpus": n, "skipped": f"needs {n} GPUs, found {have}"})
+        return True
+    run_root = prepare_base(root, a.fsdp_shape, a.seq, "fsdp")
+    train = {"seq": a.seq, "max_steps": a.fsdp_steps, "batch_size": a.fsdp_batch, "grad_accum": 1,
+             "log_every": a.fsdp_steps, "strategy": "fsdp", "precision": a.fsdp_precision,
+             "optimizer": "adamw"}  # what FSDP uses; the 1-GPU reference too (auto there: paged AdamW)
+    r = launch(run_root, n, dict(train))
+    if "error" in r:
+        emit({"part": "fsdp", "shape": a.fsdp_shape, "gpus": n, **r})
+        return False
+    s = r["summary"]
+    row = {"part": "fsdp", "shape": a.fsdp_shape, "gpus": n, "strategy": s["strategy"], "world_size": s["world_size"],
+           "rows_per_gpu_per_step": f"{a.fsdp_batch} x {a.seq}", "steps": s["steps"],
+           "nonpad_tokens_per_s_after_warmup": s["tokens_per_second_after_warmup"],
+           "peak_gib_per_gpu": r["peak_gib_per_gpu"], "reserved_gib_per_gpu": r["reserved_gib_per_gpu"],
+           "base_gib_on_disk": round(sum(f.stat().st_size for f in (run_root / "models/base").glob("*.safetensors")) / 2**30, 2),
+           "loss": r["loss"], "adapter_files": r["adapter_files"]}
+    if a.fsdp_reference:  # one GPU, the same rows a step: batch x N
+        ref = launch(run_root, 1, {**train, "batch_size": a.fsdp_batch * n, "strategy": "ddp"})
+        if "error" in ref:
+            row["reference_1_gpu"] = {"error": ref["error"][-1500:]}
+        else:
+            row["reference_1_gpu"] = {"loss": ref["loss"], "peak_gib": ref["peak_gib_per_gpu"],
+                                      "nonpad_tokens_per_s_after_warmup": ref["summary"]["tokens_per_second_after_warmup"]}
+            row["max_loss_diff_vs_1_gpu"] = round(max(abs(x - y) for x, y in zip(r["loss"], ref["loss"])), 5)
+    emit(row)
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llama-1b")
-    ap.add_argument("--gpus", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--root", default="/tmp/qlora-ddp")
+    ap.add_argument("--parts", default="ddp,fsdp")
+    ap.add_argument("--ddp-shape", default="llama-8b")
+    ap.add_argument("--gpus", default="2,4", help="DDP: the GPU counts compared with 1")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=4, help="DDP: packed rows a GPU a micro-step")
+    ap.add_argument("--accum", type=int, default=2, help="DDP: micro-steps an optimizer step (no_sync on all but the last)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--fsdp-shape", default="llama-70b")
+    ap.add_argument("--fsdp-gpus", type=int, default=2)
+    ap.add_argument("--fsdp-batch", type=int, default=1)
+    ap.add_argument("--fsdp-steps", type=int, default=8)
+    ap.add_argument("--fsdp-precision", default="fp32_upcast")
+    ap.add_argument("--fsdp-reference", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--root", default="/tmp/qlora-multigpu")
     ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--train", default="{}")
     a = ap.parse_args()
     root = Path(a.root)
     if a.train_only:
-        train_only(root, a.steps)
+        train_only(root, json.loads(a.train))
         return 0
-    if torch.cuda.device_count() < 2:
-        print(json.dumps({"skipped": f"needs 2+ GPUs, found {torch.cuda.device_count()}"}))
+    have = torch.cuda.device_count()
+    if have < 2:
+        emit({"skipped": f"needs 2+ GPUs, found {have}"})
         return 0
-    prepare(root, a.shape, a.steps)
-    results = {}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    for n in (1, a.gpus):
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                            __file__, "--train-only", "--root", str(root), "--steps", str(a.steps)],
-                           capture_output=True, text=True, env=env)
-        line = next((x for x in p.stdout.splitlines() if x.startswith("SUMMARY ")), None)
-        if line is None:
-            print(json.dumps({"gpus": n, "error": (p.stdout + p.stderr)[-2000:]}), flush=True)
-            return 1
-        s = json.loads(line[len("SUMMARY "):])
-        results[n] = s
-        files = sorted(f.name for f in (root / "models/adapter").iterdir())
-        print(json.dumps({"shape": a.shape, "gpus": n, "world_size": s["world_size"], "steps": s["steps"],
-                          "nonpad_tokens_per_s_after_warmup": s["tokens_per_second_after_warmup"],
-                          "train_seconds": s["train_seconds"],
-                          "final_loss": s["final_loss"], "adapter_files": files}), flush=True)
-    print(json.dumps({"shape": a.shape, "scaling": round(results[a.gpus]["tokens_per_second_after_warmup"]
-                                                         / results[1]["tokens_per_second_after_warmup"], 3),
-                      "ideal": a.gpus}), flush=True)
-    return 0
+    a.gpus = [int(g) for g in a.gpus.split(",") if g]
+    parts = a.parts.split(",")
+    prepare_data(root, a.seq)
+    ok = True
+    if "ddp" in parts:
+        ok = ddp_part(a, root, have) and ok
+    if "fsdp" in parts:
+        ok = fsdp_part(a, root, have) and ok
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

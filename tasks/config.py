@@ -114,6 +114,10 @@ class QuantConfig(Section):
     skip_modules: list[str] = Field(
         ["classifier", "pooler.dense", "score", "lm_head"],
         description="Kept out of 4-bit (a name matches as a prefix or suffix); classification heads must be.")
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the packed 4-bit weights are stored in (bnb_4bit_quant_storage; the values are the "
+        "same). auto: the compute dtype when train.strategy is fsdp, so FSDP shards them like any weight; else uint8 "
+        "(what the CUDA fast path reads).")
 
 
 class LoraSection(Section):
@@ -166,6 +170,11 @@ class TrainConfig(Section):
         "H100, 8B shape: 0.90x the peak memory, 0.95x the speed); offload: lean, with the checkpointed layer "
         "inputs in pinned host memory (0.72x the memory); elsewhere (CPU, other models), and with off, those flags "
         "apply as set")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description=(
+        "Several processes (torchrun): ddp: a whole model on each, gradients averaged. fsdp: FSDP2 shards the "
+        "4-bit base, adapters, gradients and optimizer state over them (models one device cannot hold). auto: fsdp "
+        "when the quantized base takes more than half of one device's memory, else ddp. One process: neither. "
+        "See tasks/sharding.py."))
 
 
 class EvalConfig(Section):

@@ -1,6 +1,7 @@
 """Data parallelism for the training loop under torchrun: one process per GPU, each on its
-own shard of every epoch, gradients averaged by DDP (all-reduced once per optimizer step:
-no_sync on the micro-steps before). With WORLD_SIZE unset (one process) every function
+own shard of every epoch, gradients averaged by DDP, or reduce-scattered by FSDP when the
+model is sharded (tasks/sharding.py, train.strategy); either way once per optimizer step
+(no_sync on the micro-steps before). With WORLD_SIZE unset (one process) every function
 here is a no-op, so the loop reads the same either way."""
 from __future__ import annotations
 
@@ -34,18 +35,38 @@ def shard(items: list) -> list:
     return items if size == 1 else items[rank::size][: len(items) // size]
 
 
-def wrap(model, device: torch.device):
+def wrap(model, device: torch.device, strategy: str = "ddp"):
+    """What the loop calls forward on: the model (one process), DDP around it, or the model
+    itself sharded in place by FSDP2 (strategy fsdp)."""
     if world()[1] == 1:
         return model
+    if strategy == "fsdp":
+        from tasks import sharding
+        return sharding.shard(model, device)
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def no_sync(model, skip: bool):
     """Inside, DDP's backward leaves gradients in .grad without all-reducing them: the
-    micro-steps before the last of an optimizer step (the last one all-reduces the sum)."""
+    micro-steps before the last of an optimizer step (the last one all-reduces the sum).
+    FSDP2 the same: unsharded gradients add up until the last micro-step reduce-scatters them."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
-    return model.no_sync() if skip and isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    if skip and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    if skip and isinstance(model, FSDPModule):
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def sum_over_ranks(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -67,6 +88,15 @@ def synchronize(device: torch.device) -> None:
 
 def is_main() -> bool:
     return world()[0] == 0
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank (picklable; the others pass anything)."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

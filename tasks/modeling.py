@@ -21,6 +21,7 @@ EMBEDDED = {
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+STORAGE = {"uint8": torch.uint8, **DTYPES}
 LOAD_COUNT = {"base": 0}  # how many times a base model was loaded in this process
 
 
@@ -70,9 +71,17 @@ def bnb_config(q: QuantConfig):
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=STORAGE["uint8" if q.quant_storage == "auto" else q.quant_storage],
         llm_int8_skip_modules=list(q.skip_modules),
     )
+
+
+def quant_storage(q: QuantConfig, strategy: str) -> str:
+    """quant.quant_storage resolved for a train.strategy: auto is the compute dtype under fsdp
+    (FSDP shards the 4-bit weights as tensors of the dtype of the others), else uint8."""
+    if q.quant_storage != "auto":
+        return q.quant_storage
+    return q.compute_dtype if strategy == "fsdp" else "uint8"
 
 
 def auto_class(task: str):

@@ -12,7 +12,7 @@ import torch
 from tasks import catalog
 from tasks.common import StageResult, atomic_dir, read_json, resolve, result, write_json
 from tasks.config import Params
-from tasks.modeling import load_base, load_tokenizer, resolve_source
+from tasks.modeling import load_base, load_tokenizer, quant_storage, resolve_source
 
 
 
@@ -23,7 +23,8 @@ def run(params: Params, root: Path) -> StageResult:
     device = torch.device("cpu")  # saved weights are device-free; training moves them
     if torch.cuda.is_available() and params.train.device != "cpu":
         device = torch.device("cuda")
-    model = load_base(params.task, source, params.model, params.quant, device, names)
+    quant = params.quant.model_copy(update={"quant_storage": quant_storage(params.quant, params.train.strategy)})
+    model = load_base(params.task, source, params.model, quant, device, names)
     tok = load_tokenizer(source, params.model.revision, params.model.trust_remote_code)
     n_params = sum(p.numel() for p in model.parameters())
     footprint = model.get_memory_footprint()
@@ -32,6 +33,6 @@ def run(params: Params, root: Path) -> StageResult:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         write_json(tmp / Path(catalog.BASE_LINEAGE).name, {
-            **lineage, "quant": params.quant.model_dump(), "task": params.task,
+            **lineage, "quant": quant.model_dump(), "task": params.task,
             "stored_params": n_params, "footprint_bytes": footprint, "linear4bit_modules": n_4bit})
     return result("quantize", [catalog.BASE_MODEL_DIR], footprint_bytes=footprint, linear4bit_modules=n_4bit)

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tasks.batching import IGNORE, batches, collate_packed, epoch_order, pack_bins
-from tasks import catalog, checkpoint, distributed, precision, speed
+from tasks import catalog, checkpoint, distributed, precision, sharding, speed
 from tasks.card import write_stage_card
 from tasks.common import StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import LoraSection, Params, TrainConfig
@@ -94,16 +94,18 @@ def linear_schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def epoch_batches(rows, lengths: list[int], params: Params, pad_id: int, epoch: int, skip: int):
-    """This epoch's (batch, real-token count) pairs, from micro-batch `skip` on (a resume)."""
+def epoch_batches(rows, lengths: list[int], params: Params, pad_id: int, epoch: int, start: int):
+    """This rank's (batch, real-token count) pairs of this epoch, from row (packed row) `start` of
+    the epoch's order on: the rows before it were consumed by all ranks (a resume, from a
+    checkpoint written by any number of processes)."""
     t = params.train
     order = epoch_order(lengths, t.batch_size, params.seed, epoch)
     if t.packing and params.task == "causal_lm":
-        bins = distributed.shard(pack_bins(order, lengths, params.tokenize.max_length))
+        bins = distributed.shard(pack_bins(order, lengths, params.tokenize.max_length)[start:])
         groups = [bins[i: i + t.batch_size] for i in range(0, len(bins), t.batch_size)]
-        return (collate_packed(rows, g, pad_id) for g in groups[skip:])
-    order = distributed.shard(order)
-    return ((b, real_tokens(b)) for b in batches(rows, t.batch_size, pad_id, params.task, order[skip * t.batch_size:]))
+        return (collate_packed(rows, g, pad_id) for g in groups)
+    order = distributed.shard(order[start:])
+    return ((b, real_tokens(b)) for b in batches(rows, t.batch_size, pad_id, params.task, order))
 
 
 def real_tokens(batch: dict) -> int:
@@ -111,7 +113,7 @@ def real_tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
 
-def save_adapter(model, tok, path: Path, base_model: str) -> None:
+def save_adapter(model, tok, path: Path, base_model: str, state_dict: dict | None = None) -> None:
     """The adapter folder, byte-for-byte the same for the same training, wherever it ran:
     PEFT writes target_modules in set order (which changes with Python's hash seed) and the
     absolute path of the base it was loaded from; write the sorted list and the base's name."""
@@ -121,21 +123,21 @@ def save_adapter(model, tok, path: Path, base_model: str) -> None:
             cfg.target_modules = sorted(cfg.target_modules)
     base = model.get_base_model()  # PEFT's README.md names the base by the path it was loaded from
     base.config._name_or_path = base.name_or_path = base_model
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)  # state_dict: FSDP's, gathered
     config_path = path / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tok.save_pretrained(path)
 
 
-def optimizer_steps(rows, lengths: list[int], params: Params, pad_id: int, epoch: int, skip: int):
-    """This epoch's optimizer steps from micro-batch `skip` on: (index of the micro-batch after
-    the step, [(batch, real tokens)] * grad_accum). A last, incomplete group is dropped."""
-    group = []
-    for micro, item in enumerate(epoch_batches(rows, lengths, params, pad_id, epoch, skip), skip):
+def optimizer_steps(rows, lengths: list[int], params: Params, pad_id: int, epoch: int, start: int):
+    """This epoch's optimizer steps from row `start` of its order on: (rows of the order all ranks
+    consumed after the step, [(batch, real tokens)] * grad_accum). A last, incomplete group is dropped."""
+    group, per_micro = [], params.train.batch_size * distributed.world()[1]
+    for micro, item in enumerate(epoch_batches(rows, lengths, params, pad_id, epoch, start), 1):
         group.append(item)
         if len(group) == params.train.grad_accum:
-            yield micro + 1, group
+            yield start + micro * per_micro, group
             group = []
 
 
@@ -187,6 +189,10 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
     tok = load_tokenizer(str(resolve(root, BASE)))
     base_config = json.loads((resolve(root, BASE) / "config.json").read_text())
     model_type = base_config.get("model_type", "")
+    strategy, why = sharding.choose(t.strategy, resolve(root, BASE), device)  # single | ddp | fsdp (tasks/sharding.py)
+    t, notes = sharding.adjust(t, strategy, base_config, device)
+    if world > 1 and distributed.is_main():
+        print("train: " + "; ".join([why, *notes]))
     plan = speed.choose(t, device, params.task, model_type, quantized="quantization_config" in base_config)
     if plan.note and distributed.is_main():
         print(f"train: {plan.note}")
@@ -194,13 +200,13 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
     # evaluation and merge, in this process or another, build and run unpatched models.
     with speed.scoped(model_type) as patches:
         liger = apply_speedups(model_type, t, device) if plan.liger and not plan.fast else False
-        model = load_saved(params.task, resolve(root, BASE), device)
+        model = load_saved(params.task, resolve(root, BASE), sharding.load_device(strategy, device))  # FSDP: host RAM
         dtype = DTYPES[params.quant.compute_dtype]
         t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": plan.gradient_checkpointing})
         model = add_lora(model, params.lora, params.task, t_model, dtype)
         applied = patches.apply(model, plan, model_type, random=params.lora.dropout > 0) if plan.fast else {}
         liger = liger or "liger" in applied
-        forward = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
+        forward = distributed.wrap(model, device, strategy)  # DDP or FSDP under torchrun, else the model itself
         trainable = [p for p in model.parameters() if p.requires_grad]
         n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
         train_rows = load_split(root, "train")
@@ -220,7 +226,7 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
         if resume_from is not None:
             state = checkpoint.restore(resume_from, model, optimizer, scheduler)
             log, step, epoch, tokens = state["log"], state["step"], state["epoch"], state["tokens"]
-            skip = state["next_micro"]  # micro-batches of this epoch already consumed
+            skip = state["next_row"]  # rows of this epoch's order already consumed (by all ranks)
             print(f"train: resuming from {resume_from} (step {step} of {total})")
         # --- train
         extra = {"use_cache": False} if params.task == "causal_lm" else {}  # a cache would disable packing masks
@@ -241,7 +247,7 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
         model.train()
         bar = tqdm(total=total, initial=step, desc="train", unit="step")
         while step < total:
-            for next_micro, group in optimizer_steps(train_rows, lengths, params, tok.pad_token_id, epoch, skip):
+            for next_row, group in optimizer_steps(train_rows, lengths, params, tok.pad_token_id, epoch, skip):
                 step_loss, step_tokens = accumulate(forward, group, params.task, device, autocast, extra)
                 torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
                 optimizer.step()
@@ -258,10 +264,10 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
                 if step % t.log_every == 0 or save_now or step >= total:
                     fetch_log()
                     bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-t.log_every:]) / min(len(log), t.log_every):.4f}")
-                if save_now and distributed.is_main():
+                if save_now:  # every rank: FSDP's shards are gathered; rank 0 writes
                     checkpoint.save(ckpt_dir, model, optimizer, scheduler,
                                     {"fingerprint": resume_key, "step": step, "epoch": epoch,
-                                     "next_micro": next_micro, "tokens": int(tokens), "log": log})
+                                     "next_row": next_row, "tokens": int(tokens), "log": log})
                 if step >= total:
                     break
             epoch, skip = epoch + 1, 0
@@ -269,11 +275,12 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
         tokens = int(tokens)
         seconds = time.perf_counter() - started
     # --- save (one writer: rank 0; the adapter format is the same for any number of GPUs)
+    adapter_state = sharding.full_trainable_state(model)  # FSDP: gathered to rank 0 (every rank calls); else None
     if not distributed.is_main():
         distributed.barrier()
         return result("train", [ADAPTER, REPORT_DIR], world_size=world)
     with atomic_dir(resolve(root, ADAPTER)) as tmp:
-        save_adapter(model, tok, tmp, params.model.name)
+        save_adapter(model, tok, tmp, params.model.name, adapter_state)
         write_stage_card(tmp, params, root, "adapter")  # replaces PEFT's template (it names the base's local path)
     tail = log[-max(1, len(log) // 10):]
     summary = {"steps": step, "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else 0,
@@ -286,7 +293,7 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
                "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name, "liger_kernels": liger,
                "precision": plan.precision,
                "speed": {**plan.describe(), **applied},
-               "device": str(device), "world_size": world}
+               "device": str(device), "world_size": world, "strategy": strategy}
     with atomic_dir(resolve(root, REPORT_DIR)) as tmp:
         with open(tmp / "loss.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(log[0]))
