@@ -28,9 +28,15 @@ def split_frame(df: pd.DataFrame, validation: float, test: float, seed: int,
     return parts
 
 
+def _key_columns(df: pd.DataFrame) -> list[str]:
+    """What makes two rows the same example: the text, a chat row's prompt (schemas/messages.prompt_key),
+    or an instruction with its input."""
+    return ["text"] if "text" in df else ["prompt_key"] if "prompt_key" in df else ["instruction", "input"]
+
+
 def _check_no_leak(parts: dict[str, pd.DataFrame]) -> None:
     """Defence in depth behind the schema's uniqueness rule: no text in two splits."""
-    keys = ["text"] if "text" in parts["train"] else ["instruction", "input"]
+    keys = _key_columns(parts["train"])
     seen: dict[tuple, str] = {}
     for name, part in parts.items():
         for values, row in zip(part[keys].itertuples(index=False, name=None), part["row"].astype(str)):
@@ -42,7 +48,7 @@ def _check_no_leak(parts: dict[str, pd.DataFrame]) -> None:
 
 def hash_split(df: pd.DataFrame, validation: float, test: float, seed: int) -> dict[str, pd.DataFrame]:
     """Assign each row by a hash of its text: stable as rows are added or removed."""
-    keys = df["text"] if "text" in df else df["instruction"] + "\n" + df["input"]
+    keys = df[_key_columns(df)].agg("\n".join, axis=1)
     u = keys.map(lambda k: int(hashlib.sha256(f"{seed}:{k}".encode()).hexdigest()[:12], 16) / 16 ** 12)
     parts = {"train": df[u >= test + validation], "validation": df[(u >= test) & (u < test + validation)],
              "test": df[u < test]}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks import catalog
+from tasks import catalog, chat
 from tasks.catalog import IGNORE_INDEX, SPLITS
 from tasks.common import PipelineError, StageResult, atomic_dir, read_json, resolve, result, write_json
 from tasks.config import Params
@@ -52,6 +52,8 @@ def run(params: Params, root: Path) -> StageResult:
         rows = pd.read_json(resolve(root, catalog.SPLIT_DIR) / f"{split}.jsonl", lines=True, dtype=False)
         if params.task == "seq_cls":
             frame, long_rows = encode_classification(tok, rows, t.max_length)
+        elif "messages" in rows or t.template == "model":  # conversations, or the model's chat template
+            frame, long_rows = chat.encode_rows(tok, rows, t.max_length, t.template)
         else:
             frame, long_rows = encode_instructions(tok, rows, t.max_length, t.template)
         lengths = frame["input_ids"].map(len)

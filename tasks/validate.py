@@ -13,7 +13,7 @@ import pandas as pd
 import pandera.errors
 
 from schemas import classification_schema, instruction_schema
-from tasks import catalog
+from tasks import catalog, chat
 from tasks.common import PipelineError, StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import Params
 from tasks.dataio import ROW, read_raw
@@ -75,6 +75,8 @@ def _prepare(params: Params, df: pd.DataFrame, for_prediction: bool = False):
         schema = classification_schema(d.text_columns, label, sorted(mapping) if mapping else None,
                                        1 if for_prediction else d.min_classes, unique=not for_prediction)
         return schema
+    if chat.is_chat(d.layout, df.columns):  # conversations (messages / conversations column): tasks/chat.py
+        return chat.prepare_frame(df, d.clean_text, unique=not for_prediction)
     for c in ("instruction", "input", "output"):
         if c in df and d.clean_text:
             df[c] = df[c].map(lambda v: v.strip() if isinstance(v, str) else v)
@@ -117,6 +119,8 @@ def joined_text(df: pd.DataFrame, text_columns: list[str]) -> pd.Series:
 
 def canonical_rows(params: Params, df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     d = params.data
+    if params.task == "causal_lm" and "messages" in df:  # chat rows, prepared by tasks/chat.prepare_frame
+        return chat.canonical_frame(df, ROW), []
     if params.task == "causal_lm":
         return df[["instruction", "input", "output", ROW]].rename(columns={ROW: "row"}), []
     names, mapping = _label_space(params)
