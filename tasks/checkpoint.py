@@ -16,7 +16,11 @@ from safetensors.torch import load_file, save_file
 KEEP = 2
 
 
-def save(ckpt_dir: Path, model, optimizer, scheduler, state: dict) -> Path:
+EXTRA = "extra.safetensors"  # tensors a caller adds (the best adapter weights of early stopping)
+
+
+def save(ckpt_dir: Path, model, optimizer, scheduler, state: dict,
+         extra: dict[str, torch.Tensor] | None = None) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{state['step']:08d}"
     tmp = ckpt_dir / f".{final.name}.tmp"
@@ -28,6 +32,8 @@ def save(ckpt_dir: Path, model, optimizer, scheduler, state: dict) -> Path:
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, tmp / "rng.safetensors")
+    if extra:
+        save_file({n: t.detach().to("cpu").contiguous() for n, t in extra.items()}, tmp / EXTRA)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # tensors only: loads with weights_only=True
     (tmp / "state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}))
     os.replace(tmp, final)
@@ -61,6 +67,11 @@ def restore(path: Path, model, optimizer, scheduler) -> dict:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def extra_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors save() was given as `extra` ({} if none)."""
+    return load_file(path / EXTRA) if (path / EXTRA).exists() else {}
 
 
 def clear(ckpt_dir: Path) -> None:
