@@ -8,6 +8,7 @@ trained it. So `mlflow models serve -m models:/NAME@champion`, `mlflow.pyfunc.lo
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import re
 import tempfile
 from contextlib import contextmanager
@@ -51,13 +52,23 @@ def requirements(params: Params, variant: str, root: Path) -> list[str]:
     return [p for p in (_pin(d) for d in dists) if p]
 
 
-def signature(params: Params):
+def is_chat_model(root: Path) -> bool:
+    """Whether the model trained on conversations (its split rows carry messages)."""
+    head = (resolve(root, catalog.SPLIT_DIR) / "test.jsonl").open().readline()
+    return bool(head.strip()) and "messages" in json.loads(head)
+
+
+def signature(params: Params, chat: bool = False):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
     run_params = [ParamSpec("batch_size", "long", params.eval.batch_size)]
     if params.task == "seq_cls":
         inputs = Schema([ColSpec("string", c) for c in params.data.text_columns])
         outputs = Schema([ColSpec("string", "label"), ColSpec("double", "score")])
+    elif chat:  # a conversation (JSON text of [{role, content}]) ending with the user's turn
+        inputs = Schema([ColSpec("string", "messages")])
+        outputs = Schema([ColSpec("string", "generated")])
+        run_params.append(ParamSpec("max_new_tokens", "long", params.eval.max_new_tokens))
     else:
         inputs = Schema([ColSpec("string", "instruction"), ColSpec("string", "input", required=False)])
         outputs = Schema([ColSpec("string", "generated")])
@@ -72,7 +83,10 @@ def input_example(params: Params, root: Path, n: int = 2) -> pd.DataFrame:
     test_rows = pd.read_json(resolve(root, catalog.SPLIT_DIR) / "test.jsonl", lines=True, dtype=False)["row"]
     raw = read_raw(resolve(root, d.path), d.format, d.header, d.columns)
     raw = raw[raw[ROW].astype(str).isin(set(test_rows.astype(str).head(n)))].head(n)
-    columns = list(d.text_columns) if params.task == "seq_cls" else ["instruction", "input"]
+    columns = list(d.text_columns) if params.task == "seq_cls" else ["messages"] if is_chat_model(root) \
+        else ["instruction", "input"]
+    if "messages" in columns and "messages" not in raw:
+        raw = raw.rename(columns={"conversations": "messages"})
     return raw[[c for c in columns if c in raw]].fillna("").reset_index(drop=True)
 
 
@@ -89,7 +103,8 @@ def log_model(params: Params, root: Path, variant: str, card: str, tags: dict | 
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME, python_model=str(PYTHON_MODEL), artifacts={"bundle": str(bundle)},
             code_paths=[str(Path(tasks.__file__).parent), str(Path(schemas.__file__).parent)],
-            signature=signature(params), input_example=input_example(params, root),
+            signature=signature(params, params.task == "causal_lm" and is_chat_model(root)),
+            input_example=input_example(params, root),
             pip_requirements=requirements(params, variant, root),
             metadata={"qlora_variant": variant, "task": params.task}, tags=tags)
 

@@ -107,10 +107,12 @@ def _rule_check(rule: str) -> pa.Check:
     return pa.Check(lambda v: rule not in problems(v), element_wise=True, name=rule)
 
 
-def messages_schema(unique: bool = True) -> pa.DataFrameSchema:
+def messages_schema(unique: bool = True, for_prediction: bool = False) -> pa.DataFrameSchema:
     """Rows with a `messages` column (a conversation as JSON text or a list) and, when unique,
-    the prompt_key column tasks/validate.py derives from it."""
-    columns = {"messages": pa.Column(object, checks=[_rule_check(r) for r in RULES], nullable=False)}
+    the prompt_key column tasks/validate.py derives from it. for_prediction: a conversation to
+    answer needs no assistant turn (it ends with the user's; a final assistant turn is the reference)."""
+    rules = [r for r in RULES if not (for_prediction and r == "has_assistant_turn")]
+    columns = {"messages": pa.Column(object, checks=[_rule_check(r) for r in rules], nullable=False)}
     if unique:
         columns[KEY] = pa.Column(str, nullable=False)
     return pa.DataFrameSchema(

@@ -161,7 +161,7 @@ def is_chat(layout: str, columns) -> bool:
     return layout == "messages" or (layout == "auto" and any(c in columns for c in COLUMNS))
 
 
-def prepare_frame(df, clean: bool, unique: bool):
+def prepare_frame(df, clean: bool, unique: bool, for_prediction: bool = False):
     """Bring chat rows to the contract's shape in place (a `messages` column of JSON text, contents
     stripped when clean, the prompt_key column) and return the contract (schemas/messages.py)."""
     import json
@@ -170,7 +170,7 @@ def prepare_frame(df, clean: bool, unique: bool):
     if "messages" not in df and "conversations" in df:
         df["messages"] = df.pop("conversations")
     if "messages" not in df:  # reported as a missing column (prompt_key is derived, not asked for)
-        return messages_schema(unique=False)
+        return messages_schema(unique=False, for_prediction=for_prediction)
     keys = []
     for i, value in df["messages"].items():
         try:
@@ -182,8 +182,9 @@ def prepare_frame(df, clean: bool, unique: bool):
             df.at[i, "messages"] = json.dumps(msgs, ensure_ascii=False)
         ok = msgs is not None and not problems(df.at[i, "messages"])
         keys.append(prompt_key(msgs) if ok else f"<row {i} breaks a rule: not a key>")
-    df[KEY] = keys
-    return messages_schema(unique)
+    if unique:
+        df[KEY] = keys
+    return messages_schema(unique, for_prediction)
 
 
 def canonical_frame(df, row_column: str):
@@ -194,3 +195,29 @@ def canonical_frame(df, row_column: str):
     from schemas.messages import KEY
     return pd.DataFrame({"messages": [normalize(v) for v in df["messages"]], KEY: df[KEY].tolist(),
                          "row": df[row_column].astype(str).tolist()})
+
+
+def prediction_frame(df, row_column: str):
+    """Validated conversations to answer: messages up to the last user turn, and `expected`, the
+    final assistant turn when the conversation came with one (as a test row does)."""
+    import pandas as pd
+    prompts, expected = [], []
+    for value in df["messages"]:
+        msgs = normalize(value)
+        answer = msgs.pop()["content"] if msgs[-1]["role"] == "assistant" else None
+        prompts.append(msgs)
+        expected.append(answer)
+    out = pd.DataFrame({"messages": prompts, "row": df[row_column].astype(str).tolist()})
+    if any(e is not None for e in expected):
+        out["expected"] = expected
+    return out
+
+
+def generation_prompts(tok, rows, template: str, max_length: int) -> list[list[int]]:
+    """Prompt ids of prepared prediction rows (conversations, or instruction rows), keeping the
+    last max_length tokens."""
+    if "messages" in rows:
+        convs = list(rows["messages"])
+    else:
+        convs = [from_instruction(ins, inp or "") for ins, inp in zip(rows["instruction"], rows["input"])]
+    return [prompt_ids(tok, c, template)[-max_length:] for c in convs]

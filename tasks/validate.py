@@ -76,7 +76,7 @@ def _prepare(params: Params, df: pd.DataFrame, for_prediction: bool = False):
                                        1 if for_prediction else d.min_classes, unique=not for_prediction)
         return schema
     if chat.is_chat(d.layout, df.columns):  # conversations (messages / conversations column): tasks/chat.py
-        return chat.prepare_frame(df, d.clean_text, unique=not for_prediction)
+        return chat.prepare_frame(df, d.clean_text, unique=not for_prediction, for_prediction=for_prediction)
     for c in ("instruction", "input", "output"):
         if c in df and d.clean_text:
             df[c] = df[c].map(lambda v: v.strip() if isinstance(v, str) else v)
@@ -148,6 +148,8 @@ def prediction_rows(params: Params, df: pd.DataFrame, source) -> pd.DataFrame:
     df, errors, _ = validate_frame(params, df, Path(str(source)), for_prediction=True)
     if errors:
         raise PipelineError(error_message(source, errors))
+    if params.task == "causal_lm" and "messages" in df:  # conversations to answer (tasks/chat.py)
+        return chat.prediction_frame(df, ROW)
     if params.task == "causal_lm":
         out = df[["instruction", "input", ROW]].rename(columns={ROW: "row"}).astype({"row": str})
         if "output" in df:

@@ -208,3 +208,75 @@ def test_packed_multi_turn_rows_give_the_unpacked_loss(tiny_chat_llama, tok):
     assert abs(packed.item() - unpacked.item()) < 1e-4
     labelled = tok.decode([i for i in batch["labels"][0].tolist() if i != IGNORE])
     assert labelled == "Blue.</s>\nRed.</s>\nFour.</s>\n" + "Blue.</s>\n" + "Blue.</s>\nRed.</s>\n" + "Red.</s>\nFour.</s>\n"
+
+
+def test_the_generation_prompt_of_a_multi_turn_row_ends_before_its_last_answer(tok):
+    from tasks.generation import split_last_turn
+    ids, labels, _ = chat.encode_conversation(tok, THREE_TURNS, 512, "model")
+    prompt, reference = split_last_turn(ids, labels)
+    assert tok.decode(reference) == "Four.</s>\n"
+    # everything before it, the earlier answers included: what the model is given at inference
+    assert prompt == chat.prompt_ids(tok, THREE_TURNS[:-1], "model")
+    assert "Blue." in tok.decode(prompt) and "Red." in tok.decode(prompt)
+
+
+def test_generation_scores_and_batched_equals_one_by_one(tiny_chat_llama, tok):
+    from transformers import AutoModelForCausalLM
+
+    from tasks.generation import evaluate_generation, exact_match, generate, rouge_l
+    assert exact_match(" Four. ", "four.") == 1.0 and exact_match("Five.", "Four.") == 0.0
+    assert rouge_l("the cat sat", "the cat sat down") == pytest.approx(2 * 1 * 0.75 / 1.75)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama, dtype=torch.float32).eval()
+    convs = [THREE_TURNS, THREE_TURNS[1:3], THREE_TURNS[:5]]
+    prompts = [chat.prompt_ids(tok, c[:-1], "model") for c in convs]
+    batched = generate(model, tok, prompts, 6, 3, torch.device("cpu"))
+    single = [generate(model, tok, [p], 6, 1, torch.device("cpu"))[0] for p in prompts]
+    assert batched == single and all(len(g) <= 6 for g in batched)
+    enc = [chat.encode_conversation(tok, c, 256, "model") for c in convs]
+    rows = pd.DataFrame({"input_ids": [e[0] for e in enc], "labels": [e[1] for e in enc], "row": ["1", "2", "3"]})
+    metrics, samples = evaluate_generation(model, tok, rows, 2, 6, 8, torch.device("cpu"))
+    assert metrics["generated_rows"] == 2 and [s["reference"] for s in samples] == ["Four.", "Blue."]
+    assert samples[0]["generated"] == tok.decode(single[0], skip_special_tokens=True).strip()
+    assert metrics["rougeL"] == pytest.approx(sum(s["rougeL"] for s in samples) / 2)
+
+
+@pytest.mark.slow
+def test_messages_jsonl_trains_end_to_end(tmp_path, tiny_chat_llama):
+    """Two-turn OpenAI-layout conversations (made of Alpaca rows) through the real flow with the
+    model's chat template: validation curve, generation metrics, samples table in MLflow."""
+    import mlflow
+
+    from flows.pipeline import Project, qlora_pipeline
+    from tests.conftest import make_project
+    from tests.test_causal_lm import causal_params
+    alpaca = json.loads(ALPACA.read_text())
+    convs = []
+    for a, b in zip(alpaca[0::2], alpaca[1::2]):
+        convs.append({"messages": [{"role": "system", "content": "Answer briefly."}] + [
+            {"role": role, "content": text} for r in (a, b)
+            for role, text in (("user", r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")),
+                               ("assistant", r["output"]))]})
+    data = _jsonl(tmp_path / "chat.jsonl", convs)
+    raw = causal_params(tiny_chat_llama)
+    raw["data"].update(path=str(data))
+    raw["tokenize"].update(template="model", max_length=512)
+    raw["train"].update(max_steps=4, eval_every=2, batch_size=4)
+    raw["eval"].update(max_new_tokens=4, max_generate_rows=4)
+    raw["tracking"].update(registered_model="tiny-chat")
+    root = make_project(tmp_path / "project", raw)
+    out = qlora_pipeline(Project(root=root))
+    assert all(s.ran for s in out.stages.values())
+    stats = json.loads((root / "data/tokenized/stats.json").read_text())
+    assert stats["splits"]["train"]["rows"] == 40 and stats["splits"]["train"]["rows_without_answer_tokens"] == 0
+    curve = pd.read_csv(root / "reports/train/validation.csv")
+    assert curve["step"].tolist() == [2, 4]
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert metrics["generated_rows"] == 4 and 0 <= metrics["rougeL"] <= 1 and 0 <= metrics["exact_match"] <= 1
+    samples = [json.loads(x) for x in (root / "reports/eval/samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and all(s["prompt"].count("<|assistant|>") == 2 for s in samples)  # turn 1 answered
+    mlflow.set_tracking_uri(out.mlflow["tracking_uri"])
+    client = mlflow.tracking.MlflowClient()
+    run_id = out.mlflow["run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [2, 4]
+    assert "test_rougeL" in client.get_run(run_id).data.metrics
+    assert "eval/samples_table.json" in {a.path for a in client.list_artifacts(run_id, "eval")}
