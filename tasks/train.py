@@ -53,8 +53,8 @@ def add_lora(model, lora: LoraSection, task: str, t: TrainConfig, compute_dtype:
                      use_dora=lora.use_dora, use_rslora=lora.use_rslora,
                      init_lora_weights=True if lora.init == "default" else lora.init,
                      modules_to_save=list(lora.modules_to_save) or None)
-    model = get_peft_model(model, cfg)
     check_modules_to_save(model, lora.modules_to_save)
+    model = get_peft_model(model, cfg)
     for p in model.parameters():  # trained weights stay fp32: bf16 would round small updates away
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -64,15 +64,13 @@ def add_lora(model, lora: LoraSection, task: str, t: TrainConfig, compute_dtype:
 
 
 def check_modules_to_save(model, names: list[str]) -> None:
-    """Each lora.modules_to_save entry names a module that now trains in full: one that exists and
-    has float weights (a 4-bit copy cannot be trained)."""
-    from peft.utils import ModulesToSaveWrapper
-    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    """Each lora.modules_to_save entry names a module of the base that can train in full: one that
+    exists and has float weights (a 4-bit copy cannot be trained; PEFT fails deep inside otherwise)."""
     for key in names:
-        found = [m for n, m in wrapped.items() if n == key or n.endswith("." + key)]
+        found = [m for n, m in model.named_modules() if n == key or n.endswith("." + key)]
         if not found:
             raise PipelineError(f"lora.modules_to_save: no module named {key!r} in the model")
-        if not any(p.requires_grad for m in found for p in m.parameters()):
+        if any(not p.is_floating_point() for m in found for p in m.parameters()):
             raise PipelineError(f"lora.modules_to_save: {key!r} is 4-bit quantized and cannot train; add it to "
                                 f"quant.skip_modules (the quantize stage then keeps it in full precision)")
 
