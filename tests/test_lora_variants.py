@@ -59,6 +59,7 @@ def val_loss(model, root, params) -> float:
 VARIANTS = {
     "dora": ({"use_dora": True}, None),
     "rslora": ({"use_rslora": True}, None),
+    "olora_dora": ({"init": "olora", "use_dora": True}, None),
     "gaussian": ({"init": "gaussian"}, None),
     "olora": ({"init": "olora"}, None),
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, None),
