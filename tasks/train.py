@@ -240,7 +240,7 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
         n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
         train_rows = load_split(root, "train")
         val_rows = load_split(root, "validation") if t.eval_every else None
-        validation = Validation(t, params.task)  # validation passes, best step, early stopping (tasks/validation.py)
+        validation = Validation(t, params.task, params.seed)  # validation passes, best step, early stopping (tasks/validation.py)
         lengths = train_rows["input_ids"].map(len).tolist()
         rows_per_epoch = len(pack_bins(list(range(len(lengths))), lengths, params.tokenize.max_length)) \
             if t.packing and params.task == "causal_lm" else len(train_rows)

@@ -5,12 +5,14 @@ The training loop calls three things: `due(step, total)`, `run(...)` at those st
 best one, its step, the passes without improvement, the best adapter weights) is in `state()` and
 `tensors()`, which the checkpoint carries, so a resumed run decides as an uninterrupted one.
 
-A pass is the model in eval mode (no dropout) over the whole validation split in length-sorted
-batches (little padding), under the training autocast: the loss is the same quantity as the
+A pass is the model in eval mode (no dropout) over the validation split (train.eval_rows of it: one
+seeded sample, the same every pass) in length-sorted batches (little padding), under the training autocast: the loss is the same quantity as the
 training loss (mean over label tokens, or over examples for seq_cls), plus accuracy for seq_cls.
 Under DDP each rank scores its shard and the sums are added, so all ranks take the same decision.
 """
 from __future__ import annotations
+
+import random
 
 import torch
 
@@ -29,11 +31,12 @@ def _keep_4bit_layers_in_train_mode(model) -> None:
 
 
 @torch.no_grad()
-def score(model, rows, batch_size: int, pad_id: int, task: str, device, autocast) -> dict:
-    """{"loss": ..., "accuracy": ... (seq_cls)} of the model on these tokenized rows."""
+def score(model, rows, batch_size: int, pad_id: int, task: str, device, autocast, subset: list[int] | None = None) -> dict:
+    """{"loss": ..., "accuracy": ... (seq_cls)} of the model on these tokenized rows (those at `subset`)."""
     lengths = [len(x) for x in rows["input_ids"]]
     rank, size = distributed.world()  # every row once over all ranks (no collective runs per batch)
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])[rank::size]
+    chosen = range(len(lengths)) if subset is None else subset
+    order = sorted(chosen, key=lambda i: lengths[i])[rank::size]
     was_training = model.training
     model.eval()
     _keep_4bit_layers_in_train_mode(model)
@@ -61,8 +64,9 @@ def score(model, rows, batch_size: int, pad_id: int, task: str, device, autocast
 
 
 class Validation:
-    def __init__(self, t: TrainConfig, task: str):
-        self.every, self.task = t.eval_every, task
+    def __init__(self, t: TrainConfig, task: str, seed: int = 0):
+        self.every, self.task, self.rows, self.seed = t.eval_every, task, t.eval_rows, seed
+        self.subset: list[int] | None = None  # the rows every pass scores (chosen at the first pass)
         self.stopping, self.metric = t.early_stopping, t.early_stopping_metric
         self.patience, self.min_delta = t.early_stopping_patience, t.early_stopping_min_delta
         self.history: list[dict] = []   # one row per pass: step, val_loss (, val_accuracy)
@@ -78,7 +82,10 @@ class Validation:
 
     def run(self, model, rows, batch_size: int, pad_id: int, device, autocast, step: int) -> dict:
         """Score the model now; update best / patience; returns the history row."""
-        scores = score(model, rows, batch_size, pad_id, self.task, device, autocast)
+        if self.subset is None:  # the same seeded sample each pass, and in a resumed run
+            n = len(rows)
+            self.subset = sorted(random.Random(self.seed).sample(range(n), min(n, self.rows or n)))
+        scores = score(model, rows, batch_size, pad_id, self.task, device, autocast, self.subset)
         row = {"step": step, **{f"val_{k}": round(v, 6) for k, v in scores.items()}}
         self.history.append(row)
         value = scores[self.metric]
@@ -113,7 +120,7 @@ class Validation:
             return {}
         last = self.history[-1]
         out = {f"final_{k}": v for k, v in last.items() if k != "step"}
-        out.update({"best_step": self.best_step, f"best_val_{self.metric}": self.best,
+        out.update({"validation_rows": len(self.subset or []), "best_step": self.best_step, f"best_val_{self.metric}": self.best,
                     "early_stopping": self.stopping, "stopped_early": self.stop, "stopped_at_step": self.stopped_at,
                     "saved_adapter_step": self.best_step if self.stopping else last["step"]})
         return out
