@@ -8,10 +8,17 @@ modified (the bytes differ from the .dvc file), uncommitted (the .dvc file itsel
 from git's HEAD, e.g. `dvc repro` re-recorded a changed import). The last two stop the run
 unless the user opts in (--allow-unverified-data, or QLORA_ALLOW_UNVERIFIED_DATA=1); the
 run is then recorded with the real hash and data_verified=false.
+
+A Hugging Face hub dataset (data.path hf://NAME) has no bytes here to hash before it is
+loaded: it is `pinned` when data.revision is a commit hash (the hub never changes a commit)
+and `unpinned` otherwise (a branch or tag can move: the run needs the same opt-in). The
+loaded dataset's fingerprint is recorded by the validate stage (data/validated/source.json).
+A local dataset folder given as hf://DIR is checked like any path.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +27,7 @@ import yaml
 from flows import dvc_ops
 from tasks.common import PipelineError, resolve
 from tasks.config import Params
+from tasks.dataio import HUB_PREFIX, is_hub
 
 ALLOW_ENV = "QLORA_ALLOW_UNVERIFIED_DATA"
 
@@ -31,19 +39,23 @@ class DataVersionMismatch(PipelineError):
 @dataclass(frozen=True)
 class DataCheck:
     data_path: str                    # data.path as params give it
-    status: str                       # verified | untracked | modified | uncommitted
+    status: str                       # verified | untracked | modified | uncommitted | pinned | unpinned
     md5: str                          # DVC md5 of what the .dvc file tracks (of data.path if untracked)
     file_md5: str                     # DVC md5 of data.path itself
     dvc_file: str | None = None       # relative to the project
     tracked_path: str | None = None   # what the .dvc file tracks (data.path or a folder above it)
     recorded_md5: str | None = None   # md5 in the .dvc file on disk
     committed_md5: str | None = None  # md5 in the .dvc file at git's HEAD
+    revision: str | None = None       # hf:// hub datasets: data.revision
 
     @property
     def verified(self) -> bool:
         return self.status == "verified"
 
     def problem(self) -> str:
+        if self.status == "unpinned":
+            return (f"{self.data_path}: data.revision {self.revision!r} is not a commit hash, so the hub dataset "
+                    f"it names can change without the record knowing")
         where = f"{self.tracked_path} (tracked by {self.dvc_file})"
         if self.status == "modified":
             return (f"{self.data_path}: the data on disk is not the version recorded in {self.dvc_file}: "
@@ -56,8 +68,10 @@ class DataCheck:
     def tags(self) -> dict[str, str]:
         """What MLflow records about the data of a run."""
         tags = {"data_path": self.data_path, "data_md5": self.md5, "data_file_md5": self.file_md5,
-                "data_verified": {"verified": "true", "untracked": "untracked"}.get(self.status, "false"),
-                "data_check": self.status}
+                "data_verified": {"verified": "true", "untracked": "untracked", "pinned": "pinned"}.get(
+                    self.status, "false"), "data_check": self.status}
+        if self.revision is not None:
+            tags["data_revision"] = self.revision
         tags.update({k: v for k, v in (("dvc_file", self.dvc_file), ("dvc_tracked_path", self.tracked_path),
                                        ("dvc_data_md5", self.committed_md5 or self.recorded_md5)) if v})
         return tags
@@ -66,9 +80,20 @@ class DataCheck:
         return asdict(self)
 
 
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 def check_data(params: Params, root: Path) -> DataCheck:
     root = Path(root).resolve()
-    path = resolve(root, params.data.path)
+    d = params.data
+    if is_hub(d.path):
+        local = resolve(root, d.path[len(HUB_PREFIX):])
+        if not local.is_dir():  # a hub id: nothing on disk until datasets.load_dataset fetches it
+            pinned = bool(d.revision and COMMIT.fullmatch(d.revision))
+            return DataCheck(d.path, "pinned" if pinned else "unpinned", "", "", revision=d.revision or "main")
+        path = local
+    else:
+        path = resolve(root, d.path)
     if not path.exists():
         raise PipelineError(f"{path}: file not found (data.path)")
     file_md5 = dvc_ops.md5(path)
@@ -95,9 +120,14 @@ def allowed_by_user() -> bool:
 
 
 def require_committed_version(check: DataCheck, allow: bool | None = None) -> DataCheck:
-    """Stop (DataVersionMismatch) unless the data is verified, untracked, or the user opted in."""
+    """Stop (DataVersionMismatch) unless the data is verified, untracked, a pinned hub revision, or
+    the user opted in."""
     allow = allowed_by_user() if allow is None else allow
-    if check.status in ("modified", "uncommitted"):
+    if check.status in ("modified", "uncommitted", "unpinned"):
+        if not allow and check.status == "unpinned":
+            raise DataVersionMismatch(
+                check.problem() + ".\nPin data.revision to the commit to train on, or run on it anyway with "
+                f"--allow-unverified-data ({ALLOW_ENV}=1): the run is then recorded as unverified.")
         if not allow:
             raise DataVersionMismatch(
                 check.problem() + ".\nRestore the committed data (`git checkout " + str(check.dvc_file)

@@ -8,6 +8,7 @@ from pathlib import Path
 from tasks.common import PipelineError
 
 LINEAGE_TAGS = ("git_commit", "git_dirty", "data_path", "data_md5", "data_file_md5", "data_verified", "data_check",
+                "data_revision", "data_fingerprint",
                 "dvc_file", "dvc_tracked_path", "dvc_data_md5", "dataset_digest", "dvc_experiment",
                 "dvc_experiment_rev", "dvc_experiment_baseline", "dvc_lock_sha256", "base_model",
                 "base_model_source", "base_model_revision", "task", "label_names", "prefect_flow_run_id")
@@ -78,7 +79,14 @@ def verify(info: dict, root: Path) -> dict:
     version is ok only if the bytes are what the run trained on AND the run's data was the
     committed DVC version (a run on unverified data never verifies)."""
     from flows.dvc_ops import md5
+    from tasks.dataio import is_hub
     lin = info["lineage"]
+    if is_hub(lin.get("data_path", "")) and not lin.get("data_md5"):  # a hub id: nothing here to re-hash
+        pinned = lin.get("data_verified") == "pinned"
+        return {"path": lin["data_path"], "revision": lin.get("data_revision"),
+                "fingerprint": lin.get("data_fingerprint"), "recorded_verified": lin.get("data_verified", "unknown"),
+                "problems": [] if pinned else ["the run's hub dataset was not pinned to a commit (data.revision)"],
+                "ok": pinned}
     tracked = lin.get("dvc_tracked_path") or lin.get("data_path", "")
     path = Path(tracked) if Path(tracked).is_absolute() else root / tracked
     out = {"path": str(path), "recorded_md5": lin.get("data_md5"), "exists": path.exists(),

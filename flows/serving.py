@@ -8,7 +8,6 @@ trained it. So `mlflow models serve -m models:/NAME@champion`, `mlflow.pyfunc.lo
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import re
 import tempfile
 from contextlib import contextmanager
@@ -54,8 +53,8 @@ def requirements(params: Params, variant: str, root: Path) -> list[str]:
 
 def is_chat_model(root: Path) -> bool:
     """Whether the model trained on conversations (its split rows carry messages)."""
-    head = (resolve(root, catalog.SPLIT_DIR) / "test.jsonl").open().readline()
-    return bool(head.strip()) and "messages" in json.loads(head)
+    from tasks.arrowio import open_rows
+    return "messages" in open_rows(resolve(root, catalog.split_file(catalog.SPLIT_DIR, "test"))).features
 
 
 def signature(params: Params, chat: bool = False):
@@ -77,14 +76,21 @@ def signature(params: Params, chat: bool = False):
 
 
 def input_example(params: Params, root: Path, n: int = 2) -> pd.DataFrame:
-    """The first rows of the held-out test split, as the raw data has them (what a client sends)."""
-    from tasks.dataio import ROW, read_raw
+    """The first rows of the held-out test split, as the raw data has them (what a client sends):
+    the raw data is read a chunk at a time until they are found."""
+    from tasks.arrowio import open_rows
+    from tasks.dataio import ROW
+    from tasks.validate import source_chunks
     d = params.data
-    test_rows = pd.read_json(resolve(root, catalog.SPLIT_DIR) / "test.jsonl", lines=True, dtype=False)["row"]
-    raw = read_raw(resolve(root, d.path), d.format, d.header, d.columns)
-    raw = raw[raw[ROW].astype(str).isin(set(test_rows.astype(str).head(n)))].head(n)
+    wanted = [str(r) for r in open_rows(resolve(root, catalog.split_file(catalog.SPLIT_DIR, "test")))[:n]["row"]]
     columns = list(d.text_columns) if params.task == "seq_cls" else ["messages"] if is_chat_model(root) \
         else ["instruction", "input"]
+    found = []
+    for chunk in source_chunks(params, root)[1]:
+        found.append(chunk[chunk[ROW].astype(str).isin(set(wanted))])
+        if sum(len(f) for f in found) >= len(wanted):
+            break
+    raw = pd.concat(found, ignore_index=True).head(n)
     if "messages" in columns and "messages" not in raw:
         raw = raw.rename(columns={"conversations": "messages"})
     return raw[[c for c in columns if c in raw]].fillna("").reset_index(drop=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from tasks import catalog
 from tasks.common import StageResult
 from tasks.config import Params
+from tasks.dataio import HUB_PREFIX, is_hub
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON_CODE = ("tasks/common.py", "tasks/config.py", "tasks/catalog.py")
@@ -38,7 +39,11 @@ class Stage:
         return [_TEMPLATE.sub(lambda m: str(params.get(m.group(1))), d) for d in self.declared_deps(params)]
 
     def declared_deps(self, params: Params) -> list[str]:
-        return [d for d in self.deps if d != LOCAL_BASE_MODEL or base_model_is_local(params)]
+        deps = [d for d in self.deps if d != LOCAL_BASE_MODEL or base_model_is_local(params)]
+        if RAW_DATA in deps and is_hub(params.data.path):  # hf://: a local dataset folder is a dep; a hub id
+            local = params.data.path[len(HUB_PREFIX):]   # is pinned by data.revision, a param of the stage
+            deps = [local if d == RAW_DATA else d for d in deps if d != RAW_DATA or Path(local).is_dir()]
+        return deps
 
     def all_code(self) -> tuple[str, ...]:
         return COMMON_CODE + self.code
@@ -53,23 +58,27 @@ def base_model_is_local(params: Params) -> bool:
 
 STAGES: tuple[Stage, ...] = (
     Stage("validate", "tasks.validate", deps=(RAW_DATA,),
-          code=("tasks/validate.py", "tasks/dataio.py", "tasks/chat.py", "tasks/prompts.py", "schemas"),
+          code=("tasks/validate.py", "tasks/dataio.py", "tasks/arrowio.py", "tasks/rowhash.py", "tasks/chat.py",
+                "tasks/prompts.py", "schemas"),
           params=("task", "data"), outs=(catalog.VALIDATED_DIR, catalog.VALIDATION_REPORT)),
-    Stage("split", "tasks.split", deps=(catalog.VALIDATED_DIR,), code=("tasks/split.py",),
+    Stage("split", "tasks.split", deps=(catalog.VALIDATED_DIR,), code=("tasks/split.py", "tasks/arrowio.py", "tasks/rowhash.py"),
           params=("task", "split"), outs=(catalog.SPLIT_DIR,)),
     Stage("tokenize", "tasks.tokenize", deps=(catalog.SPLIT_DIR, catalog.LABELS, LOCAL_BASE_MODEL),
-          code=("tasks/tokenize.py", "tasks/chat.py", "tasks/prompts.py", "schemas/messages.py", "tasks/modeling.py"),
+          code=("tasks/tokenize.py", "tasks/arrowio.py", "tasks/chat.py", "tasks/prompts.py", "schemas/messages.py",
+                "tasks/modeling.py"),
           params=("task", "tokenize", "model"), outs=(catalog.TOKENIZED_DIR,)),
     Stage("quantize", "tasks.quantize", deps=(catalog.LABELS, LOCAL_BASE_MODEL),
           code=("tasks/quantize.py", "tasks/modeling.py"),
           params=("task", "seed", "model", "quant", "train.device"), outs=(catalog.BASE_MODEL_DIR,)),
     Stage("train", "tasks.train", deps=(catalog.TOKENIZED_DIR, catalog.BASE_MODEL_DIR),
-          code=("tasks/train.py", "tasks/validation.py", "tasks/checkpoint.py", "tasks/batching.py", "tasks/plots.py", "tasks/modeling.py",
+          code=("tasks/train.py", "tasks/validation.py", "tasks/checkpoint.py", "tasks/batching.py", "tasks/arrowio.py",
+                "tasks/plots.py", "tasks/modeling.py",
                 "tasks/precision.py", "tasks/distributed.py", "tasks/speed.py", "tasks/fast_lora.py", "tasks/card.py"),
           params=("task", "seed", "model.name", "lora", "train", "quant.compute_dtype"),
           outs=(catalog.ADAPTER_DIR, catalog.TRAIN_REPORT_DIR)),
     Stage("evaluate", "tasks.evaluate", deps=(catalog.TOKENIZED_DIR, catalog.BASE_MODEL_DIR, catalog.ADAPTER_DIR),
-          code=("tasks/evaluate.py", "tasks/generation.py", "tasks/batching.py", "tasks/plots.py", "tasks/modeling.py"),
+          code=("tasks/evaluate.py", "tasks/generation.py", "tasks/batching.py", "tasks/arrowio.py", "tasks/plots.py",
+                "tasks/modeling.py"),
           params=("task", "eval", "train.device", "train.threads", "quant.compute_dtype"),
           outs=(catalog.EVAL_DIR,), metrics=(catalog.METRICS,)),
     Stage("merge", "tasks.merge", deps=(catalog.BASE_MODEL_DIR, catalog.ADAPTER_DIR),

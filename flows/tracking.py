@@ -146,6 +146,9 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
             **({"label_names": json.dumps(read_json(Path(root) / catalog.LABELS)["names"])}
                if params.task == "seq_cls" else {}),
             **{f"stage.{n}": "ran" if s.ran else "skipped" for n, s in outcome.stages.items()}}
+    source = Path(root) / catalog.VALIDATED_DIR / "source.json"  # hf:// data: what datasets.load_dataset loaded
+    if source.exists():
+        tags["data_fingerprint"] = read_json(source)["fingerprint"]
     if outcome.experiment is not None:
         tags.update({"dvc_experiment": outcome.experiment.name, "dvc_experiment_rev": outcome.experiment.rev,
                      "dvc_experiment_baseline": outcome.experiment.baseline})
@@ -157,7 +160,7 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
                           **nesting) as run:
         mlflow.log_params(_flatten(params.model_dump(mode="json")))
         info = {"run_id": run.info.run_id, "tracking_uri": uri, "reused": False}
-        _log_results(mlflow, run, params, Path(root))
+        _log_results(mlflow, run, params, Path(root), outcome)
         version = _register(mlflow, run, params, Path(root), outcome, tags)
         if version:
             info["model_version"] = version
@@ -166,9 +169,9 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
     return info
 
 
-def _log_results(mlflow, run, params: Params, root: Path) -> None:
+def _log_results(mlflow, run, params: Params, root: Path, outcome) -> None:
     from mlflow.entities import Metric
-    _log_dataset(mlflow, params, root)
+    _log_dataset(mlflow, params, root, outcome.stages["validate"].outs.get(catalog.VALIDATED_DIR, ""))
     if (root / catalog.TRAIN_LOSS_CSV).exists():
         now = int(time.time() * 1000)
         with open(root / catalog.TRAIN_LOSS_CSV) as f:
@@ -207,12 +210,17 @@ def _log_results(mlflow, run, params: Params, root: Path) -> None:
     mlflow.log_artifact(str(root / catalog.BASE_LINEAGE), "base_model")
 
 
-def _log_dataset(mlflow, params: Params, root: Path) -> None:
-    import pandas as pd
-    df = pd.read_json(root / catalog.VALIDATED_ROWS, lines=True, dtype=False)
-    source = params.data.path if Path(params.data.path).is_absolute() else str(root / params.data.path)
-    ds = mlflow.data.from_pandas(df, source=source, name=Path(params.data.path).name,
-                                 targets="label" if "label" in df else None)
+def _log_dataset(mlflow, params: Params, root: Path, validated_md5: str) -> None:
+    """The validated rows as MLflow's training input: a Hugging Face dataset (memory-mapped, so
+    MLflow reads only the first rows for the schema) whose digest is DVC's md5 of data/validated."""
+    from tasks.arrowio import open_rows
+    from tasks.dataio import is_hub
+    d = params.data
+    rows = open_rows(root / catalog.VALIDATED_ROWS)
+    source = d.path if is_hub(d.path) or Path(d.path).is_absolute() else str(root / d.path)
+    ds = mlflow.data.from_huggingface(rows, path=source, name=Path(d.path).name, digest=validated_md5[:32] or None,
+                                      targets="label" if "label" in rows.column_names else None,
+                                      revision=d.revision if is_hub(d.path) else None)
     mlflow.log_input(ds, context="training")
     mlflow.set_tag("dataset_digest", ds.digest)
 

@@ -1,16 +1,19 @@
-"""Turning tokenized rows into padded batches (dynamic padding: each batch pads to its longest row)."""
+"""Turning tokenized rows into padded batches (dynamic padding: each batch pads to its longest row).
+
+Rows come from a tokenized split (`tasks.tokenize.load_split`: a memory-mapped
+`datasets.Dataset`): a batch reads just its rows, by position, from the mapped file."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Mapping
 
-import pandas as pd
 import torch
 
 from tasks.catalog import IGNORE_INDEX as IGNORE
 
 
-def collate(rows: pd.DataFrame, pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    seqs = [list(x) for x in rows["input_ids"]]
+def collate(rows: Mapping[str, list], pad_id: int, task: str) -> dict[str, torch.Tensor]:
+    """rows: columns of the batch's rows (`dataset[positions]`)."""
+    seqs = rows["input_ids"]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -18,19 +21,21 @@ def collate(rows: pd.DataFrame, pad_id: int, task: str) -> dict[str, torch.Tenso
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     if task == "seq_cls":
-        labels = torch.tensor(rows["labels"].astype(int).tolist(), dtype=torch.long)
+        labels = torch.tensor(rows["labels"], dtype=torch.long)
     else:
         labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
         for i, lab in enumerate(rows["labels"]):
-            labels[i, : len(lab)] = torch.tensor(list(lab), dtype=torch.long)
+            labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(frame: pd.DataFrame, batch_size: int, pad_id: int, task: str,
+def batches(rows, batch_size: int, pad_id: int, task: str,
             order: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    order = list(range(len(frame))) if order is None else order
+    """Padded batches of `rows` (a Dataset) in `order` (positions; default: as stored)."""
+    order = list(range(len(rows))) if order is None else order
+    rows = rows.select_columns(["input_ids", "labels"])  # leave provenance columns unread
     for start in range(0, len(order), batch_size):
-        yield collate(frame.iloc[order[start: start + batch_size]], pad_id, task)
+        yield collate(rows[order[start: start + batch_size]], pad_id, task)
 
 
 def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 32) -> list[int]:
@@ -64,13 +69,17 @@ def pack_bins(order: list[int], lengths: list[int], max_length: int) -> list[lis
     return bins
 
 
-def collate_packed(frame: pd.DataFrame, bins: list[list[int]], pad_id: int) -> tuple[dict[str, torch.Tensor], int]:
+def collate_packed(rows, bins: list[list[int]], pad_id: int) -> tuple[dict[str, torch.Tensor], int]:
     """Causal-LM rows made of several examples. position_ids restart at 0 for each example
     and no attention_mask is passed: transformers then builds a block-diagonal causal mask
     (sdpa/eager) or varlen attention (flash), so no example sees another. The token that
     would predict across a boundary is the next example's first prompt token, whose label
     is already -100, so the loss never spans two examples. Returns (batch, real tokens)."""
-    width = max(sum(len(frame["input_ids"].iat[i]) for i in b) for b in bins)
+    flat = [i for b in bins for i in b]
+    fetched = rows.select_columns(["input_ids", "labels"])[flat]  # one gather for the whole batch
+    seq_of = dict(zip(flat, fetched["input_ids"]))
+    lab_of = dict(zip(flat, fetched["labels"]))
+    width = max(sum(len(seq_of[i]) for i in b) for b in bins)
     ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     labels = torch.full((len(bins), width), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(bins), width), dtype=torch.long)
@@ -78,7 +87,7 @@ def collate_packed(frame: pd.DataFrame, bins: list[list[int]], pad_id: int) -> t
     for r, b in enumerate(bins):
         at = 0
         for i in b:
-            seq, lab = list(frame["input_ids"].iat[i]), list(frame["labels"].iat[i])
+            seq, lab = seq_of[i], lab_of[i]
             ids[r, at: at + len(seq)] = torch.tensor(seq)
             labels[r, at: at + len(seq)] = torch.tensor(lab)
             pos[r, at: at + len(seq)] = torch.arange(len(seq))

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 # data: validate -> split -> tokenize
 VALIDATED_DIR = "data/validated"
-VALIDATED_ROWS = f"{VALIDATED_DIR}/dataset.jsonl"
+VALIDATED_ROWS = f"{VALIDATED_DIR}/dataset.arrow"    # Arrow stream (tasks/arrowio.py): text, label, row
 LABELS = f"{VALIDATED_DIR}/labels.json"          # class names, in label-index order
-SPLIT_DIR = "data/split"                          # {train,validation,test}.jsonl
-TOKENIZED_DIR = "data/tokenized"                  # {split}.parquet, labels.json, stats.json
+SPLIT_DIR = "data/split"                          # {train,validation,test}.arrow
+TOKENIZED_DIR = "data/tokenized"                  # {split}.arrow (input_ids, labels, row), labels.json, stats.json
 TOKENIZE_STATS = f"{TOKENIZED_DIR}/stats.json"
 SPLITS = ("train", "validation", "test")
+HF_DATASETS_CACHE = ".qlora/hf-datasets"          # hf:// data.path: datasets.load_dataset's cache
+
+
+def split_file(folder: str, split: str) -> str:
+    """One split's rows in SPLIT_DIR or TOKENIZED_DIR."""
+    return f"{folder}/{split}.arrow"
 
 # models: quantize -> train -> merge
 BASE_MODEL_DIR = "models/base"                    # the 4-bit base, saved pre-quantized

@@ -139,21 +139,34 @@ def conversation(row: dict) -> list[dict]:
     return from_instruction(row["instruction"], row.get("input") or "", row.get("output"))
 
 
-def encode_rows(tok, rows, max_length: int, template: str):
-    """tokenize's causal-LM path for chat data (a messages column) or any data with `template:
-    model`: a frame of input_ids, labels, row, and the rows max_length cut."""
-    import pandas as pd
-    out_ids, out_labels, long_rows = [], [], []
-    for rec in rows.to_dict("records"):
+def encode_batch(batch: dict, tok, max_length: int, template: str) -> dict:
+    """tokenize's causal-LM encoder (a batched Dataset.map function) for chat rows (a messages column,
+    JSON text) or, with `template: model`, instruction rows: input_ids, labels, truncated."""
+    n = len(batch["row"])
+    rows = [{k: batch[k][i] for k in batch} for i in range(n)]
+    out = {"input_ids": [], "labels": [], "truncated": []}
+    for rec in rows:
         ids, labels, cut = encode_conversation(tok, conversation(rec), max_length, template)
-        out_ids.append(ids)
-        out_labels.append(labels)
-        if cut:
-            long_rows.append(str(rec["row"]))
-    return pd.DataFrame({"input_ids": out_ids, "labels": out_labels, "row": rows["row"].astype(str)}), long_rows
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["truncated"].append(cut)
+    return out
 
 
 # --- validation (tasks/validate.py hooks here for chat data) ---------------------------------------
+
+def resolve_layout(params, chunks):
+    """(params with data.layout auto made definite, the same chunks): a causal-LM dataset is chat data
+    when its first chunk has a messages or conversations column. Later stages read data.layout."""
+    import itertools
+    if params.task != "causal_lm" or params.data.layout != "auto":
+        return params, chunks
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    layout = "messages" if first is not None and is_chat("auto", first.columns) else "instruction"
+    params = params.model_copy(update={"data": params.data.model_copy(update={"layout": layout})})
+    return params, (chunks if first is None else itertools.chain([first], chunks))
+
 
 def is_chat(layout: str, columns) -> bool:
     """Whether data.layout (auto: by the columns found) makes these rows conversations."""
@@ -182,19 +195,22 @@ def prepare_frame(df, clean: bool, unique: bool, for_prediction: bool = False):
             df.at[i, "messages"] = json.dumps(msgs, ensure_ascii=False)
         ok = msgs is not None and not problems(df.at[i, "messages"])
         keys.append(prompt_key(msgs) if ok else f"<row {i} breaks a rule: not a key>")
-    if unique:
+    if not for_prediction:  # the identity of a training row: duplicates and leakage are judged on it
         df[KEY] = keys
     return messages_schema(unique, for_prediction)
 
 
-def canonical_frame(df, row_column: str):
-    """Validated chat rows as the split stage reads them: messages (a list of {role, content}),
-    prompt_key (dedup and leakage), row."""
-    import pandas as pd
+FEATURES = ("messages", "prompt_key")  # chat rows in data/validated and data/split (with source, row)
+
+
+def canonical_columns(df) -> dict:
+    """Validated chat rows as the split stage reads them: messages (JSON text of [{role, content}]) and
+    prompt_key (dedup and leakage)."""
+    import json
 
     from schemas.messages import KEY
-    return pd.DataFrame({"messages": [normalize(v) for v in df["messages"]], KEY: df[KEY].tolist(),
-                         "row": df[row_column].astype(str).tolist()})
+    return {"messages": [json.dumps(normalize(v), ensure_ascii=False) for v in df["messages"]],
+            "prompt_key": df[KEY].tolist()}
 
 
 def prediction_frame(df, row_column: str):

@@ -35,7 +35,17 @@ def _inside_project(value: str) -> str:
 class DataConfig(Section):
     path: str = Field("data/raw/ag_news/test.csv", description=(
         "The raw dataset: CSV, JSONL, JSON or parquet. Relative to the project unless absolute. The default "
-        "is DVC-tracked (data/raw/ag_news.dvc, imported read-only from ../shared/datasets)."))
+        "is DVC-tracked (data/raw/ag_news.dvc, imported read-only from ../shared/datasets). hf://NAME: a "
+        "Hugging Face dataset (hub id, or a local dataset folder) loaded by datasets.load_dataset with "
+        "data.config, data.split and data.revision, cached under .qlora/hf-datasets."))
+    config: str | None = Field(None, description="hf:// only: the dataset's configuration (subset) name.")
+    split: str = Field("train", description="hf:// only: the split of the hub dataset to read.")
+    revision: str | None = Field(
+        None, description="hf:// only: hub revision. A commit hash pins the data (the run counts as verified); "
+                          "a branch or tag can move, so the run needs --allow-unverified-data.")
+    chunk_rows: int = Field(
+        100_000, ge=1, description="Rows read and validated at a time: memory holds one chunk, whatever the "
+                                   "dataset's size (cross-row rules use hashes of every row).")
     format: Literal["auto", "csv", "jsonl", "json", "parquet"] = Field(
         "csv", description="auto: from the file's suffix.")
     header: bool = Field(False, description="CSV only: the first line names the columns.")
@@ -83,6 +93,9 @@ class TokenizeConfig(Section):
         "alpaca", description="causal_lm: how rows become text. model: the tokenizer's own chat template "
                               "(apply_chat_template); alpaca, chatml, plain: hand-written (tasks/prompts.py), for "
                               "models without one. The loss falls on assistant (answer) tokens only, every turn.")
+    num_proc: int = Field(
+        0, ge=0, description="Processes of the batched Dataset.map that tokenizes; 0: the machine's cores. Small "
+                             "splits use fewer (each process gets 20,000 rows at least); the output is the same.")
 
 
 class ModelConfig(Section):

@@ -77,7 +77,7 @@ def run(params: Params, root: Path) -> StageResult:
         if params.task == "seq_cls":
             names = label_names(root)
             preds = predict(model, frame, e.batch_size, tok.pad_token_id, params.task, device, dtype)
-            truth = frame["labels"].astype(int).tolist()
+            truth = list(frame["labels"])
             m = classification_metrics(truth, preds, names)
             metrics = {"split": e.split, "rows": len(frame), "accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
             write_json(tmp / Path(catalog.PER_CLASS).name, m["per_class"])
@@ -113,7 +113,7 @@ def score_model(params: Params, root: Path, model_dir: Path) -> dict:
     out = predict(pred.model, frame, params.eval.batch_size, pred.tok.pad_token_id, params.task, pred.device,
                   pred.dtype)
     if params.task == "seq_cls":
-        m = classification_metrics(frame["labels"].astype(int).tolist(), out, label_names(root))
+        m = classification_metrics(list(frame["labels"]), out, label_names(root))
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "rows": len(frame)}
     loss = out[0] / max(1, out[1])
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "rows": len(frame)}

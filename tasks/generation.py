@@ -76,10 +76,10 @@ def evaluate_generation(model, tok, rows, max_rows: int | None, max_new_tokens: 
                         device) -> tuple[dict, list[dict]]:
     """({"exact_match", "rougeL", "generated_rows"}, one sample per row: row, prompt, reference,
     generated, exact_match, rougeL). rows: a tokenized split (input_ids, labels, row)."""
-    ids_col, labels_col, row_col = list(rows["input_ids"]), list(rows["labels"]), list(rows["row"])
-    n = len(ids_col) if max_rows is None else min(max_rows, len(ids_col))
+    n = len(rows) if max_rows is None else min(max_rows, len(rows))
+    first = rows[:n]  # only these rows are read
     items = []
-    for ids, labels, row in zip(ids_col[:n], labels_col[:n], row_col[:n]):
+    for ids, labels, row in zip(first["input_ids"], first["labels"], first["row"]):
         prompt, reference = split_last_turn([int(x) for x in ids], [int(x) for x in labels])
         if prompt and reference:  # a row max_length cut before its last answer has nothing to score
             items.append((str(row), prompt, reference))

@@ -33,6 +33,7 @@ from tasks.common import PipelineError, StageResult, atomic_dir, resolve, result
 from tasks.config import LoraSection, Params, TrainConfig
 from tasks.modeling import DTYPES, load_saved, load_tokenizer, pick_device, set_threads
 from tasks.plots import plot_loss
+from tasks.arrowio import list_lengths
 from tasks.tokenize import load_split
 from tasks.validation import Validation
 
@@ -241,7 +242,7 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
         train_rows = load_split(root, "train")
         val_rows = load_split(root, "validation") if t.eval_every else None
         validation = Validation(t, params.task, params.seed)  # validation passes, best step, early stopping (tasks/validation.py)
-        lengths = train_rows["input_ids"].map(len).tolist()
+        lengths = list_lengths(train_rows).tolist()  # from the Arrow offsets: no row is read
         rows_per_epoch = len(pack_bins(list(range(len(lengths))), lengths, params.tokenize.max_length)) \
             if t.packing and params.task == "causal_lm" else len(train_rows)
         steps_per_epoch = math.ceil(rows_per_epoch // world / (t.batch_size * t.grad_accum))

@@ -17,6 +17,7 @@ import random
 import torch
 
 from tasks import distributed
+from tasks.arrowio import list_lengths
 from tasks.batching import IGNORE, batches
 from tasks.config import TrainConfig
 
@@ -33,7 +34,7 @@ def _keep_4bit_layers_in_train_mode(model) -> None:
 @torch.no_grad()
 def score(model, rows, batch_size: int, pad_id: int, task: str, device, autocast, subset: list[int] | None = None) -> dict:
     """{"loss": ..., "accuracy": ... (seq_cls)} of the model on these tokenized rows (those at `subset`)."""
-    lengths = [len(x) for x in rows["input_ids"]]
+    lengths = list_lengths(rows).tolist()  # from the Arrow offsets: no row is read
     rank, size = distributed.world()  # every row once over all ranks (no collective runs per batch)
     chosen = range(len(lengths)) if subset is None else subset
     order = sorted(chosen, key=lambda i: lengths[i])[rank::size]

@@ -113,3 +113,19 @@ def pytest_sessionfinish(session, exitstatus):
     # streams; keep that harmless message from printing a logging traceback.
     import logging
     logging.raiseExceptions = False
+
+
+def write_split(root: Path, params, parts: dict) -> None:
+    """data/split as the split stage writes it, from frames of canonical rows (for tests that start
+    at tokenize); `source` and `row` are filled in when missing."""
+    from tasks import catalog
+    from tasks.arrowio import RowsWriter
+    from tasks.validate import canonical_features
+    features = canonical_features(params)
+    (root / catalog.SPLIT_DIR).mkdir(parents=True, exist_ok=True)
+    for name, frame in parts.items():
+        frame = frame.assign(source=str(params.data.path)) if "source" not in frame else frame
+        if "row" not in frame:
+            frame = frame.assign(row=[str(i + 1) for i in range(len(frame))])
+        with RowsWriter(root / catalog.split_file(catalog.SPLIT_DIR, name), features) as out:
+            out.write({c: frame[c].astype(str).tolist() if c != "label" else frame[c].tolist() for c in features})

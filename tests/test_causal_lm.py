@@ -34,14 +34,14 @@ def causal_params(model_dir) -> dict:
 def test_loss_falls_on_answer_tokens_only(tiny_llama):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    rows = pd.DataFrame({"instruction": ["Add two and two."], "input": [""], "output": ["Four."], "row": ["1"]})
-    frame, long_rows = encode_instructions(tok, rows, 256, "alpaca")
-    ids, labels = list(frame["input_ids"][0]), list(frame["labels"][0])
+    rows = {"instruction": ["Add two and two."], "input": [""], "output": ["Four."]}
+    encoded = encode_instructions(rows, tok, 256, "alpaca")
+    ids, labels = encoded["input_ids"][0], encoded["labels"][0]
     answer = tok("Four.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     n_prompt = len(ids) - len(answer)
     assert labels[:n_prompt] == [IGNORE] * n_prompt
     assert labels[n_prompt:] == answer == ids[n_prompt:]
-    assert "### Response:" in tok.decode(ids[:n_prompt]) and long_rows == []
+    assert "### Response:" in tok.decode(ids[:n_prompt]) and encoded["truncated"] == [False]
 
 
 @pytest.mark.slow
@@ -70,7 +70,7 @@ def test_causal_lm_flow_end_to_end(tmp_path, tiny_llama):
     # merged (dequantized base + adapter, bf16) reloads with plain transformers and matches
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "models/merged").eval()
     adapted = load_adapted(params, tmp_path, torch.device("cpu"))
-    batch = collate(load_split(tmp_path, "test").iloc[:4], 3, "causal_lm")
+    batch = collate(load_split(tmp_path, "test")[:4], 3, "causal_lm")
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ref = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
@@ -87,14 +87,16 @@ def test_packed_and_unpacked_give_the_same_loss(tiny_llama):
 
     from tasks.batching import collate, collate_packed, pack_bins
     tok = AutoTokenizer.from_pretrained(tiny_llama)
-    rows = pd.read_json(ALPACA).iloc[:6].assign(row=[str(i) for i in range(6)])
-    frame, _ = encode_instructions(tok, rows, 256, "alpaca")
-    lengths = frame["input_ids"].map(len).tolist()
+    from datasets import Dataset
+    rows = pd.read_json(ALPACA).iloc[:6]
+    encoded = encode_instructions({c: rows[c].tolist() for c in ("instruction", "input", "output")}, tok, 256, "alpaca")
+    frame = Dataset.from_dict({"input_ids": encoded["input_ids"], "labels": encoded["labels"]})
+    lengths = [len(x) for x in encoded["input_ids"]]
     bins = pack_bins(list(range(6)), lengths, max_length=2 * max(lengths))
     assert len(bins) < 6 and sorted(i for b in bins for i in b) == list(range(6))
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa").eval()
     with torch.no_grad():
-        unpacked = model(**collate(frame, tok.pad_token_id, "causal_lm"), use_cache=False).loss
+        unpacked = model(**collate(frame[:], tok.pad_token_id, "causal_lm"), use_cache=False).loss
         batch, real = collate_packed(frame, bins, tok.pad_token_id)
         packed = model(**batch, use_cache=False).loss
         # without the position_ids reset the examples would see each other: a different loss

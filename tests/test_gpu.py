@@ -9,7 +9,7 @@ import torch
 
 from tasks import evaluate, quantize, tokenize, train
 from tasks.config import Params
-from tests.conftest import ALPACA, repo_params
+from tests.conftest import ALPACA, repo_params, write_split
 from tests.tiny_llm import build_tiny_llama
 
 pytestmark = [pytest.mark.gpu,
@@ -29,13 +29,12 @@ def _pipeline(tmp_path, **train_options):
     rows = pd.read_json(ALPACA).assign(row=lambda d: [str(i + 1) for i in range(len(d))])
     (tmp_path / "data/split").mkdir(parents=True)
     (tmp_path / "data/validated").mkdir(parents=True)
-    for name, part in (("train", rows.iloc[:80]), ("validation", rows.iloc[80:90]), ("test", rows.iloc[90:])):
-        part.to_json(tmp_path / f"data/split/{name}.jsonl", orient="records", lines=True)
     (tmp_path / "data/validated/labels.json").write_text(json.dumps({"names": []}))
     params = Params.model_validate(repo_params(
         task="causal_lm", data={"path": str(ALPACA), "label_names": None}, model={"name": str(model_dir)},
         tokenize={"max_length": 256}, eval={"num_samples": 1, "max_new_tokens": 4},
         train={"max_steps": 10, "batch_size": 8, "lr": 0.01, "device": "cuda", "log_every": 1, **train_options}))
+    write_split(tmp_path, params, {"train": rows.iloc[:80], "validation": rows.iloc[80:90], "test": rows.iloc[90:]})
     for stage in (tokenize, quantize, train, evaluate):
         stage.run(params, tmp_path)
     summary = json.loads((tmp_path / "reports/train/summary.json").read_text())

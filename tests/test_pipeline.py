@@ -185,7 +185,8 @@ def test_mlflow_run_records_params_metrics_artifacts_lineage(project):
 
 def test_merged_model_matches_adapter_on_base(project):
     """Merged (dequantized base + adapter, bf16) vs adapter on the 4-bit base: same logits
-    within 0.1 (a few bf16 steps at |logit| ~ 5) and the same predicted class."""
+    within 0.1 (a few bf16 steps at |logit| ~ 5) and the same predicted class, except on rows
+    whose top two logits are within that rounding of each other."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
@@ -194,7 +195,7 @@ def test_merged_model_matches_adapter_on_base(project):
     from tasks.tokenize import load_split
     root, _ = project
     params = Params.model_validate(yaml.safe_load((root / "params.yaml").read_text()))
-    batch = collate(load_split(root, "test"), 0, "seq_cls")
+    batch = collate(load_split(root, "test")[:], 0, "seq_cls")
     adapted = load_adapted(params, root, torch.device("cpu"))
     merged = AutoModelForSequenceClassification.from_pretrained(root / catalog.MERGED_DIR).eval()
     assert type(merged.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
@@ -203,7 +204,10 @@ def test_merged_model_matches_adapter_on_base(project):
             ref = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     assert (ref - got).abs().max().item() < 0.1
-    assert torch.equal(ref.argmax(-1), got.argmax(-1))
+    # the same class wherever the top two logits are further apart than that rounding (a near-tie may flip)
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.2
+    assert clear.any() and torch.equal(ref.argmax(-1)[clear], got.argmax(-1)[clear])
     assert isinstance(adapted, PeftModel)
     reloaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
         root / catalog.MERGED_DIR), str(root / catalog.ADAPTER_DIR))

@@ -259,12 +259,19 @@ def test_long_rows_are_counted_or_refused(tmp_path, agnews_small):
     assert (tmp_path / "data/tokenized/stats.json").read_bytes() == before
 
 
-def test_split_refuses_leakage():
-    import pandas as pd
-    df = pd.DataFrame({"text": ["a", "b", "c", "d", "a"] * 4, "label": [0, 1, 0, 1, 1] * 4,
-                       "row": [str(i) for i in range(20)]})
-    with pytest.raises(PipelineError, match="leakage"):
-        split.split_frame(df, 0.2, 0.2, 0, None)
+def test_split_refuses_leakage(tmp_path):
+    """Validation refuses duplicates; should validated rows still hold one text twice, split refuses
+    to put it in two splits (the check runs on 128-bit hashes of the text, not the text)."""
+    from tasks import catalog
+    from tasks.arrowio import RowsWriter
+    from tasks.validate import canonical_features
+    params = Params.model_validate(repo_params(split={"stratify": False}))
+    (tmp_path / catalog.VALIDATED_DIR).mkdir(parents=True)
+    with RowsWriter(tmp_path / catalog.VALIDATED_ROWS, canonical_features(params)) as out:
+        out.write({"text": ["a", "b", "c", "d", "a"] * 4, "label": [0, 1, 0, 1, 1] * 4,
+                   "source": ["x.csv"] * 20, "row": [str(i) for i in range(20)]})
+    with pytest.raises(PipelineError, match=r"rows \d+ and \d+: the same text is in both .* rule: no_leakage"):
+        split.run(params, tmp_path)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from datasets import Dataset
 
 from tasks import distributed, evaluate, quantize, speed, split, tokenize, train, validate
 from tasks.batching import IGNORE
@@ -121,9 +122,9 @@ def test_liger_style_patches_end_with_training(prepared, tmp_path, monkeypatch):
 
 def test_a_run_without_label_tokens_in_a_micro_batch_keeps_finite_gradients():
     model = tiny_model()
-    frame = rows()
-    frame.at[0, "labels"] = [IGNORE] * len(frame.at[0, "labels"])
-    group = micro_batches(frame, 1)
+    columns = rows().to_dict()
+    columns["labels"][0] = [IGNORE] * len(columns["labels"][0])
+    group = micro_batches(Dataset.from_dict(columns), 1)
     grads, loss = grads_after(model, group)
     assert all(torch.isfinite(g).all() for g in grads.values()) and loss == loss
     assert train.loss_units(group[0][0], "causal_lm") == 0

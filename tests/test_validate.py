@@ -1,10 +1,10 @@
 """Validation on real data, and bad data named by file, row and rule."""
 import json
 
-import pandas as pd
 import pytest
 
-from tasks import validate
+from tasks import catalog, validate
+from tasks.arrowio import open_rows
 from tasks.common import PipelineError
 from tasks.config import Params
 from tests.conftest import AG_NEWS, ALPACA, SELF_INSTRUCT, repo_params
@@ -20,7 +20,7 @@ def instr_params(path) -> Params:
 
 def test_ag_news_validates_cleans_and_keeps_every_row(tmp_path):
     res = validate.run(cls_params(AG_NEWS), tmp_path)
-    rows = pd.read_json(tmp_path / "data/validated/dataset.jsonl", lines=True, dtype=False)
+    rows = open_rows(tmp_path / catalog.VALIDATED_ROWS).to_pandas()
     assert len(rows) == 7600 and res.summary["rows"] == 7600
     assert sorted(rows["label"].value_counts().tolist()) == [1900] * 4
     assert json.loads((tmp_path / "data/validated/labels.json").read_text())["names"] == \
@@ -99,11 +99,11 @@ def test_invalid_json_names_line(tmp_path):
 def test_failed_validation_leaves_previous_outputs_untouched(tmp_path):
     good = _csv(tmp_path, GOOD + '"3","Title three","Body three"\n')
     validate.run(cls_params(good), tmp_path)
-    before = (tmp_path / "data/validated/dataset.jsonl").read_bytes()
+    before = (tmp_path / catalog.VALIDATED_ROWS).read_bytes()
     bad = _csv(tmp_path, GOOD + '"9","Title x","Body x"\n')
     with pytest.raises(PipelineError):
         validate.run(cls_params(bad), tmp_path)
-    assert (tmp_path / "data/validated/dataset.jsonl").read_bytes() == before
+    assert (tmp_path / catalog.VALIDATED_ROWS).read_bytes() == before
 
 
 def test_dropped_duplicates_are_reported_not_silent(tmp_path):

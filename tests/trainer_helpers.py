@@ -2,8 +2,8 @@
 without the flow (Prefect) imports of the test modules."""
 import os
 
-import pandas as pd
 import torch
+from datasets import Dataset
 
 from tasks import distributed, train
 from tasks.batching import IGNORE, collate
@@ -21,7 +21,7 @@ def tiny_model(seed: int = 0):
     return LlamaForCausalLM(cfg).float()
 
 
-def rows() -> pd.DataFrame:
+def rows() -> Dataset:
     """Four instruction rows: prompts of 5, 9, 3, 7 tokens with answers of 1, 6, 2, 11."""
     g = torch.Generator().manual_seed(1)
     ids, labels = [], []
@@ -29,13 +29,13 @@ def rows() -> pd.DataFrame:
         seq = torch.randint(1, 100, (prompt + answer,), generator=g).tolist()
         ids.append(seq)
         labels.append([IGNORE] * prompt + seq[prompt:])
-    return pd.DataFrame({"input_ids": ids, "labels": labels})
+    return Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
-def micro_batches(frame: pd.DataFrame, size: int) -> list:
+def micro_batches(frame: Dataset, size: int) -> list:
     out = []
     for i in range(0, len(frame), size):
-        batch = collate(frame.iloc[i: i + size], 0, "causal_lm")
+        batch = collate(frame[i: i + size], 0, "causal_lm")
         out.append((batch, int(batch["attention_mask"].sum())))
     return out
 
@@ -59,7 +59,7 @@ def ddp_step(rank: int, world: int, port: int, out: str) -> None:
     counts = []
     real = distributed.sum_over_ranks
     distributed.sum_over_ranks = lambda x, device: counts.append(1) or real(x, device)
-    mine = rows().iloc[[rank, rank + 2]]  # rank 0: answers of 1 and 2 tokens; rank 1: 6 and 11
+    mine = rows().select([rank, rank + 2])  # rank 0: answers of 1 and 2 tokens; rank 1: 6 and 11
     loss, _ = train.accumulate(ddp, micro_batches(mine, 1), "causal_lm", CPU, NO_AUTOCAST, EXTRA)
     distributed.sum_over_ranks = real
     loss = real(loss, CPU) / world
