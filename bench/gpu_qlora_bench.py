@@ -21,6 +21,12 @@ a copy of ../shared/bench/unsloth_reference.py, with Unsloth from the tarball na
 --unsloth (../shared/bench/README.md says how it is built). Peak memory is each recipe's own:
 the previous recipe's model is collected first and anything still held is subtracted
 (printed as leftover_gib).
+
+--packing SHAPE instead compares, on the Alpaca sample, the plain recipe with dynamic padding
+and this project's path with packing, with the same examples in every optimizer step
+(--examples-per-step), and prints both non-pad tokens/s figures and their ratio.
+--memory-trace writes what is allocated at each project variant's peak. On a device machine:
+bench/device_setup.sh (wheels, and the Alpaca sample where tests/conftest.py looks).
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ SHAPES = {
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
 }
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+FAST = ("auto", "lean", "offload")  # train.speed settings of the fast path
 
 
 def model_dir(name: str) -> str:
@@ -103,10 +110,14 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
     device = torch.device("cuda")
     t = TrainConfig(lr=2e-4, optimizer="auto", **variant_options(variant))
     plan = speed.choose(t, device, "causal_lm", "llama", quantized=True)
-    for part in variant.split("+")[1:] if variant.startswith("auto") else []:  # auto+nocompile, auto+bnb
+    for part in variant.split("+")[1:] if variant.startswith(FAST) else []:  # auto+nocompile, auto+bnb, ...
+        optimizer = {"adamw": "adamw", "flat": "paged_adamw_32bit_flat", "perparam": "paged_adamw_32bit"}
         plan = dataclasses.replace(plan, compile=plan.compile and part != "nocompile",
                                    nf4_traced=plan.nf4_traced and part != "bnb",
-                                   optimizer="adamw" if part == "adamw" else plan.optimizer)
+                                   offload=plan.offload or part == "offload",
+                                   split=int(part[5:] or 2) if part.startswith("split") else
+                                   (0 if part == "onegraph" else plan.split),
+                                   optimizer=optimizer.get(part, plan.optimizer))
     parts = variant.split("+")
     partitioner = dict(speed.PARTITIONER)
     if "cse" in parts or "nobudget" in parts:  # the partitioner's settings (tasks.speed.PARTITIONER), to compare
@@ -128,9 +139,10 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
 
 
 def variant_options(variant: str) -> dict:
-    """'liger+gc+mixed+skip4' -> TrainConfig fields (train.speed: off); 'auto...' -> speed: auto."""
-    if variant.startswith("auto"):
-        return {"speed": "auto"}
+    """'liger+gc+mixed+skip4' -> TrainConfig fields (train.speed: off); 'auto...' -> speed: auto
+    (lean..., offload...: those train.speed settings)."""
+    if variant.startswith(FAST):
+        return {"speed": variant.split("+")[0]}
     parts = variant.split("+")
     skip = [int(p[4:]) for p in parts if p.startswith("skip")]
     from tasks.config import TrainConfig
@@ -141,7 +153,7 @@ def variant_options(variant: str) -> dict:
 
 
 def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int, bf16: bool = True,
-            profile: str = "") -> dict:
+            profile: str = "", memory_trace: str = "") -> dict:
     gc.collect()  # an earlier recipe's model is cyclic garbage until collected
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -184,6 +196,8 @@ def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int, bf16: 
         where = {k: round((v - leftover) / 2**30, 2) for k, v in
                  (("rest_gib", rest), ("forward_peak_gib", forward_peak), ("step_peak_gib", backward_peak))}
         table = profile_table(step, profile) if profile else None
+        if memory_trace:
+            peak_allocations(step, memory_trace)
         del model, opt, loss  # the last loss holds the graph's nodes, and through them the model
     med = sorted(times[warmup:])[len(times[warmup:]) // 2]
     tok_s = bs * seq / med
@@ -214,6 +228,57 @@ def profile_table(step, path: str, rows: int = 30) -> str:
     return path
 
 
+def peak_allocations(step, path: str, rows: int = 40) -> None:
+    """What is allocated at the step's peak, beyond what was allocated before it: the CUDA
+    allocator's history over one step, replayed to its highest point; each live block with
+    its size and the Python lines that allocated it (Inductor's generated code included)."""
+    import linecache
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        step()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    except Exception as exc:  # seen: SystemError under torch's non-reentrant checkpoint (H100, torch 2.11)
+        print(json.dumps({"memory_trace_error": repr(exc)[:300]}), flush=True)
+        return
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = [e for e in snap["device_traces"][0] if e["action"] in ("alloc", "free_requested")]
+    live, now, peak, at = {}, 0, 0, 0
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            now += e["size"]
+        elif live.pop(e["addr"], None) is not None:
+            now -= e["size"]
+        if now > peak:
+            peak, at = now, i
+    live = {}
+    for e in events[: at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        else:
+            live.pop(e["addr"], None)
+
+    def where(e) -> str:
+        frames = [f for f in e.get("frames", []) if "/torch/" not in f["filename"] or "torchinductor" in f["filename"]]
+        out = []
+        for f in frames[:3]:
+            src = linecache.getline(f["filename"], f["line"]).strip()[:110]
+            out.append(f"{Path(f['filename']).name}:{f['line']} {f['name']}: {src}")
+        return " <- ".join(out)
+
+    blocks = sorted(live.values(), key=lambda e: -e["size"])
+    lines = [f"peak over the step's start: {peak / 2**30:.3f} GiB at event {at} of {len(events)}; "
+             f"{len(blocks)} blocks live"]
+    for e in blocks[:rows]:
+        lines.append(f"{e['size'] / 2**20:9.1f} MiB  {where(e)}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:16]), flush=True)
+
+
 def unsloth(name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, tarball: str, gc_mode: str) -> dict:
     """Unsloth's step (bench/unsloth_reference.py) in a process of its own, from the tarball."""
     site = Path("/tmp/usite")
@@ -236,76 +301,124 @@ def unsloth(name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, ta
             "median_step_s": row["median_step_s"], "losses": row["losses"], "unsloth": row.get("unsloth")}
 
 
-def instruction_frame(seq: int):
-    """The Alpaca sample, tokenized as the pipeline does (prompt template, loss on answers),
-    with a BPE tokenizer trained offline (no hub): real lengths, real padding."""
+def instruction_frame(seq: int, alpaca: str = "", copies: int = 4):
+    """The Alpaca sample (x copies), tokenized as the pipeline does (prompt template, loss on
+    answers), with a BPE tokenizer trained offline (no hub): real lengths, real padding."""
     import pandas as pd
     from tasks.tokenize import encode_instructions
     from tests.conftest import ALPACA
     from tests.tiny_llm import build_tiny_llama
     from transformers import AutoTokenizer
-    tok_dir = build_tiny_llama(Path("/tmp/qlora-bench/tok"), ALPACA)
+    source = Path(alpaca) if alpaca else ALPACA
+    tok_dir = build_tiny_llama(Path("/tmp/qlora-bench/tok"), source)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    rows = pd.read_json(ALPACA)
-    rows = pd.concat([rows] * 4, ignore_index=True).assign(row=lambda d: [str(i) for i in range(len(d))])
-    frame, _ = encode_instructions(tok, rows, seq, "alpaca")
-    return frame, tok.pad_token_id
+    rows = pd.read_json(source)
+    rows = pd.concat([rows] * copies, ignore_index=True)
+    from datasets import Dataset
+    encoded = encode_instructions({c: rows[c].tolist() for c in ("instruction", "input", "output")}, tok, seq,
+                                  "alpaca")
+    return Dataset.from_dict({"input_ids": encoded["input_ids"], "labels": encoded["labels"]}), tok.pad_token_id
 
 
-def measure_data(build, batches: list, warmup: int) -> dict:
-    """Non-pad tokens/s over a pass through real batches (each: (inputs, real token count))."""
+def label_tokens(batch: dict) -> int:
+    """Tokens that carry a loss (the answers), counted on the host as the trainer does."""
+    from tasks.batching import IGNORE
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def measure_data(build, steps: list, warmup: int, warm_shapes: bool) -> dict:
+    """Non-pad tokens/s over optimizer steps of real micro-batches. steps: a list of optimizer
+    steps, each a list of (micro-batch, real tokens). Each micro-batch's mean loss is weighed
+    by its share of the step's label tokens (the trainer's token-normalised loss). The first
+    `warmup` steps are not timed; warm_shapes: first run forward + backward once on each
+    distinct micro-batch shape (no optimizer step), so that torch.compile's (re)compilations
+    for new shapes stay out of the timed steps, as they would in a long run."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    leftover = torch.cuda.memory_allocated()
     model, opt, scope = build()
-    scope.__enter__()
-    model.train()
-    seconds, real_tokens, losses = 0.0, 0, []
-    for i, (batch, real) in enumerate(batches):
-        batch = {k: v.cuda() for k, v in batch.items()}
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= warmup:
-            seconds += time.perf_counter() - t0
-            real_tokens += real
-        losses.append(round(loss.item(), 4))
-    out = {"nonpad_tokens_per_s": round(real_tokens / seconds, 1), "steps": len(batches),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "first_losses": losses[:4]}
-    del model, opt, loss
-    scope.__exit__(None, None, None)
+    with scope:
+        model.train()
+
+        def micro(batch, weight):
+            batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**batch, use_cache=False).loss * weight
+            loss.backward()
+            return loss.detach()
+
+        if warm_shapes:
+            seen = set()
+            for group in steps:
+                for batch, _ in group:
+                    if tuple(batch["input_ids"].shape) not in seen:
+                        seen.add(tuple(batch["input_ids"].shape))
+                        micro(batch, 1.0)
+            opt.zero_grad(set_to_none=True)
+        seconds, real_tokens, losses, micro_steps = 0.0, 0, [], 0
+        for i, group in enumerate(steps):
+            counts = [label_tokens(b) for b, _ in group]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = sum(micro(b, n / sum(counts)) for (b, _), n in zip(group, counts))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i >= warmup:
+                seconds += time.perf_counter() - t0
+                real_tokens += sum(r for _, r in group)
+                micro_steps += len(group)
+            losses.append(round(loss.item(), 4))
+        peak = torch.cuda.max_memory_allocated()
+        del model, opt, loss
+    out = {"nonpad_tokens_per_s": round(real_tokens / seconds, 1), "timed_steps": len(steps) - warmup,
+           "micro_batches_per_step": round(micro_steps / (len(steps) - warmup), 2),
+           "step_s": round(seconds / (len(steps) - warmup), 3),
+           "peak_gib": round((peak - leftover) / 2**30, 2), "losses": losses}
     gc.collect()
     torch.cuda.empty_cache()
     return out
 
 
-def padding_vs_packing(name: str, seq: int, bs: int, rank: int, warmup: int, variant: str) -> None:
-    """Plain recipe with dynamic padding (batches of bs examples) vs the project with
-    packing (rows of seq tokens), both on the same instruction examples."""
+def padding_vs_packing(name: str, seq: int, rank: int, variant: str, per_step: int, micro: int, rows: int,
+                       alpaca: str, copies: int, warmup: int) -> list:
+    """The plain recipe with dynamic padding (micro-batches of `micro` examples, each padded to
+    its longest) vs this project's path with packing (the same examples packed into rows of
+    `seq` tokens by tasks.batching.pack_bins, micro-batches of `rows` rows), both with the same
+    `per_step` examples in each optimizer step, in the same shuffled order."""
     from tasks.batching import collate, collate_packed, pack_bins
-    frame, pad = instruction_frame(seq)
-    lengths = frame["input_ids"].map(len).tolist()
+    frame, pad = instruction_frame(seq, alpaca, copies)
+    lengths = [len(x) for x in frame["input_ids"]]
     order = torch.randperm(len(frame), generator=torch.Generator().manual_seed(0)).tolist()
-    padded = []
-    for i in range(0, len(order), bs):
-        b = collate(frame.iloc[order[i: i + bs]], pad, "causal_lm")
-        padded.append((b, int(b["attention_mask"].sum())))
-    bins = pack_bins(order, lengths, seq)
-    rows_per_batch = 1  # one packed row of seq tokens holds about as many tokens as bs padded examples
-    packed = [collate_packed(frame, bins[i: i + rows_per_batch], pad) for i in range(0, len(bins), rows_per_batch)]
+    groups = [order[i: i + per_step] for i in range(0, len(order) - per_step + 1, per_step)]  # full steps only
+    padded, packed = [], []
+    for g in groups:
+        step = []
+        for i in range(0, len(g), micro):
+            b = collate(frame[g[i: i + micro]], pad, "causal_lm")
+            step.append((b, int(b["attention_mask"].sum())))
+        padded.append(step)
+        bins = pack_bins(g, lengths, seq)
+        packed.append([collate_packed(frame, bins[i: i + rows], pad) for i in range(0, len(bins), rows)])
+    fill_padded = sum(r for s in padded for _, r in s) / sum(b["input_ids"].numel() for s in padded for b, _ in s)
+    fill_packed = sum(r for s in packed for _, r in s) / sum(b["input_ids"].numel() for s in packed for b, _ in s)
+    data = {"shape": name, "data": f"alpaca-sample x{copies} ({len(frame)} examples, mean "
+            f"{sum(lengths) / len(lengths):.0f} tokens)", "examples_per_step": per_step, "steps": len(groups)}
     path = model_dir(name)
-    base = measure_data(lambda: plain_recipe(path, rank), padded, warmup)
-    print(json.dumps({"shape": name, "data": "alpaca-sample x4", "recipe": "plain-hf, dynamic padding",
-                      "batch": f"{bs} examples", **base}), flush=True)
-    proj = measure_data(lambda: project_recipe(path, rank, variant), packed, warmup)
+    base = measure_data(lambda: plain_recipe(path, rank), padded, warmup, warm_shapes=False)
+    rows_out = [{**data, "recipe": "plain-hf, dynamic padding", "micro_batch": f"{micro} examples",
+                 "real_token_share": round(fill_padded, 3), **base}]
+    print(json.dumps(rows_out[-1]), flush=True)
+    proj = measure_data(lambda: project_recipe(path, rank, variant), packed, warmup, warm_shapes=True)
     proj["nonpad_speed_ratio"] = round(proj["nonpad_tokens_per_s"] / base["nonpad_tokens_per_s"], 3)
-    print(json.dumps({"shape": name, "data": "alpaca-sample x4", "recipe": f"qlora-flow[{variant}+packing]",
-                      "batch": f"{rows_per_batch} packed row(s) of <= {seq} tokens", **proj}), flush=True)
+    rows_out.append({**data, "recipe": f"qlora-flow[{variant}]+packing", "micro_batch": f"{rows} packed rows of "
+                     f"<= {seq} tokens", "real_token_share": round(fill_packed, 3), **proj})
+    print(json.dumps(rows_out[-1]), flush=True)
+    print(f"packing, {name}, {per_step} examples a step: plain + dynamic padding {base['nonpad_tokens_per_s']:,.0f} "
+          f"non-pad tokens/s ({base['peak_gib']} GiB), qlora-flow[{variant}] + packing "
+          f"{proj['nonpad_tokens_per_s']:,.0f} ({proj['peak_gib']} GiB): {proj['nonpad_speed_ratio']}x", flush=True)
+    return rows_out
 
 
 def ratio(a, b) -> float | None:
@@ -325,9 +438,12 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--variants", default="auto",
-                    help="project variants, comma-separated: auto (train.speed: auto; auto+nocompile, auto+bnb "
+                    help="project variants, comma-separated: auto, lean, offload (train.speed); auto+nocompile, auto+bnb "
                          "leave one lever out: compilation, the traced 4-bit layers; auto+adamw: fused AdamW "
-                         "instead of paged AdamW 32-bit; auto+cse, auto+nobudget: partitioner settings), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
+                         "instead of paged AdamW 32-bit; auto+flat / auto+perparam: paged AdamW 32-bit over one flat buffer / per tensor; "
+                         "auto+splitN: decoder layers as two compiled halves, MLP backward in N token chunks; "
+                         "auto+onegraph: one compiled graph per layer; auto+offload: layer inputs in host memory; "
+                         "auto+cse, auto+nobudget: partitioner settings), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
                          "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)")
     ap.add_argument("--reference", default="", help="shapes that also get the fp32-compute reference's losses")
     ap.add_argument("--unsloth", default="", help="Unsloth tarball (.usite.tgz); empty: no Unsloth run")
@@ -335,7 +451,16 @@ def main() -> int:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain recipe (no ratios to it)")
     ap.add_argument("--profile", default="", help="folder for a torch.profiler table of each project variant")
     ap.add_argument("--out", default="", help="write the JSON lines to OUT.jsonl as well")
-    ap.add_argument("--packing", default="", help="shape for the real-data run: padding vs packing")
+    ap.add_argument("--packing", default="", help="shapes for the real-data run: padding vs packing (no other runs)")
+    ap.add_argument("--alpaca", default="", help="the Alpaca sample's JSON (default: ../shared/datasets/...)")
+    ap.add_argument("--copies", type=int, default=4, help="packing run: the sample repeated this many times")
+    ap.add_argument("--examples-per-step", type=int, default=48, help="packing run: examples per optimizer step")
+    ap.add_argument("--micro", type=int, default=4, help="packing run: plain recipe's examples per micro-batch")
+    ap.add_argument("--pack-rows", type=int, default=4, help="packing run: packed rows per micro-batch")
+    ap.add_argument("--memory-trace", default="", help="folder for each project variant's live blocks at its peak")
+    ap.add_argument("--reference-losses", default="",
+                    help="a .jsonl of an earlier run of this bench holding the fp32-reference row for the shape "
+                         "(same seed, data and steps), instead of running it again")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA GPU"}))
@@ -351,7 +476,12 @@ def main() -> int:
 
     emit({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv)})
     if a.packing:  # padding vs packing on real instruction data
-        padding_vs_packing(a.packing, a.seq, a.bs, a.rank, a.warmup, a.variants.split(",")[0])
+        for name in a.packing.split(","):
+            for row in padding_vs_packing(name, a.seq, a.rank, a.variants.split(",")[0], a.examples_per_step,
+                                          a.micro, a.pack_rows, a.alpaca, a.copies, warmup=1):
+                if out:
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
         return 0
     results = []
     for name in a.shapes.split(","):
@@ -372,17 +502,30 @@ def main() -> int:
         if a.unsloth:
             for mode in (["true", "unsloth"] if a.unsloth_gc == "both" else [a.unsloth_gc]):
                 run(f"unsloth[gc={mode}]", result=unsloth(name, a.seq, a.bs, a.steps, a.warmup, a.rank, a.unsloth, mode))
-        for variant in a.variants.split(","):
+        for variant in filter(None, a.variants.split(",")):
             prof = f"{a.profile}/profile_{name}_{variant.replace('+', '-')}.txt" if a.profile else ""
-            run(f"qlora-flow[{variant}]", lambda: project_recipe(path, a.rank, variant), profile=prof)
+            trace = f"{a.memory_trace}/peak_{name}_{variant.replace('+', '-')}.txt" if a.memory_trace else ""
+            run(f"qlora-flow[{variant}]", lambda: project_recipe(path, a.rank, variant), profile=prof,
+                memory_trace=trace)
         if name in a.reference.split(","):  # last (slow); for the loss curves only: its speed is not the point
             run("fp32-reference", lambda: plain_recipe(path, a.rank, torch.float32), bf16=False)
+        if a.reference_losses and "fp32-reference" not in rows:
+            earlier = [json.loads(line) for line in Path(a.reference_losses).read_text().splitlines()
+                       if line.startswith("{")]
+            ref_row = next((r for r in earlier if r.get("shape") == name and r.get("recipe") == "fp32-reference"
+                            and "losses" in r), None)
+            if ref_row and len(ref_row["losses"]) == a.warmup + a.steps:
+                rows["fp32-reference"] = ref_row
+                emit({"shape": name, "recipe": "fp32-reference", "from": a.reference_losses,
+                      "tokens_per_s": ref_row.get("tokens_per_s"), "losses": ref_row["losses"]})
         plain = rows.get("plain-hf", {})
         ref = rows.get("fp32-reference", {}).get("losses")
-        uns = rows.get("unsloth[gc=true]", {})
         for recipe, r in rows.items():
             if "error" in r or recipe == "fp32-reference":
                 continue
+            # Unsloth of the same checkpointing class: offloaded against its offloaded, else recompute on the GPU
+            offloaded = "offload" in recipe or recipe == "unsloth[gc=unsloth]"
+            uns = rows.get("unsloth[gc=unsloth]" if offloaded else "unsloth[gc=true]", {})
             summary = {"shape": name, "recipe": recipe, "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"],
                        "mfu": r["mfu"], "vs_plain": ratio(r["tokens_per_s"], plain.get("tokens_per_s")),
                        "memory_vs_plain": ratio(r["peak_gib"], plain.get("peak_gib")),

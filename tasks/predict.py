@@ -248,12 +248,15 @@ def predict(pred: Predictor, rows: pd.DataFrame, batch_size: int | None = None,
 
 
 def _classify(pred: Predictor, rows: pd.DataFrame, batch_size: int, autocast, progress: bool) -> pd.DataFrame:
-    from tasks.batching import batches
+    from tasks.batching import collate
     from tasks.tokenize import encode_classification
-    frame, _ = encode_classification(pred.tok, rows.assign(label=0), pred.params.tokenize.max_length)
+    encoded = encode_classification({"text": rows["text"].tolist(), "label": [0] * len(rows)}, pred.tok,
+                                    pred.params.tokenize.max_length)  # as tokenize encodes training rows
     labels, scores = [], []
-    with _progress(len(frame), "predict", progress) as bar:
-        for batch in batches(frame, batch_size, pred.tok.pad_token_id, "seq_cls"):
+    with _progress(len(rows), "predict", progress) as bar:
+        for start in range(0, len(rows), batch_size):
+            part = {k: encoded[k][start: start + batch_size] for k in ("input_ids", "labels")}
+            batch = collate(part, pred.tok.pad_token_id, "seq_cls")
             with autocast:
                 logits = pred.model(input_ids=batch["input_ids"].to(pred.device),
                                     attention_mask=batch["attention_mask"].to(pred.device)).logits

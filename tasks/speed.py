@@ -15,9 +15,15 @@ train.precision say:
     layer's `base + adapter` joins the next elementwise kernel (RoPE, SwiGLU, the residual
     add) and is rounded once with it from fp32, which keeps the adapters' small first updates
     (fast_lora says why). Adapters stay fp32.
-The optimizer stays train.optimizer (auto: paged AdamW 32-bit on CUDA); `adamw` is torch's
-fused AdamW there, 3% (8B) to 5% (1B) faster on the H100 for 8 bytes of state per adapter weight
-on the GPU (bench/results/README.md).
+lean: the fast path with each decoder layer as two compiled halves (attention, MLP) under
+one checkpoint of ours (tasks/layer_checkpoint.py), the MLP's recompute and backward in two
+token chunks: the peak of a step is the MLP backward's working set, and this halves it
+(H100, 8B shape: 9.05 GiB where auto peaks at 10.0 and Unsloth at 9.54; 5% slower).
+offload: lean, and the layer inputs that checkpointing keeps wait in pinned host memory.
+The optimizer stays train.optimizer (auto: paged AdamW 32-bit on CUDA), run over one flat
+buffer of all adapter weights (tasks/flat_optim.py: the same update in one kernel launch, not
+one per tensor); `adamw` is torch's fused AdamW there, which keeps 8 bytes of state per adapter
+weight on the GPU (bench/results/README.md).
 auto anywhere else, and off: the train.* flags as set (the CPU path is unchanged). On CUDA
 a model that cannot take the fast path says why in one log line.
 
@@ -59,6 +65,9 @@ class Plan:
     optimizer: str = "auto"      # train.optimizer for make_optimizer
     compile: bool = False        # torch.compile each decoder layer (fast path)
     nf4_traced: bool = False     # tasks/fast_lora.py: 4-bit layers as tensor code (compiled fast path)
+    split: int = 0               # tasks/layer_checkpoint.py: layers as two compiled halves, the MLP's backward
+                                 # in this many token chunks (0: one compiled graph, torch's checkpoint)
+    offload: bool = False        # with split: checkpointed layers keep their input in pinned host memory
     note: str = ""               # one line for the log ("" when there is nothing to say)
 
     def describe(self) -> dict:
@@ -79,14 +88,20 @@ def choose(t, device: torch.device, task: str, model_type: str, quantized: bool)
     elif not quantized:
         why = "the base is not 4-bit (quant.load_in_4bit: false)"
     if why:
-        return dataclasses.replace(flags, note=f"speed: auto: {why}; using the train.* flags as set "
+        return dataclasses.replace(flags, note=f"speed: {t.speed}: {why}; using the train.* flags as set "
                                                f"(liger_kernels={flags.liger}, precision={t.precision})")
     liger = importlib.util.find_spec("liger_kernel") is not None
-    note = ("speed: auto: fast path (compiled + checkpointed decoder layers with the 4-bit dequantization "
+    note = (f"speed: {t.speed}: fast path (compiled + checkpointed decoder layers with the 4-bit dequantization "
             "inside, " + ("Liger fused linear cross-entropy" if liger else "full logits: liger-kernel is not installed")
             + ", bf16 activations, LoRA sums rounded once with the next operation)")
-    return Plan(fast=True, liger=liger, gradient_checkpointing=True, precision="bf16", optimizer=t.optimizer,
-                compile=True, nf4_traced=True, note=note)
+    # Paged AdamW 32-bit (auto's choice on CUDA) over one flat buffer: the same update in one launch
+    optimizer = "paged_adamw_32bit_flat" if t.optimizer in ("auto", "paged_adamw_32bit") else t.optimizer
+    split, offload = {"lean": (2, False), "offload": (2, True)}.get(t.speed, (0, False))
+    if split:
+        note += (f"; layers as two compiled halves, the MLP in {split} token chunks"
+                 + (", layer inputs in pinned host memory" if offload else ""))
+    return Plan(fast=True, liger=liger, gradient_checkpointing=True, precision="bf16", optimizer=optimizer,
+                compile=True, nf4_traced=True, split=split, offload=offload, note=note)
 
 
 def decoder_layers(model) -> list:
@@ -125,7 +140,18 @@ class Patches:
             done["liger"] = "fused linear cross-entropy" + (", RMSNorm, RoPE, SwiGLU" if kernels else "")
         if plan.nf4_traced and plan.compile:
             done["nf4_traced_layers"] = fast_lora.install(model)
-        if plan.fast:
+        if plan.fast and (plan.split or plan.offload):
+            from tasks import layer_checkpoint as lc
+            halves = (_compiled(lc.attention_half, compile_backend), _compiled(lc.mlp_half, compile_backend)) \
+                if plan.compile else (lc.attention_half, lc.mlp_half)
+            for layer in layers:
+                layer.gradient_checkpointing = False
+                layer.forward = types.MethodType(_split(*halves, plan.gradient_checkpointing, max(plan.split, 1),
+                                                        plan.offload, random, _original_forward(type(layer))), layer)
+            done["compiled_layers" if plan.compile else "checkpointed_layers"] = len(layers)
+            done["layer_checkpoint"] = f"two halves, MLP backward in {max(plan.split, 1)} chunk(s)" + \
+                (", inputs offloaded to pinned host memory" if plan.offload else "")
+        elif plan.fast:
             step = _compiled(type(layers[0]), compile_backend) if plan.compile else _original_forward(type(layers[0]))
             for layer in layers:
                 layer.gradient_checkpointing = False  # checkpointed here instead (around the compiled forward)
@@ -197,12 +223,28 @@ def _original_forward(cls):
 _COMPILED: dict = {}
 
 
-def _compiled(cls, backend: str):
-    """One compiled function per decoder class, shared by its layers (one graph for all)."""
-    key = (cls, backend)
+def _compiled(fn, backend: str):
+    """One compiled function per decoder class (or layer half), shared by its layers (one graph for all)."""
+    key = (fn, backend)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_original_forward(cls), backend=backend)
+        _COMPILED[key] = torch.compile(_original_forward(fn) if isinstance(fn, type) else fn, backend=backend)
     return _COMPILED[key]
+
+
+def _split(attn, mlp, gradient_checkpointing: bool, chunks: int, offload: bool, random: bool, whole):
+    """A decoder layer's forward as its two halves (tasks/layer_checkpoint.py); a call with
+    more positional arguments than the hidden states runs the layer's own forward."""
+    from tasks import layer_checkpoint
+
+    def forward(self, *args, **kwargs):
+        if len(args) > 1 or (not args and "hidden_states" not in kwargs):
+            return whole(self, *args, **kwargs)
+        x = args[0] if args else kwargs.pop("hidden_states")
+        if gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return layer_checkpoint.checkpoint(lambda h: attn(self, h, **kwargs), lambda h: mlp(self, h), x,
+                                               chunks, offload, random)
+        return mlp(self, attn(self, x, **kwargs))
+    return forward
 
 
 def _checkpointed(step, gradient_checkpointing: bool, random: bool):

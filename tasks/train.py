@@ -109,6 +109,9 @@ def make_optimizer(params, t: TrainConfig, device: torch.device):
     name = t.optimizer
     if name == "auto":
         name = "paged_adamw_32bit" if device.type == "cuda" else "adamw"
+    if name == "paged_adamw_32bit_flat":  # train.speed's fast path: one launch for all adapters (tasks/flat_optim.py)
+        from tasks import flat_optim
+        return flat_optim.make(params, t.lr, t.weight_decay), "paged_adamw_32bit"
     if name == "adamw":  # on CUDA one fused kernel for all tensors
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda"), name
     import bitsandbytes as bnb  # paged optimizers page their state to CPU RAM under memory pressure

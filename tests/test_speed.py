@@ -138,3 +138,61 @@ def test_scoped_undoes_module_class_and_instance_patches(llama_dir):
     assert ml.LlamaDecoderLayer.forward is layer_forward
     assert not [n for n, m in model.named_modules() if "forward" in vars(m) or hasattr(m, fast_lora._NF4)]
     assert all(layer.gradient_checkpointing for layer in speed.decoder_layers(model))  # as add_lora set it
+
+
+def test_flat_parameters_are_views_and_train_like_separate_ones():
+    """tasks/flat_optim.flatten: each parameter becomes a view of one buffer and its .grad a view
+    of one gradient buffer that backward accumulates into; one optimizer over the flat buffer
+    then trains exactly as one over the separate tensors (the elementwise AdamW update)."""
+    from tasks.flat_optim import flatten
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    x = torch.randn(5, 8)
+    a, b = build(), build()
+    opt_a = torch.optim.AdamW(a.parameters(), lr=0.1)
+    owner, grad = flatten(list(b.parameters()))
+    opt_b = torch.optim.AdamW([owner], lr=0.1)
+    for _ in range(3):
+        for model in (a, b):
+            for _ in range(2):
+                model(x).pow(2).sum().backward()
+        opt_a.step()
+        opt_a.zero_grad()
+        opt_b.step()
+        grad.zero_()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+        assert q.untyped_storage().data_ptr() == owner.untyped_storage().data_ptr()
+    assert flatten([torch.zeros(2), torch.zeros(2, dtype=torch.float64)]) is None
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_layers_in_two_halves_with_a_chunked_mlp_backward_give_checkpointing_s_gradients(llama_dir, chunks):
+    """tasks/layer_checkpoint.py (train.speed's split layers), uncompiled on CPU: the layer as
+    attention half + MLP half, recomputed in backward with the MLP in token chunks, gives the
+    loss and adapter gradients of the same model under transformers' own checkpointing."""
+    ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
+    reference = loss_and_grads(adapted(llama_dir), ids)
+    plan = speed.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16", split=chunks)
+    with speed.scoped("llama") as patches:
+        model = adapted(llama_dir)
+        applied = patches.apply(model, plan, "llama", random=False)
+        assert applied["checkpointed_layers"] == 2 and f"{chunks} chunk" in applied["layer_checkpoint"]
+        loss, grads = loss_and_grads(model, ids)
+    assert loss == pytest.approx(reference[0], rel=1e-4)
+    assert grads.keys() == reference[1].keys()
+    for name, g in grads.items():
+        assert (g.float() - reference[1][name].float()).norm() <= 2e-2 * reference[1][name].float().norm() + 1e-6, name
+
+
+@pytest.mark.parametrize("setting, split, offload", [("auto", 0, False), ("lean", 2, False), ("offload", 2, True)])
+def test_lean_and_offload_are_the_fast_path_with_split_layers_and_cpu_stays_as_is(setting, split, offload):
+    t = TrainConfig(speed=setting, liger_kernels=False, gradient_checkpointing=False, precision="mixed")
+    plan = speed.choose(t, CUDA, "causal_lm", "llama", quantized=True)
+    assert plan.fast and (plan.split, plan.offload) == (split, offload)
+    assert plan.optimizer == "paged_adamw_32bit_flat"  # optimizer: auto on the fast path
+    assert speed.choose(t.model_copy(update={"optimizer": "adamw"}), CUDA, "causal_lm", "llama", True).optimizer == "adamw"
+    cpu = speed.choose(t, CPU, "causal_lm", "llama", quantized=True)
+    assert not cpu.fast and (cpu.split, cpu.offload, cpu.optimizer) == (0, False, "auto")
