@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` me
 
 
 class QloraModel(mlflow.pyfunc.PythonModel):
-    """Input: a DataFrame with the training data's text columns (seq_cls) or instruction [+ input]
+    """Input: a DataFrame with the training data's text columns (seq_cls), or instruction [+ input] or messages
     (causal_lm). Output: label and score per row, or generated text. Params: batch_size,
     max_new_tokens (causal_lm)."""
 

@@ -51,13 +51,23 @@ def requirements(params: Params, variant: str, root: Path) -> list[str]:
     return [p for p in (_pin(d) for d in dists) if p]
 
 
-def signature(params: Params):
+def is_chat_model(root: Path) -> bool:
+    """Whether the model trained on conversations (its split rows carry messages)."""
+    from tasks.arrowio import open_rows
+    return "messages" in open_rows(resolve(root, catalog.split_file(catalog.SPLIT_DIR, "test"))).features
+
+
+def signature(params: Params, chat: bool = False):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
     run_params = [ParamSpec("batch_size", "long", params.eval.batch_size)]
     if params.task == "seq_cls":
         inputs = Schema([ColSpec("string", c) for c in params.data.text_columns])
         outputs = Schema([ColSpec("string", "label"), ColSpec("double", "score")])
+    elif chat:  # a conversation (JSON text of [{role, content}]) ending with the user's turn
+        inputs = Schema([ColSpec("string", "messages")])
+        outputs = Schema([ColSpec("string", "generated")])
+        run_params.append(ParamSpec("max_new_tokens", "long", params.eval.max_new_tokens))
     else:
         inputs = Schema([ColSpec("string", "instruction"), ColSpec("string", "input", required=False)])
         outputs = Schema([ColSpec("string", "generated")])
@@ -73,13 +83,16 @@ def input_example(params: Params, root: Path, n: int = 2) -> pd.DataFrame:
     from tasks.validate import source_chunks
     d = params.data
     wanted = [str(r) for r in open_rows(resolve(root, catalog.split_file(catalog.SPLIT_DIR, "test")))[:n]["row"]]
-    columns = list(d.text_columns) if params.task == "seq_cls" else ["instruction", "input"]
+    columns = list(d.text_columns) if params.task == "seq_cls" else ["messages"] if is_chat_model(root) \
+        else ["instruction", "input"]
     found = []
     for chunk in source_chunks(params, root)[1]:
         found.append(chunk[chunk[ROW].astype(str).isin(set(wanted))])
         if sum(len(f) for f in found) >= len(wanted):
             break
     raw = pd.concat(found, ignore_index=True).head(n)
+    if "messages" in columns and "messages" not in raw:
+        raw = raw.rename(columns={"conversations": "messages"})
     return raw[[c for c in columns if c in raw]].fillna("").reset_index(drop=True)
 
 
@@ -96,7 +109,8 @@ def log_model(params: Params, root: Path, variant: str, card: str, tags: dict | 
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME, python_model=str(PYTHON_MODEL), artifacts={"bundle": str(bundle)},
             code_paths=[str(Path(tasks.__file__).parent), str(Path(schemas.__file__).parent)],
-            signature=signature(params), input_example=input_example(params, root),
+            signature=signature(params, params.task == "causal_lm" and is_chat_model(root)),
+            input_example=input_example(params, root),
             pip_requirements=requirements(params, variant, root),
             metadata={"qlora_variant": variant, "task": params.task}, tags=tags)
 

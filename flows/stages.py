@@ -58,23 +58,27 @@ def base_model_is_local(params: Params) -> bool:
 
 STAGES: tuple[Stage, ...] = (
     Stage("validate", "tasks.validate", deps=(RAW_DATA,),
-          code=("tasks/validate.py", "tasks/dataio.py", "tasks/arrowio.py", "tasks/rowhash.py", "schemas"),
+          code=("tasks/validate.py", "tasks/dataio.py", "tasks/arrowio.py", "tasks/rowhash.py", "tasks/chat.py",
+                "tasks/prompts.py", "schemas"),
           params=("task", "data"), outs=(catalog.VALIDATED_DIR, catalog.VALIDATION_REPORT)),
     Stage("split", "tasks.split", deps=(catalog.VALIDATED_DIR,), code=("tasks/split.py", "tasks/arrowio.py", "tasks/rowhash.py"),
           params=("task", "split"), outs=(catalog.SPLIT_DIR,)),
     Stage("tokenize", "tasks.tokenize", deps=(catalog.SPLIT_DIR, catalog.LABELS, LOCAL_BASE_MODEL),
-          code=("tasks/tokenize.py", "tasks/arrowio.py", "tasks/prompts.py", "tasks/modeling.py"),
+          code=("tasks/tokenize.py", "tasks/arrowio.py", "tasks/chat.py", "tasks/prompts.py", "schemas/messages.py",
+                "tasks/modeling.py"),
           params=("task", "tokenize", "model"), outs=(catalog.TOKENIZED_DIR,)),
     Stage("quantize", "tasks.quantize", deps=(catalog.LABELS, LOCAL_BASE_MODEL),
           code=("tasks/quantize.py", "tasks/modeling.py"),
           params=("task", "seed", "model", "quant", "train.device", "train.strategy"), outs=(catalog.BASE_MODEL_DIR,)),
     Stage("train", "tasks.train", deps=(catalog.TOKENIZED_DIR, catalog.BASE_MODEL_DIR),
-          code=("tasks/train.py", "tasks/checkpoint.py", "tasks/batching.py", "tasks/arrowio.py", "tasks/plots.py", "tasks/modeling.py",
-                "tasks/precision.py", "tasks/distributed.py", "tasks/sharding.py", "tasks/speed.py", "tasks/fast_lora.py", "tasks/card.py"),
+          code=("tasks/train.py", "tasks/validation.py", "tasks/checkpoint.py", "tasks/batching.py", "tasks/arrowio.py",
+                "tasks/plots.py", "tasks/modeling.py", "tasks/precision.py", "tasks/distributed.py", "tasks/sharding.py",
+                "tasks/speed.py", "tasks/fast_lora.py", "tasks/card.py"),
           params=("task", "seed", "model.name", "lora", "train", "quant.compute_dtype"),
           outs=(catalog.ADAPTER_DIR, catalog.TRAIN_REPORT_DIR)),
     Stage("evaluate", "tasks.evaluate", deps=(catalog.TOKENIZED_DIR, catalog.BASE_MODEL_DIR, catalog.ADAPTER_DIR),
-          code=("tasks/evaluate.py", "tasks/batching.py", "tasks/arrowio.py", "tasks/plots.py", "tasks/modeling.py"),
+          code=("tasks/evaluate.py", "tasks/generation.py", "tasks/batching.py", "tasks/arrowio.py", "tasks/plots.py",
+                "tasks/modeling.py"),
           params=("task", "eval", "train.device", "train.threads", "quant.compute_dtype"),
           outs=(catalog.EVAL_DIR,), metrics=(catalog.METRICS,)),
     Stage("merge", "tasks.merge", deps=(catalog.BASE_MODEL_DIR, catalog.ADAPTER_DIR),
@@ -109,7 +113,9 @@ def dvc_yaml(params: Params, stages: tuple[Stage, ...] = STAGES) -> dict:
         out["stages"][s.name] = entry
     out["metrics"] = [catalog.METRICS, catalog.TRAIN_SUMMARY]  # files inside stage outputs
     out["plots"] = [
-        {catalog.TRAIN_LOSS_CSV: {"x": "step", "y": "loss", "title": "LoRA training loss"}},
+        # train and validation loss on one chart (validation.csv has a row per train.eval_every pass)
+        {"loss": {"x": "step", "y": {catalog.TRAIN_LOSS_CSV: "loss", catalog.TRAIN_VALIDATION_CSV: "val_loss"},
+                  "title": "LoRA training and validation loss"}},
         {catalog.CONFUSION_CSV: {"template": "confusion", "x": "predicted", "y": "actual",
                                  "title": "Confusion matrix (test split)"}},
         catalog.TRAIN_LOSS_PNG,

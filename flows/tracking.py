@@ -178,6 +178,10 @@ def _log_results(mlflow, run, params: Params, root: Path, outcome) -> None:
             rows = list(csv.DictReader(f))
         metrics = [Metric("train_loss", float(r["loss"]), now, int(r["step"])) for r in rows]
         metrics += [Metric("learning_rate", float(r["lr"]), now, int(r["step"])) for r in rows]
+        if (root / catalog.TRAIN_VALIDATION_CSV).exists():  # train.eval_every passes: val_loss (, val_accuracy)
+            with open(root / catalog.TRAIN_VALIDATION_CSV) as f:
+                metrics += [Metric(k, float(v), now, int(r["step"])) for r in csv.DictReader(f)
+                            for k, v in r.items() if k != "step" and v != ""]
         client = mlflow.tracking.MlflowClient()
         for i in range(0, len(metrics), 900):
             client.log_batch(run.info.run_id, metrics=metrics[i:i + 900])
@@ -194,6 +198,11 @@ def _log_results(mlflow, run, params: Params, root: Path, outcome) -> None:
     for rel in (catalog.TRAIN_REPORT_DIR, catalog.EVAL_DIR):
         if (root / rel).is_dir():
             mlflow.log_artifacts(str(root / rel), rel)
+    if (root / catalog.SAMPLES).exists():  # causal_lm: prompt, reference, generated, scores; a table in the UI
+        import pandas as pd
+        samples = pd.read_json(root / catalog.SAMPLES, lines=True, dtype=False)
+        if len(samples):
+            mlflow.log_table(samples, artifact_file="eval/samples_table.json")
     for rel in (catalog.VALIDATION_REPORT, catalog.METRICS, catalog.TOKENIZE_STATS):
         if (root / rel).exists():
             mlflow.log_artifact(str(root / rel), "reports")

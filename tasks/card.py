@@ -199,8 +199,9 @@ def render_card(facts: dict) -> str:
                   f'model = {cls}.from_pretrained("path/to/this/folder")',
                   'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")', "```"]
     if task == "causal_lm" and s.get("tokenize.template"):
-        lines += ["", f"Prompts use the `{s['tokenize.template']}` template (tasks/prompts.py); `qlora predict` and the "
-                  "served model apply it."]
+        where = "the tokenizer's own chat template" if s["tokenize.template"] == "model" \
+            else f"the `{s['tokenize.template']}` template (tasks/prompts.py)"
+        lines += ["", f"Prompts use {where}; `qlora predict` and the served model apply it."]
     return "\n".join(lines) + "\n"
 
 

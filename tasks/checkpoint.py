@@ -24,7 +24,11 @@ from tasks import distributed, sharding
 KEEP = 2
 
 
-def save(ckpt_dir: Path, model, optimizer, scheduler, state: dict) -> Path | None:
+EXTRA = "extra.safetensors"  # tensors a caller adds (the best adapter weights of early stopping)
+
+
+def save(ckpt_dir: Path, model, optimizer, scheduler, state: dict,
+         extra: dict[str, torch.Tensor] | None = None) -> Path | None:
     """Called by every rank (gathering FSDP's shards is a collective); rank 0 writes."""
     weights, optim = sharding.full_training_state(model, optimizer)
     if not distributed.is_main():
@@ -39,6 +43,8 @@ def save(ckpt_dir: Path, model, optimizer, scheduler, state: dict) -> Path | Non
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, tmp / "rng.safetensors")
+    if extra:
+        save_file({n: t.detach().to("cpu").contiguous() for n, t in extra.items()}, tmp / EXTRA)
     torch.save(optim, tmp / "optimizer.pt")  # tensors only: loads with weights_only=True
     (tmp / "state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}))
     os.replace(tmp, final)
@@ -77,6 +83,11 @@ def restore(path: Path, model, optimizer, scheduler) -> dict:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def extra_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors save() was given as `extra` ({} if none)."""
+    return load_file(path / EXTRA) if (path / EXTRA).exists() else {}
 
 
 def clear(ckpt_dir: Path) -> None:

@@ -66,6 +66,10 @@ class DataConfig(Section):
         "error", description="Duplicate rows are never dropped silently: error fails the run, drop drops "
                              "and lists them in the report.")
     min_classes: int = Field(2, ge=2, description="seq_cls: fewer distinct labels than this is an error.")
+    layout: Literal["auto", "instruction", "messages"] = Field("auto", description=(
+        "causal_lm: instruction: columns instruction, input, output (Alpaca; Self-Instruct instances). messages: "
+        "one conversation a row, OpenAI {messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}. "
+        "auto: messages when the data has a messages or conversations column."))
 
     _path_inside = field_validator("path")(classmethod(lambda cls, v: _inside_project(v)))
 
@@ -85,8 +89,10 @@ class TokenizeConfig(Section):
     max_length: int = Field(128, ge=8, le=32768, description="Tokens per row at most.")
     truncation: bool = Field(
         True, description="false: a row longer than max_length fails the run instead of being cut.")
-    template: Literal["alpaca", "chatml", "plain"] = Field(
-        "alpaca", description="causal_lm: prompt template; the loss falls on answer tokens only.")
+    template: Literal["alpaca", "chatml", "plain", "model"] = Field(
+        "alpaca", description="causal_lm: how rows become text. model: the tokenizer's own chat template "
+                              "(apply_chat_template); alpaca, chatml, plain: hand-written (tasks/prompts.py), for "
+                              "models without one. The loss falls on assistant (answer) tokens only, every turn.")
     num_proc: int = Field(
         0, ge=0, description="Processes of the batched Dataset.map that tokenizes; 0: the machine's cores. Small "
                              "splits use fewer (each process gets 20,000 rows at least); the output is the same.")
@@ -127,6 +133,18 @@ class LoraSection(Section):
     target_modules: str | list[str] = Field(
         "all-linear", description="all-linear, or a list of module names to adapt.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    use_dora: bool = Field(False, description=(
+        "DoRA: weight-decomposed LoRA (a trained magnitude per output, LoRA on the direction); slower steps."))
+    use_rslora: bool = Field(False, description="rsLoRA: scale = alpha / sqrt(r) instead of alpha / r (for large r).")
+    init: Literal["default", "gaussian", "olora", "pissa", "orthogonal"] = Field("default", description=(
+        "Adapter initialisation (PEFT init_lora_weights). default: B = 0, the adapter starts as a no-op. gaussian: "
+        "A gaussian scaled by rank. olora: QR of the base weight, which moves into the adapter; the saved adapter is "
+        "converted back to a plain LoRA of rank 2r on the unchanged base. pissa: the same from an SVD, and "
+        "orthogonal: A and B orthogonal (needs an even r): both need a full-precision base (quant.load_in_4bit: "
+        "false), as PEFT computes them from float weights."))
+    modules_to_save: list[str] = Field([], description=(
+        "Modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head] after adding tokens. "
+        "They must not be 4-bit: list them in quant.skip_modules. seq_cls heads are saved anyway."))
 
 
 class TrainConfig(Section):
@@ -162,6 +180,22 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(
         50, ge=0, description="Steps between resumable checkpoints (.qlora/checkpoints); 0: none.")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0: torch's default.")
+    eval_every: int = Field(50, ge=0, description=(
+        "Steps between validation passes (loss; seq_cls also accuracy) over the validation split, and one at "
+        "the last step; logged to reports/train/validation.csv, the loss plot and MLflow. 0: none."))
+    eval_rows: int | None = Field(200, ge=1, description=(
+        "Validation rows each pass scores: a fixed sample (seeded by seed) of the validation split, so passes "
+        "stay cheap (on CPU a pass over all 760 AG News validation rows costs as much as ~15 training steps, "
+        "200 rows ~4); null: every row."))
+    early_stopping: bool = Field(False, description=(
+        "Stop when early_stopping_metric has not improved for early_stopping_patience validation passes, and "
+        "save the adapter of the best pass (the summary names its step). Needs eval_every."))
+    early_stopping_metric: Literal["loss", "accuracy"] = Field(
+        "loss", description="The validation metric that picks the best step: loss (lower is better) or accuracy "
+                            "(seq_cls; higher is better).")
+    early_stopping_patience: int = Field(3, gt=0, description="Validation passes without improvement before stopping.")
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="The smallest change of the metric that counts as an improvement.")
     speed: Literal["auto", "lean", "offload", "off"] = Field(
         "auto", description="auto: on CUDA, a causal LM with a 4-bit Llama/Mistral/Qwen2-layout base trains on the "
         "fast path (tasks/speed.py: compiled and checkpointed decoder layers with the 4-bit dequantization inside, "
@@ -181,7 +215,11 @@ class EvalConfig(Section):
     batch_size: int = Field(64, gt=0, description="Rows per evaluation batch.")
     split: Literal["test", "validation"] = Field("test", description="The split the metrics are computed on.")
     max_new_tokens: int = Field(32, gt=0, description="causal_lm: tokens generated per sample.")
-    num_samples: int = Field(3, ge=0, description="causal_lm: greedy generations written to the report.")
+    num_samples: int = Field(3, ge=0, description=(
+        "causal_lm: generations written to reports/eval/samples.jsonl and the MLflow samples table."))
+    max_generate_rows: int | None = Field(100, ge=1, description=(
+        "causal_lm: rows of the split whose last assistant turn is generated (greedy, max_new_tokens) and scored "
+        "by exact match and ROUGE-L; the first rows, to bound the time generation takes. null: every row."))
 
 
 class MergeConfig(Section):
@@ -248,6 +286,18 @@ class Params(Section):
     def _check_cross_fields(self) -> "Params":
         if self.split.validation + self.split.test >= 0.8:
             raise ValueError("split.validation + split.test must leave at least 20% for training")
+        t, lora = self.train, self.lora
+        if t.early_stopping and t.eval_every == 0:
+            raise ValueError("train.early_stopping needs validation passes: set train.eval_every > 0")
+        if t.early_stopping_metric == "accuracy" and self.task != "seq_cls":
+            raise ValueError("train.early_stopping_metric: accuracy is for task seq_cls; use loss")
+        if lora.init in ("pissa", "orthogonal") and self.quant.load_in_4bit:
+            raise ValueError(f"lora.init: {lora.init} is computed from float weights (PEFT refuses a 4-bit base): "
+                             f"set quant.load_in_4bit: false, or use lora.init: olora, which works on a 4-bit base")
+        if lora.init == "orthogonal" and lora.r % 2:
+            raise ValueError(f"lora.init: orthogonal needs an even lora.r (got {lora.r})")
+        if self.data.layout == "messages" and self.task != "causal_lm":
+            raise ValueError("data.layout: messages is chat data, for task causal_lm")
         return self
 
     def get(self, dotted: str) -> Any:

@@ -1,7 +1,8 @@
 """Step 6: evaluate the adapter on the 4-bit base over the held-out split.
 
 seq_cls: accuracy, macro-F1, per-class precision/recall/F1 and a confusion matrix.
-causal_lm: loss and perplexity on answer tokens, plus a few greedy generations.
+causal_lm: loss and perplexity on answer tokens; exact match and ROUGE-L of greedy answers
+(tasks/generation.py), a few of them written as samples.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from tqdm.auto import tqdm
 
 from tasks.batching import batches
-from tasks import catalog
+from tasks import catalog, generation
 from tasks.catalog import IGNORE_INDEX as IGNORE
 from tasks.common import StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import Params
@@ -64,21 +65,6 @@ def predict(model, frame, batch_size: int, pad_id: int, task: str, device, dtype
     return preds if task == "seq_cls" else (loss_sum, n_tok)
 
 
-@torch.no_grad()
-def generate_samples(model, tok, frame, n: int, max_new_tokens: int, device) -> list[dict]:
-    samples = []
-    first = frame[:n]
-    for ids, labels, row in zip(first["input_ids"], first["labels"], first["row"]):
-        prompt = [i for i, lab in zip(ids, labels) if lab == IGNORE]
-        x = torch.tensor([prompt], device=device)
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id)
-        samples.append({"row": row, "prompt": tok.decode(prompt, skip_special_tokens=True),
-                        "reference": tok.decode([i for i in labels if i != IGNORE], skip_special_tokens=True),
-                        "generated": tok.decode(out[0, len(prompt):], skip_special_tokens=True)})
-    return samples
-
-
 def run(params: Params, root: Path) -> StageResult:
     e = params.eval
     set_threads(params.train.threads)
@@ -108,8 +94,11 @@ def run(params: Params, root: Path) -> StageResult:
             loss = loss_sum / max(1, n_tok)
             metrics = {"split": e.split, "rows": len(frame), "eval_loss": loss, "perplexity": math.exp(min(loss, 50)),
                        "answer_tokens": n_tok}
-            samples = generate_samples(model, tok, frame, e.num_samples, e.max_new_tokens, device)
-            (tmp / Path(catalog.SAMPLES).name).write_text("".join(json.dumps(s) + "\n" for s in samples))
+            # exact match and ROUGE-L of greedy answers to each row's last assistant turn (tasks/generation.py)
+            scores, samples = generation.evaluate_generation(model, tok, frame, e.max_generate_rows, e.max_new_tokens,
+                                                             e.batch_size, device)
+            metrics.update(scores)
+            (tmp / Path(catalog.SAMPLES).name).write_text("".join(json.dumps(s) + "\n" for s in samples[:e.num_samples]))
     write_json(resolve(root, catalog.METRICS), metrics)
     return result("evaluate", [catalog.METRICS, catalog.EVAL_DIR], **metrics)
 

@@ -273,8 +273,12 @@ def _generate(pred: Predictor, rows: pd.DataFrame, batch_size: int, max_new_toke
     """Greedy generation, batch_size prompts at a time, left-padded (rows keep their order)."""
     from tasks.prompts import render_prompt
     tok, t = pred.tok, pred.params.tokenize
-    prompts = [tok(render_prompt(t.template, ins, inp or ""), add_special_tokens=True)["input_ids"][-t.max_length:]
-               for ins, inp in zip(rows["instruction"], rows["input"])]
+    if "messages" in rows or t.template == "model":  # conversations, or the model's chat template (tasks/chat.py)
+        from tasks.chat import generation_prompts
+        prompts = generation_prompts(tok, rows, t.template, t.max_length)
+    else:
+        prompts = [tok(render_prompt(t.template, ins, inp or ""), add_special_tokens=True)["input_ids"][-t.max_length:]
+                   for ins, inp in zip(rows["instruction"], rows["input"])]
     out = []
     with _progress(len(prompts), "generate", progress) as bar:
         for start in range(0, len(prompts), batch_size):

@@ -55,6 +55,8 @@ def hash_assignment(units: np.ndarray, validation: float, test: float) -> np.nda
 
 def split_key(frame: pd.DataFrame) -> pd.Series:
     """What the hash split hashes: the text a classifier reads, or instruction and input."""
+    if "prompt_key" in frame:  # chat rows: the conversation's prompt (schemas/messages.prompt_key)
+        return frame["prompt_key"]
     return frame["text"] if "text" in frame else frame["instruction"] + "\n" + frame["input"]
 
 
@@ -77,7 +79,8 @@ def scan(params: Params, rows_file: Path) -> tuple[np.ndarray | None, np.ndarray
     s = params.split
     stratify = params.task == "seq_cls" and s.stratify
     labels, hashes, units = [], [], []
-    key_cols = ["text"] if params.task == "seq_cls" else ["instruction", "input"]
+    key_cols = ["text"] if params.task == "seq_cls" else \
+        ["prompt_key"] if "prompt_key" in open_rows(rows_file).column_names else ["instruction", "input"]
     columns = key_cols + (["label"] if stratify else [])
     for table in iter_batches(rows_file, columns):
         frame = table.to_pandas()

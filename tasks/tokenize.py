@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import catalog
+from tasks import catalog, chat
 from tasks.arrowio import RowsWriter, iter_batches, list_lengths, open_rows, take_column
 from tasks.catalog import IGNORE_INDEX, SPLITS
 from tasks.common import PipelineError, StageResult, atomic_dir, read_json, resolve, result, write_json
@@ -89,6 +89,8 @@ def tokenize_split(params: Params, tok, src: Path, dst: Path, work: Path, split:
         encode = encode_instructions
         kwargs = {"tok": tok, "max_length": t.max_length, "template": t.template}
         drop = ["instruction", "input", "output"]
+        if "messages" in rows.column_names or t.template == "model":  # conversations, or the model's chat template
+            encode, drop = chat.encode_batch, [c for c in rows.column_names if c not in ("source", "row")]
     n_proc = processes(t.num_proc, len(rows))
     mapped = rows.map(encode, batched=True, batch_size=MAP_BATCH, fn_kwargs=kwargs, remove_columns=drop,
                       features=Features({**features, "truncated": Value("bool")}),

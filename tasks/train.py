@@ -18,6 +18,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,12 +29,13 @@ from tqdm.auto import tqdm
 from tasks.batching import IGNORE, batches, collate_packed, epoch_order, pack_bins
 from tasks import catalog, checkpoint, distributed, precision, sharding, speed
 from tasks.card import write_stage_card
-from tasks.common import StageResult, atomic_dir, resolve, result, write_json
+from tasks.common import PipelineError, StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import LoraSection, Params, TrainConfig
 from tasks.modeling import DTYPES, load_saved, load_tokenizer, pick_device, set_threads
 from tasks.plots import plot_loss
 from tasks.arrowio import list_lengths
 from tasks.tokenize import load_split
+from tasks.validation import Validation
 
 ADAPTER = catalog.ADAPTER_DIR
 BASE = catalog.BASE_MODEL_DIR
@@ -47,7 +50,11 @@ def add_lora(model, lora: LoraSection, task: str, t: TrainConfig, compute_dtype:
     if t.gradient_checkpointing and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                     target_modules=lora.target_modules, task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM")
+                     target_modules=lora.target_modules, task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM",
+                     use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+                     init_lora_weights=True if lora.init == "default" else lora.init,
+                     modules_to_save=list(lora.modules_to_save) or None)
+    check_modules_to_save(model, lora.modules_to_save)
     model = get_peft_model(model, cfg)
     for p in model.parameters():  # trained weights stay fp32: bf16 would round small updates away
         if p.requires_grad and p.dtype != torch.float32:
@@ -55,6 +62,32 @@ def add_lora(model, lora: LoraSection, task: str, t: TrainConfig, compute_dtype:
     if t.precision == "mixed":
         precision.apply_mixed(model, compute_dtype)
     return model
+
+
+def check_modules_to_save(model, names: list[str]) -> None:
+    """Each lora.modules_to_save entry names a module of the base that can train in full: one that
+    exists and has float weights (a 4-bit copy cannot be trained; PEFT fails deep inside otherwise)."""
+    for key in names:
+        found = [m for n, m in model.named_modules() if n == key or n.endswith("." + key)]
+        if not found:
+            raise PipelineError(f"lora.modules_to_save: no module named {key!r} in the model")
+        if any(not p.is_floating_point() for m in found for p in m.parameters()):
+            raise PipelineError(f"lora.modules_to_save: {key!r} is 4-bit quantized and cannot train; add it to "
+                                f"quant.skip_modules (the quantize stage then keeps it in full precision)")
+
+
+# lora.init values that move part of the base weight into the adapter (W = W_res + B0 A0): the
+# adapter is saved converted to a plain LoRA on the unchanged base (rank 2r: [B, -B0] [A; A0]).
+MUTATES_BASE = ("olora", "pissa")
+
+
+def save_initial_adapter(model, lora: LoraSection) -> Path | None:
+    """Before training, the initial adapter of a base-mutating init (what the conversion subtracts)."""
+    if lora.init not in MUTATES_BASE:
+        return None
+    path = Path(tempfile.mkdtemp(prefix="qlora-initial-adapter-")) / "initial"
+    model.save_pretrained(path, safe_serialization=True)
+    return path
 
 
 LIGER = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
@@ -113,17 +146,24 @@ def real_tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
 
-def save_adapter(model, tok, path: Path, base_model: str, state_dict: dict | None = None) -> None:
+def save_adapter(model, tok, path: Path, base_model: str, state_dict: dict | None = None,
+                 initial: Path | None = None) -> None:
     """The adapter folder, byte-for-byte the same for the same training, wherever it ran:
     PEFT writes target_modules in set order (which changes with Python's hash seed) and the
-    absolute path of the base it was loaded from; write the sorted list and the base's name."""
+    absolute path of the base it was loaded from; write the sorted list and the base's name.
+    initial: the adapter before training of a base-mutating init (save_initial_adapter)."""
     for cfg in model.peft_config.values():
         cfg.base_model_name_or_path = base_model
         if isinstance(cfg.target_modules, (set, frozenset, list, tuple)):
             cfg.target_modules = sorted(cfg.target_modules)
     base = model.get_base_model()  # PEFT's README.md names the base by the path it was loaded from
     base.config._name_or_path = base.name_or_path = base_model
-    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)  # state_dict: FSDP's, gathered
+    if initial is not None:  # PEFT converts it to a plain LoRA on the unchanged base
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict,  # state_dict: FSDP's, gathered
+                              path_initial_model_for_weight_conversion=str(initial))
+        shutil.rmtree(initial.parent, ignore_errors=True)
+    else:
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     config_path = path / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -204,12 +244,15 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
         dtype = DTYPES[params.quant.compute_dtype]
         t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": plan.gradient_checkpointing})
         model = add_lora(model, params.lora, params.task, t_model, dtype)
+        initial_adapter = save_initial_adapter(model, params.lora) if distributed.is_main() else None
         applied = patches.apply(model, plan, model_type, random=params.lora.dropout > 0) if plan.fast else {}
         liger = liger or "liger" in applied
         forward = distributed.wrap(model, device, strategy)  # DDP or FSDP under torchrun, else the model itself
         trainable = [p for p in model.parameters() if p.requires_grad]
         n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
         train_rows = load_split(root, "train")
+        val_rows = load_split(root, "validation") if t.eval_every else None
+        validation = Validation(t, params.task, params.seed)  # validation passes, best step, early stopping (tasks/validation.py)
         lengths = list_lengths(train_rows).tolist()  # from the Arrow offsets: no row is read
         rows_per_epoch = len(pack_bins(list(range(len(lengths))), lengths, params.tokenize.max_length)) \
             if t.packing and params.task == "causal_lm" else len(train_rows)
@@ -227,6 +270,7 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
             state = checkpoint.restore(resume_from, model, optimizer, scheduler)
             log, step, epoch, tokens = state["log"], state["step"], state["epoch"], state["tokens"]
             skip = state["next_row"]  # rows of this epoch's order already consumed (by all ranks)
+            validation.load(state.get("validation"), checkpoint.extra_tensors(resume_from))
             print(f"train: resuming from {resume_from} (step {step} of {total})")
         # --- train
         extra = {"use_cache": False} if params.task == "causal_lm" else {}  # a cache would disable packing masks
@@ -244,9 +288,10 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
             pending.clear()
 
         started, tokens_before, step_at_start, warm = time.perf_counter(), tokens, step, None
+        val_seconds = 0.0  # time in validation passes: left out of the throughput figures
         model.train()
         bar = tqdm(total=total, initial=step, desc="train", unit="step")
-        while step < total:
+        while step < total and not validation.stop:
             for next_row, group in optimizer_steps(train_rows, lengths, params, tok.pad_token_id, epoch, skip):
                 step_loss, step_tokens = accumulate(forward, group, params.task, device, autocast, extra)
                 torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
@@ -258,38 +303,50 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
                 pending.append(({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0]}, step_loss, tokens))
                 if step == step_at_start + WARMUP_STEPS:  # throughput is measured after warm-up
                     distributed.synchronize(device)  # once: the clock must not run ahead of the GPU
-                    warm = (time.perf_counter(), tokens)
+                    warm = (time.perf_counter(), tokens, val_seconds)
                 bar.update(1)
-                save_now = checkpoint_every and step % checkpoint_every == 0 and step < total
-                if step % t.log_every == 0 or save_now or step >= total:
+                if validation.due(step, total):  # a host sync, like a log point; before a checkpoint, which keeps it
+                    at = time.perf_counter()
+                    row = validation.run(model, val_rows, t.batch_size, tok.pad_token_id, device, autocast, step)
+                    val_seconds += time.perf_counter() - at
+                    if distributed.is_main():
+                        bar.write(f"train: step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step")
+                                  + (f"; early stopping: best step {validation.best_step}" if validation.stop else ""))
+                done = step >= total or validation.stop
+                save_now = checkpoint_every and step % checkpoint_every == 0 and not done
+                if step % t.log_every == 0 or save_now or done:
                     fetch_log()
                     bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-t.log_every:]) / min(len(log), t.log_every):.4f}")
                 if save_now:  # every rank: FSDP's shards are gathered; rank 0 writes
                     checkpoint.save(ckpt_dir, model, optimizer, scheduler,
                                     {"fingerprint": resume_key, "step": step, "epoch": epoch,
-                                     "next_row": next_row, "tokens": int(tokens), "log": log})
-                if step >= total:
+                                     "next_row": next_row, "tokens": int(tokens), "log": log,
+                                     "validation": validation.state()}, extra=validation.tensors())
+                if done:
                     break
             epoch, skip = epoch + 1, 0
         bar.close()
         tokens = int(tokens)
         seconds = time.perf_counter() - started
+        restored_best = validation.restore_best(model)  # early stopping saves the best pass's adapter
     # --- save (one writer: rank 0; the adapter format is the same for any number of GPUs)
     adapter_state = sharding.full_trainable_state(model)  # FSDP: gathered to rank 0 (every rank calls); else None
     if not distributed.is_main():
         distributed.barrier()
         return result("train", [ADAPTER, REPORT_DIR], world_size=world)
     with atomic_dir(resolve(root, ADAPTER)) as tmp:
-        save_adapter(model, tok, tmp, params.model.name, adapter_state)
+        save_adapter(model, tok, tmp, params.model.name, adapter_state, initial_adapter)
         write_stage_card(tmp, params, root, "adapter")  # replaces PEFT's template (it names the base's local path)
     tail = log[-max(1, len(log) // 10):]
     summary = {"steps": step, "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else 0,
                "epochs_seen": epoch, "final_loss": log[-1]["loss"],
                "mean_loss_last_10pct": sum(r["loss"] for r in tail) / len(tail),
                "train_seconds": round(seconds, 2), "tokens": tokens,
-               "tokens_per_second": round((tokens - int(tokens_before)) / seconds, 1),  # all ranks, this process's run
+               "tokens_per_second": round((tokens - int(tokens_before)) / (seconds - val_seconds), 1),  # all ranks, this run
                "tokens_per_second_after_warmup":
-                   round((tokens - int(warm[1])) / (time.perf_counter() - warm[0]), 1) if warm else None,
+                   round((tokens - int(warm[1])) / (time.perf_counter() - warm[0] - (val_seconds - warm[2])), 1)
+                   if warm else None,
+               "validation_seconds": round(val_seconds, 2), **validation.summary(), "restored_best": restored_best,
                "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name, "liger_kernels": liger,
                "precision": plan.precision,
                "speed": {**plan.describe(), **applied},
@@ -299,7 +356,11 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
             w = csv.DictWriter(f, fieldnames=list(log[0]))
             w.writeheader()
             w.writerows(log)
-        plot_loss(log, tmp / "loss.png")
+        with open(tmp / Path(catalog.TRAIN_VALIDATION_CSV).name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "val_loss"] + (["val_accuracy"] if params.task == "seq_cls" else []))
+            w.writeheader()
+            w.writerows(validation.history)
+        plot_loss(log, tmp / "loss.png", validation.history, validation.best_step if validation.stopping else None)
         write_json(tmp / "summary.json", summary)
     checkpoint.clear(ckpt_dir)  # the adapter is saved: checkpoints of this run are spent
     distributed.barrier()

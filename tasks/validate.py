@@ -20,7 +20,7 @@ import pandas as pd
 import pandera.errors
 
 from schemas import classification_schema, instruction_schema
-from tasks import catalog
+from tasks import catalog, chat
 from tasks.arrowio import RowsWriter, iter_batches, take_column
 from tasks.common import PipelineError, StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import Params
@@ -86,6 +86,9 @@ def _prepare(params: Params, df: pd.DataFrame, for_prediction: bool = False, cro
         schema = classification_schema(d.text_columns, label, sorted(mapping) if mapping else None,
                                        min_classes if cross_row else None, unique=cross_row and not for_prediction)
         return schema
+    if chat.is_chat(d.layout, df.columns):  # conversations (messages / conversations column): tasks/chat.py
+        return chat.prepare_frame(df, d.clean_text, unique=cross_row and not for_prediction,
+                                  for_prediction=for_prediction)
     for c in ("instruction", "input", "output"):
         if c in df and d.clean_text:
             df[c] = df[c].map(lambda v: v.strip() if isinstance(v, str) else v)
@@ -137,6 +140,8 @@ def joined_text(df: pd.DataFrame, text_columns: list[str]) -> pd.Series:
 def key_columns(params: Params) -> list[str]:
     """The columns whose values make a row's identity: the same values twice is a duplicate
     (and, across splits, a leak)."""
+    if params.task == "causal_lm" and params.data.layout == "messages":
+        return ["prompt_key"]  # a conversation's prompt (schemas/messages.prompt_key)
     return list(params.data.text_columns) if params.task == "seq_cls" else ["instruction", "input"]
 
 
@@ -144,7 +149,9 @@ def canonical_features(params: Params, label_as_text: bool = False):
     """The columns of data/validated and data/split: what later stages read, plus the row's
     provenance (source: data.path; row: its line or record there)."""
     from datasets import Features, Value
-    if params.task == "causal_lm":
+    if params.task == "causal_lm" and params.data.layout == "messages":
+        cols = {c: Value("string") for c in chat.FEATURES}
+    elif params.task == "causal_lm":
         cols = {"instruction": Value("string"), "input": Value("string"), "output": Value("string")}
     else:
         cols = {"text": Value("string"), "label": Value("string" if label_as_text else "int64")}
@@ -156,6 +163,8 @@ def canonical_rows(params: Params, df: pd.DataFrame, mapping: dict[str, int] | N
     are known once every chunk is read)."""
     d = params.data
     rows = {"source": [source] * len(df), "row": df[ROW].astype(str).tolist()}
+    if params.task == "causal_lm" and d.layout == "messages":
+        return {**chat.canonical_columns(df), **rows}
     if params.task == "causal_lm":
         return {"instruction": df["instruction"].tolist(), "input": df["input"].tolist(),
                 "output": df["output"].tolist(), **rows}
@@ -182,6 +191,8 @@ def prediction_rows(params: Params, df: pd.DataFrame, source) -> pd.DataFrame:
     df, errors, _ = validate_frame(params, df, Path(str(source)), for_prediction=True)
     if errors:
         raise PipelineError(error_message(source, errors))
+    if params.task == "causal_lm" and "messages" in df:  # conversations to answer (tasks/chat.py)
+        return chat.prediction_frame(df, ROW)
     if params.task == "causal_lm":
         out = df[["instruction", "input", ROW]].rename(columns={ROW: "row"}).astype({"row": str})
         if "output" in df:
@@ -283,6 +294,7 @@ def run(params: Params, root: Path) -> StageResult:
             "dropped_duplicates": []})
         raise
     try:
+        params, chunks = chat.resolve_layout(params, chunks)  # data.layout auto: chat data or instructions
         return _validate(params, root, src, chunks, lineage, report, report_path)
     finally:
         report.close()
@@ -313,7 +325,7 @@ def _validate(params: Params, root: Path, src: str, chunks, lineage, report: Rep
         hashes = np.concatenate(hashes) if hashes else np.zeros((0, 2), dtype=np.uint64)
         repeated = repeated_positions(hashes)
         if len(repeated):
-            key = "text" if params.task == "seq_cls" else "instruction"
+            key = "text" if params.task == "seq_cls" else key_columns(params)[0]
             entries = [{"file": src, "row": row, "column": None, "rule": "unique_rows",
                         "value": None if value is None else str(value)[:200]}
                        for row, value in zip(take_column(first, "row", repeated), take_column(first, key, repeated))]
