@@ -26,6 +26,7 @@ from tasks.prompts import render_prompt
 
 MAP_BATCH = 1_000              # rows per call of the encode function
 ROWS_PER_PROCESS = 20_000      # a process costs ~1 s to start: small splits use fewer
+SLICE_ROWS = 1_000_000         # rows per round of map processes (bounds the mapped pages they hold)
 LISTED_TRUNCATED = 1_000       # rows named per split in stats.json (all are counted)
 
 
@@ -91,25 +92,35 @@ def tokenize_split(params: Params, tok, src: Path, dst: Path, work: Path, split:
         drop = ["instruction", "input", "output"]
         if "messages" in rows.column_names or t.template == "model":  # conversations, or the model's chat template
             encode, drop = chat.encode_batch, [c for c in rows.column_names if c not in ("source", "row")]
-    n_proc = processes(t.num_proc, len(rows))
-    mapped = rows.map(encode, batched=True, batch_size=MAP_BATCH, fn_kwargs=kwargs, remove_columns=drop,
-                      features=Features({**features, "truncated": Value("bool")}),
-                      num_proc=n_proc if n_proc > 1 else None, load_from_cache_file=False,
-                      cache_file_name=str(work / f"{split}.arrow"), desc=f"tokenize {split} ({n_proc} proc)")
-    lengths = list_lengths(mapped)
-    truncated = np.flatnonzero(mapped.data.table.column("truncated").to_numpy(zero_copy_only=False))
-    stats = {"rows": len(mapped), "truncated_rows": int(len(truncated)),
+    # Rounds of SLICE_ROWS rows: the map's processes exit after each round, and with them the pages of
+    # the memory-mapped split they read (resident memory stays at one round's, whatever the split's size).
+    pieces, lengths, truncated, without_answer = [], [], [], 0
+    for i, start in enumerate(range(0, max(len(rows), 1), SLICE_ROWS)):
+        part = rows.select(range(start, min(start + SLICE_ROWS, len(rows))))  # contiguous: a slice, no copy
+        n_proc = processes(t.num_proc, len(part))
+        mapped = part.map(encode, batched=True, batch_size=MAP_BATCH, fn_kwargs=kwargs, remove_columns=drop,
+                          features=Features({**features, "truncated": Value("bool")}),
+                          num_proc=n_proc if n_proc > 1 else None, load_from_cache_file=False,
+                          cache_file_name=str(work / f"{split}-{i:05d}.arrow"),
+                          desc=f"tokenize {split} rows {start:,}+ ({n_proc} proc)")
+        lengths.append(list_lengths(mapped))
+        truncated.append(start + np.flatnonzero(mapped.data.table.column("truncated").to_numpy(zero_copy_only=False)))
+        if params.task == "causal_lm":  # a row whose answer was cut away entirely trains nothing
+            without_answer += rows_without_answer_tokens(mapped.data.table.column("labels"))
+        pieces += [Path(f["filename"]) for f in mapped.cache_files]
+    lengths, truncated = np.concatenate(lengths), np.concatenate(truncated)
+    stats = {"rows": len(rows), "truncated_rows": int(len(truncated)),
              "mean_tokens": round(float(lengths.mean()), 2) if len(lengths) else 0.0,
              "max_tokens": int(lengths.max()) if len(lengths) else 0}
-    if params.task == "causal_lm":  # a row whose answer was cut away entirely trains nothing
-        stats["rows_without_answer_tokens"] = rows_without_answer_tokens(mapped.data.table.column("labels"))
+    if params.task == "causal_lm":
+        stats["rows_without_answer_tokens"] = without_answer
     with RowsWriter(dst, features) as out:  # the map's shards, in order, read (not mapped) a batch at a time
-        for shard in mapped.cache_files:
-            for table in iter_batches(Path(shard["filename"]), list(features)):
+        for piece in pieces:
+            for table in iter_batches(piece, list(features)):
                 out.write(table)
+        for piece in pieces:
+            piece.unlink(missing_ok=True)
     named = take_column(dst, "row", truncated[:LISTED_TRUNCATED]) if len(truncated) else []
-    for f in mapped.cache_files:
-        Path(f["filename"]).unlink(missing_ok=True)
     return stats | {"truncated_row_names": named}
 
 

@@ -105,8 +105,8 @@ def test_stream_reader_names_lines_across_chunks(tmp_path):
 
 
 def test_tokenized_bytes_do_not_depend_on_the_number_of_processes(tmp_path, monkeypatch):
-    """Dataset.map with 2 processes writes two shards; the stage re-cuts them into one file
-    whose bytes (and DVC hash) equal a one-process run's."""
+    """Dataset.map with 2 processes writes two shards (and, in rounds of SLICE_ROWS rows, two per
+    round); the stage re-cuts them into one file whose bytes (and DVC hash) equal a one-process run's."""
     params = cls_params(AG_NEWS)
     validate.run(params, tmp_path)
     split.run(params, tmp_path)
@@ -115,6 +115,10 @@ def test_tokenized_bytes_do_not_depend_on_the_number_of_processes(tmp_path, monk
     monkeypatch.setattr(tokenize, "ROWS_PER_PROCESS", 1000)
     two = Params.model_validate(repo_params(data={"path": str(AG_NEWS)}, tokenize={"num_proc": 2}))
     assert tokenize.processes(2, 6080) == 2
+    tokenize.run(two, tmp_path)
+    for s in catalog.SPLITS:
+        assert (tmp_path / catalog.split_file(catalog.TOKENIZED_DIR, s)).read_bytes() == one[s], s
+    monkeypatch.setattr(tokenize, "SLICE_ROWS", 2500)  # rounds of 2,500 rows (3 for train), 2 processes each
     tokenize.run(two, tmp_path)
     for s in catalog.SPLITS:
         assert (tmp_path / catalog.split_file(catalog.TOKENIZED_DIR, s)).read_bytes() == one[s], s
