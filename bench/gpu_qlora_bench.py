@@ -47,6 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import profile_summary  # noqa: E402
+
 SHAPES = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
@@ -115,10 +118,15 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
         plan = dataclasses.replace(plan, compile=plan.compile and part != "nocompile",
                                    nf4_traced=plan.nf4_traced and part != "bnb",
                                    offload=plan.offload or part == "offload",
+                                   fused_projections=(plan.fused_projections or part == "fused") and part != "nofused",
                                    split=int(part[5:] or 2) if part.startswith("split") else
                                    (0 if part == "onegraph" else plan.split),
                                    optimizer=optimizer.get(part, plan.optimizer))
     parts = variant.split("+")
+    from tasks import fast_lora
+    fast_lora.TRITON = "notriton" not in parts  # the Triton NF4 kernel, or the tensor code (tasks/nf4_triton.py)
+    torch._dynamo.reset()  # each variant traces its own graphs
+    speed._COMPILED.clear()
     partitioner = dict(speed.PARTITIONER)
     if "cse" in parts or "nobudget" in parts:  # the partitioner's settings (tasks.speed.PARTITIONER), to compare
         speed.PARTITIONER = {} if "cse" in parts else {"cse": False}
@@ -164,9 +172,12 @@ def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int, bf16: 
         g = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, SHAPES[name]["vocab_size"], (bs, seq), device="cuda", generator=g)
 
-        def step():
+        def forward_loss():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(input_ids=ids, labels=ids).loss
+                return model(input_ids=ids, labels=ids).loss
+
+        def step():
+            loss = forward_loss()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -195,7 +206,8 @@ def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int, bf16: 
         peak_bytes = max(peak_bytes, backward_peak)
         where = {k: round((v - leftover) / 2**30, 2) for k, v in
                  (("rest_gib", rest), ("forward_peak_gib", forward_peak), ("step_peak_gib", backward_peak))}
-        table = profile_table(step, profile) if profile else None
+        table = profile_summary.profile_steps(lambda: profile_summary.annotated_step(forward_loss, opt), 2,
+                                              profile, model) if profile else None
         if memory_trace:
             peak_allocations(step, memory_trace)
         del model, opt, loss  # the last loss holds the graph's nodes, and through them the model
@@ -212,20 +224,6 @@ def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int, bf16: 
     gc.collect()
     torch.cuda.empty_cache()
     return out
-
-
-def profile_table(step, path: str, rows: int = 30) -> str:
-    """Where one step's GPU time goes: torch.profiler over 2 steps, by self CUDA time."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(table)
-    print(table, flush=True)
-    return path
 
 
 def peak_allocations(step, path: str, rows: int = 40) -> None:
@@ -279,7 +277,8 @@ def peak_allocations(step, path: str, rows: int = 40) -> None:
     print("\n".join(lines[:16]), flush=True)
 
 
-def unsloth(name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, tarball: str, gc_mode: str) -> dict:
+def unsloth(name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, tarball: str, gc_mode: str,
+            profile: str = "") -> dict:
     """Unsloth's step (bench/unsloth_reference.py) in a process of its own, from the tarball."""
     site = Path("/tmp/usite")
     if not (site / "unsloth").exists():
@@ -289,7 +288,7 @@ def unsloth(name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, ta
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(Path(__file__).with_name("unsloth_reference.py")), "--shape", name, "--seq", str(seq),
            "--bs", str(bs), "--steps", str(steps), "--warmup", str(warmup), "--rank", str(rank), "--gc", gc_mode,
-           "--dropout", "0"]
+           "--dropout", "0"] + (["--profile", profile] if profile else [])
     gc.collect()
     torch.cuda.empty_cache()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -298,7 +297,8 @@ def unsloth(name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, ta
         return {"error": (proc.stdout + proc.stderr)[-1500:]}
     row = rows[-1]
     return {"tokens_per_s": row["tokens_per_s"], "peak_gib": row["peak_gib"], "mfu": row["mfu"],
-            "median_step_s": row["median_step_s"], "losses": row["losses"], "unsloth": row.get("unsloth")}
+            "median_step_s": row["median_step_s"], "losses": row["losses"], "unsloth": row.get("unsloth"),
+            **({"profile": row["profile"]} if "profile" in row else {})}
 
 
 def instruction_frame(seq: int, alpaca: str = "", copies: int = 4):
@@ -443,13 +443,16 @@ def main() -> int:
                          "instead of paged AdamW 32-bit; auto+flat / auto+perparam: paged AdamW 32-bit over one flat buffer / per tensor; "
                          "auto+splitN: decoder layers as two compiled halves, MLP backward in N token chunks; "
                          "auto+onegraph: one compiled graph per layer; auto+offload: layer inputs in host memory; "
-                         "auto+cse, auto+nobudget: partitioner settings), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
+                         "auto+cse, auto+nobudget: partitioner settings; auto+nofused: q/k/v and gate/up as separate GEMMs; "
+                         "auto+notriton: the NF4 dequantization as tensor code instead of tasks/nf4_triton.py), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
                          "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)")
     ap.add_argument("--reference", default="", help="shapes that also get the fp32-compute reference's losses")
     ap.add_argument("--unsloth", default="", help="Unsloth tarball (.usite.tgz); empty: no Unsloth run")
     ap.add_argument("--unsloth-gc", default="true", help="true (recompute on the GPU) or unsloth (offloaded), or both")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain recipe (no ratios to it)")
-    ap.add_argument("--profile", default="", help="folder for a torch.profiler table of each project variant")
+    ap.add_argument("--profile", default="", help="folder: each recipe's step profiled (torch.profiler, 2 steps) and "
+                    "summarised by kind of kernel (bench/profile_summary.py), ms per step, Unsloth's too; "
+                    "writes profile_SHAPE.json and .txt there")
     ap.add_argument("--out", default="", help="write the JSON lines to OUT.jsonl as well")
     ap.add_argument("--packing", default="", help="shapes for the real-data run: padding vs packing (no other runs)")
     ap.add_argument("--alpaca", default="", help="the Alpaca sample's JSON (default: ../shared/datasets/...)")
@@ -501,9 +504,11 @@ def main() -> int:
             run("plain-hf", lambda: plain_recipe(path, a.rank))
         if a.unsloth:
             for mode in (["true", "unsloth"] if a.unsloth_gc == "both" else [a.unsloth_gc]):
-                run(f"unsloth[gc={mode}]", result=unsloth(name, a.seq, a.bs, a.steps, a.warmup, a.rank, a.unsloth, mode))
+                trace = f"/tmp/trace_{name}_unsloth_{mode}.json" if a.profile else ""
+                run(f"unsloth[gc={mode}]", result=unsloth(name, a.seq, a.bs, a.steps, a.warmup, a.rank, a.unsloth, mode,
+                                                          trace))
         for variant in filter(None, a.variants.split(",")):
-            prof = f"{a.profile}/profile_{name}_{variant.replace('+', '-')}.txt" if a.profile else ""
+            prof = f"/tmp/trace_{name}_{variant.replace('+', '-')}.json" if a.profile else ""
             trace = f"{a.memory_trace}/peak_{name}_{variant.replace('+', '-')}.txt" if a.memory_trace else ""
             run(f"qlora-flow[{variant}]", lambda: project_recipe(path, a.rank, variant), profile=prof,
                 memory_trace=trace)
@@ -518,6 +523,15 @@ def main() -> int:
                 rows["fp32-reference"] = ref_row
                 emit({"shape": name, "recipe": "fp32-reference", "from": a.reference_losses,
                       "tokens_per_s": ref_row.get("tokens_per_s"), "losses": ref_row["losses"]})
+        profiles = {recipe: r["profile"] for recipe, r in rows.items() if isinstance(r.get("profile"), dict)}
+        if profiles:
+            Path(a.profile).mkdir(parents=True, exist_ok=True)
+            Path(f"{a.profile}/profile_{name}.json").write_text(json.dumps(
+                {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(0), "shape": name,
+                 "profiles": profiles}, indent=1))
+            text = f"{name}, ms per step by kind of GPU work (2 profiled steps each)\n" + profile_summary.table(profiles)
+            Path(f"{a.profile}/profile_{name}.txt").write_text(text + "\n")
+            print(text, flush=True)
         plain = rows.get("plain-hf", {})
         ref = rows.get("fp32-reference", {}).get("losses")
         for recipe, r in rows.items():

@@ -16,9 +16,12 @@ once with it, from fp32, which is what keeps the adapters' small first updates (
 on its own rounds them away: train.precision: bf16's early lag). `install(model)` routes the
 4-bit layers of a model through it; `uninstall` undoes it. Only worth it compiled (eager, the
 lookups are separate kernels): tasks/speed.py installs it with the compiled decoder layers.
+`install_fused` (train.speed's fused projections) runs the projections that share an input as
+one GEMM (see there).
 """
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
@@ -28,36 +31,57 @@ from torch import Tensor
 _NF4 = "_qlora_flow_nf4"  # module attribute: the 4-bit weight as plain tensors and constants
 
 
+# tasks/nf4_triton.py's kernel for the dequantization on CUDA (double quant); False: the tensor
+# code below everywhere (bench/gpu_qlora_bench.py compares the two: variant part notriton).
+TRITON = True
+_triton_ready = False  # set by install(), outside compiled code: the kernel's op is registered
+
+
 def dequantize_nf4(packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None,
                    offset: Tensor | None, code: Tensor, shape: list[int], blocksize: int,
                    dtype: torch.dtype) -> Tensor:
     """bitsandbytes' dequantize_4bit in tensor operations, the same arithmetic in fp32:
     w = code[q] * scale[block], scale = nested_code[absmax] * nested_absmax[block // 256] + offset
-    (double quant), and two 4-bit codes a byte, the first in the high half."""
+    (double quant), and two 4-bit codes a byte, the first in the high half. offset: one value,
+    or one per 256 blocks (weights laid end to end by install_fused)."""
+    if TRITON and _triton_ready:
+        from tasks import nf4_triton
+        if nf4_triton.usable(packed, nested_absmax, blocksize):
+            return nf4_triton.dequantize(packed, absmax, nested_absmax, nested_code, offset, code, shape, blocksize,
+                                         dtype)
     if nested_absmax is not None:
         blocks = torch.arange(absmax.numel(), device=absmax.device) // 256
-        absmax = nested_code[absmax.int()] * nested_absmax[blocks] + offset
+        shift = offset.view(-1)[blocks] if offset.numel() > 1 else offset
+        absmax = nested_code[absmax.int()] * nested_absmax[blocks] + shift
     q = packed.view(-1)
     q = torch.stack((q >> 4, q & 15), dim=-1).view(-1, blocksize)
     w = code[q.int()] * absmax.view(-1, 1).float()
     return w.view(shape).to(dtype)
 
 
+def _dequantized(tensors: tuple, metas: tuple) -> Tensor:
+    """The weights of `metas` (each (shape, blocksize, dtype), its six tensors in `tensors`)
+    dequantized and stacked along the output dimension: [W_1; W_2; ...]."""
+    ws = [dequantize_nf4(*tensors[6 * i: 6 * i + 6], list(shape), blocksize, dtype)
+          for i, (shape, blocksize, dtype) in enumerate(metas)]
+    return ws[0] if len(ws) == 1 else torch.cat(ws)
+
+
 class NF4Linear(torch.autograd.Function):
-    """y = x W^T for a 4-bit W; backward dequantizes W again rather than saving it."""
+    """y = x [W_1; W_2; ...]^T for 4-bit W_i (one GEMM for several projections of the same
+    input); backward dequantizes again rather than saving the bf16 weights: dx = g [W_1; ...],
+    also one GEMM. tensors: packed, absmax, nested_absmax, nested_code, offset, code per weight."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, dtype):
-        ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset, code)
-        ctx.meta = (shape, blocksize, dtype)
-        w = dequantize_nf4(packed, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, dtype)
-        return F.linear(x.to(dtype), w)
+    def forward(ctx, x, metas, *tensors):
+        ctx.save_for_backward(*tensors)
+        ctx.metas = metas
+        return F.linear(x.to(metas[0][2]), _dequantized(tensors, metas))
 
     @staticmethod
     def backward(ctx, grad):
-        shape, blocksize, dtype = ctx.meta
-        w = dequantize_nf4(*ctx.saved_tensors, shape, blocksize, dtype)
-        return (grad.to(dtype) @ w, None, None, None, None, None, None, None, None, None)
+        metas = ctx.metas
+        return (grad.to(metas[0][2]) @ _dequantized(ctx.saved_tensors, metas), None) + (None,) * (6 * len(metas))
 
 
 def nf4_tensors(layer) -> dict | None:
@@ -79,16 +103,26 @@ def nf4_tensors(layer) -> dict | None:
             "dtype": getattr(layer, "compute_dtype", None) or torch.bfloat16}
 
 
+_KEYS = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "code")
+
+
+def _meta(t: dict) -> tuple:
+    return (tuple(t["shape"]), t["blocksize"], t["dtype"])
+
+
 def _forward(self, x: Tensor) -> Tensor:
     t = getattr(self, _NF4)
-    y = NF4Linear.apply(x, t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"], t["code"],
-                        t["shape"], t["blocksize"], t["dtype"])
+    y = NF4Linear.apply(x, (_meta(t),), *(t[k] for k in _KEYS))
     return y.to(x.dtype)  # as bitsandbytes does
 
 
 def install(model) -> int:
     """Route every NF4 Linear4bit of the model through NF4Linear; returns how many."""
     import bitsandbytes as bnb
+    global _triton_ready
+    if TRITON and not _triton_ready and torch.cuda.is_available():
+        from tasks import nf4_triton
+        _triton_ready = nf4_triton.available()
     count = 0
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit):
@@ -104,6 +138,157 @@ def install(model) -> int:
 
 def uninstall(model) -> None:
     for module in model.modules():
-        if hasattr(module, _NF4):
-            delattr(module, _NF4)
-            module.__dict__.pop("forward", None)
+        for name in (_NF4, _FUSED):
+            if hasattr(module, name):
+                delattr(module, name)
+                module.__dict__.pop("forward", None)
+
+
+# Fused projections: the LoRA layers of a decoder layer that read the same input (q, k and v;
+# gate and up) as one 4-bit GEMM over their weights dequantized side by side, and one GEMM for
+# their adapters' A matrices laid end to end. In backward, the input's gradient is then one
+# GEMM over the concatenated weight (K = 6144 or 28672 at the 8B shape) instead of two or three
+# GEMMs and the adds of their outputs, and the adapters' A gradients one GEMM that reads the
+# input once. Each B and its sum with its slice of the base output stay apart, as PEFT
+# computes them, so the LoRA sums are rounded exactly where they were (fidelity).
+_FUSED = "_qlora_flow_fused"  # attention / MLP module attribute: its fused projection group
+ATTENTION_CLASSES = ("LlamaAttention",)  # whose forward _fused_attention reproduces
+MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(act(gate(x)) * up(x))
+
+
+def _plain_adapter(module) -> str | None:
+    """The adapter of a PEFT LoRA layer over a routed NF4 base when it is the case fusing
+    reproduces (one active adapter, vanilla LoRA, no dropout, not merged), else None."""
+    base = getattr(module, "base_layer", None)
+    if base is None or not hasattr(base, _NF4) or not hasattr(module, "lora_A") or module.merged \
+            or module.disable_adapters or len(module.active_adapters) != 1:
+        return None
+    name = module.active_adapters[0]
+    if name not in module.lora_A or name in getattr(module, "lora_variant", {}) \
+            or getattr(module, "use_dora", {}).get(name, False) or getattr(module, "lora_bias", {}).get(name, False) \
+            or not isinstance(module.lora_dropout[name], torch.nn.Identity):
+        return None
+    return name
+
+
+def _group(modules: list) -> dict | None:
+    """The group's 4-bit weights laid end to end as ONE NF4 weight of shape (sum of outputs,
+    inputs), so that one dequantization (one kernel) writes the fused bf16 weight: packed
+    codes, block scales and nested scales concatenated, the offset one value per 256 blocks.
+    Each layer's own Params4bit and quant state then point into the shared storage (views),
+    so the 4-bit weights take no more memory than before. None where that cannot be (another
+    adapter setup, other dtypes or tables, a weight whose blocks do not fill whole 256-block
+    groups of nested scales)."""
+    adapters = [_plain_adapter(m) for m in modules]
+    if None in adapters:
+        return None
+    nf4 = [getattr(m.base_layer, _NF4) for m in modules]
+    first = nf4[0]
+    if len({(t["dtype"], t["shape"][1], t["blocksize"]) for t in nf4}) != 1 \
+            or any(not torch.equal(t["code"], first["code"]) for t in nf4):
+        return None
+    nested = first["nested_absmax"] is not None
+    if nested and any(t["nested_absmax"] is None or t["absmax"].numel() % 256
+                      or not torch.equal(t["nested_code"], first["nested_code"]) for t in nf4):
+        return None
+    if not nested and any(t["nested_absmax"] is not None for t in nf4):
+        return None
+    packed = torch.cat([t["packed"].view(-1) for t in nf4])
+    absmax = torch.cat([t["absmax"].view(-1) for t in nf4])
+    fused = {"packed": packed, "absmax": absmax, "code": first["code"], "nested_code": first["nested_code"],
+             "nested_absmax": torch.cat([t["nested_absmax"] for t in nf4]) if nested else None,
+             "offset": torch.cat([t["offset"].reshape(1).expand(t["nested_absmax"].numel()) for t in nf4])
+             if nested else None,
+             "shape": [sum(t["shape"][0] for t in nf4), first["shape"][1]], "blocksize": first["blocksize"],
+             "dtype": first["dtype"]}
+    at = {"packed": 0, "absmax": 0, "nested_absmax": 0}
+    for m, t in zip(modules, nf4):  # the layers' own 4-bit tensors become views of the shared ones
+        views = {}
+        for key in at:
+            if t[key] is None:
+                continue
+            n = t[key].numel()
+            views[key] = fused[key][at[key]: at[key] + n].view_as(t[key])
+            at[key] += n
+        weight, state = m.base_layer.weight, m.base_layer.weight.quant_state
+        weight.data = views["packed"]
+        state.absmax = views["absmax"]
+        if nested:
+            state.state2.absmax = views["nested_absmax"]
+        t.update(views)
+    return {"modules": modules, "adapters": adapters, "metas": (_meta(fused),),
+            "tensors": tuple(fused[k] for k in _KEYS), "sizes": [t["shape"][0] for t in nf4],
+            "ranks": [m.lora_A[a].out_features for m, a in zip(modules, adapters)]}
+
+
+def lora_projections(x: Tensor, group: dict) -> list[Tensor]:
+    """[base_i(x) + B_i(A_i(x)) * s_i for each layer of the group], with one GEMM for the
+    bases and one for the A's; the arithmetic of PEFT's bnb 4-bit LoRA layer otherwise."""
+    modules, adapters = group["modules"], group["adapters"]
+    y = NF4Linear.apply(x, group["metas"], *group["tensors"]).to(x.dtype)
+    outs = list(y.split(group["sizes"], dim=-1))
+    a = torch.cat([m.lora_A[n].weight for m, n in zip(modules, adapters)])
+    convert = not torch.is_autocast_enabled()  # as PEFT: outside autocast, the adapter in its own dtype
+    mids = F.linear(x.to(a.dtype) if convert else x, a).split(group["ranks"], dim=-1)
+    for i, (m, n) in enumerate(zip(modules, adapters)):
+        out = m.lora_B[n](mids[i]) * m.scaling[n]
+        outs[i] = outs[i] + (out.to(outs[i].dtype) if convert else out)
+    return outs
+
+
+def _changed(group: dict) -> bool:
+    """Adapters disabled or merged since fusing (then the module's own forward runs)."""
+    return any(m.disable_adapters or m.merged for m in group["modules"])
+
+
+def _fused_attention(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                     **kwargs):
+    group = getattr(self, _FUSED)
+    cache = past_key_values if past_key_values is not None else kwargs.get("past_key_value")
+    if cache is not None or _changed(group):  # generation with a cache: the layer's own code
+        return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
+                                  attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+    kwargs.pop("past_key_value", None)
+    modeling = group["modeling"]
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in lora_projections(hidden_states, group))
+    cos, sin = position_embeddings
+    q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
+    attention = modeling.eager_attention_forward
+    if self.config._attn_implementation != "eager":
+        attention = modeling.ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+    out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
+                             scaling=self.scaling, **kwargs)
+    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+def _fused_mlp(self, x):
+    group = getattr(self, _FUSED)
+    if _changed(group):
+        return type(self).forward(self, x)
+    gate, up = lora_projections(x, group)
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def install_fused(layers: list) -> dict:
+    """Fuse q/k/v and gate/up of Llama-layout decoder layers whose 4-bit LoRA layers are routed
+    through NF4Linear (after install); returns how many attention and MLP blocks were fused."""
+    done = {"attention": 0, "mlp": 0}
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if type(attn).__name__ in ATTENTION_CLASSES and not getattr(attn.config, "attention_bias", False):
+            group = _group([attn.q_proj, attn.k_proj, attn.v_proj])
+            modeling = sys.modules[type(attn).__module__]
+            if group and all(hasattr(modeling, n) for n in ("apply_rotary_pos_emb", "eager_attention_forward",
+                                                             "ALL_ATTENTION_FUNCTIONS")):
+                setattr(attn, _FUSED, {**group, "modeling": modeling})
+                attn.forward = types.MethodType(_fused_attention, attn)
+                done["attention"] += 1
+        if type(mlp).__name__ in MLP_CLASSES:
+            group = _group([mlp.gate_proj, mlp.up_proj])
+            if group:
+                setattr(mlp, _FUSED, group)
+                mlp.forward = types.MethodType(_fused_mlp, mlp)
+                done["mlp"] += 1
+    return done

@@ -64,7 +64,7 @@ def test_speed_auto_takes_the_fast_path_and_evaluation_runs_unpatched(tmp_path):
     assert modeling_llama.apply_rotary_pos_emb is rope
 
 
-def test_traced_nf4_dequantization_is_bitsandbytes_bit_for_bit_on_cuda():
+def test_traced_nf4_dequantization_is_bitsandbytes_bit_for_bit_on_cuda(monkeypatch):
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
     from tasks.fast_lora import dequantize_nf4, nf4_tensors
@@ -74,6 +74,7 @@ def test_traced_nf4_dequantization_is_bitsandbytes_bit_for_bit_on_cuda():
                                      compress_statistics=True)
     layer = layer.cuda()
     t = nf4_tensors(layer)
+    monkeypatch.setattr("tasks.fast_lora.TRITON", False)  # the tensor code (the Triton kernel: the next test)
     ours = dequantize_nf4(t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"], t["code"],
                           t["shape"], t["blocksize"], torch.bfloat16)
     assert torch.equal(ours, F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16))
@@ -85,6 +86,30 @@ def test_traced_nf4_dequantization_is_bitsandbytes_bit_for_bit_on_cuda():
     assert fast_lora.install(layer) == 1
     layer(x2).backward(g)
     assert torch.allclose(x.grad.float(), x2.grad.float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows, cols", [(1024, 3072), (1000, 320)])  # the second ends inside a program's tile
+def test_triton_nf4_dequantization_is_bitsandbytes_up_to_the_scales_last_bit(rows, cols):
+    """tasks/nf4_triton.py: the same weights as bitsandbytes' dequantize_4bit; a block scale may
+    differ in its last fp32 bit (multiply-add contracted), so a weight by at most one bf16 step."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from tasks import nf4_triton
+    from tasks.fast_lora import nf4_tensors
+    assert nf4_triton.available()  # registers the op
+    layer = bnb.nn.Linear4bit(cols, rows, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(torch.randn(rows, cols) * 0.02, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer = layer.cuda()
+    t = nf4_tensors(layer)
+    ours = nf4_triton.dequantize(t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"], t["code"],
+                                 t["shape"], t["blocksize"], torch.bfloat16)
+    ref = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+    assert ours.shape == ref.shape and not ours.isnan().any()
+    differ = ours != ref
+    assert differ.float().mean() < 1e-3
+    assert ((ours.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-30).all()
 
 
 def _tiny_fast_model(path, split: int, offload: bool, optimizer: str = "auto"):

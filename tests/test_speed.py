@@ -89,6 +89,71 @@ def test_fast_path_gives_the_bitsandbytes_path_gradients_and_one_graph_for_all_l
         assert (fast_grads[name] - g).norm() <= 2e-2 * g.norm(), name
 
 
+def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_dir):
+    """tasks/fast_lora.install_fused: q/k/v and gate/up as one 4-bit GEMM each, their A's as one
+    GEMM, compute what the separate PEFT layers compute (compiled as on the fast path); with the
+    adapters disabled the blocks run their own code."""
+    import dataclasses
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+    plan = speed.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)
+    runs = []
+    for fused in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        with speed.scoped("llama") as patches:
+            model = adapted(llama_dir)
+            done = patches.apply(model, dataclasses.replace(plan, fused_projections=fused), "llama",
+                                 compile_backend="aot_eager_decomp_partition", random=False)
+            if fused:  # one 4-bit weight for the group: it dequantizes to the layers' weights side by side
+                import bitsandbytes.functional as bnbf
+                for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+                    module = getattr(model.get_base_model().model.layers[1], block)
+                    group = getattr(module, fast_lora._FUSED)
+                    (shape, blocksize, dtype), = group["metas"]
+                    whole = fast_lora.dequantize_nf4(*group["tensors"], list(shape), blocksize, torch.bfloat16)
+                    apart = [bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.bfloat16)
+                             for w in (getattr(module, n).base_layer.weight for n in names)]
+                    assert torch.equal(whole, torch.cat(apart))
+            loss, grads = loss_and_grads(model, ids)
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no graph break: one graph for all layers
+            model.eval()
+            with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
+                base = model(input_ids=ids, labels=ids).loss.item()
+            runs.append((done, loss, grads, base))
+        assert not [m for m in model.modules() if hasattr(m, fast_lora._FUSED)]  # undone with the scope
+    (done0, loss0, grads0, base0), (done1, loss1, grads1, base1) = runs
+    assert "fused_projections" not in done0 and done1["fused_projections"] == {"attention": 2, "mlp": 2}
+    assert loss1 == pytest.approx(loss0, abs=2e-3) and base1 == pytest.approx(base0, abs=2e-3)
+    assert grads0.keys() == grads1.keys() and len(grads0) == 2 * 7 * 2
+    for name, g in grads0.items():  # bf16 GEMMs of other widths: rounding only
+        assert (grads1[name] - g).norm() <= 2e-2 * g.norm(), name
+
+
+def test_fused_projection_gemm_is_the_separate_gemms_side_by_side():
+    """NF4Linear over several 4-bit weights: y = x [W_1; W_2]^T and dx = g [W_1; W_2], one GEMM
+    each, equal (fp32) to the separate layers' outputs and summed input gradients."""
+    import bitsandbytes as bnb
+    layers = []
+    for out in (96, 32):
+        layer = bnb.nn.Linear4bit(128, out, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                                  compress_statistics=True)
+        layer.weight = bnb.nn.Params4bit(torch.randn(out, 128) * 0.02, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+        layers.append(layer.to("cpu"))
+    fast_lora.install(torch.nn.ModuleList(layers))
+    tensors = [getattr(layer, fast_lora._NF4) for layer in layers]
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    g = torch.randn(3, 5, 128)
+    separate = [layer(x) for layer in layers]
+    torch.autograd.backward(separate, [g[..., :96], g[..., 96:]])
+    fused = fast_lora.NF4Linear.apply(x2, tuple(fast_lora._meta(t) for t in tensors),
+                                      *(t[k] for t in tensors for k in fast_lora._KEYS))
+    fused.backward(g)
+    assert torch.allclose(fused, torch.cat(separate, dim=-1), atol=1e-5)
+    assert torch.allclose(x2.grad, x.grad, atol=1e-5)
+
+
 def _saved_by_one_layer(model, partitioner: dict) -> list:
     """(shape, dtype, bytes) of every tensor one compiled decoder layer keeps for backward."""
     import types

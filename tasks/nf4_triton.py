@@ -1,0 +1,90 @@
+"""NF4 double-quant dequantization as one Triton kernel, registered as a torch op that
+torch.compile calls from its generated code (torch.library.triton_op: no Python per call).
+
+Why: the same arithmetic written as tensor code (tasks/fast_lora.dequantize_nf4) becomes one
+Inductor kernel over the output elements that, for every element, loads its block's 8-bit
+scale code, looks up two tables and the per-256-block scale: 46 ms per step at the 8B shape
+on an H100 for three dequantizations of every weight (forward, recompute, backward), where
+Unsloth's step spends 19 ms (bench/results/README.md, third session's profile). Here a
+program takes a tile of whole 4-bit blocks: the block scales are computed once per block
+(a vector), each byte is loaded once and gives two outputs (table lookups of its two halves
+times the block's scale), stored interleaved, 16-byte stores of bf16.
+
+Same formula as bitsandbytes (w = code[q] * (nested_code[absmax] * nested_absmax[block // 256]
++ offset)); the compiler may contract the scale's multiply-add into one fused multiply-add, so
+a scale can differ from bitsandbytes' in its last fp32 bit (tests/test_gpu.py bounds it).
+CUDA only; `available()` says whether it can run here.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+ROWS = 64  # 4-bit blocks per program (64 x 64 weights for blocksize 64)
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    if not torch.cuda.is_available() or not hasattr(torch.library, "triton_op"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return _op() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _op():
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    @triton.jit
+    def dequantize_kernel(packed, absmax, nested_absmax, nested_code, offset, code, out, n_blocks,
+                          ROWS: tl.constexpr, HALF: tl.constexpr, OFFSET_PER_BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # 4-bit blocks of this program
+        valid = rows < n_blocks
+        nested = rows // 256
+        if OFFSET_PER_BLOCK:
+            shift = tl.load(offset + nested, mask=valid, other=0.0)
+        else:
+            shift = tl.load(offset)
+        scale = tl.load(nested_code + tl.load(absmax + rows, mask=valid, other=0).to(tl.int32), mask=valid,
+                        other=0.0) * tl.load(nested_absmax + nested, mask=valid, other=0.0) + shift
+        byte = tl.load(packed + rows[:, None] * HALF + tl.arange(0, HALF)[None, :], mask=valid[:, None],
+                       other=0).to(tl.int32)
+        high = tl.load(code + (byte >> 4)) * scale[:, None]  # the first weight of a byte is its high half
+        low = tl.load(code + (byte & 15)) * scale[:, None]
+        w = tl.interleave(high, low)
+        at = rows[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+        tl.store(out + at, w.to(out.dtype.element_ty), mask=valid[:, None])
+
+    @triton_op("qlora_flow::dequantize_nf4", mutates_args=())
+    def dequantize_nf4(packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_code: Tensor, offset: Tensor,
+                       code: Tensor, numel: int, blocksize: int, dtype: torch.dtype) -> Tensor:
+        out = torch.empty(numel, dtype=dtype, device=packed.device)
+        n_blocks = numel // blocksize
+        wrap_triton(dequantize_kernel)[(triton.cdiv(n_blocks, ROWS),)](
+            packed, absmax, nested_absmax, nested_code, offset, code, out, n_blocks,
+            ROWS=ROWS, HALF=blocksize // 2, OFFSET_PER_BLOCK=offset.numel() > 1)
+        return out
+
+    return dequantize_nf4
+
+
+def usable(packed: Tensor, nested_absmax, blocksize: int) -> bool:
+    """The kernel's case: CUDA tensors, double quant, a power-of-two block of at least 32.
+    Call available() once first, outside compiled code (it registers the op)."""
+    return packed.is_cuda and nested_absmax is not None and blocksize >= 32 and blocksize & (blocksize - 1) == 0
+
+
+def dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_code: Tensor, offset: Tensor,
+               code: Tensor, shape: list[int], blocksize: int, dtype: torch.dtype) -> Tensor:
+    """The op by its registered name: compiled code traces it as one operator (a call of the
+    cached _op() would break the graph)."""
+    numel = shape[0] * shape[1]
+    return torch.ops.qlora_flow.dequantize_nf4(packed.view(-1), absmax, nested_absmax, nested_code, offset.reshape(-1),
+                                               code, numel, blocksize, dtype).view(shape)
