@@ -261,3 +261,41 @@ def test_lean_and_offload_are_the_fast_path_with_split_layers_and_cpu_stays_as_i
     assert speed.choose(t.model_copy(update={"optimizer": "adamw"}), CUDA, "causal_lm", "llama", True).optimizer == "adamw"
     cpu = speed.choose(t, CPU, "causal_lm", "llama", quantized=True)
     assert not cpu.fast and (cpu.split, cpu.offload, cpu.optimizer) == (0, False, "auto")
+
+
+def test_adapter_gemms_in_bf16_train_the_fp32_adapters_like_peft_s_fp32_gemms(llama_dir):
+    """fast_lora.install_adapter_compute (train.speed's adapter_bf16): each adapter's GEMMs run
+    in the activations' dtype over its fp32 weights cast where used, in the fused groups too;
+    loss and gradients are PEFT's fp32-adapter ones up to bf16 rounding, the gradients land
+    on the fp32 weights, and the scope's end gives the modules back their own forward."""
+    import dataclasses
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+    plan = speed.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)
+    runs = []
+    for bf16 in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        with speed.scoped("llama") as patches:
+            model = adapted(llama_dir)
+            done = patches.apply(model, dataclasses.replace(plan, adapter_bf16=bf16), "llama",
+                                 compile_backend="aot_eager_decomp_partition", random=False)
+            loss, grads = loss_and_grads(model, ids)
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+            if bf16:  # without autocast too: the adapter's output is bf16, its weights' gradient fp32
+                lora = model.get_base_model().model.layers[0].self_attn.o_proj
+                x = torch.randn(3, 256, dtype=torch.bfloat16, requires_grad=True)
+                y = lora(x)
+                assert y.dtype == torch.bfloat16
+                y.float().sum().backward()
+                w = lora.lora_B["default"].weight
+                assert w.dtype == torch.float32 and w.grad is not None and w.grad.dtype == torch.float32
+            runs.append((done, loss, grads))
+        assert not [m for m in model.modules() if hasattr(m, fast_lora._ADAPTER_COMPUTE) or "forward" in vars(m)
+                    and hasattr(m, "lora_A")]
+    (done0, loss0, grads0), (done1, loss1, grads1) = runs
+    assert "adapter_bf16_layers" not in done0 and done1["adapter_bf16_layers"] == 14
+    assert loss1 == pytest.approx(loss0, abs=2e-3)
+    assert grads0.keys() == grads1.keys() and len(grads0) == 2 * 7 * 2
+    for name, g in grads0.items():
+        assert grads1[name].dtype == torch.float32
+        assert (grads1[name] - g).norm() <= 3e-2 * g.norm(), name
