@@ -119,7 +119,6 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
                                    nf4_traced=plan.nf4_traced and part != "bnb",
                                    offload=plan.offload or part == "offload",
                                    fused_projections=(plan.fused_projections or part == "fused") and part != "nofused",
-                                   adapter_bf16=(plan.adapter_bf16 or part == "bf16lora") and part != "fp32lora",
                                    split=int(part[5:] or 2) if part.startswith("split") else
                                    (0 if part == "onegraph" else plan.split),
                                    optimizer=optimizer.get(part, plan.optimizer))

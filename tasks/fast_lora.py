@@ -138,7 +138,7 @@ def install(model) -> int:
 
 def uninstall(model) -> None:
     for module in model.modules():
-        for name in (_NF4, _FUSED, _ADAPTER_COMPUTE):
+        for name in (_NF4, _FUSED):
             if hasattr(module, name):
                 delattr(module, name)
                 module.__dict__.pop("forward", None)
@@ -223,62 +223,17 @@ def _group(modules: list) -> dict | None:
 
 def lora_projections(x: Tensor, group: dict) -> list[Tensor]:
     """[base_i(x) + B_i(A_i(x)) * s_i for each layer of the group], with one GEMM for the
-    bases and one for the A's; the arithmetic of PEFT's bnb 4-bit LoRA layer otherwise (or,
-    with install_adapter_compute, its adapter GEMMs in the activations' dtype)."""
+    bases and one for the A's; the arithmetic of PEFT's bnb 4-bit LoRA layer otherwise."""
     modules, adapters = group["modules"], group["adapters"]
     y = NF4Linear.apply(x, group["metas"], *group["tensors"]).to(x.dtype)
     outs = list(y.split(group["sizes"], dim=-1))
     a = torch.cat([m.lora_A[n].weight for m, n in zip(modules, adapters)])
-    if getattr(modules[0], _ADAPTER_COMPUTE, None) is not None:
-        mids = F.linear(x, a.to(x.dtype)).split(group["ranks"], dim=-1)
-        return [out + _adapter_b(m, n, mid) for out, mid, m, n in zip(outs, mids, modules, adapters)]
     convert = not torch.is_autocast_enabled()  # as PEFT: outside autocast, the adapter in its own dtype
     mids = F.linear(x.to(a.dtype) if convert else x, a).split(group["ranks"], dim=-1)
     for i, (m, n) in enumerate(zip(modules, adapters)):
         out = m.lora_B[n](mids[i]) * m.scaling[n]
         outs[i] = outs[i] + (out.to(outs[i].dtype) if convert else out)
     return outs
-
-
-# Adapter GEMMs in the activations' dtype (train.speed's adapter_bf16): PEFT runs an adapter in
-# its weights' dtype, fp32, so each LoRA layer converts its input to fp32, runs two fp32 GEMMs
-# (no tensor cores: H100, 8B shape, ~58 ms a step) and hands an fp32 (tokens x outputs) tensor
-# to the sum with the base output, which the elementwise kernels then read: 470 MB per gate or
-# up projection per forward at 8B, the largest part of the SwiGLU kernel's traffic. Here the
-# fp32 weights are cast to bf16 where they are used (they stay fp32 for the optimizer; their
-# gradients flow back through the cast), the GEMMs run on bf16 tensor cores with fp32
-# accumulation and give bf16. The sum `base + adapter` itself is still one fp32 add inside the
-# next fused kernel, rounded once with it (what keeps the adapters' first updates); what is
-# rounded is the adapter's own output, to 8 bits of its own size, not of the base output's.
-_ADAPTER_COMPUTE = "_qlora_flow_adapter_compute"  # PEFT LoRA module attribute: its adapter's name
-
-
-def _adapter_b(module, name: str, mid: Tensor) -> Tensor:
-    return F.linear(mid, module.lora_B[name].weight.to(mid.dtype)) * module.scaling[name]
-
-
-def _adapter_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-    name = getattr(self, _ADAPTER_COMPUTE)
-    if args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [name]:
-        return type(self).forward(self, x, *args, **kwargs)
-    y = self.base_layer(x)
-    mid = F.linear(x.to(y.dtype), self.lora_A[name].weight.to(y.dtype))
-    return y + _adapter_b(self, name, mid)
-
-
-def install_adapter_compute(model) -> int:
-    """Run the adapter GEMMs of the model's plain LoRA layers over routed NF4 bases (after
-    install; before install_fused, which reads the mark) in the activations' dtype; returns how
-    many layers. uninstall undoes it."""
-    count = 0
-    for module in model.modules():
-        name = _plain_adapter(module)
-        if name is None:
-            continue
-        setattr(module, _ADAPTER_COMPUTE, name)
-        module.forward = types.MethodType(_adapter_forward, module)
-        count += 1
-    return count
 
 
 def _changed(group: dict) -> bool:

@@ -73,7 +73,6 @@ class Plan:
                                  # in this many token chunks (0: one compiled graph, torch's checkpoint)
     offload: bool = False        # with split: checkpointed layers keep their input in pinned host memory
     fused_projections: bool = False  # tasks/fast_lora.py: q/k/v and gate/up as one 4-bit GEMM each (+ one for their A's)
-    adapter_bf16: bool = False   # tasks/fast_lora.py: the adapters' GEMMs in bf16 (fp32 weights cast where used)
     note: str = ""               # one line for the log ("" when there is nothing to say)
 
     def describe(self) -> dict:
@@ -146,8 +145,6 @@ class Patches:
             done["liger"] = "fused linear cross-entropy" + (", RMSNorm, RoPE, SwiGLU" if kernels else "")
         if plan.nf4_traced and plan.compile:
             done["nf4_traced_layers"] = fast_lora.install(model)
-            if plan.adapter_bf16:
-                done["adapter_bf16_layers"] = fast_lora.install_adapter_compute(model)
             if plan.fused_projections:
                 done["fused_projections"] = fast_lora.install_fused(layers)
         if plan.fast and (plan.split or plan.offload):
