@@ -172,8 +172,10 @@ def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         pf = pq.ParquetFile(path)
         done = 0
         for batch in pf.iter_batches(batch_size=chunk_rows):
-            table = batch.to_pandas()
-            df = table.map(_as_text).astype(object) if len(table) else table.astype(object)
+            # Python values, not pandas': a nested column (chat `messages`, list<struct>) arrives
+            # as lists of dicts that _as_text writes as JSON, as the JSON(L) readers do.
+            df = pd.DataFrame({k: [_as_text(v) for v in vals] for k, vals in batch.to_pydict().items()},
+                              columns=batch.schema.names, dtype=object)
             df[ROW] = list(range(done + 1, done + len(df) + 1))
             done += len(df)
             yield df

@@ -3,6 +3,10 @@ append their rows to the raw dataset, skipping rows it already has (each one rep
 
 All or nothing: if any file breaks a rule, no row is merged, the raw dataset stays as it
 was, and the files move to inbox/rejected/ beside their report.
+
+In bounded memory whatever the raw dataset's size: it is read as a stream, each row reduced to
+the 128-bit hash of its identity (tasks/rowhash.py, the key validate judges duplicates on), and
+appended to by copying it a block at a time (a JSON list file is parsed whole: use JSONL).
 """
 from __future__ import annotations
 
@@ -15,12 +19,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from tasks import chat
 from tasks.common import PipelineError, resolve, write_json
 from tasks.config import Params
-from tasks.dataio import ROW, detect_format, read_raw
-from tasks.validate import clean_text, validate_frame
+from tasks.dataio import ROW, detect_format, iter_raw, read_raw
+from tasks.rowhash import row_hashes
+from tasks.validate import _prepare, key_columns, validate_frame
 
 REPORT = "reports/ingest.json"
 
@@ -34,34 +41,67 @@ class Ingest:
     errors: list[dict] = field(default_factory=list)
 
 
-def _key_columns(params: Params) -> list[str]:
-    return list(params.data.text_columns) if params.task == "seq_cls" else ["instruction", "input"]
+def _identities(params: Params, frame: pd.DataFrame) -> np.ndarray:
+    """Each row's identity as 16 bytes: the hash of its cleaned key columns, as validate computes
+    it for duplicates (a chat row's identity is its prompt). Cleans frame in place."""
+    _prepare(params, frame, cross_row=False)
+    return np.ascontiguousarray(row_hashes(frame, key_columns(params))).view("S16").ravel()
 
 
-def _keys(df: pd.DataFrame, cols: list[str]) -> pd.Series:
-    return df[cols].apply(lambda r: "\x1f".join(clean_text(v) if isinstance(v, str) else "" for v in r), axis=1)
+def _existing(params: Params, chunks) -> tuple[np.ndarray, list[str]]:
+    """The raw dataset's row identities, sorted (16 bytes a row), and its columns."""
+    hashes, columns = [], None
+    for chunk in chunks:
+        columns = columns or [c for c in chunk.columns if c != ROW]
+        hashes.append(_identities(params, chunk))
+    return np.sort(np.concatenate(hashes)), columns
 
 
-def _append(raw: Path, fmt: str, old: pd.DataFrame, new: pd.DataFrame, params: Params) -> None:
+def _copy_with_newline(raw: Path, tmp: Path):
+    """raw's bytes copied to tmp a block at a time, ending in a newline; tmp open for appending."""
+    shutil.copyfile(raw, tmp)
+    out = open(tmp, "ab")
+    if raw.stat().st_size:
+        with open(raw, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                out.write(b"\n")
+    return out
+
+
+def _arrow_column(texts: list, arrow_type):
+    """A column of the raw parquet file's type from the rows' text form (dataio reads parquet as
+    text: numbers as their digits, nested values, a chat's messages, as JSON)."""
+    import pyarrow as pa
+    if pa.types.is_nested(arrow_type):
+        return pa.array([None if v is None else json.loads(v) for v in texts], type=arrow_type)
+    return pa.array(texts, type=pa.string()).cast(arrow_type)
+
+
+def _append(raw: Path, fmt: str, cols: list[str], new: pd.DataFrame) -> None:
     """Write raw + new rows to a temp file beside raw, then rename over it."""
     tmp = raw.with_name(f".{raw.name}.ingest")
-    cols = [c for c in old.columns if c != ROW]
+    records = [{c: r[c] for c in cols if c in r} for r in new.to_dict("records")]
     if fmt == "csv":
-        data = raw.read_bytes()
         buf = io.StringIO()
         w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
         w.writerows([["" if v is None else v for v in r] for r in new[cols].itertuples(index=False, name=None)])
-        tmp.write_bytes(data + (b"" if data.endswith(b"\n") else b"\n") + buf.getvalue().encode())
+        with _copy_with_newline(raw, tmp) as out:
+            out.write(buf.getvalue().encode())
     elif fmt == "jsonl":
-        data = raw.read_bytes()
-        lines = "".join(json.dumps({c: r[c] for c in cols if c in r}, ensure_ascii=False) + "\n"
-                        for r in new.to_dict("records"))
-        tmp.write_bytes(data + (b"" if data.endswith(b"\n") else b"\n") + lines.encode())
-    elif fmt == "json":
-        rows = json.loads(raw.read_text()) + [{c: r[c] for c in cols if c in r} for r in new.to_dict("records")]
-        tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+        with _copy_with_newline(raw, tmp) as out:
+            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    elif fmt == "json":  # one document: parsed whole
+        tmp.write_text(json.dumps(json.loads(raw.read_text()) + records, ensure_ascii=False, indent=1))
     else:
-        pd.concat([old[cols], new[cols]], ignore_index=True).to_parquet(tmp, index=False)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        source = pq.ParquetFile(raw)
+        with pq.ParquetWriter(tmp, source.schema_arrow) as writer:
+            for batch in source.iter_batches():
+                writer.write_batch(batch)
+            writer.write_table(pa.table([_arrow_column([r.get(f.name) for r in records], f.type)
+                                         for f in source.schema_arrow], schema=source.schema_arrow))
     os.replace(tmp, raw)
 
 
@@ -82,12 +122,14 @@ def ingest(params: Params, root: Path, inbox: Path) -> Ingest:
     d = params.data
     raw = resolve(root, d.path)
     fmt = detect_format(raw, d.format)
-    old = read_raw(raw, fmt, d.header, d.columns)
-    cols = _key_columns(params)
-    seen = set(_keys(old.copy(), cols))
+    chunks = iter_raw(raw, fmt, d.header, d.columns, d.chunk_rows)
+    params, chunks = chat.resolve_layout(params, chunks)  # data.layout auto: chat data or instructions
+    d = params.data
+    seen, cols = _existing(params, chunks)
     # Duplicates are expected in drops (overlapping exports): skip them, but list them.
     lenient = params.model_copy(update={"data": d.model_copy(update={"duplicates": "drop"})})
     accepted, errors, skipped = [], [], []
+    added: set[bytes] = set()
     for f in files:
         try:
             df = read_raw(f, detect_format(f, "auto") if d.format == "auto" else fmt, d.header, d.columns)
@@ -100,26 +142,27 @@ def ingest(params: Params, root: Path, inbox: Path) -> Ingest:
         skipped += [{"file": str(f), "row": e["row"], "reason": "duplicate within the file"} for e in dropped]
         if errs:
             continue
-        rows = original.loc[valid.index]
-        for idx, key in zip(rows.index, _keys(rows.copy(), cols)):
-            if key in seen:
-                skipped.append({"file": str(f), "row": str(rows.at[idx, ROW]), "reason": "already in the dataset"})
+        ids = _identities(params, valid.copy())
+        known = np.isin(ids, seen)
+        for idx, key, in_raw in zip(valid.index, ids, known):
+            if in_raw or key.tobytes() in added:
+                skipped.append({"file": str(f), "row": str(original.at[idx, ROW]), "reason": "already in the dataset"})
             else:
-                seen.add(key)
-                accepted.append(rows.loc[[idx]])
-    new = pd.concat(accepted, ignore_index=True) if accepted else old.iloc[:0]
-    if not errors and len(new):
-        combined = pd.concat([old, new], ignore_index=True)
-        _, errors, _ = validate_frame(params, combined.copy(), raw)  # the merged whole must hold too
-    result = Ingest("rejected" if errors else ("merged" if len(new) else "no_new_data"),
-                    [str(f) for f in files], 0 if errors else len(new), skipped, errors)
+                added.add(key.tobytes())
+                accepted.append(original.loc[[idx]])
+    new = pd.concat(accepted, ignore_index=True) if accepted else None
+    # No check of the merged whole is needed: every rule of a row held in its file, and the
+    # rules over all rows are duplicates (each new row was matched against every row of the
+    # raw dataset above) and a minimum number of classes (rows only add classes).
+    result = Ingest("rejected" if errors else ("merged" if new is not None else "no_new_data"),
+                    [str(f) for f in files], 0 if errors or new is None else len(new), skipped, errors)
     write_json(report_path, {"status": result.status, "raw": str(raw), "files": result.files,
                              "added_rows": result.added_rows, "skipped_duplicates": skipped, "errors": errors})
     if errors:
         _move(files, inbox / "rejected" / stamp)
         shutil.copy(report_path, inbox / "rejected" / stamp / "report.json")
         return result
-    if len(new):
-        _append(raw, fmt, old, new, params)
+    if new is not None:
+        _append(raw, fmt, cols, new)
     _move(files, inbox / "processed" / stamp)
     return result

@@ -139,18 +139,21 @@ def _jsonl(path, rows):
     return path
 
 
-def test_openai_and_sharegpt_layouts_validate_to_the_same_rows(tmp_path):
+def test_openai_sharegpt_and_nested_parquet_layouts_validate_to_the_same_rows(tmp_path):
     convs = [[("user", f"Question {i}?"), ("assistant", f"Answer {i}."), ("user", "And?"), ("assistant", "Done.")]
              for i in range(3)]
     openai = _jsonl(tmp_path / "openai.jsonl", [{"messages": [{"role": r, "content": c} for r, c in conv]}
                                                 for conv in convs])
     sharegpt = _jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [
         {"from": {"user": "human", "assistant": "gpt"}[r], "value": c} for r, c in conv]} for conv in convs])
+    # The same conversations as nested parquet (list<struct<role, content>>), as hub exports store them.
+    nested = tmp_path / "openai.parquet"
+    pd.DataFrame({"messages": [[{"role": r, "content": c} for r, c in conv] for conv in convs]}).to_parquet(nested)
     out = {}
-    for name, path in (("openai", openai), ("sharegpt", sharegpt)):
+    for name, path in (("openai", openai), ("sharegpt", sharegpt), ("parquet", nested)):
         validate.run(chat_params(path), tmp_path / name)
         out[name] = open_rows(tmp_path / name / catalog.VALIDATED_ROWS).to_pandas().drop(columns="source")
-    assert out["openai"].to_dict("records") == out["sharegpt"].to_dict("records")
+    assert out["openai"].to_dict("records") == out["sharegpt"].to_dict("records") == out["parquet"].to_dict("records")
     assert json.loads(out["openai"]["messages"][1])[0] == {"role": "user", "content": "Question 1?"}
 
 
