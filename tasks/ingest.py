@@ -41,11 +41,11 @@ class Ingest:
     errors: list[dict] = field(default_factory=list)
 
 
-def _identities(params: Params, frame: pd.DataFrame) -> np.ndarray:
-    """Each row's identity as 16 bytes: the hash of its cleaned key columns, as validate computes
-    it for duplicates (a chat row's identity is its prompt). Cleans frame in place."""
-    _prepare(params, frame, cross_row=False)
-    return np.ascontiguousarray(row_hashes(frame, key_columns(params))).view("S16").ravel()
+def _identities(params: Params, prepared: pd.DataFrame) -> np.ndarray:
+    """Each row's identity as 16 bytes: the hash of its key columns once cleaned (a frame that
+    validate_frame or _prepare has been through), as validate computes it for duplicates (a
+    chat row's identity is its prompt)."""
+    return np.ascontiguousarray(row_hashes(prepared, key_columns(params))).view("S16").ravel()
 
 
 def _existing(params: Params, chunks) -> tuple[np.ndarray, list[str]]:
@@ -53,6 +53,7 @@ def _existing(params: Params, chunks) -> tuple[np.ndarray, list[str]]:
     hashes, columns = [], None
     for chunk in chunks:
         columns = columns or [c for c in chunk.columns if c != ROW]
+        _prepare(params, chunk, cross_row=False)  # cleans in place, derives a chat row's prompt key
         hashes.append(_identities(params, chunk))
     return np.sort(np.concatenate(hashes)), columns
 
@@ -142,7 +143,7 @@ def ingest(params: Params, root: Path, inbox: Path) -> Ingest:
         skipped += [{"file": str(f), "row": e["row"], "reason": "duplicate within the file"} for e in dropped]
         if errs:
             continue
-        ids = _identities(params, valid.copy())
+        ids = _identities(params, valid)  # validate_frame cleaned them
         known = np.isin(ids, seen)
         for idx, key, in_raw in zip(valid.index, ids, known):
             if in_raw or key.tobytes() in added:
