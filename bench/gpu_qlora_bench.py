@@ -121,15 +121,21 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
                                    fused_projections=(plan.fused_projections or part == "fused") and part != "nofused",
                                    split=int(part[5:] or 2) if part.startswith("split") else
                                    (0 if part == "onegraph" else plan.split),
-                                   optimizer=optimizer.get(part, plan.optimizer))
+                                   optimizer=optimizer.get(part, plan.optimizer),
+                                   adapters_in_gemm={"ingemm": "shared", "ingemmall": "all", "adaptersapart": "none"}
+                                   .get(part, plan.adapters_in_gemm))
     parts = variant.split("+")
     from tasks import fast_lora
     fast_lora.TRITON = "notriton" not in parts  # the Triton NF4 kernel, or the tensor code (tasks/nf4_triton.py)
+    fast_lora.PAD_K = next((int(p[4:]) for p in parts if p.startswith("padk")), 64)  # auto+padk1: no padding
     torch._dynamo.reset()  # each variant traces its own graphs
     speed._COMPILED.clear()
     partitioner = dict(speed.PARTITIONER)
     if "cse" in parts or "nobudget" in parts:  # the partitioner's settings (tasks.speed.PARTITIONER), to compare
         speed.PARTITIONER = {} if "cse" in parts else {"cse": False}
+    for part in parts:  # auto+budget80: activation_memory_budget 0.8
+        if part.startswith("budget"):
+            speed.PARTITIONER = {**partitioner, "activation_memory_budget": int(part[6:]) / 100}
     scope = contextlib.ExitStack()
     patches = scope.enter_context(speed.scoped("llama"))
     speed.PARTITIONER = partitioner  # read on entering the scope: later variants get the default again
@@ -444,7 +450,10 @@ def main() -> int:
                          "auto+splitN: decoder layers as two compiled halves, MLP backward in N token chunks; "
                          "auto+onegraph: one compiled graph per layer; auto+offload: layer inputs in host memory; "
                          "auto+cse, auto+nobudget: partitioner settings; auto+nofused: q/k/v and gate/up as separate GEMMs; "
-                         "auto+notriton: the NF4 dequantization as tensor code instead of tasks/nf4_triton.py), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
+                         "auto+notriton: the NF4 dequantization as tensor code instead of tasks/nf4_triton.py; "
+                         "auto+ingemm / auto+ingemmall: train.adapters_in_gemm, the LoRA B's inside the base GEMMs of q/k/v "
+                         "and gate/up / of o and down too; auto+padkN: their K padded to a multiple of N (default 64); "
+                         "auto+budgetNN: the partitioner's activation_memory_budget NN/100), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
                          "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)")
     ap.add_argument("--reference", default="", help="shapes that also get the fp32-compute reference's losses")
     ap.add_argument("--unsloth", default="", help="Unsloth tarball (.usite.tgz); empty: no Unsloth run")

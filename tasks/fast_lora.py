@@ -17,7 +17,10 @@ on its own rounds them away: train.precision: bf16's early lag). `install(model)
 4-bit layers of a model through it; `uninstall` undoes it. Only worth it compiled (eager, the
 lookups are separate kernels): tasks/speed.py installs it with the compiled decoder layers.
 `install_fused` (train.speed's fused projections) runs the projections that share an input as
-one GEMM (see there).
+one GEMM (see there). With train.adapters_in_gemm, NF4LoRALinear also puts their adapters in
+that GEMM: [x | x A^T s] [W | B]^T, the Triton kernel writing B's columns next to W's. It saves
+the adapter outputs' second pass (H100, 8B shape: 1.05x the tokens/s) but rounds each sum to
+bf16 before RoPE and SwiGLU, which is what the default avoids (bench/results/README.md).
 """
 from __future__ import annotations
 
@@ -39,16 +42,17 @@ _triton_ready = False  # set by install(), outside compiled code: the kernel's o
 
 def dequantize_nf4(packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None,
                    offset: Tensor | None, code: Tensor, shape: list[int], blocksize: int,
-                   dtype: torch.dtype) -> Tensor:
+                   dtype: torch.dtype, extra: Tensor | None = None) -> Tensor:
     """bitsandbytes' dequantize_4bit in tensor operations, the same arithmetic in fp32:
     w = code[q] * scale[block], scale = nested_code[absmax] * nested_absmax[block // 256] + offset
     (double quant), and two 4-bit codes a byte, the first in the high half. offset: one value,
-    or one per 256 blocks (weights laid end to end by install_fused)."""
+    or one per 256 blocks (weights laid end to end by install_fused). extra: columns to put
+    after the weight's, [W | extra] (NF4LoRALinear's adapters)."""
     if TRITON and _triton_ready:
         from tasks import nf4_triton
-        if nf4_triton.usable(packed, nested_absmax, blocksize):
+        if nf4_triton.usable(packed, nested_absmax, shape, blocksize):
             return nf4_triton.dequantize(packed, absmax, nested_absmax, nested_code, offset, code, shape, blocksize,
-                                         dtype)
+                                         dtype, extra)
     if nested_absmax is not None:
         blocks = torch.arange(absmax.numel(), device=absmax.device) // 256
         shift = offset.view(-1)[blocks] if offset.numel() > 1 else offset
@@ -56,32 +60,59 @@ def dequantize_nf4(packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None,
     q = packed.view(-1)
     q = torch.stack((q >> 4, q & 15), dim=-1).view(-1, blocksize)
     w = code[q.int()] * absmax.view(-1, 1).float()
-    return w.view(shape).to(dtype)
-
-
-def _dequantized(tensors: tuple, metas: tuple) -> Tensor:
-    """The weights of `metas` (each (shape, blocksize, dtype), its six tensors in `tensors`)
-    dequantized and stacked along the output dimension: [W_1; W_2; ...]."""
-    ws = [dequantize_nf4(*tensors[6 * i: 6 * i + 6], list(shape), blocksize, dtype)
-          for i, (shape, blocksize, dtype) in enumerate(metas)]
-    return ws[0] if len(ws) == 1 else torch.cat(ws)
+    w = w.view(shape).to(dtype)
+    return w if extra is None else torch.cat((w, extra.to(dtype)), dim=1)
 
 
 class NF4Linear(torch.autograd.Function):
-    """y = x [W_1; W_2; ...]^T for 4-bit W_i (one GEMM for several projections of the same
-    input); backward dequantizes again rather than saving the bf16 weights: dx = g [W_1; ...],
-    also one GEMM. tensors: packed, absmax, nested_absmax, nested_code, offset, code per weight."""
+    """y = x W^T for a 4-bit W; backward dequantizes again rather than saving the bf16 weight:
+    dx = g W. meta: (shape, blocksize, dtype); tensors: packed, absmax, nested_absmax,
+    nested_code, offset, code."""
 
     @staticmethod
-    def forward(ctx, x, metas, *tensors):
+    def forward(ctx, x, meta, *tensors):
         ctx.save_for_backward(*tensors)
-        ctx.metas = metas
-        return F.linear(x.to(metas[0][2]), _dequantized(tensors, metas))
+        ctx.meta = meta
+        shape, blocksize, dtype = meta
+        return F.linear(x.to(dtype), dequantize_nf4(*tensors, list(shape), blocksize, dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        metas = ctx.metas
-        return (grad.to(metas[0][2]) @ _dequantized(ctx.saved_tensors, metas), None) + (None,) * (6 * len(metas))
+        shape, blocksize, dtype = ctx.meta
+        return (grad.to(dtype) @ dequantize_nf4(*ctx.saved_tensors, list(shape), blocksize, dtype), None) + (None,) * 6
+
+
+PAD_K = 64  # NF4LoRALinear's K (inputs + ranks) padded with zero columns to a multiple of this
+
+
+class NF4LoRALinear(torch.autograd.Function):
+    """y = x W^T + m B^T = [x | m] [W | B]^T: a 4-bit layer and its adapter in one GEMM, where
+    m = (x A^T) s is the adapters' rank-r input (all the group's A's side by side, each scaled)
+    and B their B's block-diagonal (N x R). The adapter is added to the base in the GEMM's fp32
+    accumulator and the sum rounded once: no adapter output of N columns is written and read
+    again, and no separate GEMM over the output gradient gives dm. Backward dequantizes again:
+    [dx | dm] = g [W | B] (one GEMM), dB = g^T m. meta, tensors: as NF4Linear's."""
+
+    @staticmethod
+    def forward(ctx, x, m, b, meta, *tensors):
+        shape, blocksize, dtype = meta
+        b_dtype = b.dtype
+        m, b = m.to(dtype), b.to(dtype)
+        ctx.save_for_backward(m, b, *tensors)
+        ctx.meta, ctx.b_dtype = meta, b_dtype
+        pad = -(shape[1] + m.shape[-1]) % PAD_K  # zero columns: a K of whole GEMM tiles
+        return F.linear(torch.cat((x.to(dtype), F.pad(m, (0, pad))), dim=-1),
+                        dequantize_nf4(*tensors, list(shape), blocksize, dtype, F.pad(b, (0, pad))))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (shape, blocksize, dtype), (m, b, *tensors) = ctx.meta, ctx.saved_tensors
+        grad = grad.to(dtype)
+        pad = -(shape[1] + m.shape[-1]) % PAD_K
+        dxm = grad @ dequantize_nf4(*tensors, list(shape), blocksize, dtype, F.pad(b, (0, pad)))
+        db = grad.reshape(-1, grad.shape[-1]).t() @ m.reshape(-1, m.shape[-1])
+        k, r = shape[1], m.shape[-1]
+        return (dxm[..., :k], dxm[..., k:k + r], db.to(ctx.b_dtype), None) + (None,) * 6
 
 
 def nf4_tensors(layer) -> dict | None:
@@ -112,7 +143,7 @@ def _meta(t: dict) -> tuple:
 
 def _forward(self, x: Tensor) -> Tensor:
     t = getattr(self, _NF4)
-    y = NF4Linear.apply(x, (_meta(t),), *(t[k] for k in _KEYS))
+    y = NF4Linear.apply(x, _meta(t), *(t[k] for k in _KEYS))
     return y.to(x.dtype)  # as bitsandbytes does
 
 
@@ -149,9 +180,14 @@ def uninstall(model) -> None:
 # their adapters' A matrices laid end to end. In backward, the input's gradient is then one
 # GEMM over the concatenated weight (K = 6144 or 28672 at the 8B shape) instead of two or three
 # GEMMs and the adds of their outputs, and the adapters' A gradients one GEMM that reads the
-# input once. Each B and its sum with its slice of the base output stay apart, as PEFT
-# computes them, so the LoRA sums are rounded exactly where they were (fidelity).
-_FUSED = "_qlora_flow_fused"  # attention / MLP module attribute: its fused projection group
+# input once.
+# By default ("none") each B and its sum with its slice of the base output stay apart as PEFT
+# computes them, and Inductor adds them in fp32 in the next elementwise kernel (RoPE, SwiGLU),
+# reading a second output as large as the base's. With adapters in the GEMM (train.
+# adapters_in_gemm), each group's B's go into its base GEMM's K dimension (NF4LoRALinear): "shared"
+# for q/k/v and gate/up; "all" also o and down as groups of one, slower (their input must be
+# copied next to the adapter's: bench/results/README.md).
+_FUSED = "_qlora_flow_fused"  # attention / MLP / LoRA-layer attribute: its fused projection group
 ATTENTION_CLASSES = ("LlamaAttention",)  # whose forward _fused_attention reproduces
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(act(gate(x)) * up(x))
 
@@ -171,19 +207,15 @@ def _plain_adapter(module) -> str | None:
     return name
 
 
-def _group(modules: list) -> dict | None:
-    """The group's 4-bit weights laid end to end as ONE NF4 weight of shape (sum of outputs,
-    inputs), so that one dequantization (one kernel) writes the fused bf16 weight: packed
-    codes, block scales and nested scales concatenated, the offset one value per 256 blocks.
-    Each layer's own Params4bit and quant state then point into the shared storage (views),
-    so the 4-bit weights take no more memory than before. None where that cannot be (another
-    adapter setup, other dtypes or tables, a weight whose blocks do not fill whole 256-block
-    groups of nested scales)."""
-    adapters = [_plain_adapter(m) for m in modules]
-    if None in adapters:
-        return None
-    nf4 = [getattr(m.base_layer, _NF4) for m in modules]
+def laid_end_to_end(nf4: list[dict]) -> dict | None:
+    """4-bit weights of the same input width as ONE NF4 weight of shape (sum of outputs,
+    inputs), so that one dequantization (one kernel) writes them side by side: packed codes,
+    block scales and nested scales concatenated, the offset one value per 256 blocks. None
+    where that cannot be (other dtypes or tables, a weight whose blocks do not fill whole
+    256-block groups of nested scales)."""
     first = nf4[0]
+    if len(nf4) == 1:
+        return first
     if len({(t["dtype"], t["shape"][1], t["blocksize"]) for t in nf4}) != 1 \
             or any(not torch.equal(t["code"], first["code"]) for t in nf4):
         return None
@@ -193,43 +225,65 @@ def _group(modules: list) -> dict | None:
         return None
     if not nested and any(t["nested_absmax"] is not None for t in nf4):
         return None
-    packed = torch.cat([t["packed"].view(-1) for t in nf4])
-    absmax = torch.cat([t["absmax"].view(-1) for t in nf4])
-    fused = {"packed": packed, "absmax": absmax, "code": first["code"], "nested_code": first["nested_code"],
-             "nested_absmax": torch.cat([t["nested_absmax"] for t in nf4]) if nested else None,
-             "offset": torch.cat([t["offset"].reshape(1).expand(t["nested_absmax"].numel()) for t in nf4])
-             if nested else None,
-             "shape": [sum(t["shape"][0] for t in nf4), first["shape"][1]], "blocksize": first["blocksize"],
-             "dtype": first["dtype"]}
-    at = {"packed": 0, "absmax": 0, "nested_absmax": 0}
-    for m, t in zip(modules, nf4):  # the layers' own 4-bit tensors become views of the shared ones
-        views = {}
-        for key in at:
-            if t[key] is None:
-                continue
-            n = t[key].numel()
-            views[key] = fused[key][at[key]: at[key] + n].view_as(t[key])
-            at[key] += n
-        weight, state = m.base_layer.weight, m.base_layer.weight.quant_state
-        weight.data = views["packed"]
-        state.absmax = views["absmax"]
-        if nested:
-            state.state2.absmax = views["nested_absmax"]
-        t.update(views)
-    return {"modules": modules, "adapters": adapters, "metas": (_meta(fused),),
+    return {"packed": torch.cat([t["packed"].view(-1) for t in nf4]),
+            "absmax": torch.cat([t["absmax"].view(-1) for t in nf4]),
+            "code": first["code"], "nested_code": first["nested_code"],
+            "nested_absmax": torch.cat([t["nested_absmax"] for t in nf4]) if nested else None,
+            "offset": torch.cat([t["offset"].reshape(1).expand(t["nested_absmax"].numel()) for t in nf4])
+            if nested else None,
+            "shape": [sum(t["shape"][0] for t in nf4), first["shape"][1]], "blocksize": first["blocksize"],
+            "dtype": first["dtype"]}
+
+
+def _group(modules: list, adapters_in_gemm: bool) -> dict | None:
+    """The group's 4-bit weights laid end to end (laid_end_to_end); each layer's own Params4bit
+    and quant state then point into the shared storage (views), so the 4-bit weights take no
+    more memory than before. None where that cannot be (another adapter setup, or weights
+    that cannot be laid end to end)."""
+    adapters = [_plain_adapter(m) for m in modules]
+    if None in adapters:
+        return None
+    nf4 = [getattr(m.base_layer, _NF4) for m in modules]
+    fused = laid_end_to_end(nf4)
+    if fused is None:
+        return None
+    if len(nf4) > 1:  # the layers' own 4-bit tensors become views of the shared ones
+        at = {"packed": 0, "absmax": 0, "nested_absmax": 0}
+        for m, t in zip(modules, nf4):
+            views = {}
+            for key in at:
+                if t[key] is None:
+                    continue
+                n = t[key].numel()
+                views[key] = fused[key][at[key]: at[key] + n].view_as(t[key])
+                at[key] += n
+            weight, state = m.base_layer.weight, m.base_layer.weight.quant_state
+            weight.data = views["packed"]
+            state.absmax = views["absmax"]
+            if "nested_absmax" in views:
+                state.state2.absmax = views["nested_absmax"]
+            t.update(views)
+    return {"modules": modules, "adapters": adapters, "meta": _meta(fused),
             "tensors": tuple(fused[k] for k in _KEYS), "sizes": [t["shape"][0] for t in nf4],
-            "ranks": [m.lora_A[a].out_features for m, a in zip(modules, adapters)]}
+            "ranks": [m.lora_A[a].out_features for m, a in zip(modules, adapters)],
+            "adapters_in_gemm": adapters_in_gemm}
 
 
 def lora_projections(x: Tensor, group: dict) -> list[Tensor]:
     """[base_i(x) + B_i(A_i(x)) * s_i for each layer of the group], with one GEMM for the
-    bases and one for the A's; the arithmetic of PEFT's bnb 4-bit LoRA layer otherwise."""
+    bases and one for the A's; the B's in the bases' GEMM (NF4LoRALinear) or, without
+    adapters in the GEMM, the arithmetic of PEFT's bnb 4-bit LoRA layer."""
     modules, adapters = group["modules"], group["adapters"]
-    y = NF4Linear.apply(x, group["metas"], *group["tensors"]).to(x.dtype)
-    outs = list(y.split(group["sizes"], dim=-1))
     a = torch.cat([m.lora_A[n].weight for m, n in zip(modules, adapters)])
     convert = not torch.is_autocast_enabled()  # as PEFT: outside autocast, the adapter in its own dtype
-    mids = F.linear(x.to(a.dtype) if convert else x, a).split(group["ranks"], dim=-1)
+    mids = F.linear(x.to(a.dtype) if convert else x, a)
+    if group["adapters_in_gemm"]:
+        b = torch.block_diag(*(m.lora_B[n].weight * m.scaling[n] for m, n in zip(modules, adapters)))
+        y = NF4LoRALinear.apply(x, mids, b, group["meta"], *group["tensors"]).to(x.dtype)
+        return list(y.split(group["sizes"], dim=-1))
+    y = NF4Linear.apply(x, group["meta"], *group["tensors"]).to(x.dtype)
+    outs = list(y.split(group["sizes"], dim=-1))
+    mids = mids.split(group["ranks"], dim=-1)
     for i, (m, n) in enumerate(zip(modules, adapters)):
         out = m.lora_B[n](mids[i]) * m.scaling[n]
         outs[i] = outs[i] + (out.to(outs[i].dtype) if convert else out)
@@ -271,24 +325,43 @@ def _fused_mlp(self, x):
     return self.down_proj(self.act_fn(gate) * up)
 
 
-def install_fused(layers: list) -> dict:
+def _lora_layer(self, x):
+    """A LoRA layer of its own (o, down) with its adapter in the GEMM."""
+    group = getattr(self, _FUSED)
+    if _changed(group):
+        return type(self).forward(self, x)
+    return lora_projections(x, group)[0]
+
+
+def install_fused(layers: list, adapters_in_gemm: str = "none") -> dict:
     """Fuse q/k/v and gate/up of Llama-layout decoder layers whose 4-bit LoRA layers are routed
-    through NF4Linear (after install); returns how many attention and MLP blocks were fused."""
-    done = {"attention": 0, "mlp": 0}
+    through NF4Linear (after install), with their adapters in the GEMMs for adapters_in_gemm
+    "shared" (and o and down's for "all"); returns how many attention and MLP blocks were fused,
+    and how many LoRA layers have their adapter in the GEMM."""
+    shared, alone = adapters_in_gemm in ("all", "shared"), adapters_in_gemm == "all"
+    done = {"attention": 0, "mlp": 0, "adapters_in_gemm": 0}
     for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if type(attn).__name__ in ATTENTION_CLASSES and not getattr(attn.config, "attention_bias", False):
-            group = _group([attn.q_proj, attn.k_proj, attn.v_proj])
+            group = _group([attn.q_proj, attn.k_proj, attn.v_proj], shared)
             modeling = sys.modules[type(attn).__module__]
             if group and all(hasattr(modeling, n) for n in ("apply_rotary_pos_emb", "eager_attention_forward",
                                                              "ALL_ATTENTION_FUNCTIONS")):
                 setattr(attn, _FUSED, {**group, "modeling": modeling})
                 attn.forward = types.MethodType(_fused_attention, attn)
                 done["attention"] += 1
+                done["adapters_in_gemm"] += 3 * shared
         if type(mlp).__name__ in MLP_CLASSES:
-            group = _group([mlp.gate_proj, mlp.up_proj])
+            group = _group([mlp.gate_proj, mlp.up_proj], shared)
             if group:
                 setattr(mlp, _FUSED, group)
                 mlp.forward = types.MethodType(_fused_mlp, mlp)
                 done["mlp"] += 1
+                done["adapters_in_gemm"] += 2 * shared
+        for module in (getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)) if alone else ():
+            group = _group([module], True) if module is not None else None
+            if group:
+                setattr(module, _FUSED, group)
+                module.forward = types.MethodType(_lora_layer, module)
+                done["adapters_in_gemm"] += 1
     return done

@@ -14,6 +14,9 @@ train.precision say:
   - q/k/v and gate/up run as one 4-bit GEMM each over their weights laid end to end, their
     adapters' A matrices as one GEMM (fast_lora.install_fused; H100, 8B shape: LoRA GEMMs
     69 -> 58 ms a step, peak 10.0 -> 9.6 GiB);
+  - with train.adapters_in_gemm, those groups' adapters go into the same GEMM (the sums then
+    rounded to bf16 there; H100, 8B shape: 1.05x the tokens/s, 0.99x the memory, a loss further
+    from fp32: off by default);
   - Liger's fused linear + cross-entropy computes the loss without a (tokens x vocab) tensor;
   - activations are bf16 (half the memory of an fp32 residual stream); compiled, each LoRA
     layer's `base + adapter` joins the next elementwise kernel (RoPE, SwiGLU, the residual
@@ -73,6 +76,7 @@ class Plan:
                                  # in this many token chunks (0: one compiled graph, torch's checkpoint)
     offload: bool = False        # with split: checkpointed layers keep their input in pinned host memory
     fused_projections: bool = False  # tasks/fast_lora.py: q/k/v and gate/up as one 4-bit GEMM each (+ one for their A's)
+    adapters_in_gemm: str = "none"  # tasks/fast_lora.install_fused: none, shared (q/k/v, gate/up) or all (o, down too)
     note: str = ""               # one line for the log ("" when there is nothing to say)
 
     def describe(self) -> dict:
@@ -105,8 +109,11 @@ def choose(t, device: torch.device, task: str, model_type: str, quantized: bool)
     if split:
         note += (f"; layers as two compiled halves, the MLP in {split} token chunks"
                  + (", layer inputs in pinned host memory" if offload else ""))
+    if t.adapters_in_gemm:
+        note += "; q/k/v and gate/up adapters added inside their base GEMMs (sums rounded to bf16 there)"
     return Plan(fast=True, liger=liger, gradient_checkpointing=True, precision="bf16", optimizer=optimizer,
-                compile=True, nf4_traced=True, split=split, offload=offload, fused_projections=True, note=note)
+                compile=True, nf4_traced=True, split=split, offload=offload, fused_projections=True,
+                adapters_in_gemm="shared" if t.adapters_in_gemm else "none", note=note)
 
 
 def decoder_layers(model) -> list:
@@ -146,7 +153,7 @@ class Patches:
         if plan.nf4_traced and plan.compile:
             done["nf4_traced_layers"] = fast_lora.install(model)
             if plan.fused_projections:
-                done["fused_projections"] = fast_lora.install_fused(layers)
+                done["fused_projections"] = fast_lora.install_fused(layers, plan.adapters_in_gemm)
         if plan.fast and (plan.split or plan.offload):
             from tasks import layer_checkpoint as lc
             halves = (_compiled(lc.attention_half, compile_backend), _compiled(lc.mlp_half, compile_backend)) \

@@ -110,6 +110,11 @@ def test_triton_nf4_dequantization_is_bitsandbytes_up_to_the_scales_last_bit(row
     differ = ours != ref
     assert differ.float().mean() < 1e-3
     assert ((ours.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-30).all()
+    # [W | B]: the same weights written with a row stride of cols + 24, B in the last columns
+    extra = torch.randn(rows, 24, device="cuda", dtype=torch.bfloat16)
+    wide = nf4_triton.dequantize(t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"], t["code"],
+                                 t["shape"], t["blocksize"], torch.bfloat16, extra)
+    assert torch.equal(wide, torch.cat((ours, extra), dim=1))
 
 
 def _tiny_fast_model(path, split: int, offload: bool, optimizer: str = "auto"):
@@ -160,6 +165,38 @@ def test_split_layers_and_offloaded_inputs_give_the_gradients_of_one_graph_check
     assert g0.keys() == g1.keys() and len(g0) == 3 * 7 * 2
     every0, every1 = torch.cat([g.flatten() for g in g0.values()]), torch.cat([g1[n].flatten() for n in g0])
     assert (every0 - every1).norm() <= 1e-2 * every0.norm()  # bf16 steps (seen: up to 1% on one tensor)
+    for name in g0:
+        assert (g0[name] - g1[name]).norm() <= 3e-2 * g0[name].norm() + 1e-8, name
+
+
+def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_cuda(tmp_path):
+    """tasks/fast_lora.NF4LoRALinear under Inductor with the Triton dequantization writing [W | B]:
+    the loss and adapter gradients of the compiled layers whose adapters PEFT adds apart."""
+    import dataclasses
+    from tasks import speed
+    from tests.tiny_llm import save_random_llama
+    path = save_random_llama(tmp_path / "llama", hidden_size=256, intermediate_size=896, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=1, vocab_size=1000)
+    ids = torch.randint(0, 1000, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    results = []
+    for mode in ("none", "all"):
+        torch._dynamo.reset()
+        speed._COMPILED.clear()
+        with speed.scoped("llama") as patches:
+            model, plan = _tiny_fast_model(path, 0, False)
+            done = patches.apply(model, dataclasses.replace(plan, adapters_in_gemm=mode), "llama", random=False)
+            assert done["fused_projections"]["adapters_in_gemm"] == {"none": 0, "all": 3 * 7}[mode]
+            model.train()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            results.append((loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()
+                                          if p.requires_grad}))
+    (loss0, g0), (loss1, g1) = results
+    assert loss0 == pytest.approx(loss1, rel=1e-3)
+    assert g0.keys() == g1.keys() and len(g0) == 3 * 7 * 2
+    every0, every1 = torch.cat([g.flatten() for g in g0.values()]), torch.cat([g1[n].flatten() for n in g0])
+    assert (every0 - every1).norm() <= 1e-2 * every0.norm()
     for name in g0:
         assert (g0[name] - g1[name]).norm() <= 3e-2 * g0[name].norm() + 1e-8, name
 

@@ -89,10 +89,11 @@ def test_fast_path_gives_the_bitsandbytes_path_gradients_and_one_graph_for_all_l
         assert (fast_grads[name] - g).norm() <= 2e-2 * g.norm(), name
 
 
-def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_dir):
+@pytest.mark.parametrize("adapters_in_gemm", ["shared", "all", "none"])
+def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_dir, adapters_in_gemm):
     """tasks/fast_lora.install_fused: q/k/v and gate/up as one 4-bit GEMM each, their A's as one
-    GEMM, compute what the separate PEFT layers compute (compiled as on the fast path); with the
-    adapters disabled the blocks run their own code."""
+    GEMM, and (all) every adapter's B in its base GEMM, compute what the separate PEFT layers
+    compute (compiled as on the fast path); with the adapters disabled the blocks run their own code."""
     import dataclasses
     ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
     plan = speed.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)
@@ -102,14 +103,15 @@ def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_di
         torch._dynamo.utils.counters.clear()
         with speed.scoped("llama") as patches:
             model = adapted(llama_dir)
-            done = patches.apply(model, dataclasses.replace(plan, fused_projections=fused), "llama",
+            done = patches.apply(model, dataclasses.replace(plan, fused_projections=fused,
+                                                            adapters_in_gemm=adapters_in_gemm), "llama",
                                  compile_backend="aot_eager_decomp_partition", random=False)
             if fused:  # one 4-bit weight for the group: it dequantizes to the layers' weights side by side
                 import bitsandbytes.functional as bnbf
                 for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
                     module = getattr(model.get_base_model().model.layers[1], block)
                     group = getattr(module, fast_lora._FUSED)
-                    (shape, blocksize, dtype), = group["metas"]
+                    shape, blocksize, dtype = group["meta"]
                     whole = fast_lora.dequantize_nf4(*group["tensors"], list(shape), blocksize, torch.bfloat16)
                     apart = [bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.bfloat16)
                              for w in (getattr(module, n).base_layer.weight for n in names)]
@@ -122,36 +124,49 @@ def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_di
             runs.append((done, loss, grads, base))
         assert not [m for m in model.modules() if hasattr(m, fast_lora._FUSED)]  # undone with the scope
     (done0, loss0, grads0, base0), (done1, loss1, grads1, base1) = runs
-    assert "fused_projections" not in done0 and done1["fused_projections"] == {"attention": 2, "mlp": 2}
+    in_gemm = {"shared": 2 * 5, "all": 2 * 7, "none": 0}[adapters_in_gemm]
+    assert "fused_projections" not in done0 and done1["fused_projections"] == {"attention": 2, "mlp": 2,
+                                                                               "adapters_in_gemm": in_gemm}
     assert loss1 == pytest.approx(loss0, abs=2e-3) and base1 == pytest.approx(base0, abs=2e-3)
     assert grads0.keys() == grads1.keys() and len(grads0) == 2 * 7 * 2
     for name, g in grads0.items():  # bf16 GEMMs of other widths: rounding only
         assert (grads1[name] - g).norm() <= 2e-2 * g.norm(), name
 
 
-def test_fused_projection_gemm_is_the_separate_gemms_side_by_side():
-    """NF4Linear over several 4-bit weights: y = x [W_1; W_2]^T and dx = g [W_1; W_2], one GEMM
-    each, equal (fp32) to the separate layers' outputs and summed input gradients."""
+@pytest.mark.parametrize("pad_k", [1, 64])
+def test_adapters_in_the_gemm_of_weights_laid_end_to_end_are_the_separate_lora_layers(monkeypatch, pad_k):
+    """NF4LoRALinear over two 4-bit weights laid end to end: [x | m] [W_1 B_1 0; W_2 0 B_2]^T is,
+    in fp32, the separate layers' x W_i^T + (x A_i^T s_i) B_i^T, with the same gradients for x,
+    the A's and the B's (backward: one GEMM gives dx and dm); with K padded by zero columns too."""
     import bitsandbytes as bnb
-    layers = []
-    for out in (96, 32):
+    monkeypatch.setattr(fast_lora, "PAD_K", pad_k)
+    torch.manual_seed(0)
+    layers, loras = [], []
+    for out, rank, scale in ((256, 8, 2.0), (128, 4, 0.5)):  # whole 256-block groups of nested scales
         layer = bnb.nn.Linear4bit(128, out, bias=False, compute_dtype=torch.float32, quant_type="nf4",
                                   compress_statistics=True)
         layer.weight = bnb.nn.Params4bit(torch.randn(out, 128) * 0.02, requires_grad=False, quant_type="nf4",
                                          compress_statistics=True)
         layers.append(layer.to("cpu"))
+        loras.append((torch.randn(rank, 128, requires_grad=True), torch.randn(out, rank, requires_grad=True), scale))
     fast_lora.install(torch.nn.ModuleList(layers))
-    tensors = [getattr(layer, fast_lora._NF4) for layer in layers]
+    fused = fast_lora.laid_end_to_end([getattr(layer, fast_lora._NF4) for layer in layers])
+    assert fused["shape"] == [384, 128]
     x = torch.randn(3, 5, 128, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_()
-    g = torch.randn(3, 5, 128)
-    separate = [layer(x) for layer in layers]
-    torch.autograd.backward(separate, [g[..., :96], g[..., 96:]])
-    fused = fast_lora.NF4Linear.apply(x2, tuple(fast_lora._meta(t) for t in tensors),
-                                      *(t[k] for t in tensors for k in fast_lora._KEYS))
-    fused.backward(g)
-    assert torch.allclose(fused, torch.cat(separate, dim=-1), atol=1e-5)
-    assert torch.allclose(x2.grad, x.grad, atol=1e-5)
+    g = torch.randn(3, 5, 384)
+    separate = [layer(x) + (x @ a.t() * s) @ b.t() for layer, (a, b, s) in zip(layers, loras)]
+    torch.autograd.backward(separate, [g[..., :256], g[..., 256:]])
+    expected = [t.grad.clone() for t in [x] + [p for a, b, _ in loras for p in (a, b)]]
+    for t in [x] + [p for a, b, _ in loras for p in (a, b)]:
+        t.grad = None
+    m = torch.cat([x @ a.t() * s for a, _, s in loras], dim=-1)
+    b = torch.block_diag(*(b for _, b, _ in loras))
+    y = fast_lora.NF4LoRALinear.apply(x, m, b, fast_lora._meta(fused), *(fused[k] for k in fast_lora._KEYS))
+    y.backward(g)
+    assert torch.allclose(y, torch.cat(separate, dim=-1), atol=1e-5)
+    got = [t.grad for t in [x] + [p for a, b, _ in loras for p in (a, b)]]
+    for mine, theirs in zip(got, expected):
+        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-4)
 
 
 def _saved_by_one_layer(model, partitioner: dict) -> list:
