@@ -205,8 +205,8 @@ class TrainConfig(Section):
         "inputs in pinned host memory (0.72x the memory); elsewhere (CPU, other models), and with off, those flags "
         "apply as set")
     adapters_in_gemm: bool = Field(False, description=(
-        "On the fast path: add the q/k/v and gate/up LoRA adapters inside their 4-bit base GEMM ([x | x A^T s] "
-        "[W | B]^T, tasks/fast_lora.py), so each sum is rounded to bf16 by the GEMM instead of kept in fp32 into "
+        "On the fast path: add the q/k/v and gate/up LoRA adapters inside their 4-bit base GEMM ([x | x A^T] "
+        "[W | s B]^T, tasks/fast_lora.py), so each sum is rounded to bf16 by the GEMM instead of kept in fp32 into "
         "RoPE and SwiGLU. Faster (H100, 8B shape: 1.05x the tokens/s at 0.99x the memory) but the loss drifts "
         "further from fp32 (max difference over 22 steps 0.061 against 0.057); false keeps the exact sums."))
     strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description=(

@@ -18,7 +18,7 @@ on its own rounds them away: train.precision: bf16's early lag). `install(model)
 lookups are separate kernels): tasks/speed.py installs it with the compiled decoder layers.
 `install_fused` (train.speed's fused projections) runs the projections that share an input as
 one GEMM (see there). With train.adapters_in_gemm, NF4LoRALinear also puts their adapters in
-that GEMM: [x | x A^T s] [W | B]^T, the Triton kernel writing B's columns next to W's. It saves
+that GEMM: [x | x A^T] [W | s B]^T, the Triton kernel writing B's columns next to W's. It saves
 the adapter outputs' second pass (H100, 8B shape: 1.05x the tokens/s) but rounds each sum to
 bf16 before RoPE and SwiGLU, which is what the default avoids (bench/results/README.md).
 """
@@ -87,11 +87,12 @@ PAD_K = 64  # NF4LoRALinear's K (inputs + ranks) padded with zero columns to a m
 
 class NF4LoRALinear(torch.autograd.Function):
     """y = x W^T + m B^T = [x | m] [W | B]^T: a 4-bit layer and its adapter in one GEMM, where
-    m = (x A^T) s is the adapters' rank-r input (all the group's A's side by side, each scaled)
-    and B their B's block-diagonal (N x R). The adapter is added to the base in the GEMM's fp32
+    m = x A^T is the adapters' rank-r input (all the group's A's side by side) and B the
+    block-diagonal of their B_i s_i (N x R). The adapter is added to the base in the GEMM's fp32
     accumulator and the sum rounded once: no adapter output of N columns is written and read
     again, and no separate GEMM over the output gradient gives dm. Backward dequantizes again:
-    [dx | dm] = g [W | B] (one GEMM), dB = g^T m. meta, tensors: as NF4Linear's."""
+    [dx | dm] = g [W | B] (one GEMM), dB = g^T m. K is padded with zero columns to a multiple
+    of PAD_K. meta, tensors: as NF4Linear's."""
 
     @staticmethod
     def forward(ctx, x, m, b, meta, *tensors):
@@ -99,8 +100,8 @@ class NF4LoRALinear(torch.autograd.Function):
         b_dtype = b.dtype
         m, b = m.to(dtype), b.to(dtype)
         ctx.save_for_backward(m, b, *tensors)
-        ctx.meta, ctx.b_dtype = meta, b_dtype
         pad = -(shape[1] + m.shape[-1]) % PAD_K  # zero columns: a K of whole GEMM tiles
+        ctx.meta, ctx.b_dtype, ctx.pad = meta, b_dtype, pad
         return F.linear(torch.cat((x.to(dtype), F.pad(m, (0, pad))), dim=-1),
                         dequantize_nf4(*tensors, list(shape), blocksize, dtype, F.pad(b, (0, pad))))
 
@@ -108,8 +109,7 @@ class NF4LoRALinear(torch.autograd.Function):
     def backward(ctx, grad):
         (shape, blocksize, dtype), (m, b, *tensors) = ctx.meta, ctx.saved_tensors
         grad = grad.to(dtype)
-        pad = -(shape[1] + m.shape[-1]) % PAD_K
-        dxm = grad @ dequantize_nf4(*tensors, list(shape), blocksize, dtype, F.pad(b, (0, pad)))
+        dxm = grad @ dequantize_nf4(*tensors, list(shape), blocksize, dtype, F.pad(b, (0, ctx.pad)))
         db = grad.reshape(-1, grad.shape[-1]).t() @ m.reshape(-1, m.shape[-1])
         k, r = shape[1], m.shape[-1]
         return (dxm[..., :k], dxm[..., k:k + r], db.to(ctx.b_dtype), None) + (None,) * 6
@@ -325,11 +325,12 @@ def _fused_mlp(self, x):
     return self.down_proj(self.act_fn(gate) * up)
 
 
-def _lora_layer(self, x):
-    """A LoRA layer of its own (o, down) with its adapter in the GEMM."""
+def _lora_layer(self, x, *args, **kwargs):
+    """A LoRA layer of its own (o, down) with its adapter in the GEMM; PEFT's own forward for
+    anything else (adapters changed, PEFT's extra arguments such as adapter_names)."""
     group = getattr(self, _FUSED)
-    if _changed(group):
-        return type(self).forward(self, x)
+    if _changed(group) or args or kwargs:
+        return type(self).forward(self, x, *args, **kwargs)
     return lora_projections(x, group)[0]
 
 

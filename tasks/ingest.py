@@ -27,7 +27,7 @@ from tasks.common import PipelineError, resolve, write_json
 from tasks.config import Params
 from tasks.dataio import ROW, detect_format, iter_raw, read_raw
 from tasks.rowhash import row_hashes
-from tasks.validate import _prepare, key_columns, validate_frame
+from tasks.validate import key_columns, prepare_frame, validate_frame
 
 REPORT = "reports/ingest.json"
 
@@ -43,7 +43,7 @@ class Ingest:
 
 def _identities(params: Params, prepared: pd.DataFrame) -> np.ndarray:
     """Each row's identity as 16 bytes: the hash of its key columns once cleaned (a frame that
-    validate_frame or _prepare has been through), as validate computes it for duplicates (a
+    validate_frame or prepare_frame has been through), as validate computes it for duplicates (a
     chat row's identity is its prompt)."""
     return np.ascontiguousarray(row_hashes(prepared, key_columns(params))).view("S16").ravel()
 
@@ -53,7 +53,7 @@ def _existing(params: Params, chunks) -> tuple[np.ndarray, list[str]]:
     hashes, columns = [], None
     for chunk in chunks:
         columns = columns or [c for c in chunk.columns if c != ROW]
-        _prepare(params, chunk, cross_row=False)  # cleans in place, derives a chat row's prompt key
+        prepare_frame(params, chunk, cross_row=False)  # cleans in place, derives a chat row's prompt key
         hashes.append(_identities(params, chunk))
     return np.sort(np.concatenate(hashes)), columns
 

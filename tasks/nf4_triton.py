@@ -67,11 +67,11 @@ def _op():
         tl.store(out + at, w.to(out.dtype.element_ty), mask=valid[:, None])
 
     @triton.jit
-    def columns_kernel(extra, out, rows, r, start, stride, ROWS: tl.constexpr, R: tl.constexpr):
+    def columns_kernel(extra, out, rows, r, extra_stride, start, stride, ROWS: tl.constexpr, R: tl.constexpr):
         row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         col = tl.arange(0, R)
         valid = (row < rows)[:, None] & (col < r)[None, :]
-        value = tl.load(extra + row[:, None] * r + col[None, :], mask=valid)
+        value = tl.load(extra + row[:, None] * extra_stride + col[None, :], mask=valid)
         tl.store(out + row[:, None] * stride + start + col[None, :], value, mask=valid)
 
     @triton_op("qlora_flow::dequantize_nf4", mutates_args=())
@@ -86,7 +86,8 @@ def _op():
             ROWS=ROWS, HALF=blocksize // 2, OFFSET_PER_BLOCK=offset.numel() > 1)
         if extra.shape[1]:  # a kernel, not out[:, cols:] = extra (compiled, that copies all of out once more)
             wrap_triton(columns_kernel)[(triton.cdiv(rows, ROWS),)](
-                extra, out, rows, extra.shape[1], cols, stride, ROWS=ROWS, R=triton.next_power_of_2(extra.shape[1]))
+                extra, out, rows, extra.shape[1], extra.stride(0), cols, stride, ROWS=ROWS,
+                R=triton.next_power_of_2(extra.shape[1]))
         return out
 
     return dequantize_nf4
@@ -105,6 +106,8 @@ def dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_cod
     """The weight (shape), or [W | extra] with `extra` (shape[0] rows) in the last columns. The
     op by its registered name: compiled code traces it as one operator (a call of the cached
     _op() would break the graph)."""
+    if shape[1] % blocksize:  # the kernel lays whole blocks in rows (usable() checks this first)
+        raise ValueError(f"nf4_triton: a row of {shape[1]} weights is not whole blocks of {blocksize}")
     if extra is None:
         extra = packed.new_empty(shape[0], 0, dtype=dtype)
     return torch.ops.qlora_flow.dequantize_nf4(packed.view(-1), absmax, nested_absmax, nested_code, offset.reshape(-1),

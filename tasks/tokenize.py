@@ -118,8 +118,8 @@ def tokenize_split(params: Params, tok, src: Path, dst: Path, work: Path, split:
         for piece in pieces:
             for table in iter_batches(piece, list(features)):
                 out.write(table)
-        for piece in pieces:
-            piece.unlink(missing_ok=True)
+    for piece in pieces:  # only once the output is whole: a failed write leaves the shards to look at
+        piece.unlink(missing_ok=True)
     named = take_column(dst, "row", truncated[:LISTED_TRUNCATED]) if len(truncated) else []
     return stats | {"truncated_row_names": named}
 

@@ -69,7 +69,7 @@ def _label_space(params: Params) -> tuple[list[str], dict[str, int] | None]:
     return list(d.label_names), mapping
 
 
-def _prepare(params: Params, df: pd.DataFrame, for_prediction: bool = False, cross_row: bool = True):
+def prepare_frame(params: Params, df: pd.DataFrame, for_prediction: bool = False, cross_row: bool = True):
     """Clean df's text columns in place; return the contract they must meet. for_prediction:
     rows to predict, where the label (seq_cls) or output (causal_lm) is optional and checked
     only when present, the same text may come twice and no number of classes is required.
@@ -103,7 +103,7 @@ def validate_frame(params: Params, df: pd.DataFrame, path: Path, for_prediction:
                    cross_row: bool = True) -> tuple[pd.DataFrame, list[dict], list[dict]]:
     """Return (valid rows, errors, dropped duplicates). Writes no files; cleans df's text in place.
     cross_row False (a chunk): the valid rows are those breaking no rule of their own."""
-    schema = _prepare(params, df, for_prediction, cross_row)
+    schema = prepare_frame(params, df, for_prediction, cross_row)
     missing = [c for c in schema.columns if c not in df.columns]
     if missing:
         found = [c for c in df.columns if c != ROW]

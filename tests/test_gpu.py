@@ -173,7 +173,7 @@ def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_c
     """tasks/fast_lora.NF4LoRALinear under Inductor with the Triton dequantization writing [W | B]:
     the loss and adapter gradients of the compiled layers whose adapters PEFT adds apart."""
     import dataclasses
-    from tasks import speed
+    from tasks import fast_lora, speed
     from tests.tiny_llm import save_random_llama
     path = save_random_llama(tmp_path / "llama", hidden_size=256, intermediate_size=896, num_hidden_layers=3,
                              num_attention_heads=4, num_key_value_heads=1, vocab_size=1000)
@@ -186,6 +186,7 @@ def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_c
             model, plan = _tiny_fast_model(path, 0, False)
             done = patches.apply(model, dataclasses.replace(plan, adapters_in_gemm=mode), "llama", random=False)
             assert done["fused_projections"]["adapters_in_gemm"] == {"none": 0, "all": 3 * 7}[mode]
+            assert fast_lora._triton_ready  # the Triton kernel writes [W | B], not the tensor code
             model.train()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss

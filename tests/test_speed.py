@@ -55,6 +55,9 @@ def test_the_fast_path_is_chosen_on_cuda_for_llama_layout_4bit_causal_lms(device
     assert plan.fast is fast and says in plan.note and (says == "") == (plan.note == "")
     if fast:  # whatever the flags say
         assert plan.compile and plan.nf4_traced and plan.gradient_checkpointing and plan.precision == "bf16"
+        assert plan.adapters_in_gemm == "none"  # exact adapter sums unless train.adapters_in_gemm
+        opted = speed.choose(t.model_copy(update={"adapters_in_gemm": True}), device, task, model_type, quantized)
+        assert opted.adapters_in_gemm == "shared" and "inside their base GEMMs" in opted.note
     else:  # the flags as set
         assert (plan.gradient_checkpointing, plan.precision, plan.liger) == (False, "mixed", False)
 
@@ -122,7 +125,7 @@ def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_di
             with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
                 base = model(input_ids=ids, labels=ids).loss.item()
             runs.append((done, loss, grads, base))
-        assert not [m for m in model.modules() if hasattr(m, fast_lora._FUSED)]  # undone with the scope
+        assert not [m for m in model.modules() if hasattr(m, fast_lora._FUSED) or "forward" in vars(m)]  # undone
     (done0, loss0, grads0, base0), (done1, loss1, grads1, base1) = runs
     in_gemm = {"shared": 2 * 5, "all": 2 * 7, "none": 0}[adapters_in_gemm]
     assert "fused_projections" not in done0 and done1["fused_projections"] == {"attention": 2, "mlp": 2,
