@@ -58,6 +58,15 @@ def _existing(params: Params, chunks) -> tuple[np.ndarray, list[str]]:
     return np.sort(np.concatenate(hashes)), columns
 
 
+def _in_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Whether each of ids is one of sorted_ids: a binary search in the array _existing already
+    sorted (np.isin would sort the whole raw dataset's identities again for every file)."""
+    if not len(sorted_ids):
+        return np.zeros(len(ids), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return sorted_ids[at] == ids
+
+
 def _copy_with_newline(raw: Path, tmp: Path):
     """raw's bytes copied to tmp a block at a time, ending in a newline; tmp open for appending."""
     shutil.copyfile(raw, tmp)
@@ -82,7 +91,7 @@ def _arrow_column(texts: list, arrow_type):
 def _append(raw: Path, fmt: str, cols: list[str], new: pd.DataFrame) -> None:
     """Write raw + new rows to a temp file beside raw, then rename over it."""
     tmp = raw.with_name(f".{raw.name}.ingest")
-    records = [{c: r[c] for c in cols if c in r} for r in new.to_dict("records")]
+    records = [] if fmt == "csv" else [{c: r[c] for c in cols if c in r} for r in new.to_dict("records")]
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
@@ -144,7 +153,7 @@ def ingest(params: Params, root: Path, inbox: Path) -> Ingest:
         if errs:
             continue
         ids = _identities(params, valid)  # validate_frame cleaned them
-        known = np.isin(ids, seen)
+        known = _in_sorted(seen, ids)
         for idx, key, in_raw in zip(valid.index, ids, known):
             if in_raw or key.tobytes() in added:
                 skipped.append({"file": str(f), "row": str(original.at[idx, ROW]), "reason": "already in the dataset"})
