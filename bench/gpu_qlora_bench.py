@@ -127,6 +127,7 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
     parts = variant.split("+")
     from tasks import fast_lora
     fast_lora.TRITON = "notriton" not in parts  # the Triton NF4 kernel, or the tensor code (tasks/nf4_triton.py)
+    fast_lora.SWIGLU_KERNEL = "noswiglu" not in parts  # gate/up's adapters inside the SwiGLU (tasks/swiglu_lora.py)
     fast_lora.PAD_K = next((int(p[4:]) for p in parts if p.startswith("padk")), 64)  # auto+padk1: no padding
     torch._dynamo.reset()  # each variant traces its own graphs
     speed._COMPILED.clear()
@@ -452,7 +453,8 @@ def main() -> int:
                          "auto+cse, auto+nobudget: partitioner settings; auto+nofused: q/k/v and gate/up as separate GEMMs; "
                          "auto+notriton: the NF4 dequantization as tensor code instead of tasks/nf4_triton.py; "
                          "auto+ingemm / auto+ingemmall: train.adapters_in_gemm, the LoRA B's inside the base GEMMs of q/k/v "
-                         "and gate/up / of o and down too; auto+padkN: their K padded to a multiple of N (default 64); "
+                         "and gate/up / of o and down too (gate/up's stay in the SwiGLU kernel unless auto+noswiglu: "
+                         "then they are added to the base output apart, in the next elementwise kernel); auto+padkN: their K padded to a multiple of N (default 64); "
                          "auto+budgetNN: the partitioner's activation_memory_budget NN/100), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
                          "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)")
     ap.add_argument("--reference", default="", help="shapes that also get the fp32-compute reference's losses")

@@ -115,6 +115,44 @@ class NF4LoRALinear(torch.autograd.Function):
         return (dxm[..., :k], dxm[..., k:k + r], db.to(ctx.b_dtype), None) + (None,) * 6
 
 
+class NF4LoRASwiGLU(torch.autograd.Function):
+    """h = silu(x W_g^T + m_g B_g^T) * (x W_u^T + m_u B_u^T) for gate and up laid end to end
+    (W = [W_g; W_u], one 4-bit GEMM): the adapters are added to the GEMM's bf16 output in fp32
+    inside the SwiGLU kernel (tasks/swiglu_lora.py), so the sums are exact as PEFT's are in
+    fp32 and no adapter output as wide as the MLP is written. Backward: the kernel's
+    derivative gives [dg | du] laid like the GEMM's output; [dx | dm] = [dg | du] [W | B] is one
+    GEMM over the weight dequantized again with B = blockdiag(B_g, B_u) in its last columns, as
+    in NF4LoRALinear; dB_g = dg^T m_g, dB_u = du^T m_u. Keeps the base output (bf16) for backward.
+    b_gate, b_up: the B's times their scaling. meta, tensors: as NF4Linear's."""
+
+    @staticmethod
+    def forward(ctx, x, m, b_gate, b_up, meta, *tensors):
+        from tasks import swiglu_lora
+        shape, blocksize, dtype = meta
+        ctx.b_dtypes = (b_gate.dtype, b_up.dtype)
+        m, b_gate, b_up = m.to(dtype).contiguous(), b_gate.to(dtype), b_up.to(dtype)
+        y = F.linear(x.to(dtype), dequantize_nf4(*tensors, list(shape), blocksize, dtype))
+        ctx.save_for_backward(y, m, b_gate, b_up, *tensors)
+        ctx.meta = meta
+        return swiglu_lora.forward(y, m, b_gate, b_up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from tasks import swiglu_lora
+        (shape, blocksize, dtype), (y, m, b_gate, b_up, *tensors) = ctx.meta, ctx.saved_tensors
+        dy = swiglu_lora.backward(y, m, b_gate, b_up, grad.to(dtype))
+        b = torch.block_diag(b_gate, b_up)
+        k, r = shape[1], b.shape[1]
+        pad = -(k + r) % PAD_K  # zero columns: an output of whole GEMM tiles
+        dxm = dy @ dequantize_nf4(*tensors, list(shape), blocksize, dtype, F.pad(b, (0, pad)))
+        n, r_gate = b_gate.shape
+        flat_dy, flat_m = dy.reshape(-1, 2 * n), m.reshape(-1, r)
+        d_gate = flat_dy[:, :n].t() @ flat_m[:, :r_gate]
+        d_up = flat_dy[:, n:].t() @ flat_m[:, r_gate:]
+        return (dxm[..., :k], dxm[..., k:k + r], d_gate.to(ctx.b_dtypes[0]), d_up.to(ctx.b_dtypes[1]), None) \
+            + (None,) * 6
+
+
 def nf4_tensors(layer) -> dict | None:
     """A bitsandbytes Linear4bit's NF4 weight as plain tensors and constants, or None."""
     weight = getattr(layer, "weight", None)
@@ -187,6 +225,10 @@ def uninstall(model) -> None:
 # adapters_in_gemm), each group's B's go into its base GEMM's K dimension (NF4LoRALinear): "shared"
 # for q/k/v and gate/up; "all" also o and down as groups of one, slower (their input must be
 # copied next to the adapter's: bench/results/README.md).
+# SiLU MLPs take NF4LoRASwiGLU: gate and up's adapters added inside the SwiGLU kernel (exact
+# sums, no adapter outputs written; tasks/swiglu_lora.py). False: lora_projections for them too
+# (bench/gpu_qlora_bench.py compares the two: variant part noswiglu).
+SWIGLU_KERNEL = True
 _FUSED = "_qlora_flow_fused"  # attention / MLP / LoRA-layer attribute: its fused projection group
 ATTENTION_CLASSES = ("LlamaAttention",)  # whose forward _fused_attention reproduces
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(act(gate(x)) * up(x))
@@ -274,9 +316,7 @@ def lora_projections(x: Tensor, group: dict) -> list[Tensor]:
     bases and one for the A's; the B's in the bases' GEMM (NF4LoRALinear) or, without
     adapters in the GEMM, the arithmetic of PEFT's bnb 4-bit LoRA layer."""
     modules, adapters = group["modules"], group["adapters"]
-    a = torch.cat([m.lora_A[n].weight for m, n in zip(modules, adapters)])
-    convert = not torch.is_autocast_enabled()  # as PEFT: outside autocast, the adapter in its own dtype
-    mids = F.linear(x.to(a.dtype) if convert else x, a)
+    convert, mids = _mids(x, group)
     if group["adapters_in_gemm"]:
         b = torch.block_diag(*(m.lora_B[n].weight * m.scaling[n] for m, n in zip(modules, adapters)))
         y = NF4LoRALinear.apply(x, mids, b, group["meta"], *group["tensors"]).to(x.dtype)
@@ -288,6 +328,24 @@ def lora_projections(x: Tensor, group: dict) -> list[Tensor]:
         out = m.lora_B[n](mids[i]) * m.scaling[n]
         outs[i] = outs[i] + (out.to(outs[i].dtype) if convert else out)
     return outs
+
+
+def _mids(x: Tensor, group: dict) -> tuple[bool, Tensor]:
+    """x A^T for all the group's A's side by side (one GEMM), and whether the adapters run in
+    their own dtype (as PEFT does outside autocast)."""
+    a = torch.cat([m.lora_A[n].weight for m, n in zip(group["modules"], group["adapters"])])
+    convert = not torch.is_autocast_enabled()
+    return convert, F.linear(x.to(a.dtype) if convert else x, a)
+
+
+def lora_swiglu(x: Tensor, group: dict) -> Tensor:
+    """act(gate(x)) * up(x) for a gate/up group with SiLU: one GEMM for the bases, one for the
+    A's, the B's inside the SwiGLU kernel (NF4LoRASwiGLU)."""
+    _, mids = _mids(x, group)
+    (gate, up), (g, u) = group["modules"], group["adapters"]
+    h = NF4LoRASwiGLU.apply(x, mids, gate.lora_B[g].weight * gate.scaling[g], up.lora_B[u].weight * up.scaling[u],
+                            group["meta"], *group["tensors"])
+    return h.to(x.dtype)
 
 
 def _changed(group: dict) -> bool:
@@ -321,6 +379,8 @@ def _fused_mlp(self, x):
     group = getattr(self, _FUSED)
     if _changed(group):
         return type(self).forward(self, x)
+    if group["swiglu"]:
+        return self.down_proj(lora_swiglu(x, group))
     gate, up = lora_projections(x, group)
     return self.down_proj(self.act_fn(gate) * up)
 
@@ -340,7 +400,10 @@ def install_fused(layers: list, adapters_in_gemm: str = "none") -> dict:
     "shared" (and o and down's for "all"); returns how many attention and MLP blocks were fused,
     and how many LoRA layers have their adapter in the GEMM."""
     shared, alone = adapters_in_gemm in ("all", "shared"), adapters_in_gemm == "all"
-    done = {"attention": 0, "mlp": 0, "adapters_in_gemm": 0}
+    done = {"attention": 0, "mlp": 0, "adapters_in_gemm": 0, "adapters_in_swiglu": 0}
+    if SWIGLU_KERNEL and _triton_ready:
+        from tasks import swiglu_lora
+        swiglu_lora.available()  # registers its ops outside compiled code
     for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if type(attn).__name__ in ATTENTION_CLASSES and not getattr(attn.config, "attention_bias", False):
@@ -353,12 +416,15 @@ def install_fused(layers: list, adapters_in_gemm: str = "none") -> dict:
                 done["attention"] += 1
                 done["adapters_in_gemm"] += 3 * shared
         if type(mlp).__name__ in MLP_CLASSES:
-            group = _group([mlp.gate_proj, mlp.up_proj], shared)
+            swiglu = SWIGLU_KERNEL and (isinstance(mlp.act_fn, torch.nn.SiLU)
+                                        or type(mlp.act_fn).__name__ == "SiLUActivation")  # transformers' own
+            group = _group([mlp.gate_proj, mlp.up_proj], shared and not swiglu)
             if group:
-                setattr(mlp, _FUSED, group)
+                setattr(mlp, _FUSED, {**group, "swiglu": swiglu})
                 mlp.forward = types.MethodType(_fused_mlp, mlp)
                 done["mlp"] += 1
-                done["adapters_in_gemm"] += 2 * shared
+                done["adapters_in_swiglu"] += 2 * swiglu
+                done["adapters_in_gemm"] += 2 * (shared and not swiglu)
         for module in (getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)) if alone else ():
             group = _group([module], True) if module is not None else None
             if group:

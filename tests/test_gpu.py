@@ -117,6 +117,30 @@ def test_triton_nf4_dequantization_is_bitsandbytes_up_to_the_scales_last_bit(row
     assert torch.equal(wide, torch.cat((ours, extra), dim=1))
 
 
+@pytest.mark.parametrize("rows, n, ranks", [(4096, 1024, (16, 16)), (1000, 200, (16, 8))])  # 2nd: ragged tiles
+def test_triton_swiglu_lora_kernels_are_the_tensor_code(rows, n, ranks, monkeypatch):
+    """tasks/swiglu_lora.py: the Triton kernels compute what its tensor code computes (the sums
+    in fp32, each result rounded once to bf16): forward h and backward [dg | du], up to a bf16
+    step from the fp32 sums' other order."""
+    from tasks import swiglu_lora
+    assert swiglu_lora.available()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(torch.bfloat16)
+    y, m, dh = rand(2, rows // 2, 2 * n), rand(2, rows // 2, sum(ranks)), rand(2, rows // 2, n)
+    b_gate, b_up = rand(n, ranks[0], scale=0.1), rand(n, ranks[1], scale=0.1)
+    kernel = (swiglu_lora.forward(y, m, b_gate, b_up), swiglu_lora.backward(y, m, b_gate, b_up, dh))
+    gate, up = swiglu_lora._sums(y, m, b_gate, b_up)
+    assert (gate - y[..., :n].float()).abs().max() > 0.1  # the adapters change the sums
+    monkeypatch.setattr(swiglu_lora, "_use_kernel", lambda y: False)
+    tensor_code = (swiglu_lora.forward(y, m, b_gate, b_up), swiglu_lora.backward(y, m, b_gate, b_up, dh))
+    for ours, ref in zip(kernel, tensor_code):
+        assert ours.shape == ref.shape and ours.dtype == torch.bfloat16 and not ours.isnan().any()
+        assert ((ours.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -6 + 1e-6).all()  # one bf16 step
+        assert (ours != ref).float().mean() < 0.05
+
+
 def _tiny_fast_model(path, split: int, offload: bool, optimizer: str = "auto"):
     from tasks import speed
     from tasks.config import LoraSection, ModelConfig, QuantConfig, TrainConfig
@@ -170,8 +194,9 @@ def test_split_layers_and_offloaded_inputs_give_the_gradients_of_one_graph_check
 
 
 def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_cuda(tmp_path):
-    """tasks/fast_lora.NF4LoRALinear under Inductor with the Triton dequantization writing [W | B]:
-    the loss and adapter gradients of the compiled layers whose adapters PEFT adds apart."""
+    """tasks/fast_lora.NF4LoRALinear under Inductor with the Triton dequantization writing [W | B],
+    and NF4LoRASwiGLU with gate and up's adapters inside the SwiGLU's Triton kernels: the loss and
+    adapter gradients of the compiled layers whose adapters PEFT adds apart."""
     import dataclasses
     from tasks import fast_lora, speed
     from tests.tiny_llm import save_random_llama
@@ -179,27 +204,37 @@ def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_c
                              num_attention_heads=4, num_key_value_heads=1, vocab_size=1000)
     ids = torch.randint(0, 1000, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     results = []
-    for mode in ("none", "all"):
+    for mode, swiglu in (("none", False), ("all", False), ("none", True), ("all", True)):
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         speed._COMPILED.clear()
+        fast_lora.SWIGLU_KERNEL = swiglu
         with speed.scoped("llama") as patches:
             model, plan = _tiny_fast_model(path, 0, False)
             done = patches.apply(model, dataclasses.replace(plan, adapters_in_gemm=mode), "llama", random=False)
-            assert done["fused_projections"]["adapters_in_gemm"] == {"none": 0, "all": 3 * 7}[mode]
+            fast_lora.SWIGLU_KERNEL = True
+            assert done["fused_projections"]["adapters_in_gemm"] == {"none": 0, "all": 3 * 7}[mode] - 3 * 2 * (
+                swiglu and mode == "all")
+            assert done["fused_projections"]["adapters_in_swiglu"] == 3 * 2 * swiglu
             assert fast_lora._triton_ready  # the Triton kernel writes [W | B], not the tensor code
+            if swiglu:
+                from tasks import swiglu_lora
+                assert swiglu_lora._use_kernel(torch.empty(1, device="cuda"))  # its Triton kernels, not tensor code
             model.train()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no graph break around the kernels
             results.append((loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()
                                           if p.requires_grad}))
-    (loss0, g0), (loss1, g1) = results
-    assert loss0 == pytest.approx(loss1, rel=1e-3)
-    assert g0.keys() == g1.keys() and len(g0) == 3 * 7 * 2
-    every0, every1 = torch.cat([g.flatten() for g in g0.values()]), torch.cat([g1[n].flatten() for n in g0])
-    assert (every0 - every1).norm() <= 1e-2 * every0.norm()
-    for name in g0:
-        assert (g0[name] - g1[name]).norm() <= 3e-2 * g0[name].norm() + 1e-8, name
+    (loss0, g0), *others = results
+    for loss1, g1 in others:
+        assert loss0 == pytest.approx(loss1, rel=1e-3)
+        assert g0.keys() == g1.keys() and len(g0) == 3 * 7 * 2
+        every0, every1 = torch.cat([g.flatten() for g in g0.values()]), torch.cat([g1[n].flatten() for n in g0])
+        assert (every0 - every1).norm() <= 1e-2 * every0.norm()
+        for name in g0:
+            assert (g0[name] - g1[name]).norm() <= 3e-2 * g0[name].norm() + 1e-8, name
 
 
 def test_flat_paged_adamw_is_paged_adamw_32bit_in_one_launch():

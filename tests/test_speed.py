@@ -92,12 +92,16 @@ def test_fast_path_gives_the_bitsandbytes_path_gradients_and_one_graph_for_all_l
         assert (fast_grads[name] - g).norm() <= 2e-2 * g.norm(), name
 
 
-@pytest.mark.parametrize("adapters_in_gemm", ["shared", "all", "none"])
-def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_dir, adapters_in_gemm):
+@pytest.mark.parametrize("adapters_in_gemm,swiglu", [("shared", True), ("all", True), ("none", True),
+                                                     ("shared", False), ("none", False)])
+def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_dir, adapters_in_gemm, swiglu,
+                                                                        monkeypatch):
     """tasks/fast_lora.install_fused: q/k/v and gate/up as one 4-bit GEMM each, their A's as one
-    GEMM, and (all) every adapter's B in its base GEMM, compute what the separate PEFT layers
-    compute (compiled as on the fast path); with the adapters disabled the blocks run their own code."""
+    GEMM, gate and up's B's inside the SwiGLU (swiglu) or in their base GEMM (shared, all), and
+    (all) o and down's B's in theirs, compute what the separate PEFT layers compute (compiled as
+    on the fast path); with the adapters disabled the blocks run their own code."""
     import dataclasses
+    monkeypatch.setattr(fast_lora, "SWIGLU_KERNEL", swiglu)
     ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
     plan = speed.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)
     runs = []
@@ -127,9 +131,9 @@ def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_di
             runs.append((done, loss, grads, base))
         assert not [m for m in model.modules() if hasattr(m, fast_lora._FUSED) or "forward" in vars(m)]  # undone
     (done0, loss0, grads0, base0), (done1, loss1, grads1, base1) = runs
-    in_gemm = {"shared": 2 * 5, "all": 2 * 7, "none": 0}[adapters_in_gemm]
-    assert "fused_projections" not in done0 and done1["fused_projections"] == {"attention": 2, "mlp": 2,
-                                                                               "adapters_in_gemm": in_gemm}
+    in_gemm = {"shared": 2 * 5, "all": 2 * 7, "none": 0}[adapters_in_gemm] - 2 * 2 * (swiglu and adapters_in_gemm != "none")
+    assert "fused_projections" not in done0 and done1["fused_projections"] == {
+        "attention": 2, "mlp": 2, "adapters_in_gemm": in_gemm, "adapters_in_swiglu": 2 * 2 * swiglu}
     assert loss1 == pytest.approx(loss0, abs=2e-3) and base1 == pytest.approx(base0, abs=2e-3)
     assert grads0.keys() == grads1.keys() and len(grads0) == 2 * 7 * 2
     for name, g in grads0.items():  # bf16 GEMMs of other widths: rounding only
@@ -170,6 +174,45 @@ def test_adapters_in_the_gemm_of_weights_laid_end_to_end_are_the_separate_lora_l
     got = [t.grad for t in [x] + [p for a, b, _ in loras for p in (a, b)]]
     for mine, theirs in zip(got, expected):
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pad_k", [1, 64])
+def test_adapters_inside_the_swiglu_are_the_separate_gate_and_up_lora_layers(monkeypatch, pad_k):
+    """NF4LoRASwiGLU over gate and up laid end to end: silu(x W_g^T + m_g B_g^T) * (x W_u^T +
+    m_u B_u^T) with the B's added inside the SwiGLU (tasks/swiglu_lora.py's tensor code, what
+    its Triton kernels are checked against on CUDA) is, in fp32, act(gate(x)) * up(x) of the
+    separate LoRA layers, with the same gradients for x, the A's and the B's (backward: one
+    GEMM over [W | blockdiag(B_g, B_u)] gives dx and dm); ranks of different sizes."""
+    import bitsandbytes as bnb
+    monkeypatch.setattr(fast_lora, "PAD_K", pad_k)
+    torch.manual_seed(0)
+    layers, loras = [], []
+    for rank, scale in ((8, 2.0), (4, 0.5)):
+        layer = bnb.nn.Linear4bit(128, 256, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                                  compress_statistics=True)
+        layer.weight = bnb.nn.Params4bit(torch.randn(256, 128) * 0.02, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+        layers.append(layer.to("cpu"))
+        loras.append((torch.randn(rank, 128, requires_grad=True), torch.randn(256, rank, requires_grad=True), scale))
+    fast_lora.install(torch.nn.ModuleList(layers))
+    fused = fast_lora.laid_end_to_end([getattr(layer, fast_lora._NF4) for layer in layers])
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    g = torch.randn(3, 5, 256)
+    gate, up = (layer(x) + (x @ a.t() * s) @ b.t() for layer, (a, b, s) in zip(layers, loras))
+    expected_h = torch.nn.functional.silu(gate) * up
+    expected_h.backward(g)
+    leaves = [x] + [p for a, b, _ in loras for p in (a, b)]
+    expected = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    m = torch.cat([x @ a.t() for a, _, _ in loras], dim=-1)
+    (_, b_gate, s_gate), (_, b_up, s_up) = loras
+    h = fast_lora.NF4LoRASwiGLU.apply(x, m, b_gate * s_gate, b_up * s_up, fast_lora._meta(fused),
+                                      *(fused[k] for k in fast_lora._KEYS))
+    h.backward(g)
+    assert torch.allclose(h, expected_h, atol=1e-5)
+    for mine, theirs in zip([t.grad for t in leaves], expected):  # fp32 sums in another order
+        assert (mine - theirs).norm() <= 1e-5 * theirs.norm()
 
 
 def _saved_by_one_layer(model, partitioner: dict) -> list:

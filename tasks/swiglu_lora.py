@@ -1,0 +1,148 @@
+"""SwiGLU over gate and up whose LoRA adapters are added inside the SwiGLU kernel itself:
+
+    h = silu(y_g + m_g B_g^T) * (y_u + m_u B_u^T)
+
+y = [y_g | y_u] is the 4-bit base GEMM's bf16 output for gate and up laid end to end, m = [m_g |
+m_u] the adapters' rank-r inputs (x A^T), B_g and B_u their B's times the scaling. Each program
+multiplies its tile of m by its columns of B (a K = r dot on the tensor cores, fp32 accumulator)
+and adds that to the base output in fp32: the adapter's part is never rounded on its own, and
+no adapter output as wide as the MLP (N = 14336 at the 8B shape) is written by a GEMM and read
+back. Why: on the fast path the two adapter outputs of gate and up were the largest tensors
+the SwiGLU kernels read (H100, 8B shape: SwiGLU forward 35 ms a step with them, 15 ms without;
+bench/results/README.md). Backward recomputes the sums the same way and gives [dg | du] laid
+like y, so that one GEMM over [W | blockdiag(B_g, B_u)] gives dx and dm (fast_lora.NF4LoRASwiGLU).
+
+`forward` / `backward` take the Triton kernels on CUDA once `available()` has registered them
+(as torch ops, so compiled code calls them with no Python in between; call it outside compiled
+code, as fast_lora.install_fused does), and the same arithmetic as tensor code elsewhere (what
+the CPU tests check the kernels against).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# A program's tile (tokens x output columns) and its warps: the fastest of 18 settings at the 8B
+# MLP shape on an H100 (bench/swiglu_tiles.py: forward 0.258 ms, backward 0.460 ms, 89% and
+# 85% of the copy rate; 64 x 128 took 0.309 and 0.471).
+BLOCK_T, BLOCK_N, WARPS = 32, 128, 4
+
+
+_kernel_ready = False  # set by available(), outside compiled code: the ops are registered
+
+
+def available() -> bool:
+    global _kernel_ready
+    if not _kernel_ready and torch.cuda.is_available() and hasattr(torch.library, "triton_op"):
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        _kernel_ready = _ops() is not None
+    return _kernel_ready
+
+
+def _ranks(m: Tensor, b_gate: Tensor, b_up: Tensor) -> tuple[int, int, int]:
+    n, r_gate, r_up = b_gate.shape[0], b_gate.shape[1], b_up.shape[1]
+    if b_up.shape[0] != n or m.shape[-1] != r_gate + r_up:
+        raise ValueError(f"swiglu_lora: B's of {tuple(b_gate.shape)} and {tuple(b_up.shape)} do not match "
+                         f"m of width {m.shape[-1]}")
+    return n, r_gate, r_up
+
+
+@functools.lru_cache(maxsize=None)
+def _ops():
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    @triton.jit
+    def swiglu_kernel(y, m, b_gate, b_up, dh, out, rows, n, r_gate, r_up,
+                      BT: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, BACKWARD: tl.constexpr):
+        """Forward: out = h. Backward: out = [dg | du] laid like y, from dh."""
+        t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+        c = tl.program_id(1) * BN + tl.arange(0, BN)
+        j = tl.arange(0, RP)
+        row_ok, col_ok = (t < rows)[:, None], (c < n)[None, :]
+        ok = row_ok & col_ok
+        # the tile's gate and up sums in fp32: base output + m B^T (a K = rank dot, fp32 accumulator)
+        r = r_gate + r_up
+        m_gate = tl.load(m + t[:, None] * r + j[None, :], mask=row_ok & (j < r_gate)[None, :], other=0.0)
+        m_up = tl.load(m + t[:, None] * r + r_gate + j[None, :], mask=row_ok & (j < r_up)[None, :], other=0.0)
+        bt_gate = tl.load(b_gate + c[None, :] * r_gate + j[:, None], mask=(j < r_gate)[:, None] & col_ok, other=0.0)
+        bt_up = tl.load(b_up + c[None, :] * r_up + j[:, None], mask=(j < r_up)[:, None] & col_ok, other=0.0)
+        at = t[:, None] * (2 * n) + c[None, :]
+        gate = tl.load(y + at, mask=ok, other=0.0).to(tl.float32) + tl.dot(m_gate, bt_gate)
+        up = tl.load(y + at + n, mask=ok, other=0.0).to(tl.float32) + tl.dot(m_up, bt_up)
+        sig = tl.sigmoid(gate)
+        if BACKWARD:
+            g = tl.load(dh + t[:, None] * n + c[None, :], mask=ok, other=0.0).to(tl.float32)
+            d_gate = g * up * sig * (1.0 + gate * (1.0 - sig))  # silu'(x) = s(x) (1 + x (1 - s(x)))
+            tl.store(out + at, d_gate.to(out.dtype.element_ty), mask=ok)
+            tl.store(out + at + n, (g * gate * sig).to(out.dtype.element_ty), mask=ok)
+        else:
+            tl.store(out + t[:, None] * n + c[None, :], (gate * sig * up).to(out.dtype.element_ty), mask=ok)
+
+    def grid(rows, n):
+        return (triton.cdiv(rows, BLOCK_T), triton.cdiv(n, BLOCK_N))
+
+    def rp(r_gate, r_up):
+        return max(16, triton.next_power_of_2(max(r_gate, r_up)))  # tl.dot needs K >= 16
+
+    @triton_op("qlora_flow::swiglu_lora", mutates_args=())
+    def swiglu_lora(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> Tensor:
+        n, r_gate, r_up = _ranks(m, b_gate, b_up)
+        rows = y.numel() // (2 * n)
+        h = y.new_empty(*y.shape[:-1], n)
+        wrap_triton(swiglu_kernel)[grid(rows, n)](y, m, b_gate, b_up, y, h, rows, n, r_gate, r_up,
+                                                  BT=BLOCK_T, BN=BLOCK_N, RP=rp(r_gate, r_up), BACKWARD=False,
+                                                  num_warps=WARPS)
+        return h
+
+    @triton_op("qlora_flow::swiglu_lora_backward", mutates_args=())
+    def swiglu_lora_backward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor) -> Tensor:
+        n, r_gate, r_up = _ranks(m, b_gate, b_up)
+        rows = y.numel() // (2 * n)
+        dy = torch.empty_like(y)
+        wrap_triton(swiglu_kernel)[grid(rows, n)](y, m, b_gate, b_up, dh, dy, rows, n, r_gate, r_up,
+                                                  BT=BLOCK_T, BN=BLOCK_N, RP=rp(r_gate, r_up), BACKWARD=True,
+                                                  num_warps=WARPS)
+        return dy
+
+    return swiglu_lora, swiglu_lora_backward
+
+
+def _sums(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> tuple[Tensor, Tensor]:
+    n, r_gate, _ = _ranks(m, b_gate, b_up)
+    m = m.float()
+    gate = y[..., :n].float() + F.linear(m[..., :r_gate], b_gate.float())
+    up = y[..., n:].float() + F.linear(m[..., r_gate:], b_up.float())
+    return gate, up
+
+
+def _use_kernel(y: Tensor) -> bool:
+    return y.is_cuda and _kernel_ready  # a flag, not available(): compiled code traces this without a break
+
+
+def forward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> Tensor:
+    """h = silu(y_g + m_g B_g^T) * (y_u + m_u B_u^T) in fp32, rounded once to y's dtype. y: (..., 2N)
+    contiguous; m: (..., r_g + r_u) contiguous; b_gate: (N, r_g); b_up: (N, r_u)."""
+    if _use_kernel(y):
+        return torch.ops.qlora_flow.swiglu_lora(y, m.contiguous(), b_gate.contiguous(), b_up.contiguous())
+    gate, up = _sums(y, m, b_gate, b_up)
+    return (F.silu(gate) * up).to(y.dtype)
+
+
+def backward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor) -> Tensor:
+    """[dL/d(gate sum) | dL/d(up sum)] laid like y, in y's dtype, from dh = dL/dh."""
+    if _use_kernel(y):
+        return torch.ops.qlora_flow.swiglu_lora_backward(y, m.contiguous(), b_gate.contiguous(),
+                                                         b_up.contiguous(), dh.contiguous())
+    gate, up = _sums(y, m, b_gate, b_up)
+    g, sig = dh.float(), torch.sigmoid(gate)
+    d_gate = g * up * sig * (1 + gate * (1 - sig))
+    d_up = g * gate * sig
+    return torch.cat((d_gate, d_up), dim=-1).to(y.dtype)
