@@ -205,10 +205,11 @@ class TrainConfig(Section):
         "inputs in pinned host memory (0.72x the memory); elsewhere (CPU, other models), and with off, those flags "
         "apply as set")
     adapters_in_gemm: bool = Field(False, description=(
-        "On the fast path: add the q/k/v and gate/up LoRA adapters inside their 4-bit base GEMM ([x | x A^T] "
-        "[W | s B]^T, tasks/fast_lora.py), so each sum is rounded to bf16 by the GEMM instead of kept in fp32 into "
-        "RoPE and SwiGLU. Faster (H100, 8B shape: 1.05x the tokens/s at 0.99x the memory) but the loss drifts "
-        "further from fp32 (max difference over 22 steps 0.061 against 0.057); false keeps the exact sums."))
+        "On the fast path: add the q/k/v LoRA adapters inside their 4-bit base GEMM ([x | x A^T] [W | s B]^T, "
+        "tasks/fast_lora.py), and gate/up's too where the MLP's activation is not SiLU (a SiLU MLP adds them inside "
+        "its SwiGLU kernel in fp32 either way); each such sum is then rounded to bf16 by the GEMM instead of kept in "
+        "fp32 into RoPE. It no longer pays next to the SwiGLU kernel (H100, 1B shape: 0.96x the tokens/s, loss "
+        "further from fp32: 0.0082 against 0.0054 over 22 steps); false keeps the exact sums."))
     strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description=(
         "Several processes (torchrun): ddp: a whole model on each, gradients averaged. fsdp: FSDP2 shards the "
         "4-bit base, adapters, gradients and optimizer state over them (models one device cannot hold). auto: fsdp "

@@ -17,10 +17,12 @@ on its own rounds them away: train.precision: bf16's early lag). `install(model)
 4-bit layers of a model through it; `uninstall` undoes it. Only worth it compiled (eager, the
 lookups are separate kernels): tasks/speed.py installs it with the compiled decoder layers.
 `install_fused` (train.speed's fused projections) runs the projections that share an input as
-one GEMM (see there). With train.adapters_in_gemm, NF4LoRALinear also puts their adapters in
-that GEMM: [x | x A^T] [W | s B]^T, the Triton kernel writing B's columns next to W's. It saves
-the adapter outputs' second pass (H100, 8B shape: 1.05x the tokens/s) but rounds each sum to
-bf16 before RoPE and SwiGLU, which is what the default avoids (bench/results/README.md).
+one GEMM (see there). For a SiLU MLP, NF4LoRASwiGLU adds gate and up's adapters inside the
+SwiGLU kernel (tasks/swiglu_lora.py): exact sums, and no adapter output as wide as the MLP.
+With train.adapters_in_gemm, NF4LoRALinear puts q/k/v's adapters in their GEMM: [x | x A^T]
+[W | s B]^T, the Triton kernel writing B's columns next to W's. It saves the adapter outputs'
+second pass but rounds each sum to bf16 before RoPE, which the default avoids
+(bench/results/README.md).
 """
 from __future__ import annotations
 
@@ -223,8 +225,8 @@ def uninstall(model) -> None:
 # computes them, and Inductor adds them in fp32 in the next elementwise kernel (RoPE, SwiGLU),
 # reading a second output as large as the base's. With adapters in the GEMM (train.
 # adapters_in_gemm), each group's B's go into its base GEMM's K dimension (NF4LoRALinear): "shared"
-# for q/k/v and gate/up; "all" also o and down as groups of one, slower (their input must be
-# copied next to the adapter's: bench/results/README.md).
+# for q/k/v (and gate/up when SWIGLU_KERNEL does not take them); "all" also o and down as groups
+# of one, slower (their input must be copied next to the adapter's: bench/results/README.md).
 # SiLU MLPs take NF4LoRASwiGLU: gate and up's adapters added inside the SwiGLU kernel (exact
 # sums, no adapter outputs written; tasks/swiglu_lora.py). False: lora_projections for them too
 # (bench/gpu_qlora_bench.py compares the two: variant part noswiglu).
@@ -396,9 +398,10 @@ def _lora_layer(self, x, *args, **kwargs):
 
 def install_fused(layers: list, adapters_in_gemm: str = "none") -> dict:
     """Fuse q/k/v and gate/up of Llama-layout decoder layers whose 4-bit LoRA layers are routed
-    through NF4Linear (after install), with their adapters in the GEMMs for adapters_in_gemm
+    through NF4Linear (after install): a SiLU MLP's gate and up adapters inside its SwiGLU
+    kernel (SWIGLU_KERNEL), the other groups' adapters in their GEMMs for adapters_in_gemm
     "shared" (and o and down's for "all"); returns how many attention and MLP blocks were fused,
-    and how many LoRA layers have their adapter in the GEMM."""
+    and how many LoRA layers have their adapter in a GEMM and in a SwiGLU kernel."""
     shared, alone = adapters_in_gemm in ("all", "shared"), adapters_in_gemm == "all"
     done = {"attention": 0, "mlp": 0, "adapters_in_gemm": 0, "adapters_in_swiglu": 0}
     if SWIGLU_KERNEL and _triton_ready:

@@ -14,9 +14,11 @@ train.precision say:
   - q/k/v and gate/up run as one 4-bit GEMM each over their weights laid end to end, their
     adapters' A matrices as one GEMM (fast_lora.install_fused; H100, 8B shape: LoRA GEMMs
     69 -> 58 ms a step, peak 10.0 -> 9.6 GiB);
-  - with train.adapters_in_gemm, those groups' adapters go into the same GEMM (the sums then
-    rounded to bf16 there; H100, 8B shape: 1.05x the tokens/s, 0.99x the memory, a loss further
-    from fp32: off by default);
+  - gate and up's adapters are added inside the SwiGLU kernel (tasks/swiglu_lora.py): the
+    sums exact in fp32, no adapter output as wide as the MLP written and read back (H100, 8B
+    shape, with the partitioner's budget at 0.9: 10,557 -> 11,192 tokens/s, 9.58 -> 9.44 GiB);
+  - with train.adapters_in_gemm, q/k/v's adapters go into their GEMM (the sums then rounded
+    to bf16 there; no longer faster next to the SwiGLU kernel: off by default);
   - Liger's fused linear + cross-entropy computes the loss without a (tokens x vocab) tensor;
   - activations are bf16 (half the memory of an fp32 residual stream); compiled, each LoRA
     layer's `base + adapter` joins the next elementwise kernel (RoPE, SwiGLU, the residual
