@@ -11,9 +11,10 @@ Inductor turns it into one generated kernel launched from compiled code, next to
 NF4Linear is an autograd function whose backward dequantizes the weight again instead of
 keeping the bf16 copy from the forward: activations only (x is not needed: dx = g W).
 PEFT's adapter (x A^T B^T s) and its sum with the base output stay PEFT's own code; compiled,
-the sum joins the next elementwise kernel (RoPE, SwiGLU, the residual add) and is rounded
-once with it, from fp32, which is what keeps the adapters' small first updates (a bf16 sum
-on its own rounds them away: train.precision: bf16's early lag). `install(model)` routes the
+the sum joins the next elementwise kernel (RoPE, the residual add) and is rounded once with
+it, from fp32, which is what keeps the adapters' small first updates (a bf16 sum on its own
+rounds them away: train.precision: bf16's early lag). A SiLU MLP's gate and up go further
+(NF4LoRASwiGLU, below). `install(model)` routes the
 4-bit layers of a model through it; `uninstall` undoes it. Only worth it compiled (eager, the
 lookups are separate kernels): tasks/speed.py installs it with the compiled decoder layers.
 `install_fused` (train.speed's fused projections) runs the projections that share an input as
@@ -120,8 +121,9 @@ class NF4LoRALinear(torch.autograd.Function):
 class NF4LoRASwiGLU(torch.autograd.Function):
     """h = silu(x W_g^T + m_g B_g^T) * (x W_u^T + m_u B_u^T) for gate and up laid end to end
     (W = [W_g; W_u], one 4-bit GEMM): the adapters are added to the GEMM's bf16 output in fp32
-    inside the SwiGLU kernel (tasks/swiglu_lora.py), so the sums are exact as PEFT's are in
-    fp32 and no adapter output as wide as the MLP is written. Backward: the kernel's
+    inside the SwiGLU kernel (tasks/swiglu_lora.py): the adapter's part is never rounded on
+    its own (more exact than PEFT under autocast, which rounds B's output to bf16) and no
+    adapter output as wide as the MLP is written. Backward: the kernel's
     derivative gives [dg | du] laid like the GEMM's output; [dx | dm] = [dg | du] [W | B] is one
     GEMM over the weight dequantized again with B = blockdiag(B_g, B_u) in its last columns, as
     in NF4LoRALinear; dB_g = dg^T m_g, dB_u = du^T m_u. Keeps the base output (bf16) for backward.
@@ -222,7 +224,8 @@ def uninstall(model) -> None:
 # GEMMs and the adds of their outputs, and the adapters' A gradients one GEMM that reads the
 # input once.
 # By default ("none") each B and its sum with its slice of the base output stay apart as PEFT
-# computes them, and Inductor adds them in fp32 in the next elementwise kernel (RoPE, SwiGLU),
+# computes them (q/k/v; gate/up when SWIGLU_KERNEL does not take them), and Inductor adds them
+# in fp32 in the next elementwise kernel (RoPE, SwiGLU),
 # reading a second output as large as the base's. With adapters in the GEMM (train.
 # adapters_in_gemm), each group's B's go into its base GEMM's K dimension (NF4LoRALinear): "shared"
 # for q/k/v (and gate/up when SWIGLU_KERNEL does not take them); "all" also o and down as groups
@@ -404,9 +407,9 @@ def install_fused(layers: list, adapters_in_gemm: str = "none") -> dict:
     and how many LoRA layers have their adapter in a GEMM and in a SwiGLU kernel."""
     shared, alone = adapters_in_gemm in ("all", "shared"), adapters_in_gemm == "all"
     done = {"attention": 0, "mlp": 0, "adapters_in_gemm": 0, "adapters_in_swiglu": 0}
-    if SWIGLU_KERNEL and _triton_ready:
+    if SWIGLU_KERNEL and torch.cuda.is_available():
         from tasks import swiglu_lora
-        swiglu_lora.available()  # registers its ops outside compiled code
+        swiglu_lora.available()  # registers its ops outside compiled code (whatever TRITON says: a lever of its own)
     for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if type(attn).__name__ in ATTENTION_CLASSES and not getattr(attn.config, "attention_bias", False):

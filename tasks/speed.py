@@ -57,7 +57,8 @@ FAST_TYPES = ("llama", "mistral", "qwen2")  # the decoder layout the fast path i
 # backward's dequantization with the forward's would keep each bf16 weight from forward to
 # backward (the 4-bit point is not to); off. activation_memory_budget: recompute the cheap
 # elementwise results (RMSNorm outputs, SwiGLU's product) in backward rather than keep them.
-# Together: 0.57 of the default's bytes for a small layer (tests/test_speed.py checks < 0.7);
+# Together: 0.57 of the default's bytes for a small layer at 0.7 and at 0.9 (tests/test_speed.py
+# checks < 0.7);
 # at 0.5 the solver recomputed matmuls too (H100, 8B shape: step +6%). 0.9, not 0.7: once the
 # MLP's adapters went inside the SwiGLU kernel (fast_lora.NF4LoRASwiGLU) there was less to
 # save, and at 0.7 the solver recomputed attention's forward in backward (H100, 8B shape:
@@ -81,7 +82,8 @@ class Plan:
                                  # in this many token chunks (0: one compiled graph, torch's checkpoint)
     offload: bool = False        # with split: checkpointed layers keep their input in pinned host memory
     fused_projections: bool = False  # tasks/fast_lora.py: q/k/v and gate/up as one 4-bit GEMM each (+ one for their A's)
-    adapters_in_gemm: str = "none"  # tasks/fast_lora.install_fused: none, shared (q/k/v, gate/up) or all (o, down too)
+    adapters_in_gemm: str = "none"  # tasks/fast_lora.install_fused: none, shared (q/k/v; gate/up unless in the
+                                    # SwiGLU kernel) or all (o, down too)
     note: str = ""               # one line for the log ("" when there is nothing to say)
 
     def describe(self) -> dict:
@@ -115,7 +117,8 @@ def choose(t, device: torch.device, task: str, model_type: str, quantized: bool)
         note += (f"; layers as two compiled halves, the MLP in {split} token chunks"
                  + (", layer inputs in pinned host memory" if offload else ""))
     if t.adapters_in_gemm:
-        note += "; q/k/v and gate/up adapters added inside their base GEMMs (sums rounded to bf16 there)"
+        note += "; q/k/v adapters (gate/up's where the MLP is not SiLU) added inside their base GEMMs (sums rounded " \
+                "to bf16 there)"
     return Plan(fast=True, liger=liger, gradient_checkpointing=True, precision="bf16", optimizer=optimizer,
                 compile=True, nf4_traced=True, split=split, offload=offload, fused_projections=True,
                 adapters_in_gemm="shared" if t.adapters_in_gemm else "none", note=note)

@@ -45,11 +45,13 @@ def available() -> bool:
     return _kernel_ready
 
 
-def _ranks(m: Tensor, b_gate: Tensor, b_up: Tensor) -> tuple[int, int, int]:
+def _ranks(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor | None = None) -> tuple[int, int, int]:
     n, r_gate, r_up = b_gate.shape[0], b_gate.shape[1], b_up.shape[1]
-    if b_up.shape[0] != n or m.shape[-1] != r_gate + r_up:
-        raise ValueError(f"swiglu_lora: B's of {tuple(b_gate.shape)} and {tuple(b_up.shape)} do not match "
-                         f"m of width {m.shape[-1]}")
+    if b_up.shape[0] != n or y.shape[-1] != 2 * n or m.shape[-1] != r_gate + r_up or m.shape[:-1] != y.shape[:-1] \
+            or (dh is not None and dh.shape != (*y.shape[:-1], n)):
+        grad = f", dh {tuple(dh.shape)}" if dh is not None else ""
+        raise ValueError(f"swiglu_lora: shapes do not match: y {tuple(y.shape)}, m {tuple(m.shape)}, B's "
+                         f"{tuple(b_gate.shape)} and {tuple(b_up.shape)}{grad}")
     return n, r_gate, r_up
 
 
@@ -61,22 +63,29 @@ def _ops():
 
     @triton.jit
     def swiglu_kernel(y, m, b_gate, b_up, dh, out, rows, n, r_gate, r_up,
-                      BT: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, BACKWARD: tl.constexpr):
+                      BT: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, R_MAX: tl.constexpr,
+                      BACKWARD: tl.constexpr):
         """Forward: out = h. Backward: out = [dg | du] laid like y, from dh."""
         t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
         c = tl.program_id(1) * BN + tl.arange(0, BN)
-        j = tl.arange(0, RP)
         row_ok, col_ok = (t < rows)[:, None], (c < n)[None, :]
         ok = row_ok & col_ok
-        # the tile's gate and up sums in fp32: base output + m B^T (a K = rank dot, fp32 accumulator)
+        # the adapters' parts m B^T in fp32: dots over the ranks in chunks of KC (tensor cores)
         r = r_gate + r_up
-        m_gate = tl.load(m + t[:, None] * r + j[None, :], mask=row_ok & (j < r_gate)[None, :], other=0.0)
-        m_up = tl.load(m + t[:, None] * r + r_gate + j[None, :], mask=row_ok & (j < r_up)[None, :], other=0.0)
-        bt_gate = tl.load(b_gate + c[None, :] * r_gate + j[:, None], mask=(j < r_gate)[:, None] & col_ok, other=0.0)
-        bt_up = tl.load(b_up + c[None, :] * r_up + j[:, None], mask=(j < r_up)[:, None] & col_ok, other=0.0)
+        adapter_gate = tl.zeros((BT, BN), dtype=tl.float32)
+        adapter_up = tl.zeros((BT, BN), dtype=tl.float32)
+        for k in tl.static_range(0, R_MAX, KC):  # unrolled: R_MAX / KC dots (one for r <= 64)
+            j = k + tl.arange(0, KC)
+            m_gate = tl.load(m + t[:, None] * r + j[None, :], mask=row_ok & (j < r_gate)[None, :], other=0.0)
+            m_up = tl.load(m + t[:, None] * r + r_gate + j[None, :], mask=row_ok & (j < r_up)[None, :], other=0.0)
+            bt_gate = tl.load(b_gate + c[None, :] * r_gate + j[:, None], mask=(j < r_gate)[:, None] & col_ok,
+                              other=0.0)
+            bt_up = tl.load(b_up + c[None, :] * r_up + j[:, None], mask=(j < r_up)[:, None] & col_ok, other=0.0)
+            adapter_gate += tl.dot(m_gate, bt_gate)
+            adapter_up += tl.dot(m_up, bt_up)
         at = t[:, None] * (2 * n) + c[None, :]
-        gate = tl.load(y + at, mask=ok, other=0.0).to(tl.float32) + tl.dot(m_gate, bt_gate)
-        up = tl.load(y + at + n, mask=ok, other=0.0).to(tl.float32) + tl.dot(m_up, bt_up)
+        gate = tl.load(y + at, mask=ok, other=0.0).to(tl.float32) + adapter_gate
+        up = tl.load(y + at + n, mask=ok, other=0.0).to(tl.float32) + adapter_up
         sig = tl.sigmoid(gate)
         if BACKWARD:
             g = tl.load(dh + t[:, None] * n + c[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -89,34 +98,34 @@ def _ops():
     def grid(rows, n):
         return (triton.cdiv(rows, BLOCK_T), triton.cdiv(n, BLOCK_N))
 
-    def rp(r_gate, r_up):
-        return max(16, triton.next_power_of_2(max(r_gate, r_up)))  # tl.dot needs K >= 16
+    def tiles(r_gate, r_up):  # KC, a chunk of the ranks: tl.dot needs K >= 16; 64 bounds the tiles' shared memory
+        r_max = max(r_gate, r_up)
+        return dict(BT=BLOCK_T, BN=BLOCK_N, KC=min(64, max(16, triton.next_power_of_2(r_max))), R_MAX=r_max,
+                    num_warps=WARPS)
 
     @triton_op("qlora_flow::swiglu_lora", mutates_args=())
     def swiglu_lora(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> Tensor:
-        n, r_gate, r_up = _ranks(m, b_gate, b_up)
+        n, r_gate, r_up = _ranks(y, m, b_gate, b_up)
         rows = y.numel() // (2 * n)
         h = y.new_empty(*y.shape[:-1], n)
         wrap_triton(swiglu_kernel)[grid(rows, n)](y, m, b_gate, b_up, y, h, rows, n, r_gate, r_up,
-                                                  BT=BLOCK_T, BN=BLOCK_N, RP=rp(r_gate, r_up), BACKWARD=False,
-                                                  num_warps=WARPS)
+                                                  **tiles(r_gate, r_up), BACKWARD=False)
         return h
 
     @triton_op("qlora_flow::swiglu_lora_backward", mutates_args=())
     def swiglu_lora_backward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor) -> Tensor:
-        n, r_gate, r_up = _ranks(m, b_gate, b_up)
+        n, r_gate, r_up = _ranks(y, m, b_gate, b_up, dh)
         rows = y.numel() // (2 * n)
-        dy = torch.empty_like(y)
+        dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)  # contiguous, as the kernel writes it
         wrap_triton(swiglu_kernel)[grid(rows, n)](y, m, b_gate, b_up, dh, dy, rows, n, r_gate, r_up,
-                                                  BT=BLOCK_T, BN=BLOCK_N, RP=rp(r_gate, r_up), BACKWARD=True,
-                                                  num_warps=WARPS)
+                                                  **tiles(r_gate, r_up), BACKWARD=True)
         return dy
 
     return swiglu_lora, swiglu_lora_backward
 
 
 def _sums(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> tuple[Tensor, Tensor]:
-    n, r_gate, _ = _ranks(m, b_gate, b_up)
+    n, r_gate, _ = _ranks(y, m, b_gate, b_up)
     m = m.float()
     gate = y[..., :n].float() + F.linear(m[..., :r_gate], b_gate.float())
     up = y[..., n:].float() + F.linear(m[..., r_gate:], b_up.float())
@@ -124,14 +133,19 @@ def _sums(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> tuple[Tensor, T
 
 
 def _use_kernel(y: Tensor) -> bool:
-    return y.is_cuda and _kernel_ready  # a flag, not available(): compiled code traces this without a break
+    """The Triton kernels for bf16/fp16 CUDA tensors once registered (a flag, not available():
+    compiled code reads it without a graph break); fp32 takes the tensor code, where the dots
+    are not TF32."""
+    return y.is_cuda and _kernel_ready and y.dtype in (torch.bfloat16, torch.float16)
 
 
 def forward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> Tensor:
-    """h = silu(y_g + m_g B_g^T) * (y_u + m_u B_u^T) in fp32, rounded once to y's dtype. y: (..., 2N)
-    contiguous; m: (..., r_g + r_u) contiguous; b_gate: (N, r_g); b_up: (N, r_u)."""
+    """h = silu(y_g + m_g B_g^T) * (y_u + m_u B_u^T) in fp32, rounded once to y's dtype. y: (..., 2N);
+    m: (..., r_g + r_u); b_gate: (N, r_g); b_up: (N, r_u); any ranks (the kernel takes them in
+    chunks of at most 64)."""
     if _use_kernel(y):
-        return torch.ops.qlora_flow.swiglu_lora(y, m.contiguous(), b_gate.contiguous(), b_up.contiguous())
+        return torch.ops.qlora_flow.swiglu_lora(y.contiguous(), m.contiguous(), b_gate.contiguous(),
+                                                b_up.contiguous())
     gate, up = _sums(y, m, b_gate, b_up)
     return (F.silu(gate) * up).to(y.dtype)
 
@@ -139,7 +153,7 @@ def forward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> Tensor:
 def backward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor) -> Tensor:
     """[dL/d(gate sum) | dL/d(up sum)] laid like y, in y's dtype, from dh = dL/dh."""
     if _use_kernel(y):
-        return torch.ops.qlora_flow.swiglu_lora_backward(y, m.contiguous(), b_gate.contiguous(),
+        return torch.ops.qlora_flow.swiglu_lora_backward(y.contiguous(), m.contiguous(), b_gate.contiguous(),
                                                          b_up.contiguous(), dh.contiguous())
     gate, up = _sums(y, m, b_gate, b_up)
     g, sig = dh.float(), torch.sigmoid(gate)

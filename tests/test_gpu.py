@@ -117,7 +117,8 @@ def test_triton_nf4_dequantization_is_bitsandbytes_up_to_the_scales_last_bit(row
     assert torch.equal(wide, torch.cat((ours, extra), dim=1))
 
 
-@pytest.mark.parametrize("rows, n, ranks", [(4096, 1024, (16, 16)), (1000, 200, (16, 8))])  # 2nd: ragged tiles
+@pytest.mark.parametrize("rows, n, ranks", [(4096, 1024, (16, 16)), (1000, 200, (16, 8)),  # 2nd: ragged tiles
+                                            (1000, 320, (24, 64)), (512, 256, (128, 128))])  # ranks in chunks
 def test_triton_swiglu_lora_kernels_are_the_tensor_code(rows, n, ranks, monkeypatch):
     """tasks/swiglu_lora.py: the Triton kernels compute what its tensor code computes (the sums
     in fp32, each result rounded once to bf16): forward h and backward [dg | du], up to a bf16
@@ -193,7 +194,7 @@ def test_split_layers_and_offloaded_inputs_give_the_gradients_of_one_graph_check
         assert (g0[name] - g1[name]).norm() <= 3e-2 * g0[name].norm() + 1e-8, name
 
 
-def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_cuda(tmp_path):
+def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_cuda(tmp_path, monkeypatch):
     """tasks/fast_lora.NF4LoRALinear under Inductor with the Triton dequantization writing [W | B],
     and NF4LoRASwiGLU with gate and up's adapters inside the SwiGLU's Triton kernels: the loss and
     adapter gradients of the compiled layers whose adapters PEFT adds apart."""
@@ -208,11 +209,10 @@ def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_c
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         speed._COMPILED.clear()
-        fast_lora.SWIGLU_KERNEL = swiglu
+        monkeypatch.setattr(fast_lora, "SWIGLU_KERNEL", swiglu)
         with speed.scoped("llama") as patches:
             model, plan = _tiny_fast_model(path, 0, False)
             done = patches.apply(model, dataclasses.replace(plan, adapters_in_gemm=mode), "llama", random=False)
-            fast_lora.SWIGLU_KERNEL = True
             assert done["fused_projections"]["adapters_in_gemm"] == {"none": 0, "all": 3 * 7}[mode] - 3 * 2 * (
                 swiglu and mode == "all")
             assert done["fused_projections"]["adapters_in_swiglu"] == 3 * 2 * swiglu

@@ -93,7 +93,7 @@ def test_fast_path_gives_the_bitsandbytes_path_gradients_and_one_graph_for_all_l
 
 
 @pytest.mark.parametrize("adapters_in_gemm,swiglu", [("shared", True), ("all", True), ("none", True),
-                                                     ("shared", False), ("none", False)])
+                                                     ("shared", False), ("all", False), ("none", False)])
 def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_dir, adapters_in_gemm, swiglu,
                                                                         monkeypatch):
     """tasks/fast_lora.install_fused: q/k/v and gate/up as one 4-bit GEMM each, their A's as one
@@ -174,6 +174,24 @@ def test_adapters_in_the_gemm_of_weights_laid_end_to_end_are_the_separate_lora_l
     got = [t.grad for t in [x] + [p for a, b, _ in loras for p in (a, b)]]
     for mine, theirs in zip(got, expected):
         assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_an_mlp_whose_activation_is_not_silu_keeps_its_adapters_apart(llama_dir):
+    """The SwiGLU kernel is written for SiLU: another activation's MLP is still fused (one GEMM
+    for gate and up) but adds its adapters as PEFT does, and computes what its own code does."""
+    model = adapted(llama_dir)
+    layers = [layer for layer in model.get_base_model().model.layers]
+    for layer in layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    fast_lora.install(model)
+    done = fast_lora.install_fused(layers, "none")
+    assert done == {"attention": 2, "mlp": 2, "adapters_in_gemm": 0, "adapters_in_swiglu": 0}
+    mlp = layers[0].mlp
+    assert not getattr(mlp, fast_lora._FUSED)["swiglu"]
+    x = torch.randn(2, 16, 256)
+    with torch.no_grad():
+        assert torch.allclose(mlp(x), type(mlp).forward(mlp, x), atol=1e-5)
+    fast_lora.uninstall(model)
 
 
 @pytest.mark.parametrize("pad_k", [1, 64])
