@@ -219,7 +219,7 @@ def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_c
             assert fast_lora._triton_ready  # the Triton kernel writes [W | B], not the tensor code
             if swiglu:
                 from tasks import swiglu_lora
-                assert swiglu_lora._use_kernel(torch.empty(1, device="cuda"))  # its Triton kernels, not tensor code
+                assert swiglu_lora._use_kernel(torch.empty(1, device="cuda", dtype=torch.bfloat16))  # Triton, not tensor code
             model.train()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
