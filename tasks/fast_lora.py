@@ -88,6 +88,20 @@ class NF4Linear(torch.autograd.Function):
 PAD_K = 64  # NF4LoRALinear's K (inputs + ranks) padded with zero columns to a multiple of this
 
 
+def _pad(k: int, r: int) -> int:
+    """Zero columns after [W | B] (k inputs, r ranks): a K of whole GEMM tiles."""
+    return -(k + r) % PAD_K
+
+
+def _input_and_rank_grads(grad: Tensor, b: Tensor, meta: tuple, tensors) -> tuple[Tensor, Tensor]:
+    """[dx | dm] = g [W | B]: the gradients of the input and of the adapters' rank inputs m in
+    one GEMM over the weight dequantized again with B (N x R) in its last columns."""
+    shape, blocksize, dtype = meta
+    k, r = shape[1], b.shape[1]
+    dxm = grad @ dequantize_nf4(*tensors, list(shape), blocksize, dtype, F.pad(b, (0, _pad(k, r))))
+    return dxm[..., :k], dxm[..., k:k + r]
+
+
 class NF4LoRALinear(torch.autograd.Function):
     """y = x W^T + m B^T = [x | m] [W | B]^T: a 4-bit layer and its adapter in one GEMM, where
     m = x A^T is the adapters' rank-r input (all the group's A's side by side) and B the
@@ -103,19 +117,18 @@ class NF4LoRALinear(torch.autograd.Function):
         b_dtype = b.dtype
         m, b = m.to(dtype), b.to(dtype)
         ctx.save_for_backward(m, b, *tensors)
-        pad = -(shape[1] + m.shape[-1]) % PAD_K  # zero columns: a K of whole GEMM tiles
-        ctx.meta, ctx.b_dtype, ctx.pad = meta, b_dtype, pad
+        ctx.meta, ctx.b_dtype = meta, b_dtype
+        pad = _pad(shape[1], m.shape[-1])
         return F.linear(torch.cat((x.to(dtype), F.pad(m, (0, pad))), dim=-1),
                         dequantize_nf4(*tensors, list(shape), blocksize, dtype, F.pad(b, (0, pad))))
 
     @staticmethod
     def backward(ctx, grad):
-        (shape, blocksize, dtype), (m, b, *tensors) = ctx.meta, ctx.saved_tensors
-        grad = grad.to(dtype)
-        dxm = grad @ dequantize_nf4(*tensors, list(shape), blocksize, dtype, F.pad(b, (0, ctx.pad)))
+        m, b, *tensors = ctx.saved_tensors
+        grad = grad.to(ctx.meta[2])
+        dx, dm = _input_and_rank_grads(grad, b, ctx.meta, tensors)
         db = grad.reshape(-1, grad.shape[-1]).t() @ m.reshape(-1, m.shape[-1])
-        k, r = shape[1], m.shape[-1]
-        return (dxm[..., :k], dxm[..., k:k + r], db.to(ctx.b_dtype), None) + (None,) * 6
+        return (dx, dm, db.to(ctx.b_dtype), None) + (None,) * 6
 
 
 class NF4LoRASwiGLU(torch.autograd.Function):
@@ -143,18 +156,14 @@ class NF4LoRASwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         from tasks import swiglu_lora
-        (shape, blocksize, dtype), (y, m, b_gate, b_up, *tensors) = ctx.meta, ctx.saved_tensors
-        dy = swiglu_lora.backward(y, m, b_gate, b_up, grad.to(dtype))
-        b = torch.block_diag(b_gate, b_up)
-        k, r = shape[1], b.shape[1]
-        pad = -(k + r) % PAD_K  # zero columns: an output of whole GEMM tiles
-        dxm = dy @ dequantize_nf4(*tensors, list(shape), blocksize, dtype, F.pad(b, (0, pad)))
+        y, m, b_gate, b_up, *tensors = ctx.saved_tensors
+        dy = swiglu_lora.backward(y, m, b_gate, b_up, grad.to(ctx.meta[2]))
+        dx, dm = _input_and_rank_grads(dy, torch.block_diag(b_gate, b_up), ctx.meta, tensors)
         n, r_gate = b_gate.shape
-        flat_dy, flat_m = dy.reshape(-1, 2 * n), m.reshape(-1, r)
+        flat_dy, flat_m = dy.reshape(-1, 2 * n), m.reshape(-1, m.shape[-1])
         d_gate = flat_dy[:, :n].t() @ flat_m[:, :r_gate]
         d_up = flat_dy[:, n:].t() @ flat_m[:, r_gate:]
-        return (dxm[..., :k], dxm[..., k:k + r], d_gate.to(ctx.b_dtypes[0]), d_up.to(ctx.b_dtypes[1]), None) \
-            + (None,) * 6
+        return (dx, dm, d_gate.to(ctx.b_dtypes[0]), d_up.to(ctx.b_dtypes[1]), None) + (None,) * 6
 
 
 def nf4_tensors(layer) -> dict | None:

@@ -58,8 +58,7 @@ FAST_TYPES = ("llama", "mistral", "qwen2")  # the decoder layout the fast path i
 # backward (the 4-bit point is not to); off. activation_memory_budget: recompute the cheap
 # elementwise results (RMSNorm outputs, SwiGLU's product) in backward rather than keep them.
 # Together: 0.57 of the default's bytes for a small layer at 0.7 and at 0.9 (tests/test_speed.py
-# checks < 0.7);
-# at 0.5 the solver recomputed matmuls too (H100, 8B shape: step +6%). 0.9, not 0.7: once the
+# checks < 0.7); at 0.5 the solver recomputed matmuls too (H100, 8B shape: step +6%). 0.9, not 0.7: once the
 # MLP's adapters went inside the SwiGLU kernel (fast_lora.NF4LoRASwiGLU) there was less to
 # save, and at 0.7 the solver recomputed attention's forward in backward (H100, 8B shape:
 # 10,955 tokens/s at 0.7 and 0.8, 11,220 at 0.9, the same 9.44-9.5 GiB peak).

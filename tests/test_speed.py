@@ -140,16 +140,14 @@ def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_di
         assert (grads1[name] - g).norm() <= 2e-2 * g.norm(), name
 
 
-@pytest.mark.parametrize("pad_k", [1, 64])
-def test_adapters_in_the_gemm_of_weights_laid_end_to_end_are_the_separate_lora_layers(monkeypatch, pad_k):
-    """NF4LoRALinear over two 4-bit weights laid end to end: [x | m] [W_1 B_1 0; W_2 0 B_2]^T is,
-    in fp32, the separate layers' x W_i^T + (x A_i^T s_i) B_i^T, with the same gradients for x,
-    the A's and the B's (backward: one GEMM gives dx and dm); with K padded by zero columns too."""
+def _4bit_layers_with_loras(specs) -> tuple[list, list, dict]:
+    """fp32-compute NF4 layers of 128 inputs routed through NF4Linear, one per (outputs, rank,
+    scale) (outputs: whole 256-block groups of nested scales), their LoRA weights (A, B, scale)
+    and their 4-bit weights laid end to end."""
     import bitsandbytes as bnb
-    monkeypatch.setattr(fast_lora, "PAD_K", pad_k)
     torch.manual_seed(0)
     layers, loras = [], []
-    for out, rank, scale in ((256, 8, 2.0), (128, 4, 0.5)):  # whole 256-block groups of nested scales
+    for out, rank, scale in specs:
         layer = bnb.nn.Linear4bit(128, out, bias=False, compute_dtype=torch.float32, quant_type="nf4",
                                   compress_statistics=True)
         layer.weight = bnb.nn.Params4bit(torch.randn(out, 128) * 0.02, requires_grad=False, quant_type="nf4",
@@ -157,7 +155,16 @@ def test_adapters_in_the_gemm_of_weights_laid_end_to_end_are_the_separate_lora_l
         layers.append(layer.to("cpu"))
         loras.append((torch.randn(rank, 128, requires_grad=True), torch.randn(out, rank, requires_grad=True), scale))
     fast_lora.install(torch.nn.ModuleList(layers))
-    fused = fast_lora.laid_end_to_end([getattr(layer, fast_lora._NF4) for layer in layers])
+    return layers, loras, fast_lora.laid_end_to_end([getattr(layer, fast_lora._NF4) for layer in layers])
+
+
+@pytest.mark.parametrize("pad_k", [1, 64])
+def test_adapters_in_the_gemm_of_weights_laid_end_to_end_are_the_separate_lora_layers(monkeypatch, pad_k):
+    """NF4LoRALinear over two 4-bit weights laid end to end: [x | m] [W_1 B_1 0; W_2 0 B_2]^T is,
+    in fp32, the separate layers' x W_i^T + (x A_i^T s_i) B_i^T, with the same gradients for x,
+    the A's and the B's (backward: one GEMM gives dx and dm); with K padded by zero columns too."""
+    monkeypatch.setattr(fast_lora, "PAD_K", pad_k)
+    layers, loras, fused = _4bit_layers_with_loras(((256, 8, 2.0), (128, 4, 0.5)))
     assert fused["shape"] == [384, 128]
     x = torch.randn(3, 5, 128, requires_grad=True)
     g = torch.randn(3, 5, 384)
@@ -201,19 +208,8 @@ def test_adapters_inside_the_swiglu_are_the_separate_gate_and_up_lora_layers(mon
     its Triton kernels are checked against on CUDA) is, in fp32, act(gate(x)) * up(x) of the
     separate LoRA layers, with the same gradients for x, the A's and the B's (backward: one
     GEMM over [W | blockdiag(B_g, B_u)] gives dx and dm); ranks of different sizes."""
-    import bitsandbytes as bnb
     monkeypatch.setattr(fast_lora, "PAD_K", pad_k)
-    torch.manual_seed(0)
-    layers, loras = [], []
-    for rank, scale in ((8, 2.0), (4, 0.5)):
-        layer = bnb.nn.Linear4bit(128, 256, bias=False, compute_dtype=torch.float32, quant_type="nf4",
-                                  compress_statistics=True)
-        layer.weight = bnb.nn.Params4bit(torch.randn(256, 128) * 0.02, requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True)
-        layers.append(layer.to("cpu"))
-        loras.append((torch.randn(rank, 128, requires_grad=True), torch.randn(256, rank, requires_grad=True), scale))
-    fast_lora.install(torch.nn.ModuleList(layers))
-    fused = fast_lora.laid_end_to_end([getattr(layer, fast_lora._NF4) for layer in layers])
+    layers, loras, fused = _4bit_layers_with_loras(((256, 8, 2.0), (256, 4, 0.5)))
     x = torch.randn(3, 5, 128, requires_grad=True)
     g = torch.randn(3, 5, 256)
     gate, up = (layer(x) + (x @ a.t() * s) @ b.t() for layer, (a, b, s) in zip(layers, loras))
