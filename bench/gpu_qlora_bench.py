@@ -123,12 +123,14 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
                                    (0 if part == "onegraph" else plan.split),
                                    optimizer=optimizer.get(part, plan.optimizer),
                                    adapters_in_gemm={"ingemm": "shared", "ingemmall": "all", "adaptersapart": "none"}
-                                   .get(part, plan.adapters_in_gemm))
+                                   .get(part, plan.adapters_in_gemm),
+                                   residual={"fp32res": "fp32", "bf16res": "bf16"}.get(part, plan.residual))
     parts = variant.split("+")
     from tasks import fast_lora
     fast_lora.TRITON = "notriton" not in parts  # the Triton NF4 kernel, or the tensor code (tasks/nf4_triton.py)
     fast_lora.SWIGLU_KERNEL = "noswiglu" not in parts  # gate/up's adapters inside the SwiGLU (tasks/swiglu_lora.py)
     fast_lora.PAD_K = next((int(p[4:]) for p in parts if p.startswith("padk")), 64)  # auto+padk1: no padding
+    speed.TORCH_CHECKPOINT = "torchcheckpoint" in parts  # whole layers by torch's checkpoint, not tasks/layer_checkpoint.py
     torch._dynamo.reset()  # each variant traces its own graphs
     speed._COMPILED.clear()
     partitioner = dict(speed.PARTITIONER)
@@ -455,7 +457,10 @@ def main() -> int:
                          "auto+ingemm / auto+ingemmall: train.adapters_in_gemm, the LoRA B's inside the base GEMMs of q/k/v "
                          "and gate/up / of o and down too (gate/up's stay in the SwiGLU kernel unless auto+noswiglu: "
                          "then they are added to the base output apart, in the next elementwise kernel); auto+padkN: their K padded to a multiple of N (default 64); "
-                         "auto+budgetNN: the partitioner's activation_memory_budget NN/100), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
+                         "auto+budgetNN: the partitioner's activation_memory_budget NN/100; auto+fp32res / auto+bf16res: the residual "
+                         "stream between layers in fp32 (inputs checkpointed in bf16; train.fp32_residual) / in bf16; "
+                         "auto+torchcheckpoint: whole layers checkpointed by torch's checkpoint instead of "
+                         "tasks/layer_checkpoint.py), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
                          "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)")
     ap.add_argument("--reference", default="", help="shapes that also get the fp32-compute reference's losses")
     ap.add_argument("--unsloth", default="", help="Unsloth tarball (.usite.tgz); empty: no Unsloth run")

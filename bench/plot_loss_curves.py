@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 STYLE = {"plain-hf": ("k", "--"), "fp32-reference": ("tab:blue", ":")}  # others: by recipe or precision mode
+VARIANTS: dict = {}
 
 
 def style(recipe: str) -> tuple[str, str]:
@@ -24,8 +25,11 @@ def style(recipe: str) -> tuple[str, str]:
         return STYLE[recipe]
     if recipe.startswith("unsloth"):
         return "tab:purple", "-."
-    if recipe.startswith("qlora-flow[auto"):
+    if recipe == "qlora-flow[auto]":
         return "tab:green", "-"
+    if recipe.startswith("qlora-flow[auto+"):  # a lever changed: one colour each, in the order first seen
+        others = ("tab:cyan", "tab:olive", "tab:brown", "tab:pink", "tab:blue")
+        return VARIANTS.setdefault(recipe, others[len(VARIANTS) % len(others)]), "-"
     return ("tab:red" if "bf16" in recipe else "tab:orange" if "mixed" in recipe else "tab:grey"), "-"
 
 

@@ -1,5 +1,6 @@
-"""Activation checkpointing of a decoder layer in two compiled halves, with the MLP's backward
-in token chunks and, optionally, the saved layer input in pinned host memory.
+"""Activation checkpointing of a decoder layer, whole or in two compiled halves (the MLP's
+backward then in token chunks), with the saved layer input optionally in pinned host memory
+and optionally kept in bf16 where the residual stream between layers is fp32.
 
 A Llama-layout decoder layer is `h = x + attn(norm1(x))`, `out = h + mlp(norm2(h))`. Checkpointed
 as one compiled graph, its backward holds the MLP's whole working set at once: the recomputed
@@ -20,11 +21,21 @@ The recompute runs under the forward's autocast state and, for layers that draw 
 (LoRA dropout), its RNG state; with random layers the MLP runs in one chunk, so the recompute
 draws what the forward drew.
 
+Whole (no second half): the layer is one function, run without a graph in forward and
+recomputed with one in backward, as torch's checkpoint does; what this adds is the two options
+below, which torch's checkpoint has no place for.
+
 offload: the layer input (tokens x hidden, 64 MiB a layer at the 8B shape) is copied to pinned
 host memory on a side stream as soon as the layer's forward is issued, and freed on the GPU;
 in backward each layer first asks for the input of the layer before it (the next to run), so
 the copy back overlaps its own recompute and backward. The GPU then holds at most two layer
 inputs instead of one a layer. Offloading is CUDA only; the rest runs anywhere.
+
+keep: the dtype the layer input is saved in (None: its own). With an fp32 residual stream
+(train.speed's residual: fp32) the input is saved in bf16, half the bytes, and the backward
+recomputes the layer from that bf16 copy: the forward, and so the loss, carry the fp32
+stream; the gradients are those of the layer at its input rounded to bf16, which is where a
+bf16 stream would have computed them anyway.
 """
 from __future__ import annotations
 
@@ -86,16 +97,19 @@ class _Saved:
 
 class LayerCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, attn, mlp, chunks, offload, random):
+    def forward(ctx, x, attn, mlp, chunks, offload, random, keep):
         ctx.attn, ctx.mlp, ctx.chunks, ctx.random = attn, mlp, (1 if random else chunks), random
         kind = x.device.type
         ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind),
                         torch.is_autocast_cache_enabled())
         ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if kind == "cuda" else None) \
             if random else None
-        ctx.saved = _Saved(x.detach(), offload)
+        ctx.dtype = x.dtype
+        ctx.saved = _Saved(x.detach().to(keep or x.dtype), offload)
         with torch.no_grad():
             h = attn(x)
+            if mlp is None:
+                return h
             if ctx.chunks == 1:
                 return mlp(h)
             out = torch.empty_like(h)  # the MLP in token chunks here too: its forward's working set shrinks alike
@@ -106,7 +120,7 @@ class LayerCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x = ctx.saved.take().detach().requires_grad_(True)
+        x = ctx.saved.take().to(ctx.dtype).detach().requires_grad_(True)
         kind, enabled, dtype, cache = ctx.autocast
 
         def recompute():  # the forward's numerics, with autograd (backward calls stay outside)
@@ -120,6 +134,10 @@ class LayerCheckpoint(torch.autograd.Function):
                     torch.cuda.set_rng_state(ctx.rng[1], x.device)
             with torch.enable_grad(), recompute():
                 h = ctx.attn(x)
+            if ctx.mlp is None:
+                torch.autograd.backward(h, grad)
+                ctx.saved = ctx.attn = None
+                return x.grad, None, None, None, None, None, None
             shape = h.shape
             flat, grad = h.detach().reshape(1, -1, shape[-1]), grad.reshape(1, -1, shape[-1])
             grad_h = torch.empty_like(flat)
@@ -132,7 +150,7 @@ class LayerCheckpoint(torch.autograd.Function):
                 del out, part
         torch.autograd.backward(h, grad_h.view(shape))
         ctx.saved = ctx.attn = ctx.mlp = None
-        return x.grad, None, None, None, None, None
+        return x.grad, None, None, None, None, None, None
 
 
 def _bounds(n: int, chunks: int) -> list[tuple[int, int]]:
@@ -141,11 +159,12 @@ def _bounds(n: int, chunks: int) -> list[tuple[int, int]]:
 
 
 def checkpoint(attn, mlp, x: torch.Tensor, chunks: int = 1, offload: bool = False,
-               random: bool = False) -> torch.Tensor:
-    """mlp(attn(x)) for a decoder layer's two halves, checkpointed as above."""
+               random: bool = False, keep: torch.dtype | None = None) -> torch.Tensor:
+    """mlp(attn(x)) for a decoder layer's two halves, or attn(x) for a whole layer (mlp None),
+    checkpointed as above."""
     if not x.requires_grad:  # the adapters inside still need the backward to run
         x = x.detach().requires_grad_(True)
-    return LayerCheckpoint.apply(x, attn, mlp, chunks, offload, random)
+    return LayerCheckpoint.apply(x, attn, mlp, chunks, offload, random, keep)
 
 
 def attention_half(layer, x, **kwargs):

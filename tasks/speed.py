@@ -4,9 +4,14 @@ that make it so, scoped to the training (`scoped`).
 auto, on CUDA, for a causal LM with a 4-bit base and a Llama-layout decoder (Llama, Mistral,
 Qwen2), takes the fast path, whatever train.liger_kernels, train.gradient_checkpointing and
 train.precision say:
-  - each decoder layer is checkpointed (its activations recomputed on the GPU in backward)
-    around its forward compiled by torch.compile: one graph for all layers, in which norms,
-    RoPE, SwiGLU, casts and residual adds become a few fused kernels;
+  - each decoder layer's forward is compiled by torch.compile (one graph for all layers, in
+    which norms, RoPE, SwiGLU, casts and residual adds become a few fused kernels) and
+    checkpointed by tasks/layer_checkpoint.py: the forward runs without autograd (a graph of
+    its own, which saves nothing), backward recomputes the layer with it. Against torch's
+    checkpoint, which runs the training graph twice, the speed is the same and the loss nearer
+    fp32 (H100, 8B shape, side by side: largest difference over 22 steps 0.049 against 0.057;
+    likely because the forward without autograd writes no bf16 copies for backward and keeps
+    more sums in fp32 between fused operations; TORCH_CHECKPOINT compares them);
   - the 4-bit base layers are traced by the compiler (tasks/fast_lora.py): the dequantization
     is one Triton kernel registered as a torch op on CUDA (tasks/nf4_triton.py; the tensor code
     elsewhere), called from the compiled graph (no Python call per layer), and their backward
@@ -20,15 +25,18 @@ train.precision say:
   - with train.adapters_in_gemm, q/k/v's adapters go into their GEMM (the sums then rounded
     to bf16 there; no longer faster next to the SwiGLU kernel: off by default);
   - Liger's fused linear + cross-entropy computes the loss without a (tokens x vocab) tensor;
-  - activations are bf16 (half the memory of an fp32 residual stream); compiled, each LoRA
-    layer's `base + adapter` joins the next elementwise kernel (RoPE, SwiGLU, the residual
-    add) and is rounded once with it from fp32, which keeps the adapters' small first updates
-    (fast_lora says why). Adapters stay fp32.
+  - activations are bf16 (half the memory of an fp32 residual stream, which train.fp32_residual
+    chooses); compiled, each LoRA layer's `base + adapter` joins the next elementwise kernel
+    (RoPE, SwiGLU, the residual add) and is rounded once with it from fp32, which keeps the
+    adapters' small first updates (fast_lora says why). Adapters stay fp32.
 lean: the fast path with each decoder layer as two compiled halves (attention, MLP) under
 one checkpoint of ours (tasks/layer_checkpoint.py), the MLP's recompute and backward in two
 token chunks: the peak of a step is the MLP backward's working set, and this halves it
-(H100, 8B shape: 9.05 GiB where auto peaks at 10.0 and Unsloth at 9.54; 5% slower).
-offload: lean, and the layer inputs that checkpointing keeps wait in pinned host memory.
+(H100, 8B shape: 8.75 GiB where auto peaks at 9.50 and Unsloth at 9.54; 4% slower; its loss
+as far from fp32 as with torch's checkpoint, 0.057 over 22 steps).
+offload: the fast path, and the layer inputs that checkpointing keeps wait in pinned host
+memory, copied there and back on a side stream while layers compute (H100, 8B shape: 7.69 GiB
+where auto peaks at 9.50 and Unsloth's offloaded checkpointing at 7.88; 0.99x auto's speed).
 The optimizer stays train.optimizer (auto: paged AdamW 32-bit on CUDA), run over one flat
 buffer of all adapter weights (tasks/flat_optim.py: the same update in one kernel launch, not
 one per tensor); `adamw` is torch's fused AdamW there, which keeps 8 bytes of state per adapter
@@ -64,6 +72,12 @@ FAST_TYPES = ("llama", "mistral", "qwen2")  # the decoder layout the fast path i
 # 10,955 tokens/s at 0.7 and 0.8, 11,220 at 0.9, the same 9.44-9.5 GiB peak).
 PARTITIONER = {"cse": False, "activation_memory_budget": 0.9}
 
+# True: whole decoder layers on the fast path are checkpointed by torch.utils.checkpoint (unless
+# their input goes to host memory or is kept in another dtype); False: by tasks/layer_checkpoint.py,
+# whose forward runs the compiled layer without a graph. bench/gpu_qlora_bench.py part
+# torchcheckpoint compares them.
+TORCH_CHECKPOINT = False
+
 LIGER = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
          "qwen2": "apply_liger_kernel_to_qwen2"}
 
@@ -83,6 +97,8 @@ class Plan:
     fused_projections: bool = False  # tasks/fast_lora.py: q/k/v and gate/up as one 4-bit GEMM each (+ one for their A's)
     adapters_in_gemm: str = "none"  # tasks/fast_lora.install_fused: none, shared (q/k/v; gate/up unless in the
                                     # SwiGLU kernel) or all (o, down too)
+    residual: str = "bf16"       # the residual stream between decoder layers: bf16, or fp32 (each layer's input
+                                 # then checkpointed in bf16: tasks/layer_checkpoint.py)
     note: str = ""               # one line for the log ("" when there is nothing to say)
 
     def describe(self) -> dict:
@@ -111,16 +127,20 @@ def choose(t, device: torch.device, task: str, model_type: str, quantized: bool)
             + ", bf16 activations, LoRA sums rounded once with the next operation)")
     # Paged AdamW 32-bit (auto's choice on CUDA) over one flat buffer: the same update in one launch
     optimizer = "paged_adamw_32bit_flat" if t.optimizer in ("auto", "paged_adamw_32bit") else t.optimizer
-    split, offload = {"lean": (2, False), "offload": (2, True)}.get(t.speed, (0, False))
+    split, offload = {"lean": (2, False), "offload": (0, True)}.get(t.speed, (0, False))
     if split:
-        note += (f"; layers as two compiled halves, the MLP in {split} token chunks"
-                 + (", layer inputs in pinned host memory" if offload else ""))
+        note += f"; layers as two compiled halves, the MLP in {split} token chunks"
+    if offload:
+        note += "; layer inputs in pinned host memory"
     if t.adapters_in_gemm:
         note += "; q/k/v adapters (gate/up's where the MLP is not SiLU) added inside their base GEMMs (sums rounded " \
                 "to bf16 there)"
+    if t.fp32_residual:
+        note += "; the residual stream in fp32 (layer inputs checkpointed in bf16)"
     return Plan(fast=True, liger=liger, gradient_checkpointing=True, precision="bf16", optimizer=optimizer,
                 compile=True, nf4_traced=True, split=split, offload=offload, fused_projections=True,
-                adapters_in_gemm="shared" if t.adapters_in_gemm else "none", note=note)
+                adapters_in_gemm="shared" if t.adapters_in_gemm else "none",
+                residual="fp32" if t.fp32_residual else "bf16", note=note)
 
 
 def decoder_layers(model) -> list:
@@ -138,6 +158,7 @@ class Patches:
         self.class_state = [(c, dict(vars(c))) for m in self.modules for c in list(vars(m).values())
                             if isinstance(c, type) and c.__module__ == m.__name__]
         self.models: list[tuple[object, set[int], dict]] = []
+        self.hooks: list = []
 
     def apply(self, model, plan: Plan, model_type: str, compile_backend: str = "inductor",
               random: bool = True) -> dict:
@@ -161,14 +182,15 @@ class Patches:
             done["nf4_traced_layers"] = fast_lora.install(model)
             if plan.fused_projections:
                 done["fused_projections"] = fast_lora.install_fused(layers, plan.adapters_in_gemm)
-        if plan.fast and (plan.split or plan.offload):
+        if plan.fast and plan.split:
             from tasks import layer_checkpoint as lc
             halves = (_compiled(lc.attention_half, compile_backend), _compiled(lc.mlp_half, compile_backend)) \
                 if plan.compile else (lc.attention_half, lc.mlp_half)
             for layer in layers:
                 layer.gradient_checkpointing = False
                 layer.forward = types.MethodType(_split(*halves, plan.gradient_checkpointing, max(plan.split, 1),
-                                                        plan.offload, random, _original_forward(type(layer))), layer)
+                                                        plan.offload, random, _original_forward(type(layer)),
+                                                        _keep(plan, layer)), layer)
             done["compiled_layers" if plan.compile else "checkpointed_layers"] = len(layers)
             done["layer_checkpoint"] = f"two halves, MLP backward in {max(plan.split, 1)} chunk(s)" + \
                 (", inputs offloaded to pinned host memory" if plan.offload else "")
@@ -176,9 +198,25 @@ class Patches:
             step = _compiled(type(layers[0]), compile_backend) if plan.compile else _original_forward(type(layers[0]))
             for layer in layers:
                 layer.gradient_checkpointing = False  # checkpointed here instead (around the compiled forward)
-                layer.forward = types.MethodType(_checkpointed(step, plan.gradient_checkpointing, random), layer)
+                layer.forward = types.MethodType(_checkpointed(step, plan.gradient_checkpointing, random, plan.offload,
+                                                               _keep(plan, layer)), layer)
             done["compiled_layers" if plan.compile else "checkpointed_layers"] = len(layers)
+            if plan.offload:
+                done["layer_checkpoint"] = "whole layers, inputs offloaded to pinned host memory"
+        if plan.fast and plan.residual == "fp32":
+            done["residual_stream"] = self._fp32_residual(model)
         return done
+
+    def _fp32_residual(self, model) -> str:
+        """The residual stream in fp32 between the embedding and the final norm: the embedding's
+        output is cast up (each layer's residual adds then run in fp32), the final norm's output
+        back to the compute dtype (the head's matmul takes it in that dtype anyway)."""
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = hf.get_decoder()
+        dtype = decoder.norm.weight.dtype
+        self.hooks += [decoder.embed_tokens.register_forward_hook(lambda m, args, out: out.float()),
+                       decoder.norm.register_forward_hook(lambda m, args, out: out.to(dtype))]
+        return f"fp32 (layer inputs checkpointed in {str(dtype).removeprefix('torch.')})"
 
     def undo(self) -> None:
         from tasks import fast_lora
@@ -190,6 +228,9 @@ class Patches:
                 if id(m) in checkpointing:
                     m.gradient_checkpointing = checkpointing[id(m)]
         self.models.clear()
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
         for module, state in self.module_state:
             _restore(module, state)
         for cls, state in self.class_state:
@@ -252,7 +293,12 @@ def _compiled(fn, backend: str):
     return _COMPILED[key]
 
 
-def _split(attn, mlp, gradient_checkpointing: bool, chunks: int, offload: bool, random: bool, whole):
+def _keep(plan: Plan, layer) -> torch.dtype | None:
+    """The dtype a checkpointed layer's input is kept in: the compute dtype under an fp32 residual stream."""
+    return layer.input_layernorm.weight.dtype if plan.residual == "fp32" else None
+
+
+def _split(attn, mlp, gradient_checkpointing: bool, chunks: int, offload: bool, random: bool, whole, keep):
     """A decoder layer's forward as its two halves (tasks/layer_checkpoint.py); a call with
     more positional arguments than the hidden states runs the layer's own forward."""
     from tasks import layer_checkpoint
@@ -263,13 +309,23 @@ def _split(attn, mlp, gradient_checkpointing: bool, chunks: int, offload: bool, 
         x = args[0] if args else kwargs.pop("hidden_states")
         if gradient_checkpointing and self.training and torch.is_grad_enabled():
             return layer_checkpoint.checkpoint(lambda h: attn(self, h, **kwargs), lambda h: mlp(self, h), x,
-                                               chunks, offload, random)
+                                               chunks, offload, random, keep)
         return mlp(self, attn(self, x, **kwargs))
     return forward
 
 
-def _checkpointed(step, gradient_checkpointing: bool, random: bool):
+def _checkpointed(step, gradient_checkpointing: bool, random: bool, offload: bool = False, keep=None):
+    """The whole layer checkpointed: by torch, or by tasks/layer_checkpoint.py where its input
+    goes to host memory or is kept in another dtype (which torch's checkpoint cannot do)."""
+    from tasks import layer_checkpoint
+
     def forward(self, *args, **kwargs):
+        if gradient_checkpointing and self.training and torch.is_grad_enabled() and \
+                (offload or keep or not TORCH_CHECKPOINT) \
+                and (args or "hidden_states" in kwargs):
+            x, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+            return layer_checkpoint.checkpoint(lambda h: step(self, h, *rest, **kwargs), None, x, 1, offload, random,
+                                               keep)
         if gradient_checkpointing and self.training and torch.is_grad_enabled():
             # Keep only this layer's input; recompute the rest in backward (replaying the RNG
             # state only if dropout draws from it: saving it costs time on every layer).

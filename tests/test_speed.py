@@ -58,6 +58,9 @@ def test_the_fast_path_is_chosen_on_cuda_for_llama_layout_4bit_causal_lms(device
         assert plan.adapters_in_gemm == "none"  # exact adapter sums unless train.adapters_in_gemm
         opted = speed.choose(t.model_copy(update={"adapters_in_gemm": True}), device, task, model_type, quantized)
         assert opted.adapters_in_gemm == "shared" and "inside their base GEMMs" in opted.note
+        assert plan.residual == "bf16"  # half the bytes of an fp32 stream unless train.fp32_residual
+        opted = speed.choose(t.model_copy(update={"fp32_residual": True}), device, task, model_type, quantized)
+        assert opted.residual == "fp32" and "residual stream in fp32" in opted.note
     else:  # the flags as set
         assert (plan.gradient_checkpointing, plan.precision, plan.liger) == (False, "mixed", False)
 
@@ -86,7 +89,8 @@ def test_fast_path_gives_the_bitsandbytes_path_gradients_and_one_graph_for_all_l
         done = patches.apply(model, plan, "llama", compile_backend="aot_eager_decomp_partition", random=False)
         fast_loss, fast_grads = loss_and_grads(model, ids)
     assert done["nf4_traced_layers"] == 14 and done["compiled_layers"] == 2
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    # one graph for all layers, twice: the forward without autograd, the recompute with (tasks/layer_checkpoint.py)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert fast_loss == pytest.approx(loss, abs=1e-3)
     for name, g in grads.items():
         assert (fast_grads[name] - g).norm() <= 2e-2 * g.norm(), name
@@ -124,7 +128,7 @@ def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_di
                              for w in (getattr(module, n).base_layer.weight for n in names)]
                     assert torch.equal(whole, torch.cat(apart))
             loss, grads = loss_and_grads(model, ids)
-            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no graph break: one graph for all layers
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # no graph break: forward and recompute
             model.eval()
             with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
                 base = model(input_ids=ids, labels=ids).loss.item()
@@ -327,7 +331,47 @@ def test_layers_in_two_halves_with_a_chunked_mlp_backward_give_checkpointing_s_g
         assert (g.float() - reference[1][name].float()).norm() <= 2e-2 * reference[1][name].float().norm() + 1e-6, name
 
 
-@pytest.mark.parametrize("setting, split, offload", [("auto", 0, False), ("lean", 2, False), ("offload", 2, True)])
+def test_an_fp32_residual_stream_checkpoints_bf16_inputs_and_gives_checkpointing_s_gradients(llama_dir, monkeypatch):
+    """Plan.residual fp32, uncompiled on CPU: the embedding's output and every decoder layer's
+    input are fp32, each checkpointed layer keeps its input in bf16 (tasks/layer_checkpoint.py,
+    whole layers), the loss is the bf16 stream's up to bf16 steps and nearer the all-fp32
+    model's, the adapter gradients are transformers' checkpointing's within bf16 steps, and the
+    hooks end with the scope."""
+    from tasks import layer_checkpoint
+    ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
+    reference = loss_and_grads(adapted(llama_dir), ids)
+    with torch.no_grad():
+        fp32 = adapted(llama_dir)(input_ids=ids, labels=ids).loss.item()  # no autocast: every operation in fp32
+    kept = []
+
+    class Recorded(layer_checkpoint._Saved):
+        def __init__(self, x, offload):
+            kept.append(x.dtype)
+            super().__init__(x, offload)
+    monkeypatch.setattr(layer_checkpoint, "_Saved", Recorded)
+    plan = speed.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16", residual="fp32")
+    with speed.scoped("llama") as patches:
+        model = adapted(llama_dir)
+        decoder = model.get_base_model().model
+        hooks = (dict(decoder.embed_tokens._forward_hooks), dict(decoder.norm._forward_hooks))
+        applied = patches.apply(model, plan, "llama", random=False)
+        assert applied["residual_stream"] == "fp32 (layer inputs checkpointed in bfloat16)"
+        inputs = []
+        for layer in speed.decoder_layers(model):
+            layer.register_forward_pre_hook(lambda m, a, k: inputs.append((a or [k.get("hidden_states")])[0].dtype),
+                                            with_kwargs=True)
+        loss, grads = loss_and_grads(model, ids)
+    assert inputs == [torch.float32] * 2 and kept == [torch.bfloat16] * 2
+    assert loss == pytest.approx(reference[0], rel=1e-4) and abs(loss - fp32) < abs(reference[0] - fp32)
+    assert grads.keys() == reference[1].keys()
+    for name, g in grads.items():
+        assert (g.float() - reference[1][name].float()).norm() <= 3e-2 * reference[1][name].float().norm() + 1e-6, name
+    assert (decoder.embed_tokens._forward_hooks, decoder.norm._forward_hooks) == hooks
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert decoder.embed_tokens(ids).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("setting, split, offload", [("auto", 0, False), ("lean", 2, False), ("offload", 0, True)])
 def test_lean_and_offload_are_the_fast_path_with_split_layers_and_cpu_stays_as_is(setting, split, offload):
     t = TrainConfig(speed=setting, liger_kernels=False, gradient_checkpointing=False, precision="mixed")
     plan = speed.choose(t, CUDA, "causal_lm", "llama", quantized=True)
