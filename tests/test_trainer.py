@@ -47,12 +47,16 @@ def test_the_loss_unit_is_a_label_token_or_an_example():
     assert train.loss_units({"labels": torch.tensor([0, 3, 1])}, "seq_cls") == 3
 
 
-def test_ddp_all_reduces_once_per_optimizer_step_and_matches_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layer_checkpoint", [False, True])
+def test_ddp_all_reduces_once_per_optimizer_step_and_matches_one_process(tmp_path, monkeypatch, layer_checkpoint):
+    """Also with the decoder layers under tasks/layer_checkpoint.py (train.speed's fast path),
+    whose backward runs each layer's own backward inside the model's: DDP's gradient hooks
+    still fire once per parameter and reduce after the last micro-step only."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.multiprocessing.spawn(ddp_step, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(ddp_step, args=(2, port, str(tmp_path), layer_checkpoint), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     single, loss = grads_after(tiny_model(), micro_batches(rows(), 4))  # all 4 rows, one process
     for r in ranks:
