@@ -212,7 +212,9 @@ class TrainConfig(Section):
         "further from fp32: 0.0082 against 0.0054 over 22 steps); false keeps the exact sums."))
     fp32_residual: bool = Field(False, description=(
         "On the fast path: carry the residual stream between decoder layers in fp32 (the embedding's output cast "
-        "up, every residual add in fp32), each checkpointed layer's input kept in bf16 (tasks/layer_checkpoint.py). "
+        "up, every residual add in fp32; the norms' outputs, q/k/v with RoPE and the adapter sums then come out in "
+        "fp32 too, the matmuls still run in bf16), each checkpointed layer's input kept in bf16 "
+        "(tasks/layer_checkpoint.py). "
         "The loss comes nearer an all-fp32 run's, for some speed and memory (H100, 8B shape: largest loss "
         "difference over 22 steps 0.042 against 0.049, 0.95x the tokens/s, 1.03x the peak memory); false: bf16."))
     strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description=(

@@ -21,9 +21,14 @@ The recompute runs under the forward's autocast state and, for layers that draw 
 (LoRA dropout), its RNG state; with random layers the MLP runs in one chunk, so the recompute
 draws what the forward drew.
 
-Whole (no second half): the layer is one function, run without a graph in forward and
-recomputed with one in backward, as torch's checkpoint does; what this adds is the two options
-below, which torch's checkpoint has no place for.
+Whole (no second half): the layer is one function, run without autograd in forward and
+recomputed with it in backward. Unlike torch's checkpoint, which runs the training graph in
+forward and again in the recompute, the forward is a compiled graph of its own (nothing saved
+for backward; other fusions, so other bf16 roundings: tasks/speed.py gives the measured loss),
+and it takes the two options below, which torch's checkpoint has no place for. Like any
+reentrant checkpoint: one backward per forward (no retain_graph), gradients land in .grad
+(torch.autograd.grad does not see them), and under DDP find_unused_parameters must stay off
+(the forward shows DDP no parameter).
 
 offload: the layer input (tokens x hidden, 64 MiB a layer at the 8B shape) is copied to pinned
 host memory on a side stream as soon as the layer's forward is issued, and freed on the GPU;
@@ -32,10 +37,10 @@ the copy back overlaps its own recompute and backward. The GPU then holds at mos
 inputs instead of one a layer. Offloading is CUDA only; the rest runs anywhere.
 
 keep: the dtype the layer input is saved in (None: its own). With an fp32 residual stream
-(train.speed's residual: fp32) the input is saved in bf16, half the bytes, and the backward
-recomputes the layer from that bf16 copy: the forward, and so the loss, carry the fp32
-stream; the gradients are those of the layer at its input rounded to bf16, which is where a
-bf16 stream would have computed them anyway.
+(train.fp32_residual) the input is saved in the compute dtype (bf16), half the bytes, and the
+backward recomputes the layer from that copy: the forward, and so the loss, carry the fp32
+stream; the gradients are the layer's linearised at its input rounded to bf16 (a bf16 stream
+computes both forward and gradients there).
 """
 from __future__ import annotations
 
@@ -120,6 +125,9 @@ class LayerCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.saved is None:
+            raise RuntimeError("a checkpointed decoder layer (tasks/layer_checkpoint.py) was backpropagated twice: "
+                               "its saved input is used up by the first backward (retain_graph is not supported)")
         x = ctx.saved.take().to(ctx.dtype).detach().requires_grad_(True)
         kind, enabled, dtype, cache = ctx.autocast
 

@@ -74,8 +74,8 @@ PARTITIONER = {"cse": False, "activation_memory_budget": 0.9}
 
 # True: whole decoder layers on the fast path are checkpointed by torch.utils.checkpoint (unless
 # their input goes to host memory or is kept in another dtype); False: by tasks/layer_checkpoint.py,
-# whose forward runs the compiled layer without a graph. bench/gpu_qlora_bench.py part
-# torchcheckpoint compares them.
+# whose forward runs the compiled layer without a graph, except layers with dropout (torch's then,
+# see _checkpointed). bench/gpu_qlora_bench.py part torchcheckpoint compares them.
 TORCH_CHECKPOINT = False
 
 LIGER = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
@@ -110,7 +110,8 @@ def choose(t, device: torch.device, task: str, model_type: str, quantized: bool)
     flags = Plan(fast=False, liger=t.liger_kernels and device.type == "cuda" and model_type in LIGER,
                  gradient_checkpointing=t.gradient_checkpointing, precision=t.precision, optimizer=t.optimizer)
     if t.speed == "off" or device.type != "cuda":
-        return flags
+        return flags if not t.fp32_residual else dataclasses.replace(
+            flags, note="train.fp32_residual applies on the fast path only (CUDA, train.speed not off): ignored")
     why = None
     if task != "causal_lm":
         why = f"task {task} (the fast path is for causal LMs)"
@@ -120,7 +121,8 @@ def choose(t, device: torch.device, task: str, model_type: str, quantized: bool)
         why = "the base is not 4-bit (quant.load_in_4bit: false)"
     if why:
         return dataclasses.replace(flags, note=f"speed: {t.speed}: {why}; using the train.* flags as set "
-                                               f"(liger_kernels={flags.liger}, precision={t.precision})")
+                                               f"(liger_kernels={flags.liger}, precision={t.precision})"
+                                   + ("; train.fp32_residual ignored" if t.fp32_residual else ""))
     liger = importlib.util.find_spec("liger_kernel") is not None
     note = (f"speed: {t.speed}: fast path (compiled + checkpointed decoder layers with the 4-bit dequantization "
             "inside, " + ("Liger fused linear cross-entropy" if liger else "full logits: liger-kernel is not installed")
@@ -209,8 +211,10 @@ class Patches:
 
     def _fp32_residual(self, model) -> str:
         """The residual stream in fp32 between the embedding and the final norm: the embedding's
-        output is cast up (each layer's residual adds then run in fp32), the final norm's output
-        back to the compute dtype (the head's matmul takes it in that dtype anyway)."""
+        output is cast up (each layer's residual adds then run in fp32, and what follows its
+        norms in fp32 up to the bf16 matmuls: the norms' outputs, q/k/v and RoPE, the adapter
+        sums), the final norm's output back to the compute dtype (the head's matmul takes it in
+        that dtype anyway)."""
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         decoder = hf.get_decoder()
         dtype = decoder.norm.weight.dtype
@@ -220,6 +224,9 @@ class Patches:
 
     def undo(self) -> None:
         from tasks import fast_lora
+        for hook in self.hooks:  # first: nothing below can leave them behind
+            hook.remove()
+        self.hooks.clear()
         for model, had_forward, checkpointing in self.models:
             fast_lora.uninstall(model)
             for m in model.modules():
@@ -228,9 +235,6 @@ class Patches:
                 if id(m) in checkpointing:
                     m.gradient_checkpointing = checkpointing[id(m)]
         self.models.clear()
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks.clear()
         for module, state in self.module_state:
             _restore(module, state)
         for cls, state in self.class_state:
@@ -298,6 +302,17 @@ def _keep(plan: Plan, layer) -> torch.dtype | None:
     return layer.input_layernorm.weight.dtype if plan.residual == "fp32" else None
 
 
+def _no_cache(kwargs: dict) -> dict:
+    """A checkpointed layer recomputes its forward: a KV cache would be updated twice (what
+    transformers' own checkpointing does: no cache while it checkpoints)."""
+    if kwargs.get("past_key_values") is not None or kwargs.get("past_key_value") is not None or kwargs.get("use_cache"):
+        kwargs = {**kwargs, "use_cache": False}
+        for key in ("past_key_values", "past_key_value"):
+            if key in kwargs:
+                kwargs[key] = None
+    return kwargs
+
+
 def _split(attn, mlp, gradient_checkpointing: bool, chunks: int, offload: bool, random: bool, whole, keep):
     """A decoder layer's forward as its two halves (tasks/layer_checkpoint.py); a call with
     more positional arguments than the hidden states runs the layer's own forward."""
@@ -308,6 +323,7 @@ def _split(attn, mlp, gradient_checkpointing: bool, chunks: int, offload: bool, 
             return whole(self, *args, **kwargs)
         x = args[0] if args else kwargs.pop("hidden_states")
         if gradient_checkpointing and self.training and torch.is_grad_enabled():
+            kwargs = _no_cache(kwargs)
             return layer_checkpoint.checkpoint(lambda h: attn(self, h, **kwargs), lambda h: mlp(self, h), x,
                                                chunks, offload, random, keep)
         return mlp(self, attn(self, x, **kwargs))
@@ -315,13 +331,17 @@ def _split(attn, mlp, gradient_checkpointing: bool, chunks: int, offload: bool, 
 
 
 def _checkpointed(step, gradient_checkpointing: bool, random: bool, offload: bool = False, keep=None):
-    """The whole layer checkpointed: by torch, or by tasks/layer_checkpoint.py where its input
-    goes to host memory or is kept in another dtype (which torch's checkpoint cannot do)."""
+    """The whole layer checkpointed: by tasks/layer_checkpoint.py (forward without autograd),
+    or by torch's checkpoint for layers that draw random numbers (LoRA dropout: the recompute
+    then replays the very graph that drew the masks) and under TORCH_CHECKPOINT, unless the
+    input goes to host memory or is kept in another dtype (which torch's checkpoint cannot do)."""
     from tasks import layer_checkpoint
+    ours = offload or keep is not None or not (TORCH_CHECKPOINT or random)
 
     def forward(self, *args, **kwargs):
-        if gradient_checkpointing and self.training and torch.is_grad_enabled() and \
-                (offload or keep or not TORCH_CHECKPOINT) \
+        if gradient_checkpointing and self.training and torch.is_grad_enabled():
+            kwargs = _no_cache(kwargs)
+        if gradient_checkpointing and self.training and torch.is_grad_enabled() and ours \
                 and (args or "hidden_states" in kwargs):
             x, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
             return layer_checkpoint.checkpoint(lambda h: step(self, h, *rest, **kwargs), None, x, 1, offload, random,

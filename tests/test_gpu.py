@@ -142,7 +142,8 @@ def test_triton_swiglu_lora_kernels_are_the_tensor_code(rows, n, ranks, monkeypa
         assert (ours != ref).float().mean() < 0.05
 
 
-def _tiny_fast_model(path, split: int, offload: bool, optimizer: str = "auto", residual: str = "bf16"):
+def _tiny_fast_model(path, split: int, offload: bool, optimizer: str = "auto", residual: str = "bf16",
+                     dropout: float = 0.0):
     from tasks import speed
     from tasks.config import LoraSection, ModelConfig, QuantConfig, TrainConfig
     from tasks.modeling import load_base
@@ -155,33 +156,39 @@ def _tiny_fast_model(path, split: int, offload: bool, optimizer: str = "auto", r
     model = load_base("causal_lm", path, ModelConfig(name=path, prefer_embedded=False), QuantConfig(), device)
     torch.manual_seed(1)
     t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": True})
-    model = add_lora(model, LoraSection(r=8, alpha=16, dropout=0.0), "causal_lm", t_model, torch.bfloat16)
+    model = add_lora(model, LoraSection(r=8, alpha=16, dropout=dropout), "causal_lm", t_model, torch.bfloat16)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator(device="cuda").manual_seed(2))
     return model, plan
 
 
-@pytest.mark.parametrize("split, offload, residual", [(2, False, "bf16"), (3, True, "bf16"), (0, True, "bf16"),
-                                                       (0, False, "fp32"), (0, True, "fp32")])
-def test_split_layers_and_offloaded_inputs_give_the_gradients_of_one_graph_checkpointing(tmp_path, split, offload,
-                                                                                         residual):
-    """tasks/layer_checkpoint.py, compiled: two halves with the MLP's backward in token chunks,
-    whole layers with their inputs kept in pinned host memory, and an fp32 residual stream
-    whose layer inputs are checkpointed in bf16, give the loss and adapter gradients of torch's
-    checkpointing around one compiled graph a layer. Not bit for bit: the forward without a
-    graph is compiled apart from the one with, and its bf16 roundings may differ."""
+@pytest.mark.parametrize("split, offload, residual, dropout", [
+    (0, False, "bf16", 0.0), (2, False, "bf16", 0.0), (3, True, "bf16", 0.0), (0, True, "bf16", 0.0),
+    (0, False, "fp32", 0.0), (0, True, "fp32", 0.0), (0, True, "bf16", 0.1)])
+def test_split_layers_and_offloaded_inputs_give_the_gradients_of_one_graph_checkpointing(tmp_path, monkeypatch, split,
+                                                                                         offload, residual, dropout):
+    """tasks/layer_checkpoint.py, compiled: whole layers (the default), two halves with the MLP's
+    backward in token chunks, whole layers with their inputs kept in pinned host memory, an
+    fp32 residual stream whose layer inputs are checkpointed in bf16, and with LoRA dropout (the
+    recompute replays the forward's random state, in another compiled graph), give the loss and
+    adapter gradients of torch's checkpoint around one compiled graph a layer (TORCH_CHECKPOINT).
+    Not bit for bit: the forward without autograd is compiled apart from the one with, and its
+    bf16 roundings may differ."""
     from tasks import speed
     from tests.tiny_llm import save_random_llama
     path = save_random_llama(tmp_path / "llama", hidden_size=256, intermediate_size=896, num_hidden_layers=3,
                              num_attention_heads=4, num_key_value_heads=1, vocab_size=1000)
     ids = torch.randint(0, 1000, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     results = []
-    for chunks, off, stream in ((0, False, "bf16"), (split, offload, residual)):
+    for torch_checkpoint, chunks, off, stream in ((True, 0, False, "bf16"), (False, split, offload, residual)):
+        monkeypatch.setattr(speed, "TORCH_CHECKPOINT", torch_checkpoint)
         with speed.scoped("llama") as patches:
-            model, plan = _tiny_fast_model(path, chunks, off, residual=stream)
-            patches.apply(model, plan, "llama", random=False)
+            model, plan = _tiny_fast_model(path, chunks, off, residual=stream, dropout=dropout)
+            done = patches.apply(model, plan, "llama", random=dropout > 0)
+            assert ("layer_checkpoint" in done) == (chunks > 0 or off)
             model.train()
+            torch.manual_seed(3)  # the same dropout masks for both
             for _ in range(2):  # the second pass runs on what the first one's backward left
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss = model(input_ids=ids, labels=ids).loss
