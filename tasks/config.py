@@ -201,9 +201,9 @@ class TrainConfig(Section):
         "fast path (tasks/speed.py: compiled and checkpointed decoder layers with the 4-bit dequantization inside, "
         "Liger cross-entropy, bf16 activations), whatever liger_kernels, gradient_checkpointing and precision say; "
         "lean: the fast path with less memory (each layer as two compiled halves, the MLP in two token chunks: "
-        "H100, 8B shape: 0.92x the peak memory, 0.96x the speed); offload: the fast path with the checkpointed layer inputs in pinned host "
-        "memory (H100, 8B shape: 0.81x the peak memory, 0.99x the speed); elsewhere (CPU, other models), and "
-        "with off, those flags apply as set")
+        "H100, 8B shape: 0.92x the peak memory, 0.96x the speed); offload: the fast path with the checkpointed "
+        "layer inputs in pinned host memory (H100, 8B shape: 0.81x the peak memory, 0.99x the speed); elsewhere "
+        "(CPU, other models), and with off, those flags apply as set")
     adapters_in_gemm: bool = Field(False, description=(
         "On the fast path: add the q/k/v LoRA adapters inside their 4-bit base GEMM ([x | x A^T] [W | s B]^T, "
         "tasks/fast_lora.py), and gate/up's too where the MLP's activation is not SiLU (a SiLU MLP adds them inside "

@@ -142,23 +142,27 @@ class LayerCheckpoint(torch.autograd.Function):
                     torch.cuda.set_rng_state(ctx.rng[1], x.device)
             with torch.enable_grad(), recompute():
                 h = ctx.attn(x)
-            if ctx.mlp is None:
-                torch.autograd.backward(h, grad)
-                ctx.saved = ctx.attn = None
-                return x.grad, None, None, None, None, None, None
-            shape = h.shape
-            flat, grad = h.detach().reshape(1, -1, shape[-1]), grad.reshape(1, -1, shape[-1])
-            grad_h = torch.empty_like(flat)
-            for lo, hi in _bounds(flat.shape[1], ctx.chunks):
-                part = flat[:, lo:hi].detach().requires_grad_(True)
-                with torch.enable_grad(), recompute():
-                    out = ctx.mlp(part)
-                torch.autograd.backward(out, grad[:, lo:hi])
-                grad_h[:, lo:hi] = part.grad
-                del out, part
-        torch.autograd.backward(h, grad_h.view(shape))
+            if ctx.mlp is not None:  # two halves: the gradient reaching the attention half's output
+                grad = _mlp_backward_in_chunks(ctx.mlp, h, grad, ctx.chunks, recompute)
+        torch.autograd.backward(h, grad)
         ctx.saved = ctx.attn = ctx.mlp = None
         return x.grad, None, None, None, None, None, None
+
+
+def _mlp_backward_in_chunks(mlp, h: torch.Tensor, grad: torch.Tensor, chunks: int, recompute) -> torch.Tensor:
+    """The MLP half recomputed and backpropagated `chunks` token slices at a time (it is per
+    token); returns the gradient of its input h, gathered from the slices."""
+    shape = h.shape
+    flat, grad = h.detach().reshape(1, -1, shape[-1]), grad.reshape(1, -1, shape[-1])
+    grad_h = torch.empty_like(flat)
+    for lo, hi in _bounds(flat.shape[1], chunks):
+        part = flat[:, lo:hi].detach().requires_grad_(True)
+        with torch.enable_grad(), recompute():
+            out = mlp(part)
+        torch.autograd.backward(out, grad[:, lo:hi])
+        grad_h[:, lo:hi] = part.grad
+        del out, part
+    return grad_h.view(shape)
 
 
 def _bounds(n: int, chunks: int) -> list[tuple[int, int]]:

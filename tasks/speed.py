@@ -10,8 +10,8 @@ train.precision say:
     its own, which saves nothing), backward recomputes the layer with it. Against torch's
     checkpoint, which runs the training graph twice, the speed is the same and the loss nearer
     fp32 (H100, 8B shape, side by side: largest difference over 22 steps 0.049 against 0.057;
-    likely because the forward without autograd writes no bf16 copies for backward and keeps
-    more sums in fp32 between fused operations; TORCH_CHECKPOINT compares them);
+    why was not isolated: lean's halves also run their forward without autograd and sit at
+    0.057; TORCH_CHECKPOINT compares them);
   - the 4-bit base layers are traced by the compiler (tasks/fast_lora.py): the dequantization
     is one Triton kernel registered as a torch op on CUDA (tasks/nf4_triton.py; the tensor code
     elsewhere), called from the compiled graph (no Python call per layer), and their backward
@@ -92,8 +92,8 @@ class Plan:
     compile: bool = False        # torch.compile each decoder layer (fast path)
     nf4_traced: bool = False     # tasks/fast_lora.py: 4-bit layers as tensor code (compiled fast path)
     split: int = 0               # tasks/layer_checkpoint.py: layers as two compiled halves, the MLP's backward
-                                 # in this many token chunks (0: one compiled graph, torch's checkpoint)
-    offload: bool = False        # with split: checkpointed layers keep their input in pinned host memory
+                                 # in this many token chunks (0: one compiled graph a layer)
+    offload: bool = False        # checkpointed layers keep their input in pinned host memory
     fused_projections: bool = False  # tasks/fast_lora.py: q/k/v and gate/up as one 4-bit GEMM each (+ one for their A's)
     adapters_in_gemm: str = "none"  # tasks/fast_lora.install_fused: none, shared (q/k/v; gate/up unless in the
                                     # SwiGLU kernel) or all (o, down too)
@@ -190,11 +190,11 @@ class Patches:
                 if plan.compile else (lc.attention_half, lc.mlp_half)
             for layer in layers:
                 layer.gradient_checkpointing = False
-                layer.forward = types.MethodType(_split(*halves, plan.gradient_checkpointing, max(plan.split, 1),
+                layer.forward = types.MethodType(_split(*halves, plan.gradient_checkpointing, plan.split,
                                                         plan.offload, random, _original_forward(type(layer)),
                                                         _keep(plan, layer)), layer)
             done["compiled_layers" if plan.compile else "checkpointed_layers"] = len(layers)
-            done["layer_checkpoint"] = f"two halves, MLP backward in {max(plan.split, 1)} chunk(s)" + \
+            done["layer_checkpoint"] = f"two halves, MLP backward in {plan.split} chunk(s)" + \
                 (", inputs offloaded to pinned host memory" if plan.offload else "")
         elif plan.fast:
             step = _compiled(type(layers[0]), compile_backend) if plan.compile else _original_forward(type(layers[0]))
@@ -339,16 +339,14 @@ def _checkpointed(step, gradient_checkpointing: bool, random: bool, offload: boo
     ours = offload or keep is not None or not (TORCH_CHECKPOINT or random)
 
     def forward(self, *args, **kwargs):
-        if gradient_checkpointing and self.training and torch.is_grad_enabled():
-            kwargs = _no_cache(kwargs)
-        if gradient_checkpointing and self.training and torch.is_grad_enabled() and ours \
-                and (args or "hidden_states" in kwargs):
+        if not (gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return step(self, *args, **kwargs)
+        kwargs = _no_cache(kwargs)
+        if ours and (args or "hidden_states" in kwargs):
             x, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
             return layer_checkpoint.checkpoint(lambda h: step(self, h, *rest, **kwargs), None, x, 1, offload, random,
                                                keep)
-        if gradient_checkpointing and self.training and torch.is_grad_enabled():
-            # Keep only this layer's input; recompute the rest in backward (replaying the RNG
-            # state only if dropout draws from it: saving it costs time on every layer).
-            return checkpoint(step, self, *args, use_reentrant=False, preserve_rng_state=random, **kwargs)
-        return step(self, *args, **kwargs)
+        # Keep only this layer's input; recompute the rest in backward (replaying the RNG
+        # state only if dropout draws from it: saving it costs time on every layer).
+        return checkpoint(step, self, *args, use_reentrant=False, preserve_rng_state=random, **kwargs)
     return forward
