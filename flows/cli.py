@@ -4,46 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
 from pathlib import Path
 
-PARAMS = "params.yaml"
-EXIT_ERROR, EXIT_BUSY, EXIT_REJECTED = 2, 3, 4
-
-
-def _configure_env(root: Path) -> None:
-    # Must happen before Prefect is imported: it reads settings at import time.
-    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    # The stages DVC runs for this command use this interpreter (bin/qlora reads it).
-    os.environ.setdefault("QLORA_PYTHON", sys.executable)
-
-
-def _fail(msg: str) -> int:
-    print(f"qlora: error: {msg}", file=sys.stderr)
-    return EXIT_ERROR
-
-
-def _sync_dvc_yaml(root: Path, params, write: bool) -> str | None:
-    """dvc.yaml must be the rendering of flows/stages.py for these params (whether the base model
-    is a local directory decides two deps). Returns a message when it is (or was made) current."""
-    from flows.stages import render_dvc_yaml
-    path, text = root / "dvc.yaml", render_dvc_yaml(params)
-    if path.exists() and path.read_text() == text:
-        return None
-    if not write:
-        from tasks.common import PipelineError
-        raise PipelineError(f"{path} is not the rendering of flows/stages.py for these params (is model.name a "
-                            f"local directory now?): run `qlora dvc-yaml --write` and commit it")
-    path.write_text(text)
-    return f"dvc.yaml re-rendered for these params (model.name {params.model.name!r})"
+from flows.console import EXIT_BUSY, EXIT_ERROR, EXIT_REJECTED, PARAMS, configure_env, fail
 
 
 def _print_outcome(root: Path, out, seconds: float) -> None:
@@ -82,7 +48,7 @@ def _apply_overrides(root: Path, overrides: list[str]) -> None:
 
 def cmd_run(args) -> int:
     root = Path.cwd()
-    _configure_env(root)
+    configure_env(root)
     from flows.data_check import ALLOW_ENV
     from flows.lock import ProjectBusy, project_lock
     from flows.prefect_server import prefect_api
@@ -98,7 +64,8 @@ def cmd_run(args) -> int:
                 raise PipelineError(f"{root} is not a DVC project (no .dvc/): run qlora in a clone of qlora-flow")
             if args.set:
                 _apply_overrides(root, args.set)
-            note = _sync_dvc_yaml(root, params, write=True)
+            from flows.stages import sync_dvc_yaml
+            note = sync_dvc_yaml(root, params, write=True)
             if note:
                 print(note)
             from flows import dvc_ops
@@ -113,66 +80,27 @@ def cmd_run(args) -> int:
         print(f"qlora: {exc}", file=sys.stderr)
         return EXIT_BUSY
     except (ParamsError, PipelineError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     _print_outcome(root, out, time.perf_counter() - started)
     return 0
 
 
 def cmd_stage(args) -> int:
-    """One stage, as dvc.yaml runs it. Reads params.yaml (what DVC tracks)."""
-    root = Path.cwd()
-    _configure_env(root)
-    from flows import dvc_ops
-    from flows.data_check import check_data, require_committed_version
-    from flows.lock import ProjectBusy, die_with_holder, project_lock
-    from flows.stages import BY_NAME
-    from tasks.common import PipelineError
-    from tasks.config import ParamsError, load_params
-    if args.name not in BY_NAME:
-        return _fail(f"unknown stage {args.name!r}; stages: {', '.join(BY_NAME)}")
-    die_with_holder()  # started for a `qlora run` that was killed: do not train on alone
-    error_file = dvc_ops.stage_error_path(root, args.name)
-    error_file.unlink(missing_ok=True)
-    if args.set:
-        print(f"warning: --set {' '.join(args.set)}: this run of {args.name} is not what dvc.lock will record")
-    try:
-        params = load_params(root / PARAMS, args.set)
-        in_dvc_project = (root / "dvc.yaml").exists()  # else a stage run by hand: no record, no resume
-        if in_dvc_project and not args.set:
-            _sync_dvc_yaml(root, params, write=False)
-        # Under torchrun the ranks of one run share the project: only rank 0 takes the lock.
-        lock = project_lock(root, wait=args.wait, what=f"qlora stage {args.name}") \
-            if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
-        with lock:
-            if args.name == "validate":  # before any stage reads the data, whoever started the stage
-                require_committed_version(check_data(params, root))
-            if args.name == "train":
-                resume_key = dvc_ops.stage_key(root, "train") if in_dvc_project and not args.set else None
-                res = BY_NAME["train"].run(params, root, resume_key=resume_key)
-            else:
-                res = BY_NAME[args.name].run(params, root)
-    except ProjectBusy as exc:
-        print(f"qlora: {exc}", file=sys.stderr)
-        return EXIT_BUSY
-    except (ParamsError, PipelineError) as exc:
-        if os.environ.get("DVC_STAGE"):  # run by DVC: leave the message for whoever called DVC
-            error_file.parent.mkdir(parents=True, exist_ok=True)
-            error_file.write_text(str(exc))
-        return _fail(str(exc))
-    print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in res.summary.items()))
-    return 0
+    """One stage, as dvc.yaml runs it (bin/qlora runs flows/stage_command.py directly)."""
+    from flows import stage_command
+    return stage_command.run(args.name, args.set, args.wait)
 
 
 def cmd_sweep(args) -> int:
     root = Path.cwd()
-    _configure_env(root)
+    configure_env(root)
     from flows import dvc_ops
     from flows.lock import ProjectBusy, project_lock
     from flows.prefect_server import prefect_api
     from tasks.common import PipelineError
     from tasks.config import ParamsError
     if not dvc_ops.is_git_repo(root):
-        return _fail("a sweep saves DVC experiments, which need a git repository with a commit")
+        return fail("a sweep saves DVC experiments, which need a git repository with a commit")
     name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
     params_path, lock_path = root / PARAMS, root / dvc_ops.LOCK_FILE
     try:
@@ -187,7 +115,7 @@ def cmd_sweep(args) -> int:
         print(f"qlora: {exc}", file=sys.stderr)
         return EXIT_BUSY
     except (ParamsError, PipelineError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     _print_table(out["rows"], out["columns"])
     print(f"\nbest by {out['metric']}: {out['best']['experiment']}  (`dvc exp apply {out['best']['experiment']}`)")
     print(f"comparison: {out['dir']}/comparison.csv, comparison.png; MLflow parent run {out['parent_run_id']}")
@@ -249,7 +177,7 @@ def _flow_exit(state) -> int:
 
 def cmd_retrain(args) -> int:
     root = Path.cwd()
-    _configure_env(root)
+    configure_env(root)
     from flows.data_check import ALLOW_ENV
     from flows.prefect_server import prefect_api
     if args.allow_unverified_data:
@@ -271,13 +199,13 @@ def cmd_serve(args) -> int:
     Against PREFECT_API_URL when set; otherwise against a Prefect server (UI and scheduler) it
     starts for as long as it runs. Each scheduled run takes the project lock, or ends Skipped."""
     root = Path.cwd()
-    _configure_env(root)
+    configure_env(root)
     from flows.prefect_server import prefect_api
     from tasks.config import ParamsError, check_retrain_ready, load_params
     try:
         check_retrain_ready(load_params(root / PARAMS, args.set))  # fail now, not at 3 a.m.
     except ParamsError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     with prefect_api(root, services=True, ui=True) as (url, server):
         if server is not None:
             print(f"qlora serve: started a local Prefect server at {url} (UI and scheduler)")
@@ -301,7 +229,7 @@ def _use_tracking(root: Path, explicit: str | None):
 
 def cmd_lineage(args) -> int:
     root = Path.cwd()
-    _configure_env(root)
+    configure_env(root)
     import json
 
     from flows import lineage
@@ -311,7 +239,7 @@ def cmd_lineage(args) -> int:
         _use_tracking(root, args.tracking_uri)
         info = lineage.lineage(args.model)
     except (PipelineError, ParamsError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if args.card:
         print(lineage.card(info), end="")
         return 0
@@ -327,7 +255,7 @@ def cmd_predict(args) -> int:
     """Batch inference: a registered version (models:/NAME@alias, models:/NAME/N) or a model folder,
     on a file of rows checked against the training data's contract (the label optional)."""
     root = Path.cwd()
-    _configure_env(root)
+    configure_env(root)
     import json
 
     import pandas as pd
@@ -338,7 +266,7 @@ def cmd_predict(args) -> int:
     from tasks.config import ParamsError
     out_path = Path(args.output)
     if out_path.suffix.lower() not in (".csv", ".jsonl"):
-        return _fail(f"--output {out_path}: write .csv or .jsonl")
+        return fail(f"--output {out_path}: write .csv or .jsonl")
     started = time.perf_counter()
     try:
         project = _use_tracking(root, args.tracking_uri)
@@ -353,7 +281,7 @@ def cmd_predict(args) -> int:
             pred = P.load_predictor(path, project, root, device=args.device)
             out = P.predict(pred, rows, args.batch_size, args.max_new_tokens, progress=True)
     except (PipelineError, ParamsError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     used = f"{version['name']}/{version['version']}" if version else str(args.model)
     result = pd.concat([rows[["row"]], out] + ([rows[["expected"]]] if "expected" in rows else []), axis=1)
     result["model"] = used

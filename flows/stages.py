@@ -3,6 +3,9 @@ writes. dvc.yaml is rendered from it (`qlora dvc-yaml --write`), and DVC's dvc.l
 one record of which stages are up to date, whichever door the user came in by: `dvc repro`
 runs `bin/qlora stage NAME` for a changed stage, and `qlora run` asks DVC to reproduce each
 stage (flows/dvc_ops.py), which runs the same command or skips it.
+
+A stage's code dependencies are not declared here: they are every project module the stage's
+process can execute, found by following the imports of its entry modules (flows/code_deps.py).
 """
 from __future__ import annotations
 
@@ -11,14 +14,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.code_deps import closure
 from tasks import catalog
-from tasks.common import StageResult
+from tasks.common import PipelineError, StageResult
 from tasks.config import Params
 from tasks.dataio import HUB_PREFIX, is_hub
 
 REPO = Path(__file__).resolve().parent.parent
-COMMON_CODE = ("tasks/common.py", "tasks/config.py", "tasks/catalog.py")
 STAGE_COMMAND = "bin/qlora stage {name}"   # bin/qlora finds the project's interpreter; no venv to activate
+STAGE_SCRIPT = "bin/qlora"                 # what the command executes: a dependency of every stage
+STAGE_RUNNER = "flows.stage_command"       # the module bin/qlora runs for `stage`, before the stage's own
 RAW_DATA = "${data.path}"                  # a dvc.yaml template: DVC reads the value from params.yaml
 LOCAL_BASE_MODEL = "${model.name}"         # a dependency only while model.name is a local directory
 _TEMPLATE = re.compile(r"\$\{([a-z_.]+)\}")
@@ -29,7 +34,6 @@ class Stage:
     name: str
     module: str                # tasks.<name>: its run(params, root) is the stage (imported when it runs)
     deps: tuple[str, ...]      # data paths (catalog names, or ${key} templates of params values)
-    code: tuple[str, ...]      # source files and folders whose edits re-run the stage
     params: tuple[str, ...]    # dotted params.yaml keys the stage reads
     outs: tuple[str, ...]      # everything it writes (all DVC-cached: `dvc checkout`/`exp apply` restore them)
     metrics: tuple[str, ...] = ()
@@ -45,8 +49,9 @@ class Stage:
             deps = [local if d == RAW_DATA else d for d in deps if d != RAW_DATA or Path(local).is_dir()]
         return deps
 
-    def all_code(self) -> tuple[str, ...]:
-        return COMMON_CODE + self.code
+    def code_deps(self) -> list[str]:
+        """Every source file the stage's process can execute (the runner's imports and its own)."""
+        return [STAGE_SCRIPT] + closure((STAGE_RUNNER, self.module))
 
     def run(self, params: Params, root: Path, **kwargs) -> StageResult:
         return importlib.import_module(self.module).run(params, root, **kwargs)
@@ -58,31 +63,20 @@ def base_model_is_local(params: Params) -> bool:
 
 STAGES: tuple[Stage, ...] = (
     Stage("validate", "tasks.validate", deps=(RAW_DATA,),
-          code=("tasks/validate.py", "tasks/dataio.py", "tasks/arrowio.py", "tasks/rowhash.py", "tasks/chat.py",
-                "tasks/prompts.py", "schemas"),
           params=("task", "data"), outs=(catalog.VALIDATED_DIR, catalog.VALIDATION_REPORT)),
-    Stage("split", "tasks.split", deps=(catalog.VALIDATED_DIR,), code=("tasks/split.py", "tasks/arrowio.py", "tasks/rowhash.py"),
+    Stage("split", "tasks.split", deps=(catalog.VALIDATED_DIR,),
           params=("task", "split"), outs=(catalog.SPLIT_DIR,)),
     Stage("tokenize", "tasks.tokenize", deps=(catalog.SPLIT_DIR, catalog.LABELS, LOCAL_BASE_MODEL),
-          code=("tasks/tokenize.py", "tasks/arrowio.py", "tasks/chat.py", "tasks/prompts.py", "schemas/messages.py",
-                "tasks/modeling.py"),
           params=("task", "tokenize", "model"), outs=(catalog.TOKENIZED_DIR,)),
     Stage("quantize", "tasks.quantize", deps=(catalog.LABELS, LOCAL_BASE_MODEL),
-          code=("tasks/quantize.py", "tasks/modeling.py"),
           params=("task", "seed", "model", "quant", "train.device", "train.strategy"), outs=(catalog.BASE_MODEL_DIR,)),
     Stage("train", "tasks.train", deps=(catalog.TOKENIZED_DIR, catalog.BASE_MODEL_DIR),
-          code=("tasks/train.py", "tasks/validation.py", "tasks/checkpoint.py", "tasks/batching.py", "tasks/arrowio.py",
-                "tasks/plots.py", "tasks/modeling.py", "tasks/precision.py", "tasks/distributed.py", "tasks/sharding.py",
-                "tasks/speed.py", "tasks/fast_lora.py", "tasks/card.py"),
           params=("task", "seed", "model.name", "lora", "train", "quant.compute_dtype"),
           outs=(catalog.ADAPTER_DIR, catalog.TRAIN_REPORT_DIR)),
     Stage("evaluate", "tasks.evaluate", deps=(catalog.TOKENIZED_DIR, catalog.BASE_MODEL_DIR, catalog.ADAPTER_DIR),
-          code=("tasks/evaluate.py", "tasks/generation.py", "tasks/batching.py", "tasks/arrowio.py", "tasks/plots.py",
-                "tasks/modeling.py"),
           params=("task", "eval", "train.device", "train.threads", "quant.compute_dtype"),
           outs=(catalog.EVAL_DIR,), metrics=(catalog.METRICS,)),
-    Stage("merge", "tasks.merge", deps=(catalog.BASE_MODEL_DIR, catalog.ADAPTER_DIR),
-          code=("tasks/merge.py", "tasks/modeling.py", "tasks/card.py"), params=("task", "merge"),
+    Stage("merge", "tasks.merge", deps=(catalog.BASE_MODEL_DIR, catalog.ADAPTER_DIR), params=("task", "merge"),
           outs=(catalog.MERGED_DIR,)),
 )
 BY_NAME = {s.name: s for s in STAGES}
@@ -103,7 +97,7 @@ def dvc_yaml(params: Params, stages: tuple[Stage, ...] = STAGES) -> dict:
     out: dict = {"stages": {}}
     for s in stages:
         entry: dict = {"cmd": STAGE_COMMAND.format(name=s.name),
-                       "deps": s.declared_deps(params) + list(s.all_code()), "params": list(s.params)}
+                       "deps": s.declared_deps(params) + s.code_deps(), "params": list(s.params)}
         # persist: DVC leaves the previous outputs in place while a stage runs (it would delete them
         # first); stages replace theirs atomically, so a failed run loses nothing.
         if s.outs:
@@ -124,10 +118,25 @@ def dvc_yaml(params: Params, stages: tuple[Stage, ...] = STAGES) -> dict:
     return out
 
 
-DVC_YAML_HEADER = ("# Rendered by `qlora dvc-yaml --write` from flows/stages.py (and params.yaml's model.name);\n"
-                   "# a test fails if they disagree.\n")
+DVC_YAML_HEADER = ("# Rendered by `qlora dvc-yaml --write` from flows/stages.py, params.yaml's model.name and the\n"
+                   "# stages' imports (flows/code_deps.py); a test fails if they disagree.\n")
 
 
 def render_dvc_yaml(params: Params) -> str:
     import yaml
     return DVC_YAML_HEADER + yaml.safe_dump(dvc_yaml(params), sort_keys=False)
+
+
+def sync_dvc_yaml(root: Path, params: Params, write: bool) -> str | None:
+    """dvc.yaml must be the rendering of flows/stages.py for these params and this code (whether the
+    base model is a local directory decides two deps; the imports decide the code deps). Returns a
+    message when it was made current; without `write`, a stale dvc.yaml is an error."""
+    path, text = root / "dvc.yaml", render_dvc_yaml(params)
+    if path.exists() and path.read_text() == text:
+        return None
+    if not write:
+        raise PipelineError(f"{path} is not the rendering of flows/stages.py for these params and this code "
+                            f"(is model.name a local directory now, or did a stage's imports change?): run "
+                            f"`qlora dvc-yaml --write` and commit it")
+    path.write_text(text)
+    return f"dvc.yaml re-rendered for these params (model.name {params.model.name!r}) and this code"

@@ -1,6 +1,9 @@
 """One DAG, one cache, one record: dvc.yaml is the rendering of flows/stages.py, and `qlora run`
 and `dvc repro` agree on what is up to date because both go through DVC (dvc.lock)."""
+import hashlib
 import json
+import modulefinder
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +13,11 @@ import pytest
 import yaml
 
 from flows.cli import main as qlora_main
-from flows.stages import STAGES, render_dvc_yaml
+from flows.dvc_ops import md5
+from flows.stages import BY_NAME, STAGE_RUNNER, STAGE_SCRIPT, STAGES, render_dvc_yaml
 from tasks import catalog
 from tasks.config import Params, load_params
-from tests.conftest import REPO, env, make_project, repo_params, small_cls_params, write_params
+from tests.conftest import REPO, env, git, make_project, repo_params, small_cls_params, write_params
 
 
 def dvc_view(repo_dir: Path) -> dict:
@@ -37,7 +41,7 @@ def dvc_view(repo_dir: Path) -> dict:
 
 def flow_view(params_path: Path) -> dict:
     params = load_params(params_path)
-    return {s.name: {"cmd": f"bin/qlora stage {s.name}", "deps": s.data_deps(params) + list(s.all_code()),
+    return {s.name: {"cmd": f"bin/qlora stage {s.name}", "deps": s.data_deps(params) + s.code_deps(),
                      "params": list(s.params), "outs": sorted(s.outs + s.metrics), "persist": True} for s in STAGES}
 
 
@@ -48,6 +52,72 @@ def test_dvc_yaml_and_flow_agree_on_stages_deps_params_outs():
 def test_dvc_yaml_is_the_rendering_of_the_flow(capsys):
     qlora_main(["dvc-yaml"])
     assert capsys.readouterr().out == (REPO / "dvc.yaml").read_text()
+
+
+def modules_a_stage_runs(root: Path, module: str) -> set[str]:
+    """Every project module the stage's process can import, found by the standard library's
+    modulefinder, which scans the bytecode of every function: an oracle that shares no code with
+    flows/code_deps.py, which renders the deps."""
+    finder = modulefinder.ModuleFinder(path=[str(root)])  # the project only: libraries are not walked
+    for entry in (STAGE_RUNNER, module):
+        finder.import_hook(entry)
+    return {str(Path(m.__file__).relative_to(root)) for m in finder.modules.values() if m.__file__}
+
+
+def not_dependencies(root: Path) -> dict[str, list[str]]:
+    """Per stage of root's dvc.yaml: the modules it runs that no dependency covers (file or folder)."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    missing = {}
+    for name, entry in stages.items():
+        deps = [d.rstrip("/") for d in entry["deps"]]
+        uncovered = sorted(m for m in modules_a_stage_runs(root, BY_NAME[name].module) | {STAGE_SCRIPT}
+                           if not any(m == d or m.startswith(d + "/") for d in deps))
+        if uncovered:
+            missing[name] = uncovered
+    return missing
+
+
+def test_every_module_a_stage_runs_is_a_dvc_dependency_of_that_stage():
+    assert not_dependencies(REPO) == {}
+    deps = {name: entry["deps"] for name, entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items()}
+    # the modules the hand-written lists missed, as the record must now name them
+    assert {"tasks/nf4_triton.py", "tasks/swiglu_lora.py", "tasks/layer_checkpoint.py", "tasks/flat_optim.py",
+            "tasks/tokenize.py", "schemas/messages.py", "tasks/__init__.py"} <= set(deps["train"])
+    assert {"tasks/predict.py", "tasks/validate.py", "tasks/dataio.py", "tasks/rowhash.py"} <= set(deps["evaluate"])
+    assert "tasks/nf4_triton.py" not in deps["evaluate"] + deps["tokenize"]  # never wider than it needs to be
+    for entry in deps.values():
+        assert "bin/qlora" in entry and "flows/stage_command.py" in entry and "flows/cli.py" not in entry
+
+
+def _copy_code(dest: Path) -> Path:
+    for folder in ("tasks", "flows", "schemas", "bin"):
+        shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("params.yaml", "dvc.yaml"):
+        shutil.copy2(REPO / f, dest / f)
+    return dest
+
+
+def test_an_import_added_anywhere_fails_until_dvc_yaml_is_rendered_again(tmp_path):
+    """The check walks the source: a new module imported inside a function of train, or an existing
+    module newly imported by evaluate's code, is missing from the committed dvc.yaml until
+    `qlora dvc-yaml --write` renders it again, and the stage refuses to run meanwhile."""
+    root = _copy_code(tmp_path / "code")
+    (root / "tasks/new_module.py").write_text("VALUE = 1\n")
+    with open(root / "tasks/train.py", "a") as f:
+        f.write("\n\ndef _uses_a_new_module():\n    from tasks import new_module\n    return new_module.VALUE\n")
+    predict = next(root.glob("tasks/**/predict.py")).relative_to(root)
+    with open(root / predict, "a") as f:
+        f.write("\n\ndef _uses_a_kernel():\n    import tasks.nf4_triton\n    return tasks.nf4_triton\n")
+    kernel = str(next(root.glob("tasks/**/nf4_triton.py")).relative_to(root))
+    assert not_dependencies(root) == {"train": ["tasks/new_module.py"], "evaluate": [kernel]}
+    stage = subprocess.run(["bin/qlora", "stage", "train"], cwd=root, env={**env(), "QLORA_PYTHON": sys.executable},
+                           capture_output=True, text=True)
+    assert stage.returncode == 2 and "qlora dvc-yaml --write" in stage.stderr, stage.stderr
+    rendered = subprocess.run([sys.executable, "-m", "flows.cli", "dvc-yaml", "--write"], cwd=root, env=env(),
+                              capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    assert not_dependencies(root) == {}
+    assert "tasks/new_module.py" in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["train"]["deps"]
 
 
 def test_every_path_in_dvc_yaml_comes_from_the_catalog():
@@ -153,3 +223,55 @@ def test_qlora_run_set_is_a_dvc_experiment(tmp_path, agnews_small):
     assert applied.returncode == 0, applied.stderr
     assert yaml.safe_load((root / "params.yaml").read_text())["lora"]["r"] == 8
     assert json.loads((root / "models/adapter/adapter_config.json").read_text())["r"] == 8
+
+
+@pytest.mark.slow
+def test_an_edited_kernel_reruns_exactly_its_stages_and_the_record_names_the_new_code(tmp_path, agnews_small):
+    """On a pipeline that has run: a one-line edit to the NF4 kernel module makes `dvc status`
+    report exactly the stages that import it; committed and rerun, `qlora run` runs those (and
+    whatever DVC finds downstream of a changed output), skips the rest, and the new run's
+    git_commit, its dvc.lock digest and `qlora lineage --verify` agree with the code that trained it."""
+    root = make_project(tmp_path / "project", small_cls_params(agnews_small))
+    first = _run([".venv/bin/qlora", "run"], root)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    kernel = next(root.glob("tasks/**/nf4_triton.py"))
+    kernel_path = str(kernel.relative_to(root))
+    kernel.write_text(kernel.read_text() + "\n# a comment: the code differs, its behaviour does not\n")
+    importers = {s.name for s in STAGES if kernel_path in s.code_deps()}
+    assert importers == {"train"}
+    status = _run([".venv/bin/dvc", "status", "--json"], root)
+    assert set(json.loads(status.stdout)) == importers, status.stdout
+    dry = _run([".venv/bin/dvc", "repro", "--dry"], root).stdout
+    would_run = {s.name for s in STAGES if f"Running stage '{s.name}'" in dry}
+    assert importers <= would_run and not would_run & {"validate", "split", "tokenize", "quantize"}, dry
+
+    git(root, "commit", "-qam", "kernel: a comment")
+    head = git(root, "rev-parse", "HEAD").strip()
+    rerun = _run([".venv/bin/qlora", "run"], root)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    for name in ("validate", "split", "tokenize", "quantize"):
+        assert f"  {name:<9} skipped" in rerun.stdout, rerun.stdout
+    assert "  train     ran" in rerun.stdout, rerun.stdout
+    assert "up to date" in _run([".venv/bin/dvc", "status"], root).stdout
+
+    locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]["deps"]
+    assert {d["path"]: d["md5"] for d in locked}[kernel_path] == hashlib.md5(kernel.read_bytes()).hexdigest()
+    committed_kernel = subprocess.run(["git", "show", f"{head}:{kernel_path}"], cwd=root, capture_output=True,
+                                      check=True).stdout
+    assert committed_kernel == kernel.read_bytes()
+    run_id = rerun.stdout.split("mlflow:   run ")[1].split()[0]
+    assert run_id != first.stdout.split("mlflow:   run ")[1].split()[0]
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns.db'}")
+    tags = mlflow.tracking.MlflowClient().get_run(run_id).data.tags
+    assert tags["git_commit"] == head and tags["git_dirty"] == "False", tags
+    assert tags["dvc_lock_sha256"] == hashlib.sha256((root / "dvc.lock").read_bytes()).hexdigest()
+    version = rerun.stdout.split("(model version ")[1].split(")")[0]
+    verify = _run([".venv/bin/qlora", "lineage", f"qlora-flow-agnews/{version}", "--verify", "--json"], root)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    record = json.loads(verify.stdout)
+    # a comment changes no weight: the run names the version that already holds these weights (one
+    # version per weights), whose own lineage names the run and commit that first produced them
+    assert record["verify"]["ok"] and tags["registered_model_version"] == f"qlora-flow-agnews/{version}"
+    assert record["lineage"]["git_commit"] in (head, git(root, "rev-parse", "HEAD~1").strip())
+    assert md5(root / catalog.ADAPTER_DIR) == {o["path"]: o["md5"] for o in yaml.safe_load(
+        (root / "dvc.lock").read_text())["stages"]["train"]["outs"]}[catalog.ADAPTER_DIR]
