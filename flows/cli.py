@@ -11,6 +11,8 @@ from pathlib import Path
 
 from flows.console import EXIT_BUSY, EXIT_ERROR, EXIT_REJECTED, PARAMS, configure_env, fail
 
+PARAMS_DOC = "docs/reference/params.md"
+
 
 def _print_outcome(root: Path, out, seconds: float) -> None:
     from tasks import catalog
@@ -155,11 +157,13 @@ def cmd_dvc_yaml(args) -> int:
 
 
 def cmd_params(args) -> int:
-    """params.yaml rendered from the typed defaults in tasks/config.py (one source of defaults)."""
-    from tasks.config import render_params_yaml
+    """params.yaml and its reference page, rendered from the typed defaults in tasks/config.py (one source)."""
+    from tasks.config import render_params_doc, render_params_yaml
     text = render_params_yaml()
     if args.write:
         Path(PARAMS).write_text(text)
+        Path(PARAMS_DOC).parent.mkdir(parents=True, exist_ok=True)
+        Path(PARAMS_DOC).write_text(render_params_doc())
     else:
         print(text, end="")
     return 0
@@ -354,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(fn=cmd_predict)
     for name, fn, helptext in (("dvc-yaml", cmd_dvc_yaml, "print (or --write) dvc.yaml rendered from flows/stages.py"),
-                               ("params", cmd_params, "print (or --write) params.yaml rendered from tasks/config.py")):
+                               ("params", cmd_params, "print params.yaml (--write: it and docs/reference/params.md) rendered from tasks/config.py")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--write", action="store_true")
         p.set_defaults(fn=fn)

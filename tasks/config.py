@@ -426,5 +426,42 @@ def render_params_yaml(params: Params | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+PARAMS_DOC_HEADER = """\
+# Params reference
+
+Every key of `params.yaml`, with its default and what it does. This page is rendered from the
+typed sections in `tasks/config.py` by `qlora params --write`, the same source as `params.yaml`
+(a test fails if either differs from its rendering). Set a value in `params.yaml`, or for one
+run: `qlora run --set section.key=value`.
+"""
+
+
+def _table_cell(text: str) -> str:
+    # Markdown tables end a cell at "|", and a bare "<" would open an HTML tag.
+    return text.replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
+
+
+def _doc_rows(fields: dict, values: dict, prefix: str) -> list[str]:
+    rows = ["| key | default | what it does |", "| --- | --- | --- |"]
+    for key, field in fields.items():
+        default = _table_cell(_yaml_value(values[key]))
+        rows.append(f"| `{prefix}{key}` | `{default}` | {_table_cell(field.description or '')} |")
+    return rows
+
+
+def render_params_doc(params: Params | None = None) -> str:
+    """docs/reference/params.md as text: a table per params.yaml section, keys with defaults and help."""
+    params = params or Params()
+    values = params.model_dump(mode="json")
+    top = {name: field for name, field in Params.model_fields.items()
+           if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))}
+    lines = [PARAMS_DOC_HEADER, "## Top level", ""] + _doc_rows(top, values, "") + [""]
+    for name, field in Params.model_fields.items():
+        if name in top:
+            continue
+        lines += [f"## {name}", ""] + _doc_rows(field.annotation.model_fields, values[name], f"{name}.") + [""]
+    return "\n".join(lines)
+
+
 def write_params(params: Params, path: Path) -> None:
     Path(path).write_text(render_params_yaml(params))

@@ -51,3 +51,21 @@ def test_params_yaml_and_the_typed_defaults_are_one_source():
         for key, f in fields:
             assert f.description, f"{section}.{key} has no help text"
             assert f.description.split()[0] in text
+
+
+def test_params_reference_page_is_the_rendering_of_the_typed_defaults():
+    """docs/reference/params.md is rendered from tasks/config.py like params.yaml (`qlora params
+    --write` writes both): every key is a row with its default and its help text."""
+    from tasks.config import render_params_doc
+    text = (REPO / "docs" / "reference" / "params.md").read_text()
+    assert text == render_params_doc()
+    defaults = Params().model_dump(mode="json")
+    for section, field in Params.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and hasattr(sub, "model_fields"):
+            assert f"\n## {section}\n" in text
+            for key in sub.model_fields:
+                assert f"| `{section}.{key}` |" in text, f"{section}.{key} has no row"
+        else:
+            assert f"| `{section}` | `{defaults[section]}` |" in text
+    assert "| `lora.r` | `16` |" in text
