@@ -4,8 +4,9 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup data run test test-fast bench clean
+.PHONY: setup data run docs test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,7 +27,12 @@ data: $(BIN)/.installed
 run: setup
 	$(BIN)/qlora run
 
-test: setup
+# The docs site first: --strict fails on a broken link or anchor, or a page missing from nav.
+# Not -q: mkdocs' quiet mode drops the warnings that --strict counts, and the build passes.
+docs: $(BIN)/.installed
+	$(BIN)/mkdocs build --strict -d build/site
+
+test: setup docs
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
