@@ -88,24 +88,47 @@ def promote_task(params: Params, project: Project, model_version: str | None, pi
 
 
 def _decide(params: Params, project: Project, client, model_version: str | None) -> dict:
+    """Champion and challenger on this project's test split, both measured as the evaluate stage
+    measures a version (its adapter on the project's saved base, in quant.compute_dtype): the
+    challenger's score is its version's recorded test metric, the champion's adapter is scored
+    the same way. The merged weights a version serves round differently from the adapter on the
+    4-bit base, so scoring the merged models would give numbers that are not the versions' test
+    metrics. A champion on another base model is scored as registered instead (no shared base)."""
     from flows.serving import local_model
+    from tasks.common import read_json
     from tasks.evaluate import score_model
     r = params.retrain
     name = params.tracking.registered_model
     root = project.root
     metric = r.metric
-    # the challenger as it was registered (tracking.register_as), the champion as the registry holds it
-    registered = catalog.MERGED_DIR if params.tracking.register_as == "merged" else catalog.ADAPTER_DIR
-    challenger = score_model(params, root, root / registered)[metric]
+    model_version = str(model_version) if model_version is not None else None
+    recorded = client.get_run(client.get_model_version(name, model_version).run_id).data.metrics \
+        if model_version else {}
+    challenger = recorded.get(f"test_{metric}")
+    if challenger is None:  # eval.split is not test, or nothing registered: score the adapter as evaluate does
+        challenger = score_model(params, root, root / catalog.ADAPTER_DIR)[metric]
     try:
         champ = str(client.get_model_version_by_alias(name, r.alias).version)
     except Exception:
         champ = None
-    model_version = str(model_version) if model_version is not None else None
-    champion_score = None
+    champion_score, basis = None, "adapter on the project's base"
     if champ is not None and champ != model_version:
-        with local_model(f"models:/{name}/{champ}") as (local, _):
-            champion_score = score_model(params, root, local)[metric]
+        champ_mv = client.get_model_version(name, champ)
+        base = read_json(root / catalog.BASE_LINEAGE).get("base_model")
+        if (champ_mv.tags or {}).get("base_model") == base:
+            import tempfile
+
+            import mlflow
+            with tempfile.TemporaryDirectory() as tmp:
+                adapter = mlflow.artifacts.download_artifacts(run_id=champ_mv.run_id, artifact_path="adapter",
+                                                              dst_path=tmp)
+                champion_score = score_model(params, root, Path(adapter))[metric]
+        else:
+            basis = "as registered (the champion has another base model)"
+            with local_model(f"models:/{name}/{champ}") as (local, _):
+                champion_score = score_model(params, root, local)[metric]
+            registered = catalog.MERGED_DIR if params.tracking.register_as == "merged" else catalog.ADAPTER_DIR
+            challenger = score_model(params, root, root / registered)[metric]
     if model_version is None or (champ is not None and champ == model_version):
         promote, reason = False, "no new model version (same weights as an existing one)"
     else:
@@ -114,7 +137,7 @@ def _decide(params: Params, project: Project, client, model_version: str | None)
                   f"challenger {metric}={challenger:.4f} {'beats' if promote else 'does not beat'} "
                   f"champion v{champ} {metric}={champion_score:.4f}")
     return {"metric": metric, "challenger_version": model_version, "challenger_score": challenger,
-            "champion_version": champ, "champion_score": champion_score,
+            "champion_version": champ, "champion_score": champion_score, "scored": basis,
             "promoted": promote, "reason": reason, "champion_after": model_version if promote else champ}
 
 
@@ -149,7 +172,7 @@ def _retrain(root: Path, overrides: list[str]):
     if todo is not None:  # an interrupted retraining first, before the inbox
         logger.warning(f"finishing an interrupted retraining: {todo.why}")
         _apply_overrides(root, overrides)
-        finished = _attempt(params, project, todo, overrides)
+        finished = _attempt(params, project, todo)
     require_committed_version(check_data(params, root))  # before the inbox is merged into it, or anything written
     got = ingest_task(params, project)
     if got["status"] == "no_new_data":
@@ -159,7 +182,7 @@ def _retrain(root: Path, overrides: list[str]):
         return Completed(name="No new data", message="no new data: retraining skipped",
                          data={"status": "skipped", "ingest": got})
     _apply_overrides(root, overrides)
-    return _attempt(params, project, None, overrides, got)
+    return _attempt(params, project, None, got)
 
 
 def _apply_overrides(root: Path, overrides: list[str]) -> None:
@@ -168,8 +191,7 @@ def _apply_overrides(root: Path, overrides: list[str]) -> None:
         get_run_logger().info(f"params.yaml: set {', '.join(overrides)}")
 
 
-def _attempt(params: Params, project: Project, todo: retrain_state.Pending | None, overrides: list[str],
-             got: dict | None = None):
+def _attempt(params: Params, project: Project, todo: retrain_state.Pending | None, got: dict | None = None):
     """One retraining under its parent MLflow run: from the merged inbox (todo None), or the
     rest of an interrupted one (todo.step: version, train or decide)."""
     logger = get_run_logger()

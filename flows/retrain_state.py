@@ -125,7 +125,7 @@ def pending(params: Params, root: Path, check: DataCheck, client) -> Pending | N
     if check.status in ("modified", "uncommitted"):
         if check.status == "uncommitted" and not _dvc_file_holds_disk_data(root, check):
             return None
-        if _committed_plus_appended(params, root, check):
+        if appended_to_committed(params, root, check):
             return Pending("version", check.md5, why=f"data appended from the inbox but not committed "
                                                      f"({'not `dvc add`ed' if check.status == 'modified' else 'not committed'})")
         return None
@@ -141,11 +141,6 @@ def pending(params: Params, root: Path, check: DataCheck, client) -> Pending | N
     if DECISION_TAG not in (mv.tags or {}):
         return Pending("decide", md5, str(mv.version), why=f"model version {mv.version} has no champion decision")
     return None
-
-
-def _committed_plus_appended(params: Params, root: Path, check: DataCheck) -> bool:
-    """For `dvc add`ed but uncommitted data, the committed version is what the append started from."""
-    return appended_to_committed(params, root, check)
 
 
 def commit_pipeline_state(root: Path, md5: str) -> str | None:

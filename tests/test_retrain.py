@@ -170,7 +170,7 @@ def test_retraining_story(project, mlflow_server):
     assert client.get_model_version_by_alias(MODEL, "champion").version == v2
     run = client.get_run(out["pipeline"]["run_id"])
     assert run.data.tags["champion_decision"] == "promoted"
-    assert run.data.metrics["challenger_accuracy"] == d["challenger_score"]
+    assert run.data.metrics["challenger_accuracy"] == d["challenger_score"] == run.data.metrics["test_accuracy"]
     assert run.data.metrics["champion_accuracy"] == d["champion_score"]
 
     # 4. third drop with a weak recipe: not better -> alias stays on v2, decision logged

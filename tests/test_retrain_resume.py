@@ -151,7 +151,9 @@ def test_retraining_commit_reproduces_with_dvc(reference):
     assert "pipeline: dvc.lock for data version " + state["data_md5"] in log
     lock = yaml.safe_load(subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True,
                                          text=True, check=True).stdout)
-    assert any(d.get("md5") == state["data_md5"] for d in lock["stages"]["validate"]["deps"])
+    from flows.dvc_ops import md5
+    assert {"path": DATA, "md5": md5(root / DATA)}.items() <= next(
+        d for d in lock["stages"]["validate"]["deps"] if d["path"] == DATA).items()
     checkout = root.parent / "checkout"
     git(root, "worktree", "add", "-q", str(checkout), "HEAD")
     (checkout / ".venv").symlink_to(root / ".venv")
