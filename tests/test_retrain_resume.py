@@ -40,7 +40,7 @@ def base(tmp_path_factory) -> Path:
     seed = ag.groupby(0, group_keys=False).head(30)
     (root / "data/raw/news").mkdir(parents=True)
     seed.to_csv(root / DATA, header=False, index=False)
-    assert _dvc(root, "remote", "add", "-d", "local", "../../remote").returncode == 0  # relative to .dvc/
+    assert _dvc(root, "remote", "add", "-d", "local", "../remote").returncode == 0  # beside the project
     assert _dvc(root, "add", "-q", "data/raw/news").returncode == 0
     git(root, "add", "-A")
     git(root, "commit", "-qm", "seed dataset")
