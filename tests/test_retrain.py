@@ -153,7 +153,7 @@ def test_retraining_story(project, mlflow_server):
     assert len(out["ingest"]["skipped_duplicates"]) == 5
     assert out["data"]["md5"] != seed_md5 and out["data"]["git_commit"]
     v1 = out["decision"]["challenger_version"]
-    assert out["decision"]["promoted"] and client.get_model_version_by_alias(MODEL, "champion").version == v1
+    assert out["decision"]["promoted"] and str(client.get_model_version_by_alias(MODEL, "champion").version) == v1
     md5s[v1] = _md5(root)
     assert len(pd.read_csv(root / "data/raw/news/data.csv", header=None)) == 375
     # the new version is in the DVC remote: a fresh checkout can pull it
@@ -167,7 +167,7 @@ def test_retraining_story(project, mlflow_server):
     md5s[v2] = _md5(root)
     assert md5s[v2] != md5s[v1]
     assert d["champion_version"] == v1 and d["challenger_score"] > d["champion_score"] and d["promoted"], d
-    assert client.get_model_version_by_alias(MODEL, "champion").version == v2
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == v2
     run = client.get_run(out["pipeline"]["run_id"])
     assert run.data.tags["champion_decision"] == "promoted"
     assert run.data.metrics["challenger_accuracy"] == d["challenger_score"] == run.data.metrics["test_accuracy"]
@@ -180,7 +180,7 @@ def test_retraining_story(project, mlflow_server):
     v3 = d["challenger_version"]
     md5s[v3] = _md5(root)
     assert not d["promoted"] and d["challenger_score"] <= d["champion_score"], d
-    assert client.get_model_version_by_alias(MODEL, "champion").version == v2
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == v2
     assert client.get_run(out["pipeline"]["run_id"]).data.tags["champion_decision"] == "kept"
     out_v3_run = out["pipeline"]["run_id"]
 
@@ -198,7 +198,7 @@ def test_retraining_story(project, mlflow_server):
     assert ("3", "not_blank") in rules
     assert (root / "data/raw/news/data.csv").read_bytes() == before and _md5(root) == md5s[v3]
     assert len(client.search_model_versions(f"name='{MODEL}'")) == versions
-    assert client.get_model_version_by_alias(MODEL, "champion").version == v2
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == v2
     rejected = list((root / "data/inbox/rejected").glob("*/bad.csv"))
     assert len(rejected) == 1 and (rejected[0].parent / "report.json").exists()
 
@@ -218,7 +218,7 @@ def test_retraining_story(project, mlflow_server):
         assert len(info["lineage"]["git_commit"]) == 40
     rc, out = lineage(f"{MODEL}@champion", "--verify", "--json")
     info = json.loads(out)  # champion v2 was trained on older data, checked against its own data version
-    assert rc == 0 and info["model"]["version"] == v2 and info["verify"]["ok"], out
+    assert rc == 0 and str(info["model"]["version"]) == v2 and info["verify"]["ok"], out
     assert info["verify"]["trained_version"]["md5"] == md5s[v2]
     rc, table = lineage(f"{MODEL}/{v3}", "--verify")
     assert rc == 0 and "MATCH" in table and md5s[v3] in table and "dvc_data_md5" in table, table
