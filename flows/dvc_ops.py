@@ -169,8 +169,9 @@ def dvc(root: Path, *args: str) -> str:
     return _run([sys.executable, "-m", "dvc", *args], root)
 
 
-def new_version(data_path: Path, root: Path, remote: str | None, commit: bool, message: str) -> dict:
-    """`dvc add` the dataset behind data_path, push it, and commit its .dvc file."""
+def new_version(data_path: Path, root: Path, remote: str | None, commit: bool, message) -> dict:
+    """`dvc add` the dataset behind data_path, push it, and commit its .dvc file.
+    message: the commit message, or a function of the new version's md5 that returns it."""
     dvc_file = find_dvc_file(data_path, root)
     if dvc_file is None:
         raise PipelineError(f"{data_path} is not tracked by DVC: `dvc add` it (or its folder) first")
@@ -187,6 +188,7 @@ def new_version(data_path: Path, root: Path, remote: str | None, commit: bool, m
         rel = str(dvc_file.relative_to(root))
         _run(["git", "add", rel], root)
         if subprocess.run(["git", "diff", "--cached", "--quiet", "--", rel], cwd=root).returncode:
-            _run(["git", "commit", "-q", "-m", message, "--", rel], root)
+            text = message(dvc_md5(dvc_file)) if callable(message) else message
+            _run(["git", "commit", "-q", "-m", text, "--", rel], root)
             committed = _run(["git", "rev-parse", "HEAD"], root).strip()
     return {"dvc_file": str(dvc_file.relative_to(root)), "md5": dvc_md5(dvc_file), "git_commit": committed}

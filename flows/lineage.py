@@ -95,10 +95,19 @@ def verify(info: dict, root: Path) -> dict:
         out["current_md5"] = md5(path)
         out["bytes_match"] = out["current_md5"] == out["recorded_md5"]
     problems = []
+    if out["exists"] and not out["bytes_match"] and lin.get("dvc_file"):
+        # Newer data committed since: the version is checked against its own data version, found in
+        # the git history of the .dvc file and re-hashed from the DVC cache, provided the data on
+        # disk is itself a committed version.
+        out["trained_version"] = _committed_version(root, lin["dvc_file"], lin.get("dvc_data_md5") or "",
+                                                    out["current_md5"])
+        out["bytes_match"] = out["trained_version"]["ok"]
     if not out["exists"]:
         problems.append(f"{path} does not exist here")
     elif not out["bytes_match"]:
-        problems.append(f"{path} hashes to md5 {out['current_md5']}, the run trained on {out['recorded_md5']}")
+        why = out.get("trained_version", {}).get("problem")
+        problems.append(f"{path} hashes to md5 {out['current_md5']}, the run trained on {out['recorded_md5']}"
+                        + (f" ({why})" if why else ""))
     if out["recorded_verified"] == "false":
         problems.append("the run's data was not its committed DVC version (recorded as unverified)")
     elif out["recorded_verified"] not in ("true", "untracked"):
@@ -106,6 +115,53 @@ def verify(info: dict, root: Path) -> dict:
     out["problems"] = problems
     out["ok"] = not problems
     return out
+
+
+def _committed_version(root: Path, dvc_file: str, trained_md5: str, current_md5: str) -> dict:
+    """Whether trained_md5 is a data version git committed (in the .dvc file's history) whose bytes the
+    DVC cache holds intact, while the data on disk is the version at git's HEAD (not edited)."""
+    import subprocess
+
+    from flows.dvc_ops import committed_dvc_md5
+    out = {"ok": False, "md5": trained_md5}
+    if committed_dvc_md5(Path(root) / dvc_file, root) != current_md5:
+        out["problem"] = f"the data on disk is not the version {dvc_file} holds at git's HEAD"
+        return out
+    log = subprocess.run(["git", "log", "--format=%H", f"-S{trained_md5}", "--", dvc_file], cwd=root,
+                         capture_output=True, text=True).stdout.split()
+    if not trained_md5 or not log:
+        out["problem"] = f"md5 {trained_md5 or '(none recorded)'} is not in the git history of {dvc_file}"
+        return out
+    out["git_commit"] = log[-1]  # the commit that introduced it
+    cached = _cached_md5(root, trained_md5)
+    if cached != trained_md5:
+        out["problem"] = (f"the DVC cache does not hold version {trained_md5} intact"
+                          + (f" (it hashes to {cached})" if cached else " (`dvc fetch` it)"))
+        return out
+    out["ok"] = True
+    return out
+
+
+def _cached_md5(root: Path, md5: str) -> str | None:
+    """DVC's md5 of a version as the local DVC cache holds it, re-hashed from the bytes."""
+    from dvc_data.hashfile.tree import Tree
+
+    from flows.dvc_ops import _repo
+    from flows.dvc_ops import md5 as file_md5
+    with _repo(root) as repo:
+        path = Path(repo.cache.local.oid_to_path(md5))
+        if not path.exists():
+            return None
+        if not md5.endswith(".dir"):
+            return file_md5(path)
+        listing = json.loads(path.read_text())
+        for entry in listing:
+            obj = Path(repo.cache.local.oid_to_path(entry["md5"]))
+            if not obj.exists() or file_md5(obj) != entry["md5"]:
+                return f"(object {entry['relpath']} missing or altered)"
+    tree = Tree.from_list(listing)
+    tree.digest()
+    return tree.hash_info.value
 
 
 def render(info: dict, verified: dict | None = None) -> str:

@@ -1,10 +1,13 @@
 """Retraining on new data: take the project lock -> check the data version -> ingest the
 inbox -> version the data with DVC -> run the pipeline -> promote the new model version to
-champion only if it beats the current one on the same held-out test set.
+champion only if it beats the current one on the same held-out test set -> commit dvc.lock
+with the data version, so each commit of the history reproduces with `dvc repro`.
 
-One parent MLflow run records each attempt, skipped and rejected ones included; the
-pipeline's run is nested under it. The flow run's final state says what happened, so
-Prefect's UI and automations see it: Completed (trained, or no new data), Failed named
+A tick first finishes an interrupted retraining (flows/retrain_state.py reads where it stands
+from git, DVC and the registry), then looks at the inbox. One parent MLflow run records each
+attempt, rejected ones included, its pipeline run nested under it; a tick with nothing to do
+records nothing in MLflow. The flow run's final state says what happened, so Prefect's UI and
+automations see it: Completed (trained, or named "No new data"), Failed named
 "Rejected" (a drop broke a rule; the report is attached as a Prefect artifact), Cancelled
 named "Skipped" (another command held the project lock; a scheduled run never writes
 beside it).
@@ -17,9 +20,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Cancelled, Failed
+from prefect.states import Cancelled, Completed, Failed
 
-from flows import dvc_ops, tracking
+from flows import dvc_ops, retrain_state, tracking
 from flows.data_check import check_data, require_committed_version
 from flows.lock import ProjectBusy, project_lock
 from flows.pipeline import Project, qlora_pipeline
@@ -44,54 +47,98 @@ def ingest_task(params: Params, project: Project) -> dict:
 
 @task(name="version-data", cache_policy=NO_CACHE)
 def version_task(params: Params, project: Project, files: list[str]) -> dict:
-    names = ", ".join(Path(f).name for f in files)
     return dvc_ops.new_version(resolve(project.root, params.data.path), project.root, params.retrain.dvc_remote,
-                               params.retrain.git_commit, f"data: merge {names} from the retraining inbox")
+                               params.retrain.git_commit, lambda md5: retrain_state.commit_message(files, md5))
+
+
+@task(name="commit-pipeline-state", cache_policy=NO_CACHE)
+def commit_pipeline_task(project: Project, md5: str) -> str | None:
+    return retrain_state.commit_pipeline_state(project.root, md5)
 
 
 @task(name="promote", cache_policy=NO_CACHE)
 def promote_task(params: Params, project: Project, model_version: str | None, pipeline_run_id: str) -> dict:
+    """Decide champion or not, then record it on the model version in two steps: the decision
+    (PENDING_TAG) before the alias moves and DECISION_TAG after, so an interruption between
+    them is finished by applying the recorded decision, never by deciding again."""
     import mlflow
+    client = mlflow.tracking.MlflowClient()
+    name = params.tracking.registered_model
+    recorded = client.get_model_version(name, model_version).tags.get(retrain_state.PENDING_TAG) \
+        if model_version else None
+    decision = json.loads(recorded) if recorded else _decide(params, project, client, model_version)
+    if model_version and not recorded:
+        client.set_model_version_tag(name, model_version, retrain_state.PENDING_TAG, json.dumps(decision))
+    if decision["promoted"]:
+        client.set_registered_model_alias(name, params.retrain.alias, model_version)
+    metric = decision["metric"]
+    client.set_tag(pipeline_run_id, "champion_decision", "promoted" if decision["promoted"] else "kept")
+    client.set_tag(pipeline_run_id, "champion_reason", decision["reason"])
+    logged = client.get_run(pipeline_run_id).data.metrics
+    if f"challenger_{metric}" not in logged:
+        client.log_metric(pipeline_run_id, f"challenger_{metric}", decision["challenger_score"])
+    if decision["champion_score"] is not None and f"champion_{metric}" not in logged:
+        client.log_metric(pipeline_run_id, f"champion_{metric}", decision["champion_score"])
+    if model_version:
+        client.set_model_version_tag(name, model_version, f"test_{metric}_at_registration",
+                                     str(decision["challenger_score"]))
+        client.set_model_version_tag(name, model_version, retrain_state.DECISION_TAG,
+                                     "promoted" if decision["promoted"] else "kept")
+    return decision
 
+
+def _decide(params: Params, project: Project, client, model_version: str | None) -> dict:
+    """Champion and challenger on this project's test split, both measured as the evaluate stage
+    measures a version (its adapter on the project's saved base, in quant.compute_dtype): the
+    challenger's score is its version's recorded test metric, the champion's adapter is scored
+    the same way. The merged weights a version serves round differently from the adapter on the
+    4-bit base, so scoring the merged models would give numbers that are not the versions' test
+    metrics. A champion on another base model is scored as registered instead (no shared base)."""
     from flows.serving import local_model
+    from tasks.common import read_json
     from tasks.evaluate import score_model
     r = params.retrain
-    client = mlflow.tracking.MlflowClient()
     name = params.tracking.registered_model
     root = project.root
     metric = r.metric
-    # the challenger as it was registered (tracking.register_as), the champion as the registry holds it
-    registered = catalog.MERGED_DIR if params.tracking.register_as == "merged" else catalog.ADAPTER_DIR
-    challenger = score_model(params, root, root / registered)[metric]
+    model_version = str(model_version) if model_version is not None else None
+    recorded = client.get_run(client.get_model_version(name, model_version).run_id).data.metrics \
+        if model_version else {}
+    challenger = recorded.get(f"test_{metric}")
+    if challenger is None:  # eval.split is not test, or nothing registered: score the adapter as evaluate does
+        challenger = score_model(params, root, root / catalog.ADAPTER_DIR)[metric]
     try:
-        champ = client.get_model_version_by_alias(name, r.alias)
+        champ = str(client.get_model_version_by_alias(name, r.alias).version)
     except Exception:
         champ = None
-    champion_score = None
-    if champ is not None and champ.version != model_version:
-        with local_model(f"models:/{name}/{champ.version}") as (local, _):
-            champion_score = score_model(params, root, local)[metric]
-    if model_version is None or (champ is not None and champ.version == model_version):
+    champion_score, basis = None, "adapter on the project's base"
+    if champ is not None and champ != model_version:
+        champ_mv = client.get_model_version(name, champ)
+        base = read_json(root / catalog.BASE_LINEAGE).get("base_model")
+        if (champ_mv.tags or {}).get("base_model") == base:
+            import tempfile
+
+            import mlflow
+            with tempfile.TemporaryDirectory() as tmp:
+                adapter = mlflow.artifacts.download_artifacts(run_id=champ_mv.run_id, artifact_path="adapter",
+                                                              dst_path=tmp)
+                champion_score = score_model(params, root, Path(adapter))[metric]
+        else:
+            basis = "as registered (the champion has another base model)"
+            with local_model(f"models:/{name}/{champ}") as (local, _):
+                champion_score = score_model(params, root, local)[metric]
+            registered = catalog.MERGED_DIR if params.tracking.register_as == "merged" else catalog.ADAPTER_DIR
+            challenger = score_model(params, root, root / registered)[metric]
+    if model_version is None or (champ is not None and champ == model_version):
         promote, reason = False, "no new model version (same weights as an existing one)"
     else:
         promote = beats(challenger, champion_score, r.greater_is_better)
         reason = ("no champion yet" if champ is None else
                   f"challenger {metric}={challenger:.4f} {'beats' if promote else 'does not beat'} "
-                  f"champion v{champ.version} {metric}={champion_score:.4f}")
-    if promote:
-        client.set_registered_model_alias(name, r.alias, model_version)
-    decision = {"metric": metric, "challenger_version": model_version, "challenger_score": challenger,
-                "champion_version": champ.version if champ else None, "champion_score": champion_score,
-                "promoted": promote, "reason": reason,
-                "champion_after": model_version if promote else (champ.version if champ else None)}
-    client.set_tag(pipeline_run_id, "champion_decision", "promoted" if promote else "kept")
-    client.set_tag(pipeline_run_id, "champion_reason", reason)
-    client.log_metric(pipeline_run_id, f"challenger_{metric}", challenger)
-    if champion_score is not None:
-        client.log_metric(pipeline_run_id, f"champion_{metric}", champion_score)
-    if model_version:
-        client.set_model_version_tag(name, model_version, f"test_{metric}_at_registration", str(challenger))
-    return decision
+                  f"champion v{champ} {metric}={champion_score:.4f}")
+    return {"metric": metric, "challenger_version": model_version, "challenger_score": challenger,
+            "champion_version": champ, "champion_score": champion_score, "scored": basis,
+            "promoted": promote, "reason": reason, "champion_after": model_version if promote else champ}
 
 
 def _report_markdown(got: dict) -> str:
@@ -116,42 +163,90 @@ def _retrain(root: Path, overrides: list[str]):
     logger = get_run_logger()
     params = load_params(root / dvc_ops.PARAMS_FILE, overrides)  # fails on a bad key before anything is written
     check_retrain_ready(params)
+    project = Project(root=root)
+    # Read-only until there is work: a tick with nothing to do records nothing in MLflow.
+    mlflow, _, _ = tracking.use_store(params, root, create=False)
+    client = mlflow.tracking.MlflowClient()
+    todo = retrain_state.pending(params, root, check_data(params, root), client)
+    finished = None
+    if todo is not None:  # an interrupted retraining first, before the inbox
+        logger.warning(f"finishing an interrupted retraining: {todo.why}")
+        _apply_overrides(root, overrides)
+        finished = _attempt(params, project, todo)
     require_committed_version(check_data(params, root))  # before the inbox is merged into it, or anything written
+    got = ingest_task(params, project)
+    if got["status"] == "no_new_data":
+        if finished is not None:
+            return finished
+        logger.info("no new data: retraining skipped")
+        return Completed(name="No new data", message="no new data: retraining skipped",
+                         data={"status": "skipped", "ingest": got})
+    _apply_overrides(root, overrides)
+    return _attempt(params, project, None, got)
+
+
+def _apply_overrides(root: Path, overrides: list[str]) -> None:
     if overrides:  # the stages read params.yaml (DVC tracks it): the overrides go there, as `dvc exp run -S` does
         dvc_ops.apply_params(root, overrides)
-        logger.info(f"params.yaml: set {', '.join(overrides)}")
-    project = Project(root=root)
+        get_run_logger().info(f"params.yaml: set {', '.join(overrides)}")
+
+
+def _attempt(params: Params, project: Project, todo: retrain_state.Pending | None, got: dict | None = None):
+    """One retraining under its parent MLflow run: from the merged inbox (todo None), or the
+    rest of an interrupted one (todo.step: version, train or decide)."""
+    logger = get_run_logger()
+    root = project.root
     mlflow, _, _ = tracking.use_store(params, root)
-    with mlflow.start_run(run_name="retrain", tags={"qlora_kind": "retrain",
-                                                    "prefect_flow_run_id": str(runtime.flow_run.id)}) as parent:
-        got = ingest_task(params, project)
-        mlflow.set_tag("retrain_status", got["status"])
-        mlflow.log_metric("added_rows", got["added_rows"])
-        if (root / catalog.INGEST_REPORT).exists():
-            mlflow.log_artifact(str(root / catalog.INGEST_REPORT), "reports")
-        if got["status"] == "no_new_data":
-            logger.info("no new data: retraining skipped")
-            mlflow.set_tag("retrain_message", "no new data: retraining skipped")
-            return {"status": "skipped", "ingest": got, "run_id": parent.info.run_id}
-        if got["status"] == "rejected":
-            msg = (f"new data rejected ({len(got['errors'])} error(s)); dataset and model unchanged; "
-                   f"see {catalog.INGEST_REPORT}")
-            mlflow.set_tag("retrain_message", msg)
-            create_markdown_artifact(_report_markdown(got), key="rejected-drop", description=msg)
-            return Failed(name="Rejected", message=msg,
-                          data={"status": "rejected", "ingest": got, "run_id": parent.info.run_id})
-        version = version_task(params, project, got["files"])
-        mlflow.set_tags({"dvc_data_md5": version["md5"], "dvc_file": version["dvc_file"],
-                         "data_git_commit": version["git_commit"] or ""})
-        if not params.retrain.git_commit:  # the new version is recorded in the workspace only
-            logger.warning("retrain.git_commit is false: the new data version is not committed; "
-                           "the run is recorded as unverified")
-        out = qlora_pipeline(project, parent_run_id=parent.info.run_id,
-                             allow_unverified_data=not params.retrain.git_commit)
-        decision = promote_task(params, project, out.mlflow.get("model_version"), out.mlflow["run_id"])
+    tags = {"qlora_kind": "retrain", "prefect_flow_run_id": str(runtime.flow_run.id), **tracking.process_tags()}
+    if todo is not None:
+        tags.update(retrain_resumed=todo.step, retrain_resumed_why=todo.why)
+    with mlflow.start_run(run_name="retrain", tags=tags) as parent:
+        if got is not None:
+            mlflow.set_tag("retrain_status", got["status"])
+            mlflow.log_metric("added_rows", got["added_rows"])
+            if (root / catalog.INGEST_REPORT).exists():
+                mlflow.log_artifact(str(root / catalog.INGEST_REPORT), "reports")
+            if got["status"] == "rejected":
+                msg = (f"new data rejected ({len(got['errors'])} error(s)); dataset and model unchanged; "
+                       f"see {catalog.INGEST_REPORT}")
+                mlflow.set_tag("retrain_message", msg)
+                create_markdown_artifact(_report_markdown(got), key="rejected-drop", description=msg)
+                return Failed(name="Rejected", message=msg,
+                              data={"status": "rejected", "ingest": got, "run_id": parent.info.run_id})
+        else:
+            mlflow.set_tag("retrain_status", f"resumed_{todo.step}")
+        version = None
+        if todo is None or todo.step == "version":
+            files = got["files"] if got else _last_ingest(root).get("files", [])
+            version = version_task(params, project, files)
+            mlflow.set_tags({"dvc_data_md5": version["md5"], "dvc_file": version["dvc_file"],
+                             "data_git_commit": version["git_commit"] or ""})
+            if not params.retrain.git_commit:  # the new version is recorded in the workspace only
+                logger.warning("retrain.git_commit is false: the new data version is not committed; "
+                               "the run is recorded as unverified")
+        md5 = version["md5"] if version else todo.md5
+        if todo is None or todo.step in ("version", "train"):
+            out = qlora_pipeline(project, parent_run_id=parent.info.run_id,
+                                 allow_unverified_data=not params.retrain.git_commit)
+            pipeline, model_version = out.mlflow, out.mlflow.get("model_version")
+        else:
+            run_id = mlflow.tracking.MlflowClient().get_model_version(params.tracking.registered_model,
+                                                                      todo.model_version).run_id
+            pipeline, model_version = {"run_id": run_id, "model_version": todo.model_version}, todo.model_version
+        if params.retrain.git_commit and dvc_ops.is_git_repo(root):
+            lock_commit = commit_pipeline_task(project, md5)
+            if lock_commit:
+                mlflow.set_tag("pipeline_git_commit", lock_commit)
+        decision = promote_task(params, project, model_version, pipeline["run_id"])
         mlflow.set_tags({"champion_decision": "promoted" if decision["promoted"] else "kept",
                          "champion_reason": decision["reason"]})
         mlflow.log_dict(decision, "champion_decision.json")
         logger.info(f"champion decision: {decision['reason']}")
-        return {"status": "trained", "ingest": got, "data": version, "pipeline": out.mlflow,
-                "decision": decision, "run_id": parent.info.run_id}
+        return {"status": "trained" if todo is None else f"resumed ({todo.step})", "ingest": got or {},
+                "data": version or {"md5": md5}, "pipeline": pipeline, "decision": decision,
+                "run_id": parent.info.run_id}
+
+
+def _last_ingest(root: Path) -> dict:
+    path = root / catalog.INGEST_REPORT
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -57,16 +57,62 @@ def usable_uri(params: Params, root: Path) -> tuple[str, str | None]:
         return local, uri
 
 
-def use_store(params: Params, root: Path):
-    """Point MLflow at this project's store and experiment; returns (mlflow, uri, fallback_from)."""
+def use_store(params: Params, root: Path, create: bool = True):
+    """Point MLflow at this project's store and experiment; returns (mlflow, uri, fallback_from).
+    Runs left RUNNING by dead processes are marked KILLED first. create=False: a missing
+    experiment is not created (a command that may have nothing to record)."""
     import mlflow
     uri, fallback_from = usable_uri(params, root)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(params.tracking.experiment) is None:
+        if not create:
+            return mlflow, uri, fallback_from
         location = (Path(root) / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
         mlflow.create_experiment(params.tracking.experiment, artifact_location=location)
-    mlflow.set_experiment(params.tracking.experiment)
+    experiment = mlflow.set_experiment(params.tracking.experiment)
+    close_dead_runs(mlflow, experiment.experiment_id)
     return mlflow, uri, fallback_from
+
+
+PID_TAG, HOST_TAG = "qlora_pid", "qlora_host"  # the process that writes a run, while it runs
+END_REASON_TAG = "qlora_end_reason"
+
+
+def process_tags() -> dict[str, str]:
+    import socket
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def close_dead_runs(mlflow, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs whose writing process (on this host) is gone: a process killed
+    mid-run cannot end its run itself. Runs of other hosts, or without a pid, are left alone."""
+    import socket
+    host = socket.gethostname()
+    client = mlflow.tracking.MlflowClient()
+    closed = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) != host or not pid.isdigit() or not _gone(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, END_REASON_TAG,
+                       f"process {pid} on {host} is gone (killed or crashed); marked KILLED by the next qlora command")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    if closed:
+        print(f"mlflow: marked {len(closed)} run(s) of dead processes KILLED: {', '.join(closed)}")
+    return closed
 
 
 def git_state(cwd: Path) -> dict:
@@ -143,6 +189,7 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
     tags = {**git_state(root), **outcome.data["tags"], **{k: str(base[k]) for k in
                                                          ("base_model", "base_model_source", "base_model_revision")},
             "task": params.task, "prefect_flow_run_id": outcome.flow_run_id, LOCK_TAG: outcome.lock_digest,
+            **process_tags(),
             **({"label_names": json.dumps(read_json(Path(root) / catalog.LABELS)["names"])}
                if params.task == "seq_cls" else {}),
             **{f"stage.{n}": "ran" if s.ran else "skipped" for n, s in outcome.stages.items()}}
@@ -254,7 +301,7 @@ def _register(mlflow, run, params: Params, root: Path, outcome, tags: dict) -> s
     mlflow.log_text(card, f"model_card/{catalog.CARD}")
     model_info = serving.log_model(params, root, variant, card, tags={"variant": variant, hash_tag: digest})
     version_tags = {hash_tag: digest, "variant": variant,
-                    **{k: str(v) for k, v in tags.items() if not k.startswith("stage.")},
+                    **{k: str(v) for k, v in tags.items() if not k.startswith("stage.") and k not in (PID_TAG, HOST_TAG)},
                     **{k: f"{v:.6g}" for k, v in info["metrics"].items()}}
     mv = serving.register(name, model_info, version_tags,
                           f"QLoRA fine-tunes of {facts['base_model']} made by qlora-flow (task {params.task}). "
