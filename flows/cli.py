@@ -258,12 +258,32 @@ def cmd_retrain(args) -> int:
         from flows.retrain import retrain_flow
         state = retrain_flow(str(root), args.set, wait_for_lock=args.wait, return_state=True)
     code = _flow_exit(state)
+    out = state.result(raise_on_failure=False) if code in (0, EXIT_REJECTED) else None
+    if isinstance(out, dict) and "ingest" in out:
+        _print_ingest(out["ingest"])
     if code == 0:
-        out = state.result()
         print(f"retrain: {out['status']}" + (f"; {out['decision']['reason']}" if "decision" in out else ""))
     else:
-        print(f"qlora: retrain {state.name}: {state.message}", file=sys.stderr)
+        print(f"qlora: error: retrain {state.name}: {state.message}", file=sys.stderr)
     return code
+
+
+def _print_ingest(got: dict) -> None:
+    """What the inbox gave: the files merged and the files rejected, with their first errors."""
+    from tasks import catalog
+    for a in got.get("accepted", []):
+        print(f"  accepted {a['file']}: {a['rows_added']} rows added, {a['rows_skipped']} skipped (duplicates)")
+    for r in got.get("rejected", []):
+        errs = [e for e in got.get("errors", []) if e["file"] == r["file"]][:3]
+        why = "; ".join(f"row {e['row']}, column {e['column']}: rule {e['rule']} ({e['value']})" for e in errs)
+        print(f"  rejected {r['file']}: " + (why or r.get("reason", "")))
+    for e in got.get("errors", []):
+        if not any(e["file"] == r["file"] for r in got.get("rejected", [])):  # a rule of the merged dataset
+            print(f"  refused  {e['file']} with the drop merged: rule {e['rule']} ({e['value']})")
+    for w in got.get("waiting", []):
+        print(f"  waiting  {w}: still being written; a later run takes it")
+    if got.get("accepted") or got.get("rejected"):
+        print(f"  report:  {catalog.INGEST_REPORT}")
 
 
 def cmd_serve(args) -> int:

@@ -97,8 +97,12 @@ def promote_task(params: Params, project: Project, model_version: str | None, pi
 def _report_markdown(got: dict) -> str:
     rows = "\n".join(f"| {e['file']} | {e['row']} | {e['column']} | {e['rule']} | {e['value']} |"
                      for e in got["errors"][:200])
-    return (f"# Rejected drop\n\n{len(got['errors'])} error(s); nothing was merged, the dataset, its DVC version "
-            f"and the registry are unchanged.\n\n| file | row | column | rule | value |\n|---|---|---|---|---|\n"
+    merged = "\n".join(f"| {a['file']} | {a['rows_added']} | {a['rows_skipped']} |" for a in got.get("accepted", []))
+    outcome = (f"the other files were merged:\n\n| accepted file | rows added | rows skipped |\n|---|---|---|\n"
+               f"{merged}" if merged else "nothing was merged, the dataset, its DVC version and the registry are "
+               "unchanged.")
+    return (f"# Rejected drop\n\n{len(got['errors'])} error(s) in {len(got.get('rejected', []))} file(s); {outcome}"
+            f"\n\n| file | row | column | rule | value |\n|---|---|---|---|---|\n"
             f"{rows}\n\nFull report: `{catalog.INGEST_REPORT}`\n\n```json\n{json.dumps(got, indent=1)[:20000]}\n```\n")
 
 
@@ -140,7 +144,13 @@ def _retrain(root: Path, overrides: list[str]):
             create_markdown_artifact(_report_markdown(got), key="rejected-drop", description=msg)
             return Failed(name="Rejected", message=msg,
                           data={"status": "rejected", "ingest": got, "run_id": parent.info.run_id})
-        version = version_task(params, project, got["files"])
+        if got["rejected"]:  # the good files of the drop are merged; the bad ones wait in inbox/rejected/
+            msg = (f"{len(got['rejected'])} file(s) of the drop rejected ({len(got['errors'])} error(s)), "
+                   f"{len(got['accepted'])} merged; see {catalog.INGEST_REPORT}")
+            logger.warning(msg)
+            mlflow.set_tag("retrain_rejected_files", ", ".join(Path(r["file"]).name for r in got["rejected"]))
+            create_markdown_artifact(_report_markdown(got), key="rejected-drop", description=msg)
+        version = version_task(params, project, [a["file"] for a in got["accepted"]])
         mlflow.set_tags({"dvc_data_md5": version["md5"], "dvc_file": version["dvc_file"],
                          "data_git_commit": version["git_commit"] or ""})
         if not params.retrain.git_commit:  # the new version is recorded in the workspace only

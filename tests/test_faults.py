@@ -105,3 +105,94 @@ def test_training_over_another_runs_checkpoints_and_a_truncated_one_finishes(tmp
     s = summary(tmp_path)
     assert (s["steps"], s["resumed_from_step"]) == (4, 0)
     assert not root.exists()  # spent, and no other run's left
+
+
+# --- drops: judged file by file, and on the merged dataset (#27 goal 6)
+def _news_rows(start: int, n: int, label: str | None = None) -> list[list[str]]:
+    return [[label or str(1 + i % 4), f"Title {i}", f"Body of story number {i}."] for i in range(start, start + n)]
+
+
+def _write_csv(path: Path, rows) -> Path:
+    path.write_text("".join(",".join(f'"{v}"' for v in r) + "\n" for r in rows))
+    return path
+
+
+def _ingest_setup(tmp_path: Path, raw_rows, settle: float = 0):
+    from tasks.config import Params
+    from tests.conftest import repo_params
+    raw = _write_csv(tmp_path / "data.csv", raw_rows)
+    params = Params.model_validate(repo_params(data={"path": str(raw)}, retrain={"settle_seconds": settle}))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    return params, raw, inbox
+
+
+def test_a_bad_file_is_rejected_alone_and_one_class_files_are_judged_on_the_merged_dataset(tmp_path):
+    from tasks.ingest import ingest
+    params, raw, inbox = _ingest_setup(tmp_path, _news_rows(0, 40))
+    _write_csv(inbox / "a_sports_only.csv", _news_rows(100, 5, label="2"))  # one class: fine, the dataset has 4
+    _write_csv(inbox / "b_bad.csv", _news_rows(200, 2) + [["9", "Bad label", "Body"]])
+    _write_csv(inbox / "c_world_only.csv", _news_rows(300, 3, label="1") + _news_rows(0, 1))  # 1 row already there
+    before = raw.read_bytes()
+    out = ingest(params, tmp_path, inbox)
+    assert out.status == "merged" and out.added_rows == 8
+    assert out.accepted == [{"file": str(inbox / "a_sports_only.csv"), "rows_added": 5, "rows_skipped": 0},
+                            {"file": str(inbox / "c_world_only.csv"), "rows_added": 3, "rows_skipped": 1}]
+    assert out.rejected == [{"file": str(inbox / "b_bad.csv"), "errors": 1}]
+    assert [(e["file"], e["row"], e["rule"]) for e in out.errors] == [
+        (str(inbox / "b_bad.csv"), "3", "isin(['1', '2', '3', '4', 'Business', 'Sci/Tech', 'Sports', 'World'])")]
+    assert raw.read_bytes().startswith(before) and raw.read_text().count("\n") == 48
+    report = json.loads((tmp_path / "reports/ingest.json").read_text())
+    assert report["accepted"] == out.accepted and report["rejected"] == out.rejected
+    assert sorted(p.name for p in (inbox / "processed").glob("*/*")) == ["a_sports_only.csv", "c_world_only.csv"]
+    assert sorted(p.name for p in (inbox / "rejected").glob("*/*")) == ["b_bad.csv", "report.json"]
+
+
+def test_too_few_classes_in_the_merged_dataset_merges_nothing(tmp_path):
+    from tasks.ingest import ingest
+    params, raw, inbox = _ingest_setup(tmp_path, _news_rows(0, 10, label="3"))  # one class so far
+    _write_csv(inbox / "more_of_the_same.csv", _news_rows(100, 4, label="Business"))  # the same class by name
+    before = raw.read_bytes()
+    out = ingest(params, tmp_path, inbox)
+    assert out.status == "rejected" and out.added_rows == 0 and raw.read_bytes() == before
+    assert [(e["file"], e["rule"]) for e in out.errors] == [(str(raw), "at_least_2_classes")]
+    _write_csv(inbox / "another_class.csv", _news_rows(200, 2, label="4"))
+    out = ingest(params, tmp_path, inbox)
+    assert out.status == "merged" and out.added_rows == 2 and not out.errors
+
+
+def test_a_drop_still_being_written_is_left_for_a_later_run(tmp_path):
+    """A real writer process copies a CSV into the inbox a line every 50 ms while ingest runs
+    (settle 1 s): the half-written file is not taken; once the writer is done and the file has
+    been still for the settle interval, the next ingest takes it whole."""
+    import subprocess
+    import sys
+    import time
+
+    from tasks.ingest import ingest
+    params, raw, inbox = _ingest_setup(tmp_path, _news_rows(0, 20), settle=1.0)
+    lines = "".join(",".join(f'"{v}"' for v in r) + "\n" for r in _news_rows(500, 40))
+    target = inbox / "slow.csv"
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "with open(sys.argv[1], 'w') as f:\n"
+        "    for line in sys.stdin.read().splitlines(keepends=True):\n"
+        "        f.write(line); f.flush(); time.sleep(0.05)\n"), str(target)], stdin=subprocess.PIPE, text=True)
+    writer.stdin.write(lines)
+    writer.stdin.close()
+    deadline = time.time() + 10
+    while not (target.exists() and target.stat().st_size) and time.time() < deadline:
+        time.sleep(0.01)
+    before = raw.read_bytes()
+    looks = []
+    while writer.poll() is None:
+        out = ingest(params, tmp_path, inbox)
+        looks.append(out.status)
+        assert out.status == "no_new_data" and out.waiting == [str(target)] and raw.read_bytes() == before
+        assert target.exists()
+        time.sleep(0.3)
+    assert writer.wait() == 0 and len(looks) >= 3
+    time.sleep(1.1)
+    out = ingest(params, tmp_path, inbox)
+    assert out.status == "merged" and out.added_rows == 40 and not out.waiting
+    assert raw.read_text().count("\n") == 60
