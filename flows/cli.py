@@ -26,6 +26,30 @@ def _configure_env(root: Path) -> None:
     os.environ.setdefault("QLORA_PYTHON", sys.executable)
 
 
+class _ExpectedErrorsOnce:
+    """A console log filter: Prefect logs a failed task's and flow's exception with its traceback
+    (task, then flow); for the errors whose message says it all (a refusal, a stage's cause) the
+    command prints one `qlora: error:` line instead. The Prefect API (its UI) keeps the records."""
+
+    def filter(self, record) -> bool:
+        from tasks.common import PipelineError
+        from tasks.config import ParamsError
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (PipelineError, ParamsError))
+
+
+def _quiet_expected_errors() -> None:
+    """Install _ExpectedErrorsOnce on Prefect's console handlers (after Prefect set up logging)."""
+    import logging
+
+    import prefect  # noqa: F401 (sets up logging)
+    from prefect.logging.handlers import PrefectConsoleHandler
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _ExpectedErrorsOnce) for f in handler.filters):
+            handler.addFilter(_ExpectedErrorsOnce())
+
+
 def _fail(msg: str) -> int:
     print(f"qlora: error: {msg}", file=sys.stderr)
     return EXIT_ERROR
@@ -106,11 +130,12 @@ def cmd_run(args) -> int:
             if experiment and not dvc_ops.is_git_repo(root):
                 print("warning: not a git repository with a commit: the run is not saved as a DVC experiment")
                 experiment = False
+            _quiet_expected_errors()
             with prefect_api(root):
                 from flows.pipeline import Project, qlora_pipeline
                 out = qlora_pipeline(Project(root=root), experiment=experiment, experiment_name=args.name)
     except ProjectBusy as exc:
-        print(f"qlora: {exc}", file=sys.stderr)
+        print(f"qlora: error: {exc}", file=sys.stderr)
         return EXIT_BUSY
     except (ParamsError, PipelineError) as exc:
         return _fail(str(exc))
@@ -152,15 +177,30 @@ def cmd_stage(args) -> int:
             else:
                 res = BY_NAME[args.name].run(params, root)
     except ProjectBusy as exc:
-        print(f"qlora: {exc}", file=sys.stderr)
+        print(f"qlora: error: {exc}", file=sys.stderr)
         return EXIT_BUSY
-    except (ParamsError, PipelineError) as exc:
+    except (ParamsError, PipelineError, OSError) as exc:
+        msg = str(exc) if not isinstance(exc, OSError) else _os_error(args.name, exc)
         if os.environ.get("DVC_STAGE"):  # run by DVC: leave the message for whoever called DVC
-            error_file.parent.mkdir(parents=True, exist_ok=True)
-            error_file.write_text(str(exc))
-        return _fail(str(exc))
+            with contextlib.suppress(OSError):  # the disk that is full may be this one
+                error_file.parent.mkdir(parents=True, exist_ok=True)
+                error_file.write_text(msg)
+        return _fail(msg)
     print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in res.summary.items()))
     return 0
+
+
+def _os_error(stage: str, exc: OSError) -> str:
+    """A stage's OS error (a full disk, a quota, a read-only folder) as one line: outputs are
+    written beside their target and renamed in, so nothing half-written was published."""
+    import errno
+    where = f" writing {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free space on that disk (or point the project elsewhere) and run again"
+    else:
+        todo = "fix the cause and run again"
+    return (f"stage {stage}: {exc.strerror or exc}{where}; its outputs are as they were before this run "
+            f"(written to temp folders, renamed in only when whole): {todo}; DVC reruns the stage")
 
 
 def cmd_sweep(args) -> int:
@@ -184,7 +224,7 @@ def cmd_sweep(args) -> int:
                 out = sweep_flow(Project(root=root), args.grid, name)
             restored = _restore_workspace(root, *before)
     except ProjectBusy as exc:
-        print(f"qlora: {exc}", file=sys.stderr)
+        print(f"qlora: error: {exc}", file=sys.stderr)
         return EXIT_BUSY
     except (ParamsError, PipelineError) as exc:
         return _fail(str(exc))
@@ -254,6 +294,7 @@ def cmd_retrain(args) -> int:
     from flows.prefect_server import prefect_api
     if args.allow_unverified_data:
         os.environ[ALLOW_ENV] = "1"
+    _quiet_expected_errors()
     with prefect_api(root):
         from flows.retrain import retrain_flow
         state = retrain_flow(str(root), args.set, wait_for_lock=args.wait, return_state=True)
@@ -263,6 +304,8 @@ def cmd_retrain(args) -> int:
         _print_ingest(out["ingest"])
     if code == 0:
         print(f"retrain: {out['status']}" + (f"; {out['decision']['reason']}" if "decision" in out else ""))
+    elif state.name == "Refused":  # the message names the file or setting and what to do
+        print(f"qlora: error: {state.message}", file=sys.stderr)
     else:
         print(f"qlora: error: retrain {state.name}: {state.message}", file=sys.stderr)
     return code
@@ -298,11 +341,18 @@ def cmd_serve(args) -> int:
         check_retrain_ready(load_params(root / PARAMS, args.set))  # fail now, not at 3 a.m.
     except ParamsError as exc:
         return _fail(str(exc))
-    with prefect_api(root, services=True, ui=True) as (url, server):
-        if server is not None:
-            print(f"qlora serve: started a local Prefect server at {url} (UI and scheduler)")
-        from flows.retrain import retrain_flow
-        retrain_flow.serve(name=args.name, cron=args.cron, parameters={"root": str(root), "overrides": args.set})
+    from flows.lock import AlreadyServed, serve_lock
+    from tasks.catalog import SERVE_LOCK_FILE
+    try:
+        with serve_lock(root), prefect_api(root, services=True, ui=True) as (url, server):
+            print(f"qlora serve: serving {root} (lock {root / SERVE_LOCK_FILE})", flush=True)
+            if server is not None:
+                print(f"qlora serve: started a local Prefect server at {url} (UI and scheduler)", flush=True)
+            from flows.retrain import retrain_flow
+            retrain_flow.serve(name=args.name, cron=args.cron, parameters={"root": str(root), "overrides": args.set})
+    except AlreadyServed as exc:
+        print(f"qlora: error: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     return 0
 
 

@@ -20,12 +20,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Failed
 
 from flows import dvc_ops, tracking
-from flows.data_check import check_data, require_committed_version
+from flows.data_check import DataVersionMismatch, check_data, require_committed_version
 from flows.lock import ProjectBusy, project_lock
 from flows.pipeline import Project, qlora_pipeline
 from tasks import catalog
-from tasks.common import resolve
-from tasks.config import Params, check_retrain_ready, load_params
+from tasks.common import PipelineError, resolve
+from tasks.config import Params, ParamsError, check_retrain_ready, load_params
 
 
 def beats(challenger: float, champion: float | None, greater_is_better: bool) -> bool:
@@ -114,6 +114,10 @@ def retrain_flow(root: str = ".", overrides: list[str] | None = None, wait_for_l
     except ProjectBusy as exc:
         get_run_logger().warning(f"skipped: {exc}")
         return Cancelled(name="Skipped", message=str(exc), data={"status": "busy", "message": str(exc)})
+    except (PipelineError, ParamsError) as exc:  # its message names the file or setting and what to do: no traceback
+        refused = isinstance(exc, (ParamsError, DataVersionMismatch))  # nothing was read or written
+        return Failed(name="Refused" if refused else "Failed", message=str(exc),
+                      data={"status": "refused" if refused else "failed", "message": str(exc)})
 
 
 def _retrain(root: Path, overrides: list[str]):
@@ -138,8 +142,12 @@ def _retrain(root: Path, overrides: list[str]):
             mlflow.set_tag("retrain_message", "no new data: retraining skipped")
             return {"status": "skipped", "ingest": got, "run_id": parent.info.run_id}
         if got["status"] == "rejected":
-            msg = (f"new data rejected ({len(got['errors'])} error(s)); dataset and model unchanged; "
-                   f"see {catalog.INGEST_REPORT}")
+            first = got["errors"][0]
+            msg = (f"new data rejected ({len(got['errors'])} error(s)) in "
+                   f"{', '.join(Path(r['file']).name for r in got['rejected'])}; first: {first['file']} row "
+                   f"{first['row']}, rule {first['rule']}; dataset and model unchanged. The files are in "
+                   f"{params.retrain.inbox}/rejected/ beside report.json ({catalog.INGEST_REPORT}): fix the rows "
+                   f"and drop the files in {params.retrain.inbox} again")
             mlflow.set_tag("retrain_message", msg)
             create_markdown_artifact(_report_markdown(got), key="rejected-drop", description=msg)
             return Failed(name="Rejected", message=msg,

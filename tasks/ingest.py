@@ -233,11 +233,16 @@ def ingest(params: Params, root: Path, inbox: Path) -> Ingest:
     status = "merged" if new is not None else ("rejected" if rejected else "no_new_data")
     result = Ingest(status, [str(f) for f in taken], 0 if new is None else len(new), skipped, errors,
                     accepted, rejected, waiting)
-    write_json(report_path, {"status": status, "raw": str(raw), "files": result.files,
-                             "added_rows": result.added_rows, "accepted": accepted, "rejected": rejected,
-                             "waiting": waiting, "skipped_duplicates": skipped, "errors": errors})
+    report = {"status": status, "raw": str(raw), "files": result.files, "added_rows": result.added_rows,
+              "accepted": accepted, "rejected": rejected, "waiting": waiting, "skipped_duplicates": skipped,
+              "errors": errors}
     if new is not None:
-        _append_or_keep(raw, fmt, cols, new)
+        try:
+            _append_or_keep(raw, fmt, cols, new)
+        except PipelineError as exc:  # nothing merged, nothing moved: the next run tries the same drop again
+            write_json(report_path, {**report, "status": "failed", "added_rows": 0, "failure": str(exc)})
+            raise
+    write_json(report_path, report)
     if rejected:
         dest = inbox / "rejected" / stamp
         _move([Path(r["file"]) for r in rejected], dest)

@@ -196,3 +196,224 @@ def test_a_drop_still_being_written_is_left_for_a_later_run(tmp_path):
     out = ingest(params, tmp_path, inbox)
     assert out.status == "merged" and out.added_rows == 40 and not out.waiting
     assert raw.read_text().count("\n") == 60
+
+
+# --- refusals: one line that names the file and what to do, and the command it suggests works (#27 goal 4)
+def _cli(root: Path, *args, path_venv: bool = False):
+    import subprocess
+
+    from tests.conftest import env
+    e = env()
+    if path_venv:  # a user who activated the project's venv (the suggested `dvc ...` is its DVC)
+        e["PATH"] = f"{root / '.venv/bin'}:{e['PATH']}"
+    return subprocess.run([".venv/bin/qlora", *args] if args and args[0] != "sh" else list(args), cwd=root, env=e,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "qlora: error:" in line]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_tampered_data_is_refused_in_one_line_whose_restore_command_works(tmp_path):
+    import re
+
+    from tests.test_audit import owned_dataset_project
+    root = owned_dataset_project(tmp_path / "project")
+    data = root / "data/raw/news/data.csv"
+    clean = data.read_bytes()
+    data.write_bytes(clean.replace(b"a", b"e", 1))
+    (root / "data/inbox").mkdir()
+    (root / "data/inbox/new.csv").write_text('"2","A new title","A new body"\n')
+    got = _cli(root, "retrain")
+    assert got.returncode == 2, got.stderr
+    line = _one_error_line(got.stderr)
+    assert line.startswith("qlora: error: data/raw/news/data.csv: the data on disk is not the version recorded in "
+                           "data/raw/news.dvc"), line
+    assert got.stderr.count("the data on disk is not the version") <= 2  # the error line and Prefect's state record
+    restore = re.search(r"Restore the committed data[^`]*`([^`]+)`", line).group(1)
+    assert restore == "git checkout data/raw/news.dvc && dvc checkout --force data/raw/news.dvc"
+    fixed = _cli(root, "sh", "-c", restore, path_venv=True)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert data.read_bytes() == clean
+    assert (root / "data/inbox/new.csv").exists()  # the refusal took nothing from the inbox
+    from flows.data_check import check_data
+    from tasks.config import load_params
+    assert check_data(load_params(root / "params.yaml"), root).status == "verified"
+
+
+# --- a full disk (#27 goal 10): a real size-limited tmpfs where the writes go
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A tmpfs of 64 KiB mounted in the test's folder (root can mount here); _grow remounts it
+    larger, as freeing space would. Skips where mounting is not allowed."""
+    import subprocess
+    mnt = tmp_path / "tiny-disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _grow(mnt: Path, size: str = "8m") -> None:
+    import subprocess
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+
+
+def test_a_full_disk_while_a_drop_is_appended_merges_nothing_and_keeps_the_drop(tmp_path, tiny_disk):
+    from tasks.common import PipelineError
+    from tasks.config import Params
+    from tasks.ingest import ingest
+    from tests.conftest import repo_params
+    raw = _write_csv(tiny_disk / "data.csv", _news_rows(0, 500))  # ~25 KB of 64: its copy plus the drop do not fit
+    params = Params.model_validate(repo_params(data={"path": str(raw)}, retrain={"settle_seconds": 0}))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    _write_csv(inbox / "drop.csv", _news_rows(1000, 400))
+    before = raw.read_bytes()
+    with pytest.raises(PipelineError, match=r"data.csv: appending 400 new rows failed \(No space left on device\); "
+                                            r"the dataset is unchanged and the drop stays in the inbox"):
+        ingest(params, tmp_path, inbox)
+    assert raw.read_bytes() == before and sorted(p.name for p in tiny_disk.iterdir()) == ["data.csv"]
+    assert (inbox / "drop.csv").exists() and not (inbox / "processed").exists()
+    assert json.loads((tmp_path / "reports/ingest.json").read_text())["status"] == "failed"
+    _grow(tiny_disk)  # space freed: the next run takes the same drop
+    out = ingest(params, tmp_path, inbox)
+    assert out.status == "merged" and out.added_rows == 400 and raw.read_text().count("\n") == 900
+
+
+def test_a_full_disk_while_a_stage_writes_is_one_error_line_and_publishes_nothing(tmp_path, tiny_disk, capsys,
+                                                                                    monkeypatch, agnews_small):
+    """`qlora stage validate` (what DVC runs) with data/ on a 64 KiB disk: the validated rows do
+    not fit. One error line naming the cause and what to do; no data/validated, no temp folder.
+    With space, the same command succeeds."""
+    from flows.cli import main
+    from tests.conftest import small_cls_params, write_params
+    root = tmp_path / "project"
+    root.mkdir()
+    write_params(root, small_cls_params(agnews_small))
+    (root / "data").symlink_to(tiny_disk)
+    monkeypatch.chdir(root)
+    assert main(["stage", "validate"]) == 2
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert line.startswith("qlora: error: stage validate: No space left on device writing ") and \
+        "free space on that disk" in line, line
+    assert list(tiny_disk.iterdir()) == []  # nothing half-written was published or left behind
+    _grow(tiny_disk)
+    assert main(["stage", "validate"]) == 0
+    assert (root / "data/validated").is_dir()
+
+
+def test_a_second_qlora_serve_on_one_project_refuses_at_once(tmp_path):
+    """Two schedulers on one project would tick twice: the second `qlora serve` exits 3 with one
+    error line naming the first, before it starts anything; the first keeps serving."""
+    import subprocess
+    import time
+
+    from tests.test_audit import owned_dataset_project
+    root = owned_dataset_project(tmp_path / "project")
+    first = subprocess.Popen([".venv/bin/qlora", "serve", "--cron", "0 3 * * *"], cwd=root, env=_serve_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert first.stdout.readline().startswith("qlora serve: serving "), "the first serve did not start"
+        started = time.time()
+        second = _cli(root, "serve", "--cron", "* * * * *")
+        assert second.returncode == 3 and time.time() - started < 60, second.stdout + second.stderr
+        line = _one_error_line(second.stderr)
+        assert "another `qlora serve` already schedules this project" in line and f'"pid": {first.pid}' in line
+        assert "started a local Prefect server" not in second.stdout
+        assert first.poll() is None  # the first still serves
+    finally:
+        os.killpg(first.pid, 9)
+        first.wait()
+    again = subprocess.Popen([".venv/bin/qlora", "serve", "--cron", "0 3 * * *"], cwd=root, env=_serve_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:  # the kernel released the killed one's lock: a new serve starts
+        assert again.stdout.readline().startswith("qlora serve: serving ")
+    finally:
+        os.killpg(again.pid, 9)
+        again.wait()
+
+
+def _serve_env() -> dict:
+    from tests.conftest import env
+    return env()
+
+
+# --- the MLflow tracking server dies mid-run (#27 goal 10)
+def _mlflow_server(d: Path, port: int):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination",
+                             str(d / "artifacts"), "--workers", "1"], stdout=open(d / "server.log", "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                pytest.fail("MLflow server did not start:\n" + (d / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_the_tracking_server_killed_mid_training_then_restarted_records_the_run_once(tmp_path, agnews_small):
+    """A real `mlflow server` is SIGKILLed while `qlora run` trains. The run ends with one error
+    line that says what to do; the outputs stand. The server restarted (same store, same port),
+    the same command records the result without re-running a stage: one run, FINISHED."""
+    import signal
+    import subprocess
+    import time
+
+    import mlflow
+
+    from tests.conftest import make_project, small_cls_params
+    from tests.test_reliability import _descendants, _qlora, _unused_port
+    port, d = _unused_port(), tmp_path / "mlflow"
+    d.mkdir()
+    server = _mlflow_server(d, port)
+    raw = small_cls_params(agnews_small)
+    raw["train"].update(max_steps=40)
+    raw["tracking"]["tracking_uri"] = f"http://127.0.0.1:{port}"
+    root = make_project(tmp_path / "project", raw)
+    try:
+        run = _qlora(root, "run")
+        deadline = time.time() + 400
+        while time.time() < deadline and run.poll() is None and not any(
+                b"stage\x00train" in Path(f"/proc/{p}/cmdline").read_bytes() for p in _descendants(run.pid)
+                if Path(f"/proc/{p}/cmdline").exists()):
+            time.sleep(0.05)
+        assert run.poll() is None, "the run ended before training:\n" + run.stdout.read()
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        out, _ = run.communicate(timeout=900)
+        assert run.returncode == 2, out
+        line = _one_error_line(out)
+        assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in line and \
+            "run the same command again" in line, line
+        assert (root / "models/merged").is_dir() and (root / "dvc.lock").exists()
+        server = _mlflow_server(d, port)
+        again = _qlora(root, "run")
+        out, _ = again.communicate(timeout=900)
+        assert again.returncode == 0, out
+        assert all(f"  {s:<9} skipped" in out for s in ("validate", "split", "tokenize", "quantize", "train",
+                                                        "evaluate", "merge")), out
+        mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+        runs = mlflow.search_runs(experiment_names=[raw["tracking"]["experiment"]], output_format="list")
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "accuracy" in runs[0].data.metrics
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
