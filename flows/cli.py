@@ -14,6 +14,30 @@ from flows.console import EXIT_BUSY, EXIT_ERROR, EXIT_REJECTED, PARAMS, configur
 PARAMS_DOC = "docs/reference/params.md"
 
 
+class _ExpectedErrorsOnce:
+    """A console log filter: Prefect logs a failed task's and flow's exception with its traceback
+    (task, then flow); for the errors whose message says it all (a refusal, a stage's cause) the
+    command prints one `qlora: error:` line instead. The Prefect API (its UI) keeps the records."""
+
+    def filter(self, record) -> bool:
+        from tasks.common import PipelineError
+        from tasks.config import ParamsError
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (PipelineError, ParamsError))
+
+
+def _quiet_expected_errors() -> None:
+    """Install _ExpectedErrorsOnce on Prefect's console handlers (after Prefect set up logging)."""
+    import logging
+
+    import prefect  # noqa: F401 (sets up logging)
+    from prefect.logging.handlers import PrefectConsoleHandler
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _ExpectedErrorsOnce) for f in handler.filters):
+            handler.addFilter(_ExpectedErrorsOnce())
+
+
 def _print_outcome(root: Path, out, seconds: float) -> None:
     from tasks import catalog
     from tasks.common import read_json
@@ -75,11 +99,12 @@ def cmd_run(args) -> int:
             if experiment and not dvc_ops.is_git_repo(root):
                 print("warning: not a git repository with a commit: the run is not saved as a DVC experiment")
                 experiment = False
+            _quiet_expected_errors()
             with prefect_api(root):
                 from flows.pipeline import Project, qlora_pipeline
                 out = qlora_pipeline(Project(root=root), experiment=experiment, experiment_name=args.name)
     except ProjectBusy as exc:
-        print(f"qlora: {exc}", file=sys.stderr)
+        print(f"qlora: error: {exc}", file=sys.stderr)
         return EXIT_BUSY
     except (ParamsError, PipelineError) as exc:
         return fail(str(exc))
@@ -114,7 +139,7 @@ def cmd_sweep(args) -> int:
                 out = sweep_flow(Project(root=root), args.grid, name)
             restored = _restore_workspace(root, *before)
     except ProjectBusy as exc:
-        print(f"qlora: {exc}", file=sys.stderr)
+        print(f"qlora: error: {exc}", file=sys.stderr)
         return EXIT_BUSY
     except (ParamsError, PipelineError) as exc:
         return fail(str(exc))
@@ -186,16 +211,39 @@ def cmd_retrain(args) -> int:
     from flows.prefect_server import prefect_api
     if args.allow_unverified_data:
         os.environ[ALLOW_ENV] = "1"
+    _quiet_expected_errors()
     with prefect_api(root):
         from flows.retrain import retrain_flow
         state = retrain_flow(str(root), args.set, wait_for_lock=args.wait, return_state=True)
     code = _flow_exit(state)
+    out = state.result(raise_on_failure=False) if code in (0, EXIT_REJECTED) else None
+    if isinstance(out, dict) and "ingest" in out:
+        _print_ingest(out["ingest"])
     if code == 0:
-        out = state.result()
         print(f"retrain: {out['status']}" + (f"; {out['decision']['reason']}" if "decision" in out else ""))
+    elif state.name == "Refused":  # the message names the file or setting and what to do
+        print(f"qlora: error: {state.message}", file=sys.stderr)
     else:
-        print(f"qlora: retrain {state.name}: {state.message}", file=sys.stderr)
+        print(f"qlora: error: retrain {state.name}: {state.message}", file=sys.stderr)
     return code
+
+
+def _print_ingest(got: dict) -> None:
+    """What the inbox gave: the files merged and the files rejected, with their first errors."""
+    from tasks import catalog
+    for a in got.get("accepted", []):
+        print(f"  accepted {a['file']}: {a['rows_added']} rows added, {a['rows_skipped']} skipped (duplicates)")
+    for r in got.get("rejected", []):
+        errs = [e for e in got.get("errors", []) if e["file"] == r["file"]][:3]
+        why = "; ".join(f"row {e['row']}, column {e['column']}: rule {e['rule']} ({e['value']})" for e in errs)
+        print(f"  rejected {r['file']}: " + (why or r.get("reason", "")))
+    for e in got.get("errors", []):
+        if not any(e["file"] == r["file"] for r in got.get("rejected", [])):  # a rule of the merged dataset
+            print(f"  refused  {e['file']} with the drop merged: rule {e['rule']} ({e['value']})")
+    for w in got.get("waiting", []):
+        print(f"  waiting  {w}: still being written; a later run takes it")
+    if got.get("accepted") or got.get("rejected"):
+        print(f"  report:  {catalog.INGEST_REPORT}")
 
 
 def cmd_serve(args) -> int:
@@ -210,11 +258,18 @@ def cmd_serve(args) -> int:
         check_retrain_ready(load_params(root / PARAMS, args.set))  # fail now, not at 3 a.m.
     except ParamsError as exc:
         return fail(str(exc))
-    with prefect_api(root, services=True, ui=True) as (url, server):
-        if server is not None:
-            print(f"qlora serve: started a local Prefect server at {url} (UI and scheduler)")
-        from flows.retrain import retrain_flow
-        retrain_flow.serve(name=args.name, cron=args.cron, parameters={"root": str(root), "overrides": args.set})
+    from flows.lock import AlreadyServed, serve_lock
+    from tasks.catalog import SERVE_LOCK_FILE
+    try:
+        with serve_lock(root), prefect_api(root, services=True, ui=True) as (url, server):
+            print(f"qlora serve: serving {root} (lock {root / SERVE_LOCK_FILE})", flush=True)
+            if server is not None:
+                print(f"qlora serve: started a local Prefect server at {url} (UI and scheduler)", flush=True)
+            from flows.retrain import retrain_flow
+            retrain_flow.serve(name=args.name, cron=args.cron, parameters={"root": str(root), "overrides": args.set})
+    except AlreadyServed as exc:
+        print(f"qlora: error: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     return 0
 
 

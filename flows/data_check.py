@@ -126,13 +126,16 @@ def require_committed_version(check: DataCheck, allow: bool | None = None) -> Da
     if check.status in ("modified", "uncommitted", "unpinned"):
         if not allow and check.status == "unpinned":
             raise DataVersionMismatch(
-                check.problem() + ".\nPin data.revision to the commit to train on, or run on it anyway with "
+                check.problem() + ". Pin data.revision to the commit to train on, or run on it anyway with "
                 f"--allow-unverified-data ({ALLOW_ENV}=1): the run is then recorded as unverified.")
         if not allow:
+            # One line (a refusal is one `qlora: error:` line). The restore needs --force: DVC
+            # will not overwrite bytes it has no copy of without it, and those bytes are exactly
+            # the change being discarded.
             raise DataVersionMismatch(
-                check.problem() + ".\nRestore the committed data (`git checkout " + str(check.dvc_file)
-                + f" && dvc checkout {check.dvc_file}`), record a new version (`dvc add {check.tracked_path}` "
-                f"and commit {check.dvc_file}), or run on it anyway with --allow-unverified-data "
-                f"({ALLOW_ENV}=1): the run is then recorded with the real hash as unverified.")
+                check.problem() + ". Restore the committed data, discarding the change on disk (`git checkout "
+                + str(check.dvc_file) + f" && dvc checkout --force {check.dvc_file}`), record it as a new version "
+                f"(`dvc add {check.tracked_path}` and commit {check.dvc_file}), or run on it anyway with "
+                f"--allow-unverified-data ({ALLOW_ENV}=1): the run is then recorded with the real hash as unverified.")
         print(f"warning: {check.problem()}; running on it as asked ({ALLOW_ENV}); recorded as unverified")
     return check

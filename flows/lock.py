@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.catalog import LOCK_FILE
+from tasks.catalog import LOCK_FILE, SERVE_LOCK_FILE
 
 HOLDER_ENV = "QLORA_LOCK_HOLDER"
 
@@ -75,6 +75,33 @@ def project_lock(root: Path, wait: bool = False, what: str = "qlora run"):
         else:
             os.environ[HOLDER_ENV] = previous
         os.close(fd)  # closing releases the lock
+
+
+class AlreadyServed(RuntimeError):
+    pass
+
+
+@contextmanager
+def serve_lock(root: Path):
+    """One `qlora serve` per project: a second would start a second schedule, whose ticks the
+    project lock would turn into Skipped runs at best. Held for as long as the scheduler runs;
+    the kernel releases it when that process exits, even on SIGKILL."""
+    path = Path(root) / SERVE_LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "{}"
+            raise AlreadyServed(f"{path}: another `qlora serve` already schedules this project's retraining "
+                                f"({holder}); stop it first (kill its pid) to serve with other settings") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": "qlora serve",
+                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def die_with_holder(interval: float = 0.5) -> None:

@@ -23,12 +23,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, Failed
 
 from flows import dvc_ops, retrain_state, tracking
-from flows.data_check import check_data, require_committed_version
+from flows.data_check import DataVersionMismatch, check_data, require_committed_version
 from flows.lock import ProjectBusy, project_lock
 from flows.pipeline import Project, qlora_pipeline
 from tasks import catalog
-from tasks.common import resolve
-from tasks.config import Params, check_retrain_ready, load_params
+from tasks.common import PipelineError, resolve
+from tasks.config import Params, ParamsError, check_retrain_ready, load_params
 
 
 def beats(challenger: float, champion: float | None, greater_is_better: bool) -> bool:
@@ -144,8 +144,12 @@ def _decide(params: Params, project: Project, client, model_version: str | None)
 def _report_markdown(got: dict) -> str:
     rows = "\n".join(f"| {e['file']} | {e['row']} | {e['column']} | {e['rule']} | {e['value']} |"
                      for e in got["errors"][:200])
-    return (f"# Rejected drop\n\n{len(got['errors'])} error(s); nothing was merged, the dataset, its DVC version "
-            f"and the registry are unchanged.\n\n| file | row | column | rule | value |\n|---|---|---|---|---|\n"
+    merged = "\n".join(f"| {a['file']} | {a['rows_added']} | {a['rows_skipped']} |" for a in got.get("accepted", []))
+    outcome = (f"the other files were merged:\n\n| accepted file | rows added | rows skipped |\n|---|---|---|\n"
+               f"{merged}" if merged else "nothing was merged, the dataset, its DVC version and the registry are "
+               "unchanged.")
+    return (f"# Rejected drop\n\n{len(got['errors'])} error(s) in {len(got.get('rejected', []))} file(s); {outcome}"
+            f"\n\n| file | row | column | rule | value |\n|---|---|---|---|---|\n"
             f"{rows}\n\nFull report: `{catalog.INGEST_REPORT}`\n\n```json\n{json.dumps(got, indent=1)[:20000]}\n```\n")
 
 
@@ -157,6 +161,10 @@ def retrain_flow(root: str = ".", overrides: list[str] | None = None, wait_for_l
     except ProjectBusy as exc:
         get_run_logger().warning(f"skipped: {exc}")
         return Cancelled(name="Skipped", message=str(exc), data={"status": "busy", "message": str(exc)})
+    except (PipelineError, ParamsError) as exc:  # its message names the file or setting and what to do: no traceback
+        refused = isinstance(exc, (ParamsError, DataVersionMismatch))  # nothing was read or written
+        return Failed(name="Refused" if refused else "Failed", message=str(exc),
+                      data={"status": "refused" if refused else "failed", "message": str(exc)})
 
 
 def _retrain(root: Path, overrides: list[str]):
@@ -207,17 +215,28 @@ def _attempt(params: Params, project: Project, todo: retrain_state.Pending | Non
             if (root / catalog.INGEST_REPORT).exists():
                 mlflow.log_artifact(str(root / catalog.INGEST_REPORT), "reports")
             if got["status"] == "rejected":
-                msg = (f"new data rejected ({len(got['errors'])} error(s)); dataset and model unchanged; "
-                       f"see {catalog.INGEST_REPORT}")
+                first = got["errors"][0]
+                msg = (f"new data rejected ({len(got['errors'])} error(s)) in "
+                       f"{', '.join(Path(r['file']).name for r in got['rejected'])}; first: {first['file']} row "
+                       f"{first['row']}, rule {first['rule']}; dataset and model unchanged. The files are in "
+                       f"{params.retrain.inbox}/rejected/ beside report.json ({catalog.INGEST_REPORT}): fix the "
+                       f"rows and drop the files in {params.retrain.inbox} again")
                 mlflow.set_tag("retrain_message", msg)
                 create_markdown_artifact(_report_markdown(got), key="rejected-drop", description=msg)
                 return Failed(name="Rejected", message=msg,
                               data={"status": "rejected", "ingest": got, "run_id": parent.info.run_id})
+            if got["rejected"]:  # the good files of the drop are merged; the bad ones wait in inbox/rejected/
+                msg = (f"{len(got['rejected'])} file(s) of the drop rejected ({len(got['errors'])} error(s)), "
+                       f"{len(got['accepted'])} merged; see {catalog.INGEST_REPORT}")
+                logger.warning(msg)
+                mlflow.set_tag("retrain_rejected_files", ", ".join(Path(r["file"]).name for r in got["rejected"]))
+                create_markdown_artifact(_report_markdown(got), key="rejected-drop", description=msg)
         else:
             mlflow.set_tag("retrain_status", f"resumed_{todo.step}")
         version = None
         if todo is None or todo.step == "version":
-            files = got["files"] if got else _last_ingest(root).get("files", [])
+            # the drop's accepted files (an interrupted append: as its ingest report names them)
+            files = [a["file"] for a in (got or _last_ingest(root)).get("accepted", [])]
             version = version_task(params, project, files)
             mlflow.set_tags({"dvc_data_md5": version["md5"], "dvc_file": version["dvc_file"],
                              "data_git_commit": version["git_commit"] or ""})

@@ -45,15 +45,30 @@ def run(name: str, overrides: list[str], wait: bool) -> int:
             else:
                 res = BY_NAME[name].run(params, root)
     except ProjectBusy as exc:
-        print(f"qlora: {exc}", file=sys.stderr)
+        print(f"qlora: error: {exc}", file=sys.stderr)
         return EXIT_BUSY
-    except (ParamsError, PipelineError) as exc:
+    except (ParamsError, PipelineError, OSError) as exc:
+        msg = str(exc) if not isinstance(exc, OSError) else _os_error(name, exc)
         if os.environ.get("DVC_STAGE"):  # run by DVC: leave the message for whoever called DVC
-            error_file.parent.mkdir(parents=True, exist_ok=True)
-            error_file.write_text(str(exc))
-        return fail(str(exc))
+            with contextlib.suppress(OSError):  # the disk that is full may be this one
+                error_file.parent.mkdir(parents=True, exist_ok=True)
+                error_file.write_text(msg)
+        return fail(msg)
     print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in res.summary.items()))
     return 0
+
+
+def _os_error(stage: str, exc: OSError) -> str:
+    """A stage's OS error (a full disk, a quota, a read-only folder) as one line: outputs are
+    written beside their target and renamed in, so nothing half-written was published."""
+    import errno
+    where = f" writing {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free space on that disk (or point the project elsewhere) and run again"
+    else:
+        todo = "fix the cause and run again"
+    return (f"stage {stage}: {exc.strerror or exc}{where}; its outputs are as they were before this run "
+            f"(written to temp folders, renamed in only when whole): {todo}; DVC reruns the stage")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

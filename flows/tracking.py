@@ -175,7 +175,11 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
         known = _recorded(root).get(tracking_uri(params, root), {}).get(outcome.lock_digest)
         if known:  # this project recorded these very outputs (no need to even import mlflow)
             return {**known, "reused": True}
-    mlflow, uri, fallback_from = use_store(params, root)
+    try:
+        mlflow, uri, fallback_from = use_store(params, root)
+    except PipelineError as exc:  # the server went away while the stages ran: their outputs stand
+        raise PipelineError(f"{exc}. The stages' outputs are kept (dvc.lock records them): once the server "
+                            f"answers, run the same command again; it records them without re-running a stage") from None
     if not outcome.ran_any and parent_run_id is None:
         existing = find_run(mlflow, outcome.lock_digest, params.tracking.experiment)
         if existing is not None:

@@ -52,6 +52,7 @@ SWEEPS_DIR = "reports/sweeps"                     # one folder per `qlora sweep`
 # project state that is not an artifact
 CHECKPOINT_DIR = ".qlora/checkpoints/train"       # resumable training checkpoints
 LOCK_FILE = ".qlora/lock"                         # one writing command at a time
+SERVE_LOCK_FILE = ".qlora/serve.lock"  # held by the one `qlora serve` of a project
 STAGE_ERRORS_DIR = ".qlora/errors"                # a failed stage's message, for whoever ran it through DVC
 
 # conventions shared by tokenize, batching, train and evaluate

@@ -1,7 +1,11 @@
 """Training checkpoints for crash-and-resume: trainable weights, optimizer, scheduler, RNG
-and data position, written to a temp folder and renamed into place, so a crash mid-write
-leaves the previous checkpoint as the latest. A checkpoint carries the fingerprint of the
-run that wrote it (inputs + settings) and is only resumed by the same run.
+and data position, written to a temp folder of its own and renamed into place, so a crash
+mid-write leaves the previous checkpoint as the latest. Each run's checkpoints live in a
+folder named by its key (the train stage's DVC key: its inputs and settings), so another run,
+on other data or settings, never writes over or resumes from them; a run prunes the folders
+of every other key. A manifest of the files' sizes and sha256 is written last: a checkpoint
+whose manifest is missing or does not match its files (a crash before the data reached the
+disk, a truncated copy) is skipped with a log line, and an older one is taken.
 
 Several processes: every rank calls save, latest and restore. The state is gathered whole
 (tasks/sharding.py: FSDP's shards too) and rank 0 alone writes and reads, then hands it to
@@ -11,9 +15,12 @@ only rank 0's disk needs them (several nodes).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +32,82 @@ KEEP = 2
 
 
 EXTRA = "extra.safetensors"  # tensors a caller adds (the best adapter weights of early stopping)
+MANIFEST = "manifest.json"     # {file: {size, sha256}} of the other files; written last
+
+
+def run_dir(ckpt_root: Path, key: str) -> Path:
+    """The folder of one run's checkpoints: the key itself when it is a plain name (DVC's
+    keys are hex), else its sha256."""
+    name = key if re.fullmatch(r"[A-Za-z0-9_-]{1,128}", key) else hashlib.sha256(key.encode()).hexdigest()
+    return Path(ckpt_root) / name
+
+
+def prune(ckpt_root: Path, key: str) -> list[Path]:
+    """Remove every other run's checkpoints (older keys, files of older layouts) and this run's
+    unfinished temp folders. Rank 0 only; the project lock keeps other writers out."""
+    ckpt_root, keep = Path(ckpt_root), run_dir(ckpt_root, key)
+    removed = []
+    if not distributed.is_main() or not ckpt_root.is_dir():
+        return removed
+    for path in [*ckpt_root.iterdir(), *(keep.glob(".*.tmp") if keep.is_dir() else [])]:
+        if path != keep:
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    for p in files:
+        _sync(p)  # the data is on disk before the manifest vouches for it
+    manifest = {p.name: {"size": p.stat().st_size, "sha256": _digest(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _sync(folder / MANIFEST)
+    _sync(folder)
+
+
+def check(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None: its files match its manifest)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST} (written last): the checkpoint is incomplete"
+    except (OSError, ValueError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    if not isinstance(manifest, dict) or "state.json" not in manifest:
+        return f"{MANIFEST} does not list state.json"
+    for name, want in manifest.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want.get("size"):
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {want.get('size')} (truncated?)"
+        if _digest(f) != want.get("sha256"):
+            return f"{name} does not match its sha256 in the manifest (corrupt)"
+    return None
 
 
 def save(ckpt_dir: Path, model, optimizer, scheduler, state: dict,
@@ -35,9 +118,8 @@ def save(ckpt_dir: Path, model, optimizer, scheduler, state: dict,
         return None
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{state['step']:08d}"
-    tmp = ckpt_dir / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # A name no leftover can hold: a killed save's temp folder is never in the way.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=ckpt_dir))
     save_file(weights, tmp / "trainable.safetensors")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -47,9 +129,23 @@ def save(ckpt_dir: Path, model, optimizer, scheduler, state: dict,
         save_file({n: t.detach().to("cpu").contiguous() for n, t in extra.items()}, tmp / EXTRA)
     torch.save(optim, tmp / "optimizer.pt")  # tensors only: loads with weights_only=True
     (tmp / "state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}))
-    os.replace(tmp, final)
-    for old in sorted(ckpt_dir.glob("step-*"))[:-KEEP]:
+    _write_manifest(tmp)
+    if final.exists():
+        # A folder of this name left by a killed attempt: renaming over a non-empty folder
+        # fails, so it is moved aside first and removed once the new one is in place.
+        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=ckpt_dir))
+        os.replace(final, aside / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    # Later steps than this one are a killed attempt's that were not resumed from (skipped as
+    # corrupt): they are not this run's future.
+    steps = sorted(p for p in ckpt_dir.glob("step-*") if p.name <= final.name)
+    for old in [*steps[:-KEEP], *(p for p in ckpt_dir.glob("step-*") if p.name > final.name)]:
         shutil.rmtree(old, ignore_errors=True)
+    for leftover in [*ckpt_dir.glob(".*.tmp"), *ckpt_dir.glob(".*.old")]:  # killed saves' (one writer: the lock)
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 
@@ -59,12 +155,16 @@ def latest(ckpt_dir: Path, fingerprint: str) -> Path | None:
 
 
 def _latest(ckpt_dir: Path, fingerprint: str) -> Path | None:
-    for path in sorted(ckpt_dir.glob("step-*"), reverse=True):
-        try:
-            if json.loads((path / "state.json").read_text())["fingerprint"] == fingerprint:
-                return path
-        except (OSError, ValueError, KeyError):
-            continue
+    for path in sorted(Path(ckpt_dir).glob("step-*"), reverse=True):
+        why = check(path)
+        if why is None:
+            try:
+                if json.loads((path / "state.json").read_text())["fingerprint"] == fingerprint:
+                    return path
+                why = "written by another run (its fingerprint differs)"
+            except (OSError, ValueError, KeyError) as e:
+                why = f"unreadable state.json ({e})"
+        print(f"train: checkpoint {path} skipped: {why}")
     return None
 
 
@@ -91,4 +191,9 @@ def extra_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def clear(ckpt_dir: Path) -> None:
+    """Remove a run's checkpoints, and the folder above when no other run's are left."""
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+    try:
+        Path(ckpt_dir).parent.rmdir()
+    except OSError:
+        pass

@@ -274,6 +274,9 @@ class RetrainConfig(Section):
     alias: str = Field("champion", description="Registry alias moved to a better model version.")
     dvc_remote: str | None = Field(None, description="DVC remote for new data versions; null: the default remote.")
     git_commit: bool = Field(True, description="Commit the new data .dvc file, so git holds the data version.")
+    settle_seconds: float = Field(10.0, ge=0, description=(
+        "An inbox file is taken only once unchanged this long (by its modification time): one still being "
+        "copied in waits for a later run. Or copy to a name starting with '.' and rename when done."))
 
     _inbox_inside = field_validator("inbox")(classmethod(lambda cls, v: _inside_project(v)))
 

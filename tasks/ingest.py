@@ -1,8 +1,18 @@
 """New data: validate files dropped in the inbox with the same pandera contracts, then
 append their rows to the raw dataset, skipping rows it already has (each one reported).
 
-All or nothing: if any file breaks a rule, no row is merged, the raw dataset stays as it
-was, and the files move to inbox/rejected/ beside their report.
+File by file: a file that breaks a rule of its rows is rejected alone (it moves to
+inbox/rejected/ beside the report) and the good files of the same drop are merged. The rules
+over all rows are judged on the merged dataset: duplicates (each new row is matched against
+every row of the raw dataset and of the drop) and data.min_classes (the raw dataset's classes
+and the drop's together); should the merged whole break one, nothing is merged. The report
+(reports/ingest.json) lists the accepted files with the rows they added and skipped, and the
+rejected ones with file, row and rule.
+
+A file still being written is not read: only files unchanged for retrain.settle_seconds (by
+their modification time), and whose size and time do not change while they are read, are
+taken; the others wait in the inbox for a later run. A failed append (a full disk) leaves
+the raw dataset as it was and the files in the inbox.
 
 In bounded memory whatever the raw dataset's size: it is read as a stream, each row reduced to
 the 128-bit hash of its identity (tasks/rowhash.py, the key validate judges duplicates on), and
@@ -27,18 +37,21 @@ from tasks.common import PipelineError, resolve, write_json
 from tasks.config import Params
 from tasks.dataio import ROW, detect_format, iter_raw, read_raw
 from tasks.rowhash import row_hashes
-from tasks.validate import key_columns, prepare_frame, validate_frame
+from tasks.validate import label_space, key_columns, prepare_frame, validate_frame
 
 REPORT = "reports/ingest.json"
 
 
 @dataclass
 class Ingest:
-    status: str  # "no_new_data" | "rejected" | "merged"
-    files: list[str] = field(default_factory=list)
+    status: str  # "no_new_data" | "rejected" (files refused, no row merged) | "merged"
+    files: list[str] = field(default_factory=list)  # files taken from the inbox: accepted and rejected
     added_rows: int = 0
     skipped_duplicates: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
+    accepted: list[dict] = field(default_factory=list)  # {"file", "rows_added", "rows_skipped"}
+    rejected: list[dict] = field(default_factory=list)  # {"file", "errors": count}; the rows and rules in errors
+    waiting: list[str] = field(default_factory=list)    # still being written: left for a later run
 
 
 def _identities(params: Params, prepared: pd.DataFrame) -> np.ndarray:
@@ -48,14 +61,33 @@ def _identities(params: Params, prepared: pd.DataFrame) -> np.ndarray:
     return np.ascontiguousarray(row_hashes(prepared, key_columns(params))).view("S16").ravel()
 
 
-def _existing(params: Params, chunks) -> tuple[np.ndarray, list[str]]:
-    """The raw dataset's row identities, sorted (16 bytes a row), and its columns."""
-    hashes, columns = [], None
+def _classes(params: Params, df: pd.DataFrame) -> set:
+    """The classes of a seq_cls frame's labels (a label's number and its name are one class)."""
+    if params.task != "seq_cls" or params.data.label_column not in df:
+        return set()
+    _, mapping = label_space(params)
+    labels = df[params.data.label_column].dropna().unique()
+    return {mapping.get(str(v), str(v)) if mapping else str(v) for v in labels}
+
+
+def _existing(params: Params, chunks) -> tuple[np.ndarray, list[str], set]:
+    """The raw dataset's row identities, sorted (16 bytes a row), its columns and its classes."""
+    hashes, columns, classes = [], None, set()
     for chunk in chunks:
         columns = columns or [c for c in chunk.columns if c != ROW]
         prepare_frame(params, chunk, cross_row=False)  # cleans in place, derives a chat row's prompt key
         hashes.append(_identities(params, chunk))
-    return np.sort(np.concatenate(hashes)), columns
+        classes |= _classes(params, chunk)
+    return np.sort(np.concatenate(hashes)), columns, classes
+
+
+def _settled(f: Path, settle_seconds: float, now: float) -> bool:
+    return now - f.stat().st_mtime >= settle_seconds
+
+
+def _signature(f: Path) -> tuple[int, int]:
+    st = f.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def _in_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -115,6 +147,18 @@ def _append(raw: Path, fmt: str, cols: list[str], new: pd.DataFrame) -> None:
     os.replace(tmp, raw)
 
 
+def _append_or_keep(raw: Path, fmt: str, cols: list[str], new: pd.DataFrame) -> None:
+    """_append, or on an OS error (a full disk) remove the partial temp file and say so: the raw
+    dataset is as it was and the drop stays in the inbox for the next run."""
+    try:
+        _append(raw, fmt, cols, new)
+    except OSError as exc:
+        raw.with_name(f".{raw.name}.ingest").unlink(missing_ok=True)
+        raise PipelineError(f"{raw}: appending {len(new)} new rows failed ({exc.strerror or exc}); the dataset is "
+                            f"unchanged and the drop stays in the inbox: free space on {raw.parent}'s disk, "
+                            f"then retrain again (the next scheduled run retries)") from exc
+
+
 def _move(files: list[Path], dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
@@ -123,56 +167,85 @@ def _move(files: list[Path], dest: Path) -> None:
 
 def ingest(params: Params, root: Path, inbox: Path) -> Ingest:
     inbox.mkdir(parents=True, exist_ok=True)
-    files = sorted(f for f in inbox.iterdir() if f.is_file() and not f.name.startswith("."))
+    now = time.time()
+    listed = sorted(f for f in inbox.iterdir() if f.is_file() and not f.name.startswith("."))
+    settle = params.retrain.settle_seconds
+    files = [f for f in listed if _settled(f, settle, now)]
+    waiting = [str(f) for f in listed if f not in files]
     stamp = time.strftime("%Y%m%dT%H%M%S")
     report_path = resolve(root, REPORT)
     if not files:
-        write_json(report_path, {"status": "no_new_data", "inbox": str(inbox)})
-        return Ingest("no_new_data")
+        write_json(report_path, {"status": "no_new_data", "inbox": str(inbox), "waiting": waiting})
+        return Ingest("no_new_data", waiting=waiting)
     d = params.data
     raw = resolve(root, d.path)
     fmt = detect_format(raw, d.format)
     chunks = iter_raw(raw, fmt, d.header, d.columns, d.chunk_rows)
     params, chunks = chat.resolve_layout(params, chunks)  # data.layout auto: chat data or instructions
     d = params.data
-    seen, cols = _existing(params, chunks)
-    # Duplicates are expected in drops (overlapping exports): skip them, but list them.
-    lenient = params.model_copy(update={"data": d.model_copy(update={"duplicates": "drop"})})
-    accepted, errors, skipped = [], [], []
+    seen, cols, classes = _existing(params, chunks)
+    # Each file is judged on the rules of its rows; duplicates are expected in drops
+    # (overlapping exports): skipped, but listed. The number of classes is a rule of the
+    # merged dataset, judged below (min_classes None: not per file).
+    per_file = params.model_copy(update={"data": d.model_copy(update={"duplicates": "drop", "min_classes": None})})
+    accepted_rows, errors, skipped, accepted, rejected, taken = [], [], [], [], [], []
     added: set[bytes] = set()
     for f in files:
+        before = _signature(f)
         try:
             df = read_raw(f, detect_format(f, "auto") if d.format == "auto" else fmt, d.header, d.columns)
         except PipelineError as exc:
-            errors.append({"file": str(f), "row": None, "column": None, "rule": "readable", "value": str(exc)})
+            df, errs = None, [{"file": str(f), "row": None, "column": None, "rule": "readable", "value": str(exc)}]
+        if _signature(f) != before:  # written to while it was read: a later run takes it whole
+            waiting.append(str(f))
             continue
-        original = df.copy()  # validation cleans text in place; the raw file keeps raw text
-        valid, errs, dropped = validate_frame(lenient, df, f)
-        errors += errs
-        skipped += [{"file": str(f), "row": e["row"], "reason": "duplicate within the file"} for e in dropped]
+        taken.append(f)
+        if df is not None:
+            original = df.copy()  # validation cleans text in place; the raw file keeps raw text
+            valid, errs, dropped = validate_frame(per_file, df, f)
         if errs:
+            errors += errs
+            rejected.append({"file": str(f), "errors": len(errs)})
             continue
+        file_skipped = [{"file": str(f), "row": e["row"], "reason": "duplicate within the file"} for e in dropped]
         ids = _identities(params, valid)  # validate_frame cleaned them
         known = _in_sorted(seen, ids)
+        rows = []
         for idx, key, in_raw in zip(valid.index, ids, known):
             if in_raw or key.tobytes() in added:
-                skipped.append({"file": str(f), "row": str(original.at[idx, ROW]), "reason": "already in the dataset"})
+                file_skipped.append({"file": str(f), "row": str(original.at[idx, ROW]),
+                                     "reason": "already in the dataset"})
             else:
                 added.add(key.tobytes())
-                accepted.append(original.loc[[idx]])
-    new = pd.concat(accepted, ignore_index=True) if accepted else None
-    # No check of the merged whole is needed: every rule of a row held in its file, and the
-    # rules over all rows are duplicates (each new row was matched against every row of the
-    # raw dataset above) and a minimum number of classes (rows only add classes).
-    result = Ingest("rejected" if errors else ("merged" if new is not None else "no_new_data"),
-                    [str(f) for f in files], 0 if errors or new is None else len(new), skipped, errors)
-    write_json(report_path, {"status": result.status, "raw": str(raw), "files": result.files,
-                             "added_rows": result.added_rows, "skipped_duplicates": skipped, "errors": errors})
-    if errors:
-        _move(files, inbox / "rejected" / stamp)
-        shutil.copy(report_path, inbox / "rejected" / stamp / "report.json")
-        return result
+                rows.append(idx)
+        if rows:
+            accepted_rows.append(original.loc[rows])
+            classes |= _classes(params, valid.loc[rows])
+        skipped += file_skipped
+        accepted.append({"file": str(f), "rows_added": len(rows), "rows_skipped": len(file_skipped)})
+    new = pd.concat(accepted_rows, ignore_index=True) if accepted_rows else None
+    if new is not None and params.task == "seq_cls" and len(classes) < d.min_classes:
+        errors.append({"file": str(raw), "row": None, "column": d.label_column, "rule": f"at_least_{d.min_classes}_classes",
+                       "value": f"classes in the dataset with this drop merged: {sorted(map(str, classes))}"})
+        rejected += [{"file": a["file"], "errors": 0, "reason": "the merged dataset breaks a rule over all rows"}
+                     for a in accepted]
+        accepted, new = [], None
+    status = "merged" if new is not None else ("rejected" if rejected else "no_new_data")
+    result = Ingest(status, [str(f) for f in taken], 0 if new is None else len(new), skipped, errors,
+                    accepted, rejected, waiting)
+    report = {"status": status, "raw": str(raw), "files": result.files, "added_rows": result.added_rows,
+              "accepted": accepted, "rejected": rejected, "waiting": waiting, "skipped_duplicates": skipped,
+              "errors": errors}
     if new is not None:
-        _append(raw, fmt, cols, new)
-    _move(files, inbox / "processed" / stamp)
+        try:
+            _append_or_keep(raw, fmt, cols, new)
+        except PipelineError as exc:  # nothing merged, nothing moved: the next run tries the same drop again
+            write_json(report_path, {**report, "status": "failed", "added_rows": 0, "failure": str(exc)})
+            raise
+    write_json(report_path, report)
+    if rejected:
+        dest = inbox / "rejected" / stamp
+        _move([Path(r["file"]) for r in rejected], dest)
+        shutil.copy(report_path, dest / "report.json")
+    _move([Path(a["file"]) for a in accepted], inbox / "processed" / stamp)
     return result

@@ -262,9 +262,13 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
         scheduler = linear_schedule(optimizer, int(t.warmup_ratio * total), total)
         autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
         # --- resume from the last checkpoint of this same run, if a crash left one
-        ckpt_dir = resolve(root, catalog.CHECKPOINT_DIR)
+        ckpt_root = resolve(root, catalog.CHECKPOINT_DIR)
+        ckpt_dir = checkpoint.run_dir(ckpt_root, resume_key) if resume_key else None
         checkpoint_every = t.checkpoint_every if resume_key else 0
         log, step, epoch, skip, tokens = [], 0, 0, 0, 0
+        if checkpoint_every:
+            for path in checkpoint.prune(ckpt_root, resume_key):
+                print(f"train: removed {path}: another run's checkpoints or a killed save's temp folder")
         resume_from = checkpoint.latest(ckpt_dir, resume_key) if checkpoint_every else None
         if resume_from is not None:
             state = checkpoint.restore(resume_from, model, optimizer, scheduler)
@@ -362,6 +366,7 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
             w.writerows(validation.history)
         plot_loss(log, tmp / "loss.png", validation.history, validation.best_step if validation.stopping else None)
         write_json(tmp / "summary.json", summary)
-    checkpoint.clear(ckpt_dir)  # the adapter is saved: checkpoints of this run are spent
+    if ckpt_dir is not None:
+        checkpoint.clear(ckpt_dir)  # the adapter is saved: checkpoints of this run are spent
     distributed.barrier()
     return result("train", [ADAPTER, REPORT_DIR], **summary)

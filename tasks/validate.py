@@ -60,7 +60,7 @@ def _failures(err: pandera.errors.SchemaErrors, df: pd.DataFrame, path: Path) ->
     return out
 
 
-def _label_space(params: Params) -> tuple[list[str], dict[str, int] | None]:
+def label_space(params: Params) -> tuple[list[str], dict[str, int] | None]:
     d = params.data
     if d.label_names is None:
         return [], None
@@ -76,7 +76,7 @@ def prepare_frame(params: Params, df: pd.DataFrame, for_prediction: bool = False
     cross_row False: df is one chunk of a dataset; the rules over all rows are left to the caller."""
     d = params.data
     if params.task == "seq_cls":
-        _, mapping = _label_space(params)
+        _, mapping = label_space(params)
         if d.clean_text:
             for c in d.text_columns:
                 if c in df:
@@ -201,7 +201,7 @@ def prediction_rows(params: Params, df: pd.DataFrame, source) -> pd.DataFrame:
     d = params.data
     out = pd.DataFrame({"text": joined_text(df, d.text_columns), "row": df[ROW].astype(str)})
     if d.label_column in df:
-        names, mapping = _label_space(params)
+        names, mapping = label_space(params)
         if mapping is not None:  # label values as the data writes them (index or name) -> the class name
             out["expected"] = df[d.label_column].map(lambda v: names[mapping[v]])
         else:
@@ -302,7 +302,7 @@ def run(params: Params, root: Path) -> StageResult:
 
 def _validate(params: Params, root: Path, src: str, chunks, lineage, report: Report, report_path: Path) -> StageResult:
     d = params.data
-    names, mapping = _label_space(params)
+    names, mapping = label_space(params)
     n_rows, hashes, labels_seen = 0, [], set()
     with atomic_dir(resolve(root, catalog.VALIDATED_DIR)) as tmp:
         first = tmp / ".pass1.arrow"

@@ -135,6 +135,7 @@ def owned_dataset_project(dest: Path) -> Path:
     raw = small_cls_params(Path("data/raw/news/data.csv"))
     raw["data"]["path"] = "data/raw/news/data.csv"
     raw["split"]["method"] = "hash"
+    raw["retrain"]["settle_seconds"] = 0  # drops are written whole before each retrain here
     root = make_project(dest, raw)
     (root / "data/raw/news").mkdir(parents=True)
     ag = pd.read_csv(AG_NEWS, header=None, dtype=str, keep_default_na=False)

@@ -24,7 +24,7 @@ def _csv(path, rows, final_newline=True):
 def test_csv_drop_is_matched_across_chunks_and_appended_byte_for_byte(tmp_path):
     raw = _csv(tmp_path / "data.csv", _rows(0, 30), final_newline=False)
     before = raw.read_bytes()
-    params = Params.model_validate(repo_params(data={"path": str(raw), "chunk_rows": 4}))
+    params = Params.model_validate(repo_params(data={"path": str(raw), "chunk_rows": 4}, retrain={"settle_seconds": 0}))
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     drop = _rows(100, 3) + [["2", "  Title 25 ", "Body of story number 25."],  # in raw's 7th chunk, once cleaned
@@ -52,7 +52,7 @@ def test_chat_parquet_keeps_its_nested_type_and_is_matched_on_the_prompt(tmp_pat
     pd.DataFrame({"messages": [conv(i) for i in range(10)]}).to_parquet(raw)
     schema = pq.read_schema(raw)
     params = Params.model_validate(repo_params(task="causal_lm", data={
-        "path": str(raw), "format": "auto", "label_names": None, "chunk_rows": 4}))
+        "path": str(raw), "format": "auto", "label_names": None, "chunk_rows": 4}, retrain={"settle_seconds": 0}))
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "drop.jsonl").write_text(json.dumps({"messages": conv(10)}) + "\n"

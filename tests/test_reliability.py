@@ -82,9 +82,9 @@ def test_sigkill_mid_training_leaves_no_process_and_resumes_to_the_same_adapter(
     a = make_project(tmp_path / "a", raw)
     b = make_project(tmp_path / "b", raw)
     proc = _qlora(a, "run")
-    ckpt = a / ".qlora/checkpoints/train/step-00000006"
+    ckpts = a / ".qlora/checkpoints/train"  # a folder per resume key (the train stage's DVC key)
     deadline = time.time() + 400
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    while not any(ckpts.glob("*/step-00000006")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()
     below = _descendants(proc.pid)

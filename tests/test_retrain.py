@@ -108,6 +108,7 @@ def project(tmp_path_factory, mlflow_server):
     raw = small_cls_params("data/raw/news/data.csv")
     raw["split"]["method"] = "hash"
     raw["tracking"].update(tracking_uri=mlflow_server, registered_model=MODEL, experiment="retrain-test")
+    raw["retrain"]["settle_seconds"] = 0  # drops are written whole before each retrain here
     root = make_project(tmp_path_factory.mktemp("retrain") / "project", raw)
     ag = pd.read_csv(AG_NEWS, header=None, dtype=str, keep_default_na=False)
     (root / "data/raw/news").mkdir(parents=True)

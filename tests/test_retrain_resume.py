@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 MODEL = "news-topics"
 DATA = "data/raw/news/data.csv"
 DVC_FILE = "data/raw/news.dvc"
-SETTINGS = ["train.max_steps=3", "train.checkpoint_every=1"]
+SETTINGS = ["train.max_steps=3", "train.checkpoint_every=1", "retrain.settle_seconds=0"]
 
 
 def _dvc(root, *args) -> subprocess.CompletedProcess:

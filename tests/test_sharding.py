@@ -141,7 +141,7 @@ def test_a_checkpoint_of_2_fsdp_processes_resumes_on_2_and_on_1(prepared, tmp_pa
     ckpt = dict(max_steps=6, checkpoint_every=3)
     a = project(prepared, tmp_path / "a", **ckpt)
     worker(a, "run-1", "--keep-checkpoints")
-    saved = a / ".qlora/checkpoints/train/step-00000003"
+    saved = a / ".qlora/checkpoints/train/run-1/step-00000003"  # one folder per resume key
     state = json.loads((saved / "state.json").read_text())
     assert (state["step"], state["next_row"]) == (3, 3 * 2 * 2 * 2)  # steps x batch x accum x ranks
     opt = torch.load(saved / "optimizer.pt", weights_only=True)

@@ -96,7 +96,7 @@ def test_early_stopping_state_survives_a_crash(tmp_path, tiny_llama, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         train.run(params, b, resume_key="k")
     monkeypatch.setattr(checkpoint, "save", real_save)
-    saved = sorted((b / ".qlora/checkpoints/train").glob("step-*"))
+    saved = sorted((b / ".qlora/checkpoints/train/k").glob("step-*"))  # the folder of resume key "k"
     assert [p.name for p in saved] == ["step-00000002"] and (saved[0] / checkpoint.EXTRA).exists()
     train.run(params, b, resume_key="k")
     sa, sb = summary(a), summary(b)
