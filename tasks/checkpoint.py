@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks import distributed, sharding
+from tasks.distributed import ddp as distributed, sharding
 
 KEEP = 2
 
