@@ -5,7 +5,7 @@
    optimizer step (2: DDP's no_sync on the first), train.strategy ddp, on 1 GPU and on each
    N of --gpus (2,4) that the machine has. Prints non-pad tokens/s after warm-up (all GPUs),
    peak memory of each GPU, and the scaling ratio tokens/s(N) / tokens/s(1) (ideal N).
-2. FSDP (train.strategy fsdp, tasks/sharding.py): the --fsdp-shape model (llama-70b, random
+2. FSDP (train.strategy fsdp, tasks/distributed/sharding.py): the --fsdp-shape model (llama-70b, random
    weights written directly in 4-bit by bench/random_4bit.py, so the 140 GB bf16 model never
    exists) on --fsdp-gpus (2) GPUs, --fsdp-batch rows a GPU at --seq, gradient checkpointing:
    tokens/s, peak memory per GPU, the loss of every step, and with --fsdp-reference the loss

@@ -236,7 +236,7 @@ def peak_allocations(step, path: str, rows: int = 40) -> None:
         step()
         torch.cuda.synchronize()
         snap = torch.cuda.memory._snapshot()
-    except Exception as exc:  # seen: SystemError under torch's non-reentrant checkpoint (H100, torch 2.11)
+    except Exception as exc:  # the recorder can fail inside torch's non-reentrant checkpoint (SystemError)
         print(json.dumps({"memory_trace_error": repr(exc)[:300]}), flush=True)
         return
     finally:

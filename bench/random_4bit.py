@@ -2,7 +2,7 @@
 checkpoint, one tensor at a time, in the format transformers saves a bitsandbytes 4-bit model
 in (what the quantize stage writes and tasks.modeling.load_saved reads): the bf16 model
 (140 GB for the 70B shape) never exists, in memory or on disk. The 4-bit weights are stored
-as `quant_storage` (bf16: what FSDP shards, tasks/sharding.py).
+as `quant_storage` (bf16: what FSDP shards, tasks/distributed/sharding.py).
 
     python bench/random_4bit.py OUT --shape llama-70b [--device cuda]
 """

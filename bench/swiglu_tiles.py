@@ -1,4 +1,4 @@
-"""Times tasks/swiglu_lora.py's Triton kernels (forward, backward) at the 8B MLP shape for
+"""Times tasks/fast/ops/swiglu_lora.py's Triton kernels (forward, backward) at the 8B MLP shape for
 several tiles and warp counts, next to the bandwidth floor (bytes read and written at the
 GPU's copy rate, measured here with a device-to-device copy). Prints one line per setting.
 

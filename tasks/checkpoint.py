@@ -4,7 +4,7 @@ leaves the previous checkpoint as the latest. A checkpoint carries the fingerpri
 run that wrote it (inputs + settings) and is only resumed by the same run.
 
 Several processes: every rank calls save, latest and restore. The state is gathered whole
-(tasks/sharding.py: FSDP's shards too) and rank 0 alone writes and reads, then hands it to
+(tasks/distributed/sharding.py: FSDP's shards too) and rank 0 alone writes and reads, then hands it to
 the others, so the files are those of a one-process run and resume on any number of
 processes (the data position is counted in rows of the epoch's order, not per rank), and
 only rank 0's disk needs them (several nodes).

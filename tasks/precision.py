@@ -7,9 +7,9 @@ mixed        Frozen weights stay in the compute dtype (their values are bf16 any
              residual stream and the norms run in fp32, attention and MLP internals in the
              compute dtype, and the layers whose output feeds an fp32 path (attention output,
              the MLP's three projections) add base and adapter output in fp32. Its loss
-             curve agrees with fp32_upcast's (8B shape: within 0.014, where fp32_upcast is
-             itself 0.025 from an all-fp32 run; bench/results/README.md), and it is 1.5x
-             faster. Decoders with the Llama layout only (Llama, Mistral, Qwen2, ...).
+             curve agrees with fp32_upcast's, nearer than fp32_upcast is to an all-fp32 run
+             (docs/gpu.md), and it is faster. Decoders with the Llama layout only (Llama,
+             Mistral, Qwen2, ...).
 bf16         Everything in the compute dtype except the trained adapters. Fastest, but an
              adapter's first updates are ~1e-3 of its layer's output, below half a bf16 step
              (8 mantissa bits), so `base + adapter` rounds them away and the loss lags early.

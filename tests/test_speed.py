@@ -94,7 +94,7 @@ def test_fast_path_gives_the_bitsandbytes_path_gradients_and_one_graph_for_all_l
         done = patches.apply(model, plan, compile_backend="aot_eager_decomp_partition", random=False)
         fast_loss, fast_grads = loss_and_grads(model, ids)
     assert done["nf4_traced_layers"] == 14 and done["compiled_layers"] == 2
-    # one graph for all layers, twice: the forward without autograd, the recompute with (tasks/layer_checkpoint.py)
+    # one graph for all layers, twice: the forward without autograd, the recompute with (ops/layer_checkpoint.py)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert fast_loss == pytest.approx(loss, abs=1e-3)
     for name, g in grads.items():
@@ -113,7 +113,8 @@ def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_di
     for fused in (False, True):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        plan = dataclasses.replace(FAST, fused_projections=fused, adapters_in_gemm=adapters_in_gemm, swiglu_kernel=swiglu)
+        plan = dataclasses.replace(FAST, fused_projections=fused, adapters_in_gemm=adapters_in_gemm,
+                                   swiglu_kernel=swiglu)
         with patch.scoped("llama", plan) as patches:
             model = adapted(llama_dir)
             done = patches.apply(model, plan, compile_backend="aot_eager_decomp_partition", random=False)
@@ -207,7 +208,7 @@ def test_an_mlp_whose_activation_is_not_silu_keeps_its_adapters_apart(llama_dir)
 @pytest.mark.parametrize("pad_k", [1, 64])
 def test_adapters_inside_the_swiglu_are_the_separate_gate_and_up_lora_layers(pad_k):
     """NF4LoRASwiGLU over gate and up laid end to end: silu(x W_g^T + m_g B_g^T) * (x W_u^T +
-    m_u B_u^T) with the B's added inside the SwiGLU (tasks/swiglu_lora.py's tensor code, what
+    m_u B_u^T) with the B's added inside the SwiGLU (ops/swiglu_lora.py's tensor code, what
     its Triton kernels are checked against on CUDA) is, in fp32, act(gate(x)) * up(x) of the
     separate LoRA layers, with the same gradients for x, the A's and the B's (backward: one
     GEMM over [W | blockdiag(B_g, B_u)] gives dx and dm); ranks of different sizes."""
@@ -378,3 +379,51 @@ def test_lean_and_offload_are_the_fast_path_with_split_layers_and_cpu_stays_as_i
     assert fast_plan.choose(t.model_copy(update={"optimizer": "adamw"}), CUDA, "causal_lm", "llama", True).optimizer == "adamw"
     cpu = fast_plan.choose(t, CPU, "causal_lm", "llama", quantized=True)
     assert not cpu.fast and (cpu.split, cpu.offload, cpu.optimizer) == (0, False, "auto")
+
+
+def test_every_fast_family_has_an_apply_function():
+    assert set(patch.APPLY) == set(fast_plan.FAST_TYPES)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_the_fast_path_follows_the_model_s_own_model_type(family):
+    """Patches.apply dispatches on the model's config.model_type (APPLY): a Mistral or Qwen2
+    model gets its layers checkpointed by tasks/fast/ops/layer_checkpoint.py, with the loss and
+    gradients of the unpatched model, and the patches end with the scope."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(family, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, grads = loss_and_grads(model, ids)
+    model.zero_grad(set_to_none=True)
+    plan = fast_plan.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16")
+    with patch.scoped(family, plan) as patches:
+        assert patches.apply(model, plan, random=False) == {"checkpointed_layers": 2}
+        fast_loss, fast_grads = loss_and_grads(model, ids)
+    assert fast_loss == pytest.approx(loss, rel=1e-5)
+    for name, g in grads.items():
+        assert torch.allclose(fast_grads[name], g, rtol=1e-4, atol=1e-6), name
+    assert not [m for m in model.modules() if "forward" in vars(m)]
+
+
+def test_a_family_without_a_fast_path_trains_as_loaded_and_says_so(capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    plan = dataclasses.replace(FAST, liger=False)
+    with patch.scoped("gpt2", plan) as patches:
+        assert patches.apply(model, plan, random=False) == {}
+        assert not [m for m in model.modules() if "forward" in vars(m)]
+    assert "speed: 'gpt2' has no fast path" in capsys.readouterr().out
+
+
+def test_bench_variants_are_plans():
+    """bench/gpu_qlora_bench.py switches the fast path by building Plans, one field a part."""
+    from bench import gpu_qlora_bench as bench
+    plan = bench.variant_plan("auto+notriton+noswiglu+padk1+torchcheckpoint+budget80+split3+ingemm+fp32res", FAST)
+    assert (plan.triton, plan.swiglu_kernel, plan.pad_k, plan.checkpoint, plan.activation_memory_budget, plan.split,
+            plan.adapters_in_gemm, plan.residual) == (False, False, 1, "torch", 0.8, 3, "shared", "fp32")
+    assert bench.variant_plan("auto+cse", FAST).partitioner() == {"cse": True, "activation_memory_budget": 1.0}
+    assert bench.variant_plan("auto", FAST) == FAST and FAST.partitioner() == {"cse": False,
+                                                                              "activation_memory_budget": 0.9}

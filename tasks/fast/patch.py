@@ -34,6 +34,7 @@ from tasks.fast.ops.nf4_lora import NF4Linear, NF4LoRALinear, NF4LoRASwiGLU, _KE
 from tasks.fast.plan import LIGER, Plan
 from tasks.precision import decoder_layers
 
+
 class Patches:
     """Snapshot of the patchable state of one model family; apply() patches models, undo()
     puts back the modules, classes and model instances as they were."""
@@ -134,7 +135,8 @@ def apply_llama_layout(patches: Patches, model, layers: list, plan: Plan, compil
 
 # The fast path's apply function for each model family (config.json's model_type), as Liger's
 # MODEL_TYPE_TO_APPLY_LIGER_FN: plan.FAST_TYPES are the families choose() sends here.
-APPLY = {"llama": apply_llama_layout, "mistral": apply_llama_layout, "qwen2": apply_llama_layout}
+APPLY = types.MappingProxyType({"llama": apply_llama_layout, "mistral": apply_llama_layout,
+                                "qwen2": apply_llama_layout})
 
 
 def _fp32_residual(patches: Patches, model) -> str:

@@ -47,14 +47,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import types
 
 import torch
 
 FAST_TYPES = ("llama", "mistral", "qwen2")  # the decoder layout the fast path is written for (patch.APPLY)
 
 # Liger's patch function for each model family it covers (config.json's model_type)
-LIGER = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
-         "qwen2": "apply_liger_kernel_to_qwen2"}
+LIGER = types.MappingProxyType({"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
+                                "qwen2": "apply_liger_kernel_to_qwen2"})
 
 
 @dataclasses.dataclass(frozen=True)

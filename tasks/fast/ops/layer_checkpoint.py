@@ -126,8 +126,9 @@ class LayerCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.saved is None:
-            raise RuntimeError("a checkpointed decoder layer (tasks/fast/ops/layer_checkpoint.py) was backpropagated twice: "
-                               "its saved input is used up by the first backward (retain_graph is not supported)")
+            raise RuntimeError("a checkpointed decoder layer (tasks/fast/ops/layer_checkpoint.py) was backpropagated "
+                               "twice: its saved input is used up by the first backward (retain_graph is not "
+                               "supported)")
         x = ctx.saved.take().to(ctx.dtype).detach().requires_grad_(True)
         kind, enabled, dtype, cache = ctx.autocast
 

@@ -1,7 +1,7 @@
 """The 4-bit base layer under a LoRA adapter as autograd functions that torch.compile sees whole.
 
 bitsandbytes' Linear4bit runs its matmul as an opaque operator whose Python wrapper
-dequantizes the weight (several kernel launches with double quant) and calls the GEMM; inside
+dequantizes the weight (three kernel launches with double quant) and calls the GEMM; inside
 a compiled decoder layer that leaves a Python call per linear layer, per forward, recompute and
 backward, and on small models the GPU waits on Python. Here the NF4 double-quant dequantization
 is plain tensor code (a 16-entry table lookup times a per-block scale, itself an 8-bit code
