@@ -5,7 +5,7 @@
    optimizer step (2: DDP's no_sync on the first), train.strategy ddp, on 1 GPU and on each
    N of --gpus (2,4) that the machine has. Prints non-pad tokens/s after warm-up (all GPUs),
    peak memory of each GPU, and the scaling ratio tokens/s(N) / tokens/s(1) (ideal N).
-2. FSDP (train.strategy fsdp, tasks/sharding.py): the --fsdp-shape model (llama-70b, random
+2. FSDP (train.strategy fsdp, tasks/distributed/sharding.py): the --fsdp-shape model (llama-70b, random
    weights written directly in 4-bit by bench/random_4bit.py, so the 140 GB bf16 model never
    exists) on --fsdp-gpus (2) GPUs, --fsdp-batch rows a GPU at --seq, gradient checkpointing:
    tokens/s, peak memory per GPU, the loss of every step, and with --fsdp-reference the loss
@@ -31,48 +31,42 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
 
-SHAPES = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
-}
+from bench.models import SHAPES, alpaca_sample, build_tiny_llama, model_dir  # noqa: E402
+from bench.random_4bit import save_random_4bit_llama  # noqa: E402
 
 
 def params_for(root: Path, train: dict):
-    from tasks.config import Params
-    from tests.conftest import ALPACA, repo_params
-    return Params.model_validate(repo_params(
-        task="causal_lm", data={"path": str(ALPACA), "format": "auto", "label_names": None, "label_base": 0},
-        model={"name": str(root / "tokenizer")}, tokenize={"max_length": train.pop("seq")},
-        lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-        train={"packing": True, "device": "cuda", "gradient_checkpointing": True, "checkpoint_every": 0,
-               "warmup_ratio": 0.0, "lr": 1e-4, **train}))
+    """The project's params.yaml with the benchmark's settings, set as `qlora run --set` sets them."""
+    from tasks.config import load_params
+    sections = {
+        "task": "causal_lm", "data.path": str(root / "alpaca_x64.json"), "data.format": "auto",
+        "data.label_names": None, "data.label_base": 0, "model.name": str(root / "tokenizer"),
+        "tokenize.max_length": train.pop("seq"),
+        **{f"lora.{k}": v for k, v in {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}.items()},
+        **{f"train.{k}": v for k, v in {"packing": True, "device": "cuda", "gradient_checkpointing": True,
+                                        "checkpoint_every": 0, "warmup_ratio": 0.0, "lr": 1e-4, **train}.items()}}
+    return load_params(REPO / "params.yaml", [f"{key}={json.dumps(value)}" for key, value in sections.items()])
 
 
 def prepare_data(root: Path, seq: int) -> None:
-    """Alpaca sample x 64 (distinct instructions), tokenized for packing into rows of seq tokens."""
+    """Alpaca sample x 64 (distinct instructions), through the project's validate, split and
+    tokenize stages, for packing into rows of seq tokens."""
     import pandas as pd
-    from tasks import tokenize
-    from tests.conftest import ALPACA, write_split
-    from tests.tiny_llm import build_tiny_llama
+    from tasks import split, tokenize, validate
     from transformers import AutoTokenizer
     if (root / "data/tokenized").exists():
         return
-    AutoTokenizer.from_pretrained(build_tiny_llama(root / "tiny", ALPACA)).save_pretrained(root / "tokenizer")
-    rows = pd.concat([pd.read_json(ALPACA)] * 64, ignore_index=True)
+    alpaca = alpaca_sample()
+    AutoTokenizer.from_pretrained(build_tiny_llama(root / "tiny", alpaca)).save_pretrained(root / "tokenizer")
+    rows = pd.concat([pd.read_json(alpaca)] * 64, ignore_index=True)
     rows["instruction"] = rows["instruction"] + " #" + rows.index.astype(str)
+    rows.to_json(root / "alpaca_x64.json", orient="records")
     p = params_for(root, {"seq": seq})
-    write_split(root, p, {"train": rows.iloc[:-16], "validation": rows.iloc[-16:-8], "test": rows.iloc[-8:]})
-    (root / "data/validated").mkdir(parents=True, exist_ok=True)
-    (root / "data/validated/labels.json").write_text('{"names": []}')
-    tokenize.run(p, root)
+    for stage in (validate, split, tokenize):
+        stage.run(p, root)
 
 
 def prepare_base(root: Path, shape: str, seq: int, strategy: str) -> Path:
@@ -83,8 +77,7 @@ def prepare_base(root: Path, shape: str, seq: int, strategy: str) -> Path:
     if not (base / "config.json").exists():
         shutil.rmtree(run_root, ignore_errors=True)
         if strategy == "fsdp":
-            from random_4bit import save_random_4bit_llama
-            save_random_4bit_llama(base, SHAPES[shape], device="cuda")
+            save_random_4bit_llama(base, shape, device="cuda")
             from transformers import AutoTokenizer
             AutoTokenizer.from_pretrained(root / "tokenizer").save_pretrained(base)
             (base / "lineage.json").write_text(json.dumps({  # what the quantize stage records (the card reads it)
@@ -92,9 +85,8 @@ def prepare_base(root: Path, shape: str, seq: int, strategy: str) -> Path:
                 "quant": {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "quant_storage": "bfloat16"},
                 "task": "causal_lm"}))
         else:
-            from gpu_qlora_bench import model_dir
             from tasks import quantize
-            raw = Path(model_dir(shape))  # random bf16 weights (gpu_qlora_bench's shapes)
+            raw = Path(model_dir(shape))  # random bf16 weights of the shape
             shutil.copytree(root / "tokenizer", raw, dirs_exist_ok=True)
             p = params_for(root, {"seq": seq, "strategy": strategy})
             p = p.model_copy(update={"model": p.model.model_copy(update={"name": str(raw)})})
@@ -197,7 +189,7 @@ def fsdp_part(a, root: Path, have: int) -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="ddp,fsdp")
-    ap.add_argument("--ddp-shape", default="llama-8b")
+    ap.add_argument("--ddp-shape", default="llama-8b", help=f"one of {', '.join(SHAPES)}")
     ap.add_argument("--gpus", default="2,4", help="DDP: the GPU counts compared with 1")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=4, help="DDP: packed rows a GPU a micro-step")

@@ -1,6 +1,9 @@
 """GPU benchmark: the plain Hugging Face QLoRA recipe, this project's training path and
-Unsloth, in ONE invocation on one GPU, on the same random-weight Llama-shaped model, data,
-batch and LoRA settings (r=16 on all linear layers, dropout 0: Unsloth's fast path needs it).
+Unsloth, in ONE invocation on one GPU, on the same model, data, batch and LoRA settings (r=16
+on all linear layers, dropout 0: Unsloth's fast path needs it). The model is a random-weight
+Llama of a shape in bench/models.SHAPES (--shapes), or a local checkpoint measured as it is
+(--model-dir: any Llama, Mistral or Qwen2 directory; every recipe reads its architecture from
+its config.json's model_type).
 
 Prints one JSON line per (shape, recipe): tokens/s (median of the timed steps after warm-up),
 peak GPU memory, MFU (4N FLOPs a token, as in ../shared/bench), every step's loss, the ratios
@@ -10,12 +13,14 @@ without CUDA.
 
     python bench/gpu_qlora_bench.py --shapes llama-1b --steps 20 --warmup 2 --reference llama-1b \
         --variants auto --unsloth .usite.tgz --out bench/results/NAME
+    python bench/gpu_qlora_bench.py --model-dir /models/Mistral-7B-v0.3 --steps 10 --variants auto
 
 The plain recipe is the one in ../shared/bench/plain_hf_qlora_reference.py: NF4 double
 quant, bf16 compute, gradient checkpointing, paged AdamW 32-bit, sdpa. The project recipe
-builds the model with tasks.modeling / tasks.train / tasks.speed (the code `qlora run` trains
-with): variant `auto` is train.speed: auto (the fast path on CUDA), other variants name the
-train.* flags of train.speed: off (e.g. liger+gc+mixed). Unsloth runs in a subprocess of its
+builds the model with tasks.modeling / tasks.train / tasks.fast (the code `qlora run` trains
+with): variant `auto` is train.speed: auto (the fast path on CUDA), its '+'-joined parts change
+fields of its Plan (tasks/fast/plan.py; see --variants), other variants name the train.* flags of
+train.speed: off (e.g. liger+gc+mixed). Unsloth runs in a subprocess of its
 own (it patches transformers and peft for the whole process): bench/unsloth_reference.py,
 a copy of ../shared/bench/unsloth_reference.py, with Unsloth from the tarball named by
 --unsloth (../shared/bench/README.md says how it is built). Peak memory is each recipe's own:
@@ -26,7 +31,7 @@ the previous recipe's model is collected first and anything still held is subtra
 and this project's path with packing, with the same examples in every optimizer step
 (--examples-per-step), and prints both non-pad tokens/s figures and their ratio.
 --memory-trace writes what is allocated at each project variant's peak. On a device machine:
-bench/device_setup.sh (wheels, and the Alpaca sample where tests/conftest.py looks).
+bench/device_setup.sh (wheels, and the Alpaca sample where bench/models.alpaca_sample looks).
 """
 from __future__ import annotations
 
@@ -50,37 +55,15 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_summary  # noqa: E402
 
-SHAPES = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-}
+from bench.models import SHAPES, flops_per_token, model_dir, shape_config  # noqa: E402
+
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 FAST = ("auto", "lean", "offload")  # train.speed settings of the fast path
 
 
-def model_dir(name: str) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    path = f"/tmp/qlora-bench/{name}"
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    cfg = LlamaConfig(**SHAPES[name], max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        m = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    m.save_pretrained(path, safe_serialization=True)
-    del m
-    torch.cuda.empty_cache()
-    return path
-
-
-def flops_per_token(name: str, seq: int) -> float:
-    c = SHAPES[name]
-    h, n_layers, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
-    kv = h * c["num_key_value_heads"] // c["num_attention_heads"]
-    n = n_layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * vocab * h
-    return 4 * n + 2 * (2 * 2 * n_layers * seq * h)
+def checkpoint(name: str) -> str:
+    """A local checkpoint directory as it is, or a shape of bench/models.SHAPES (random weights)."""
+    return name if (Path(name) / "config.json").exists() else model_dir(name)
 
 
 def plain_recipe(path: str, rank: int, dtype: torch.dtype = torch.bfloat16, dropout: float = 0.0):
@@ -103,53 +86,60 @@ def plain_recipe(path: str, rank: int, dtype: torch.dtype = torch.bfloat16, drop
     return model, opt, contextlib.nullcontext()
 
 
+# Variant parts that change one or more fields of the Plan (tasks/fast/plan.py); splitN, padkN
+# and budgetNN take a number (see --variants)
+PLAN_PARTS = {
+    "nocompile": {"compile": False}, "bnb": {"nf4_traced": False}, "offload": {"offload": True},
+    "fused": {"fused_projections": True}, "nofused": {"fused_projections": False}, "onegraph": {"split": 0},
+    "adamw": {"optimizer": "adamw"}, "flat": {"optimizer": "paged_adamw_32bit_flat"},
+    "perparam": {"optimizer": "paged_adamw_32bit"}, "ingemm": {"adapters_in_gemm": "shared"},
+    "ingemmall": {"adapters_in_gemm": "all"}, "adaptersapart": {"adapters_in_gemm": "none"},
+    "fp32res": {"residual": "fp32"}, "bf16res": {"residual": "bf16"}, "notriton": {"triton": False},
+    "noswiglu": {"swiglu_kernel": False}, "torchcheckpoint": {"checkpoint": "torch"},
+    "cse": {"partitioner_cse": True, "activation_memory_budget": 1.0},  # torch's own partitioner settings
+    "nobudget": {"activation_memory_budget": 1.0},
+}
+
+
+def variant_plan(variant: str, plan):
+    """The Plan of a variant: train.speed's plan with the fields its '+'-joined parts name changed."""
+    changes = {}
+    for part in variant.split("+")[1:]:
+        if part in PLAN_PARTS:
+            changes.update(PLAN_PARTS[part])
+        elif part.startswith("split"):  # auto+split3: two halves, the MLP's backward in 3 token chunks
+            changes["split"] = int(part[5:] or 2)
+        elif part.startswith("padk"):  # auto+padk1: no padding
+            changes["pad_k"] = int(part[4:])
+        elif part.startswith("budget"):  # auto+budget80: activation_memory_budget 0.8
+            changes["activation_memory_budget"] = int(part[6:]) / 100
+    return dataclasses.replace(plan, **changes)
+
+
 def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
     """The project's path: tasks.modeling.load_base, tasks.train.add_lora/make_optimizer, and
-    tasks.speed for the plan of train.speed (variant 'auto') or of the train.* flags."""
-    from tasks import speed
+    tasks.fast for the plan of train.speed (variant 'auto', its parts changing the Plan) or of
+    the train.* flags, for the checkpoint's own architecture (config.json's model_type)."""
     from tasks.config import LoraSection, ModelConfig, QuantConfig, TrainConfig
+    from tasks.fast import patch, plan as fast_plan
     from tasks.modeling import load_base
     from tasks.train import add_lora, apply_speedups, make_optimizer
     device = torch.device("cuda")
+    model_type = shape_config(path)["model_type"]
     t = TrainConfig(lr=2e-4, optimizer="auto", **variant_options(variant))
-    plan = speed.choose(t, device, "causal_lm", "llama", quantized=True)
-    for part in variant.split("+")[1:] if variant.startswith(FAST) else []:  # auto+nocompile, auto+bnb, ...
-        optimizer = {"adamw": "adamw", "flat": "paged_adamw_32bit_flat", "perparam": "paged_adamw_32bit"}
-        plan = dataclasses.replace(plan, compile=plan.compile and part != "nocompile",
-                                   nf4_traced=plan.nf4_traced and part != "bnb",
-                                   offload=plan.offload or part == "offload",
-                                   fused_projections=(plan.fused_projections or part == "fused") and part != "nofused",
-                                   split=int(part[5:] or 2) if part.startswith("split") else
-                                   (0 if part == "onegraph" else plan.split),
-                                   optimizer=optimizer.get(part, plan.optimizer),
-                                   adapters_in_gemm={"ingemm": "shared", "ingemmall": "all", "adaptersapart": "none"}
-                                   .get(part, plan.adapters_in_gemm),
-                                   residual={"fp32res": "fp32", "bf16res": "bf16"}.get(part, plan.residual))
-    parts = variant.split("+")
-    from tasks import fast_lora
-    fast_lora.TRITON = "notriton" not in parts  # the Triton NF4 kernel, or the tensor code (tasks/nf4_triton.py)
-    fast_lora.SWIGLU_KERNEL = "noswiglu" not in parts  # gate/up's adapters inside the SwiGLU (tasks/swiglu_lora.py)
-    fast_lora.PAD_K = next((int(p[4:]) for p in parts if p.startswith("padk")), 64)  # auto+padk1: no padding
-    speed.TORCH_CHECKPOINT = "torchcheckpoint" in parts  # whole layers by torch's checkpoint, not tasks/layer_checkpoint.py
+    plan = variant_plan(variant, fast_plan.choose(t, device, "causal_lm", model_type, quantized=True))
     torch._dynamo.reset()  # each variant traces its own graphs
-    speed._COMPILED.clear()
-    partitioner = dict(speed.PARTITIONER)
-    if "cse" in parts or "nobudget" in parts:  # the partitioner's settings (tasks.speed.PARTITIONER), to compare
-        speed.PARTITIONER = {} if "cse" in parts else {"cse": False}
-    for part in parts:  # auto+budget80: activation_memory_budget 0.8
-        if part.startswith("budget"):
-            speed.PARTITIONER = {**partitioner, "activation_memory_budget": int(part[6:]) / 100}
     scope = contextlib.ExitStack()
-    patches = scope.enter_context(speed.scoped("llama"))
-    speed.PARTITIONER = partitioner  # read on entering the scope: later variants get the default again
+    patches = scope.enter_context(patch.scoped(model_type, plan))
     if plan.liger and not plan.fast:
-        apply_speedups("llama", t, device)
+        apply_speedups(model_type, t, device)
     model = load_base("causal_lm", path, ModelConfig(name=path, prefer_embedded=False), QuantConfig(), device)
     torch.manual_seed(1)
     t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": plan.gradient_checkpointing})
     model = add_lora(model, LoraSection(r=rank, alpha=2 * rank, dropout=dropout), "causal_lm", t_model, torch.bfloat16)
-    applied = patches.apply(model, plan, "llama", random=dropout > 0) if plan.fast else {}
-    print(json.dumps({"variant": variant, "plan": plan.describe(), "applied": applied}), flush=True)
+    applied = patches.apply(model, plan, random=dropout > 0) if plan.fast else {}
+    print(json.dumps({"variant": variant, "model_type": model_type, "plan": plan.describe(), "applied": applied}),
+          flush=True)
     opt, _ = make_optimizer([p for p in model.parameters() if p.requires_grad],
                             t.model_copy(update={"optimizer": plan.optimizer}), device)
     return model, opt, scope
@@ -169,17 +159,17 @@ def variant_options(variant: str) -> dict:
                 precision=precision, gradient_checkpointing_skip_last=skip[0] if skip else 0)
 
 
-def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int, bf16: bool = True,
+def measure(build, config: dict, seq: int, bs: int, steps: int, warmup: int, bf16: bool = True,
             profile: str = "", memory_trace: str = "") -> dict:
     gc.collect()  # an earlier recipe's model is cyclic garbage until collected
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()  # anything an earlier recipe still holds
     model, opt, scope = build()
-    with scope:  # the project's patches end here (tasks.speed.scoped)
+    with scope:  # the project's patches end here (tasks.fast.patch.scoped)
         model.train()
         g = torch.Generator(device="cuda").manual_seed(0)
-        ids = torch.randint(0, SHAPES[name]["vocab_size"], (bs, seq), device="cuda", generator=g)
+        ids = torch.randint(0, config["vocab_size"], (bs, seq), device="cuda", generator=g)
 
         def forward_loss():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
@@ -226,7 +216,7 @@ def measure(build, name: str, seq: int, bs: int, steps: int, warmup: int, bf16: 
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), 989e12)
     out = {"tokens_per_s": round(tok_s, 1), "peak_gib": round((peak_bytes - leftover) / 2**30, 2),
            "leftover_gib": round(leftover / 2**30, 2),
-           "mfu": round(tok_s * flops_per_token(name, seq) / peak, 4), "median_step_s": round(med, 4),
+           "mfu": round(tok_s * flops_per_token(config, seq) / peak, 4), "median_step_s": round(med, 4),
            "first_step_s": round(times[0], 2), **where, "losses": losses}
     if table:
         out["profile"] = table
@@ -246,7 +236,7 @@ def peak_allocations(step, path: str, rows: int = 40) -> None:
         step()
         torch.cuda.synchronize()
         snap = torch.cuda.memory._snapshot()
-    except Exception as exc:  # seen: SystemError under torch's non-reentrant checkpoint (H100, torch 2.11)
+    except Exception as exc:  # the recorder can fail inside torch's non-reentrant checkpoint (SystemError)
         print(json.dumps({"memory_trace_error": repr(exc)[:300]}), flush=True)
         return
     finally:
@@ -293,11 +283,12 @@ def unsloth(name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, ta
     if not (site / "unsloth").exists():
         site.mkdir(parents=True, exist_ok=True)
         subprocess.run(["tar", "xzf", tarball, "-C", str(site)], check=True)
-    model_dir(name)  # the same weights (and directory) as the other recipes
+    path = checkpoint(name)  # the same weights (and directory) as the other recipes
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(Path(__file__).with_name("unsloth_reference.py")), "--shape", name, "--seq", str(seq),
            "--bs", str(bs), "--steps", str(steps), "--warmup", str(warmup), "--rank", str(rank), "--gc", gc_mode,
-           "--dropout", "0"] + (["--profile", profile] if profile else [])
+           "--dropout", "0"] + (["--profile", profile] if profile else []) + \
+        (["--model-dir", path] if path == name else [])  # a local checkpoint, with its own tokenizer
     gc.collect()
     torch.cuda.empty_cache()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -314,12 +305,11 @@ def instruction_frame(seq: int, alpaca: str = "", copies: int = 4):
     """The Alpaca sample (x copies), tokenized as the pipeline does (prompt template, loss on
     answers), with a BPE tokenizer trained offline (no hub): real lengths, real padding."""
     import pandas as pd
+    from bench.models import RANDOM_DIR, alpaca_sample, build_tiny_llama
     from tasks.tokenize import encode_instructions
-    from tests.conftest import ALPACA
-    from tests.tiny_llm import build_tiny_llama
     from transformers import AutoTokenizer
-    source = Path(alpaca) if alpaca else ALPACA
-    tok_dir = build_tiny_llama(Path("/tmp/qlora-bench/tok"), source)
+    source = Path(alpaca) if alpaca else alpaca_sample()
+    tok_dir = build_tiny_llama(RANDOM_DIR / "tok", source)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     rows = pd.read_json(source)
     rows = pd.concat([rows] * copies, ignore_index=True)
@@ -329,12 +319,6 @@ def instruction_frame(seq: int, alpaca: str = "", copies: int = 4):
     return Dataset.from_dict({"input_ids": encoded["input_ids"], "labels": encoded["labels"]}), tok.pad_token_id
 
 
-def label_tokens(batch: dict) -> int:
-    """Tokens that carry a loss (the answers), counted on the host as the trainer does."""
-    from tasks.batching import IGNORE
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
 def measure_data(build, steps: list, warmup: int, warm_shapes: bool) -> dict:
     """Non-pad tokens/s over optimizer steps of real micro-batches. steps: a list of optimizer
     steps, each a list of (micro-batch, real tokens). Each micro-batch's mean loss is weighed
@@ -342,6 +326,7 @@ def measure_data(build, steps: list, warmup: int, warm_shapes: bool) -> dict:
     `warmup` steps are not timed; warm_shapes: first run forward + backward once on each
     distinct micro-batch shape (no optimizer step), so that torch.compile's (re)compilations
     for new shapes stay out of the timed steps, as they would in a long run."""
+    from tasks.train import loss_units
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -367,7 +352,7 @@ def measure_data(build, steps: list, warmup: int, warm_shapes: bool) -> dict:
             opt.zero_grad(set_to_none=True)
         seconds, real_tokens, losses, micro_steps = 0.0, 0, [], 0
         for i, group in enumerate(steps):
-            counts = [label_tokens(b) for b, _ in group]
+            counts = [loss_units(b, "causal_lm") for b, _ in group]  # label tokens, as the trainer counts them
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             loss = sum(micro(b, n / sum(counts)) for (b, _), n in zip(group, counts))
@@ -414,7 +399,7 @@ def padding_vs_packing(name: str, seq: int, rank: int, variant: str, per_step: i
     fill_packed = sum(r for s in packed for _, r in s) / sum(b["input_ids"].numel() for s in packed for b, _ in s)
     data = {"shape": name, "data": f"alpaca-sample x{copies} ({len(frame)} examples, mean "
             f"{sum(lengths) / len(lengths):.0f} tokens)", "examples_per_step": per_step, "steps": len(groups)}
-    path = model_dir(name)
+    path = checkpoint(name)
     base = measure_data(lambda: plain_recipe(path, rank), padded, warmup, warm_shapes=False)
     rows_out = [{**data, "recipe": "plain-hf, dynamic padding", "micro_batch": f"{micro} examples",
                  "real_token_share": round(fill_padded, 3), **base}]
@@ -440,7 +425,9 @@ def max_diff(losses: list, ref: list | None) -> float | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="llama-1b,llama-8b")
+    ap.add_argument("--shapes", default="llama-1b,llama-8b", help=f"shapes of random-weight Llamas: {', '.join(SHAPES)}")
+    ap.add_argument("--model-dir", default="", help="local checkpoint directories (comma-separated) measured as they are "
+                    "instead of --shapes: any Llama, Mistral or Qwen2 (config.json's model_type picks the code)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
@@ -453,14 +440,14 @@ def main() -> int:
                          "auto+splitN: decoder layers as two compiled halves, MLP backward in N token chunks; "
                          "auto+onegraph: one compiled graph per layer; auto+offload: layer inputs in host memory; "
                          "auto+cse, auto+nobudget: partitioner settings; auto+nofused: q/k/v and gate/up as separate GEMMs; "
-                         "auto+notriton: the NF4 dequantization as tensor code instead of tasks/nf4_triton.py; "
+                         "auto+notriton: the NF4 dequantization as tensor code instead of tasks/fast/ops/nf4_triton.py; "
                          "auto+ingemm / auto+ingemmall: train.adapters_in_gemm, the LoRA B's inside the base GEMMs of q/k/v "
                          "and gate/up / of o and down too (gate/up's stay in the SwiGLU kernel unless auto+noswiglu: "
                          "then they are added to the base output apart, in the next elementwise kernel); auto+padkN: their K padded to a multiple of N (default 64); "
                          "auto+budgetNN: the partitioner's activation_memory_budget NN/100; auto+fp32res / auto+bf16res: the residual "
                          "stream between layers in fp32 (inputs checkpointed in bf16; train.fp32_residual) / in bf16; "
                          "auto+torchcheckpoint: whole layers checkpointed by torch's checkpoint instead of "
-                         "tasks/layer_checkpoint.py), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
+                         "tasks/fast/ops/layer_checkpoint.py), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
                          "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)")
     ap.add_argument("--reference", default="", help="shapes that also get the fp32-compute reference's losses")
     ap.add_argument("--unsloth", default="", help="Unsloth tarball (.usite.tgz); empty: no Unsloth run")
@@ -470,8 +457,9 @@ def main() -> int:
                     "summarised by kind of kernel (bench/profile_summary.py), ms per step, Unsloth's too; "
                     "writes profile_SHAPE.json and .txt there")
     ap.add_argument("--out", default="", help="write the JSON lines to OUT.jsonl as well")
-    ap.add_argument("--packing", default="", help="shapes for the real-data run: padding vs packing (no other runs)")
-    ap.add_argument("--alpaca", default="", help="the Alpaca sample's JSON (default: ../shared/datasets/...)")
+    ap.add_argument("--packing", default="", help="shapes or checkpoint directories for the real-data run: padding vs "
+                    "packing (no other runs)")
+    ap.add_argument("--alpaca", default="", help="the Alpaca sample's JSON (default: bench/models.alpaca_sample())")
     ap.add_argument("--copies", type=int, default=4, help="packing run: the sample repeated this many times")
     ap.add_argument("--examples-per-step", type=int, default=48, help="packing run: examples per optimizer step")
     ap.add_argument("--micro", type=int, default=4, help="packing run: plain recipe's examples per micro-batch")
@@ -503,13 +491,14 @@ def main() -> int:
                     out.flush()
         return 0
     results = []
-    for name in a.shapes.split(","):
-        path = model_dir(name)
+    for name in (a.model_dir or a.shapes).split(","):
+        path = checkpoint(name)
+        config = shape_config(path)
         rows = {}
 
         def run(recipe: str, build=None, **kw) -> None:
             try:
-                r = measure(build, name, a.seq, a.bs, a.steps, a.warmup, **kw) if build else kw["result"]
+                r = measure(build, config, a.seq, a.bs, a.steps, a.warmup, **kw) if build else kw["result"]
             except Exception as exc:  # report and go on (e.g. out of memory)
                 traceback.print_exc()
                 r = {"error": repr(exc)[:600]}

@@ -2,7 +2,7 @@
 checkpoint, one tensor at a time, in the format transformers saves a bitsandbytes 4-bit model
 in (what the quantize stage writes and tasks.modeling.load_saved reads): the bf16 model
 (140 GB for the 70B shape) never exists, in memory or on disk. The 4-bit weights are stored
-as `quant_storage` (bf16: what FSDP shards, tasks/sharding.py).
+as `quant_storage` (bf16: what FSDP shards, tasks/distributed/sharding.py).
 
     python bench/random_4bit.py OUT --shape llama-70b [--device cuda]
 """
@@ -16,18 +16,22 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.models import SHAPES, llama_config  # noqa: E402
+
 LINEAR = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")  # quantized; embeddings, norms, lm_head are not
 SHARD_BYTES = 4 << 30
 
 
-def save_random_4bit_llama(out: Path, shape: dict, device: str = "cuda", compute_dtype: str = "bfloat16",
+def save_random_4bit_llama(out: Path, shape: str, device: str = "cuda", compute_dtype: str = "bfloat16",
                            quant_storage: str = "bfloat16", seed: int = 0) -> Path:
+    """shape: a name in bench/models.SHAPES."""
     import bitsandbytes.functional as F
     from safetensors.torch import save_file
-    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+    cfg = llama_config(shape)
     with torch.device("meta"):
         names = [(n, p.shape) for n, p in LlamaForCausalLM(cfg).state_dict().items()]
     g = torch.Generator(device=device).manual_seed(seed)
@@ -76,14 +80,12 @@ def save_random_4bit_llama(out: Path, shape: dict, device: str = "cuda", compute
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from gpu_ddp_scaling import SHAPES
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--shape", default="llama-70b")
+    ap.add_argument("--shape", default="llama-70b", choices=list(SHAPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
-    save_random_4bit_llama(Path(a.out), SHAPES[a.shape], a.device)
+    save_random_4bit_llama(Path(a.out), a.shape, a.device)
     return 0
 
 

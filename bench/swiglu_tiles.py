@@ -1,4 +1,4 @@
-"""Times tasks/swiglu_lora.py's Triton kernels (forward, backward) at the 8B MLP shape for
+"""Times tasks/fast/ops/swiglu_lora.py's Triton kernels (forward, backward) at the 8B MLP shape for
 several tiles and warp counts, next to the bandwidth floor (bytes read and written at the
 GPU's copy rate, measured here with a device-to-device copy). Prints one line per setting.
 
@@ -29,7 +29,7 @@ def ms(fn, repeat: int = 20) -> float:
 
 
 def main() -> None:
-    from tasks import swiglu_lora
+    from tasks.fast.ops import swiglu_lora
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--n", type=int, default=14336)
@@ -48,10 +48,9 @@ def main() -> None:
     print(f"copy rate {copy_gbs:.0f} GB/s; floor: forward {fwd_bytes / copy_gbs / 1e6:.3f} ms, "
           f"backward {bwd_bytes / copy_gbs / 1e6:.3f} ms")
     for bt, bn, warps in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
-        swiglu_lora.BLOCK_T, swiglu_lora.BLOCK_N, swiglu_lora.WARPS = bt, bn, warps
         try:
-            f = ms(lambda: swiglu_lora.forward(y, m, b_gate, b_up))
-            b = ms(lambda: swiglu_lora.backward(y, m, b_gate, b_up, dh))
+            f = ms(lambda: swiglu_lora.with_tiles(y, m, b_gate, b_up, None, (bt, bn, warps)))
+            b = ms(lambda: swiglu_lora.with_tiles(y, m, b_gate, b_up, dh, (bt, bn, warps)))
         except Exception as e:  # a tile too large for shared memory or registers
             print(f"BT {bt:4d} BN {bn:4d} warps {warps}: {type(e).__name__}")
             continue

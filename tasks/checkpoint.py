@@ -8,7 +8,7 @@ whose manifest is missing or does not match its files (a crash before the data r
 disk, a truncated copy) is skipped with a log line, and an older one is taken.
 
 Several processes: every rank calls save, latest and restore. The state is gathered whole
-(tasks/sharding.py: FSDP's shards too) and rank 0 alone writes and reads, then hands it to
+(tasks/distributed/sharding.py: FSDP's shards too) and rank 0 alone writes and reads, then hands it to
 the others, so the files are those of a one-process run and resume on any number of
 processes (the data position is counted in rows of the epoch's order, not per rank), and
 only rank 0's disk needs them (several nodes).
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks import distributed, sharding
+from tasks.distributed import ddp as distributed, sharding
 
 KEEP = 2
 

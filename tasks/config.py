@@ -198,30 +198,29 @@ class TrainConfig(Section):
         0.0, ge=0, description="The smallest change of the metric that counts as an improvement.")
     speed: Literal["auto", "lean", "offload", "off"] = Field(
         "auto", description="auto: on CUDA, a causal LM with a 4-bit Llama/Mistral/Qwen2-layout base trains on the "
-        "fast path (tasks/speed.py: compiled and checkpointed decoder layers with the 4-bit dequantization inside, "
+        "fast path (tasks/fast/: compiled and checkpointed decoder layers with the 4-bit dequantization inside, "
         "Liger cross-entropy, bf16 activations), whatever liger_kernels, gradient_checkpointing and precision say; "
-        "lean: the fast path with less memory (each layer as two compiled halves, the MLP in two token chunks: "
-        "H100, 8B shape: 0.92x the peak memory, 0.96x the speed); offload: the fast path with the checkpointed "
-        "layer inputs in pinned host memory (H100, 8B shape: 0.81x the peak memory, 0.99x the speed); elsewhere "
-        "(CPU, other models), and with off, those flags apply as set")
+        "lean: the fast path with less memory, a little slower (each layer as two compiled halves, the MLP in two "
+        "token chunks); offload: the fast path with the checkpointed layer inputs in pinned host memory (less GPU "
+        "memory at nearly auto's speed); elsewhere (CPU, other models), and with off, those flags apply as set. "
+        "Measured trade-offs: docs/gpu.md")
     adapters_in_gemm: bool = Field(False, description=(
         "On the fast path: add the q/k/v LoRA adapters inside their 4-bit base GEMM ([x | x A^T] [W | s B]^T, "
-        "tasks/fast_lora.py), and gate/up's too where the MLP's activation is not SiLU (a SiLU MLP adds them inside "
-        "its SwiGLU kernel in fp32 either way); each such sum is then rounded to bf16 by the GEMM instead of kept in "
-        "fp32 into RoPE. It no longer pays next to the SwiGLU kernel (H100, 1B shape: 0.96x the tokens/s, loss "
-        "further from fp32: 0.0082 against 0.0054 over 22 steps); false keeps the exact sums."))
+        "tasks/fast/ops/nf4_lora.py), and gate/up's too where the MLP's activation is not SiLU (a SiLU MLP adds them "
+        "inside its SwiGLU kernel in fp32 either way); each such sum is then rounded to bf16 by the GEMM instead of "
+        "kept in fp32 into RoPE. Next to the SwiGLU kernel it is slower and its loss further from fp32 "
+        "(docs/gpu.md); false keeps the exact sums."))
     fp32_residual: bool = Field(False, description=(
         "On the fast path: carry the residual stream between decoder layers in fp32 (the embedding's output cast "
         "up, every residual add in fp32; the norms' outputs, q/k/v with RoPE and the adapter sums then come out in "
         "fp32 too, the matmuls still run in bf16), each checkpointed layer's input kept in bf16 "
-        "(tasks/layer_checkpoint.py). "
-        "The loss comes nearer an all-fp32 run's, for some speed and memory (H100, 8B shape: largest loss "
-        "difference over 22 steps 0.042 against 0.049, 0.95x the tokens/s, 1.03x the peak memory); false: bf16."))
+        "(tasks/fast/ops/layer_checkpoint.py). The loss comes nearer an all-fp32 run's, for some speed and memory "
+        "(docs/gpu.md); false: bf16."))
     strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description=(
         "Several processes (torchrun): ddp: a whole model on each, gradients averaged. fsdp: FSDP2 shards the "
         "4-bit base, adapters, gradients and optimizer state over them (models one device cannot hold). auto: fsdp "
         "when the quantized base takes more than half of one device's memory, else ddp. One process: neither. "
-        "See tasks/sharding.py."))
+        "See tasks/distributed/sharding.py."))
 
 
 class EvalConfig(Section):

@@ -7,9 +7,9 @@ mixed        Frozen weights stay in the compute dtype (their values are bf16 any
              residual stream and the norms run in fp32, attention and MLP internals in the
              compute dtype, and the layers whose output feeds an fp32 path (attention output,
              the MLP's three projections) add base and adapter output in fp32. Its loss
-             curve agrees with fp32_upcast's (8B shape: within 0.014, where fp32_upcast is
-             itself 0.025 from an all-fp32 run; bench/results/README.md), and it is 1.5x
-             faster. Decoders with the Llama layout only (Llama, Mistral, Qwen2, ...).
+             curve agrees with fp32_upcast's, nearer than fp32_upcast is to an all-fp32 run
+             (docs/gpu.md), and it is faster. Decoders with the Llama layout only (Llama,
+             Mistral, Qwen2, ...).
 bf16         Everything in the compute dtype except the trained adapters. Fastest, but an
              adapter's first updates are ~1e-3 of its layer's output, below half a bf16 step
              (8 mantissa bits), so `base + adapter` rounds them away and the loss lags early.
@@ -27,6 +27,7 @@ from tasks.common import PipelineError
 # LoRA layers whose `base + adapter` sum is kept in fp32 under `mixed`: their outputs reach
 # the fp32 residual stream (o_proj, down_proj) or pass the MLP's activation first (gate, up).
 FP32_SUM = ("o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_LAYOUT = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")  # a decoder layer's parts
 
 
 def prepare_base(model, mode: str, gradient_checkpointing: bool, skip_last: int = 0):
@@ -54,7 +55,10 @@ def prepare_base(model, mode: str, gradient_checkpointing: bool, skip_last: int 
 
 
 def decoder_layers(model) -> list:
-    return [m for m in model.modules() if hasattr(m, "input_layernorm") and hasattr(m, "post_attention_layernorm")]
+    """The decoder layers with the Llama layout (Llama, Mistral, Qwen2, ...): h = x +
+    self_attn(input_layernorm(x)), out = h + mlp(post_attention_layernorm(h)); what `mixed`
+    and the fast path (tasks/fast/patch.py) are written for."""
+    return [m for m in model.modules() if all(hasattr(m, name) for name in LLAMA_LAYOUT)]
 
 
 def apply_mixed(model, compute_dtype: torch.dtype) -> int:
@@ -62,8 +66,8 @@ def apply_mixed(model, compute_dtype: torch.dtype) -> int:
     layers = decoder_layers(model)
     if not layers:
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise PipelineError(f"train.precision: mixed needs a decoder with the Llama layout (input_layernorm and "
-                            f"post_attention_layernorm in each layer); '{kind}' has none. Use fp32_upcast or bf16.")
+        raise PipelineError(f"train.precision: mixed needs a decoder with the Llama layout ({', '.join(LLAMA_LAYOUT)} "
+                            f"in each layer); '{kind}' has none. Use fp32_upcast or bf16.")
     model.get_input_embeddings().register_forward_hook(_cast_output(torch.float32))
     for layer in layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):

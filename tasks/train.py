@@ -27,7 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from tasks.batching import IGNORE, batches, collate_packed, epoch_order, pack_bins
-from tasks import catalog, checkpoint, distributed, precision, sharding, speed
+from tasks import catalog, checkpoint, precision
+from tasks.distributed import ddp as distributed, sharding
+from tasks.fast import patch as fast_patch, plan as fast_plan
 from tasks.card import write_stage_card
 from tasks.common import PipelineError, StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import LoraSection, Params, TrainConfig
@@ -90,18 +92,14 @@ def save_initial_adapter(model, lora: LoraSection) -> Path | None:
     return path
 
 
-LIGER = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
-         "qwen2": "apply_liger_kernel_to_qwen2"}
-
-
 def apply_speedups(model_type: str, t: TrainConfig, device: torch.device) -> bool:
     """Patch the model classes with Liger kernels before the model is built; True if applied.
-    (train.speed: off, or a model off the fast path; call inside speed.scoped so it ends there.)"""
-    if not (t.liger_kernels and device.type == "cuda" and model_type in LIGER):
+    (train.speed: off, or a model off the fast path; call inside fast_patch.scoped so it ends there.)"""
+    if not (t.liger_kernels and device.type == "cuda" and model_type in fast_plan.LIGER):
         return False
     import liger_kernel.transformers as liger
-    getattr(liger, LIGER[model_type])(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                      fused_linear_cross_entropy=True)
+    getattr(liger, fast_plan.LIGER[model_type])(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                                fused_linear_cross_entropy=True)
     return True
 
 
@@ -225,29 +223,29 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
     torch.manual_seed(params.seed)
     device = distributed.setup(pick_device(t.device))
     world = distributed.world()[1]
-    # --- setup: what the step runs on (train.speed; tasks/speed.py), then model and optimizer
+    # --- setup: what the step runs on (train.speed; tasks/fast/plan.py), then model and optimizer
     tok = load_tokenizer(str(resolve(root, BASE)))
     base_config = json.loads((resolve(root, BASE) / "config.json").read_text())
     model_type = base_config.get("model_type", "")
-    strategy, why = sharding.choose(t.strategy, resolve(root, BASE), device)  # single | ddp | fsdp (tasks/sharding.py)
+    strategy, why = sharding.choose(t.strategy, resolve(root, BASE), device)  # single | ddp | fsdp
     t, notes = sharding.adjust(t, strategy, base_config, device)
     if world > 1 and distributed.is_main():
         print("train: " + "; ".join([why, *notes]))
-    plan = speed.choose(t, device, params.task, model_type, quantized="quantization_config" in base_config)
+    plan = fast_plan.choose(t, device, params.task, model_type, quantized="quantization_config" in base_config)
     if plan.note and distributed.is_main():
         print(f"train: {plan.note}")
     # Every patch (Liger's, compiled layers, traced 4-bit layers) ends with this block:
     # evaluation and merge, in this process or another, build and run unpatched models.
-    with speed.scoped(model_type) as patches:
+    with fast_patch.scoped(model_type, plan) as patches:
         liger = apply_speedups(model_type, t, device) if plan.liger and not plan.fast else False
         model = load_saved(params.task, resolve(root, BASE), sharding.load_device(strategy, device))  # FSDP: host RAM
         dtype = DTYPES[params.quant.compute_dtype]
         t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": plan.gradient_checkpointing})
         model = add_lora(model, params.lora, params.task, t_model, dtype)
         initial_adapter = save_initial_adapter(model, params.lora) if distributed.is_main() else None
-        applied = patches.apply(model, plan, model_type, random=params.lora.dropout > 0) if plan.fast else {}
+        applied = patches.apply(model, plan, random=params.lora.dropout > 0) if plan.fast else {}
         liger = liger or "liger" in applied
-        forward = distributed.wrap(model, device, strategy)  # DDP or FSDP under torchrun, else the model itself
+        forward = sharding.wrap(model, device, strategy)  # DDP or FSDP under torchrun, else the model itself
         trainable = [p for p in model.parameters() if p.requires_grad]
         n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
         train_rows = load_split(root, "train")

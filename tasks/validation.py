@@ -16,7 +16,7 @@ import random
 
 import torch
 
-from tasks import distributed
+from tasks.distributed import ddp as distributed
 from tasks.arrowio import list_lengths
 from tasks.batching import IGNORE, batches
 from tasks.config import TrainConfig

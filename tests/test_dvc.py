@@ -81,10 +81,10 @@ def test_every_module_a_stage_runs_is_a_dvc_dependency_of_that_stage():
     assert not_dependencies(REPO) == {}
     deps = {name: entry["deps"] for name, entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items()}
     # the modules the hand-written lists missed, as the record must now name them
-    assert {"tasks/nf4_triton.py", "tasks/swiglu_lora.py", "tasks/layer_checkpoint.py", "tasks/flat_optim.py",
+    assert {"tasks/fast/ops/nf4_triton.py", "tasks/fast/ops/swiglu_lora.py", "tasks/fast/ops/layer_checkpoint.py", "tasks/flat_optim.py",
             "tasks/tokenize.py", "schemas/messages.py", "tasks/__init__.py"} <= set(deps["train"])
     assert {"tasks/predict.py", "tasks/validate.py", "tasks/dataio.py", "tasks/rowhash.py"} <= set(deps["evaluate"])
-    assert "tasks/nf4_triton.py" not in deps["evaluate"] + deps["tokenize"]  # never wider than it needs to be
+    assert "tasks/fast/ops/nf4_triton.py" not in deps["evaluate"] + deps["tokenize"]  # never wider than it needs to be
     for entry in deps.values():
         assert "bin/qlora" in entry and "flows/stage_command.py" in entry and "flows/cli.py" not in entry
 
@@ -107,7 +107,7 @@ def test_an_import_added_anywhere_fails_until_dvc_yaml_is_rendered_again(tmp_pat
         f.write("\n\ndef _uses_a_new_module():\n    from tasks import new_module\n    return new_module.VALUE\n")
     predict = next(root.glob("tasks/**/predict.py")).relative_to(root)
     with open(root / predict, "a") as f:
-        f.write("\n\ndef _uses_a_kernel():\n    import tasks.nf4_triton\n    return tasks.nf4_triton\n")
+        f.write("\n\ndef _uses_a_kernel():\n    import tasks.fast.ops.nf4_triton\n    return tasks.fast.ops.nf4_triton\n")
     kernel = str(next(root.glob("tasks/**/nf4_triton.py")).relative_to(root))
     assert not_dependencies(root) == {"train": ["tasks/new_module.py"], "evaluate": [kernel]}
     stage = subprocess.run(["bin/qlora", "stage", "train"], cwd=root, env={**env(), "QLORA_PYTHON": sys.executable},

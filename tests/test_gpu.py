@@ -1,5 +1,5 @@
 """The CUDA path of the trainer: 4-bit base on the GPU, paged AdamW, Liger kernels, and the
-fast path of train.speed: auto (tasks/speed.py, tasks/fast_lora.py). Skipped where there is
+fast path of train.speed: auto (tasks/fast/). Skipped where there is
 no CUDA GPU (CI); run on a GPU machine."""
 import json
 
@@ -64,38 +64,38 @@ def test_speed_auto_takes_the_fast_path_and_evaluation_runs_unpatched(tmp_path):
     assert modeling_llama.apply_rotary_pos_emb is rope
 
 
-def test_traced_nf4_dequantization_is_bitsandbytes_bit_for_bit_on_cuda(monkeypatch):
+def test_traced_nf4_dequantization_is_bitsandbytes_bit_for_bit_on_cuda():
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
-    from tasks.fast_lora import dequantize_nf4, nf4_tensors
+    from tasks.fast import patch, plan as fast_plan
+    from tasks.fast.ops.nf4_lora import dequantize_nf4, nf4_tensors
     layer = bnb.nn.Linear4bit(3072, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
                               compress_statistics=True)
     layer.weight = bnb.nn.Params4bit(torch.randn(1024, 3072) * 0.02, requires_grad=False, quant_type="nf4",
                                      compress_statistics=True)
     layer = layer.cuda()
     t = nf4_tensors(layer)
-    monkeypatch.setattr("tasks.fast_lora.TRITON", False)  # the tensor code (the Triton kernel: the next test)
     ours = dequantize_nf4(t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"], t["code"],
-                          t["shape"], t["blocksize"], torch.bfloat16)
+                          t["shape"], t["blocksize"], torch.bfloat16, triton=False)  # the Triton kernel: the next test
     assert torch.equal(ours, F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16))
     x = torch.randn(2, 64, 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     g = torch.randn(2, 64, 1024, device="cuda", dtype=torch.bfloat16)
     layer(x).backward(g)
-    from tasks import fast_lora
-    assert fast_lora.install(layer) == 1
+    tensor_code = fast_plan.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16", triton=False)
+    assert patch.install(layer, tensor_code) == 1
     layer(x2).backward(g)
     assert torch.allclose(x.grad.float(), x2.grad.float(), rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.parametrize("rows, cols", [(1024, 3072), (1000, 320)])  # the second ends inside a program's tile
 def test_triton_nf4_dequantization_is_bitsandbytes_up_to_the_scales_last_bit(rows, cols):
-    """tasks/nf4_triton.py: the same weights as bitsandbytes' dequantize_4bit; a block scale may
+    """tasks/fast/ops/nf4_triton.py: the same weights as bitsandbytes' dequantize_4bit; a block scale may
     differ in its last fp32 bit (multiply-add contracted), so a weight by at most one bf16 step."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
-    from tasks import nf4_triton
-    from tasks.fast_lora import nf4_tensors
+    from tasks.fast.ops import nf4_triton
+    from tasks.fast.ops.nf4_lora import nf4_tensors
     assert nf4_triton.available()  # registers the op
     layer = bnb.nn.Linear4bit(cols, rows, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
                               compress_statistics=True)
@@ -119,11 +119,11 @@ def test_triton_nf4_dequantization_is_bitsandbytes_up_to_the_scales_last_bit(row
 
 @pytest.mark.parametrize("rows, n, ranks", [(4096, 1024, (16, 16)), (1000, 200, (16, 8)),  # 2nd: ragged tiles
                                             (1000, 320, (24, 64)), (512, 256, (128, 128))])  # ranks in chunks
-def test_triton_swiglu_lora_kernels_are_the_tensor_code(rows, n, ranks, monkeypatch):
-    """tasks/swiglu_lora.py: the Triton kernels compute what its tensor code computes (the sums
+def test_triton_swiglu_lora_kernels_are_the_tensor_code(rows, n, ranks):
+    """tasks/fast/ops/swiglu_lora.py: the Triton kernels compute what its tensor code computes (the sums
     in fp32, each result rounded once to bf16): forward h and backward [dg | du], up to a bf16
     step from the fp32 sums' other order."""
-    from tasks import swiglu_lora
+    from tasks.fast.ops import swiglu_lora
     assert swiglu_lora.available()
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -131,62 +131,64 @@ def test_triton_swiglu_lora_kernels_are_the_tensor_code(rows, n, ranks, monkeypa
         return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(torch.bfloat16)
     y, m, dh = rand(2, rows // 2, 2 * n), rand(2, rows // 2, sum(ranks)), rand(2, rows // 2, n)
     b_gate, b_up = rand(n, ranks[0], scale=0.1), rand(n, ranks[1], scale=0.1)
-    kernel = (swiglu_lora.forward(y, m, b_gate, b_up), swiglu_lora.backward(y, m, b_gate, b_up, dh))
+    kernel = (swiglu_lora.forward(y, m, b_gate, b_up, True), swiglu_lora.backward(y, m, b_gate, b_up, dh, True))
     gate, up = swiglu_lora._sums(y, m, b_gate, b_up)
     assert (gate - y[..., :n].float()).abs().max() > 0.1  # the adapters change the sums
-    monkeypatch.setattr(swiglu_lora, "_use_kernel", lambda y: False)
-    tensor_code = (swiglu_lora.forward(y, m, b_gate, b_up), swiglu_lora.backward(y, m, b_gate, b_up, dh))
+    tensor_code = (swiglu_lora.forward(y, m, b_gate, b_up, False), swiglu_lora.backward(y, m, b_gate, b_up, dh, False))
     for ours, ref in zip(kernel, tensor_code):
         assert ours.shape == ref.shape and ours.dtype == torch.bfloat16 and not ours.isnan().any()
         assert ((ours.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -6 + 1e-6).all()  # one bf16 step
         assert (ours != ref).float().mean() < 0.05
 
 
-def _tiny_fast_model(path, split: int, offload: bool, optimizer: str = "auto", residual: str = "bf16",
-                     dropout: float = 0.0):
-    from tasks import speed
+def _fast_plan(**changes):
+    """train.speed: auto's plan on CUDA, with some choices changed."""
+    import dataclasses
+    from tasks.config import TrainConfig
+    from tasks.fast import plan as fast_plan
+    t = TrainConfig(speed="auto")
+    return dataclasses.replace(fast_plan.choose(t, torch.device("cuda"), "causal_lm", "llama", quantized=True),
+                               **changes)
+
+
+def _tiny_fast_model(path, plan, dropout: float = 0.0):
     from tasks.config import LoraSection, ModelConfig, QuantConfig, TrainConfig
     from tasks.modeling import load_base
     from tasks.train import add_lora
-    import dataclasses
     device = torch.device("cuda")
-    t = TrainConfig(speed="auto", optimizer=optimizer)
-    plan = dataclasses.replace(speed.choose(t, device, "causal_lm", "llama", quantized=True), split=split,
-                               offload=offload, residual=residual)
     model = load_base("causal_lm", path, ModelConfig(name=path, prefer_embedded=False), QuantConfig(), device)
     torch.manual_seed(1)
-    t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": True})
+    t_model = TrainConfig(speed="auto", precision=plan.precision, gradient_checkpointing=True)
     model = add_lora(model, LoraSection(r=8, alpha=16, dropout=dropout), "causal_lm", t_model, torch.bfloat16)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator(device="cuda").manual_seed(2))
-    return model, plan
+    return model
 
 
 @pytest.mark.parametrize("split, offload, residual, dropout", [
     (0, False, "bf16", 0.0), (2, False, "bf16", 0.0), (3, True, "bf16", 0.0), (0, True, "bf16", 0.0),
     (0, False, "fp32", 0.0), (0, True, "fp32", 0.0), (0, True, "bf16", 0.1)])
-def test_split_layers_and_offloaded_inputs_give_the_gradients_of_one_graph_checkpointing(tmp_path, monkeypatch, split,
-                                                                                         offload, residual, dropout):
-    """tasks/layer_checkpoint.py, compiled: whole layers (the default), two halves with the MLP's
-    backward in token chunks, whole layers with their inputs kept in pinned host memory, an
+def test_split_layers_and_offloaded_inputs_give_the_gradients_of_one_graph_checkpointing(tmp_path, split, offload,
+                                                                                         residual, dropout):
+    """tasks/fast/ops/layer_checkpoint.py, compiled: whole layers (the default), two halves with the
+    MLP's backward in token chunks, whole layers with their inputs kept in pinned host memory, an
     fp32 residual stream whose layer inputs are checkpointed in bf16, and with LoRA dropout (the
     recompute replays the forward's random state, in another compiled graph), give the loss and
-    adapter gradients of torch's checkpoint around one compiled graph a layer (TORCH_CHECKPOINT).
-    Not bit for bit: the forward without autograd is compiled apart from the one with, and its
-    bf16 roundings may differ."""
-    from tasks import speed
+    adapter gradients of torch's checkpoint around one compiled graph a layer (Plan.checkpoint
+    "torch"). Not bit for bit: the forward without autograd is compiled apart from the one
+    with, and its bf16 roundings may differ."""
+    from tasks.fast import patch
     from tests.tiny_llm import save_random_llama
     path = save_random_llama(tmp_path / "llama", hidden_size=256, intermediate_size=896, num_hidden_layers=3,
                              num_attention_heads=4, num_key_value_heads=1, vocab_size=1000)
     ids = torch.randint(0, 1000, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     results = []
-    for torch_checkpoint, chunks, off, stream in ((True, 0, False, "bf16"), (False, split, offload, residual)):
-        monkeypatch.setattr(speed, "TORCH_CHECKPOINT", torch_checkpoint)
-        with speed.scoped("llama") as patches:
-            model, plan = _tiny_fast_model(path, chunks, off, residual=stream, dropout=dropout)
-            done = patches.apply(model, plan, "llama", random=dropout > 0)
-            assert ("layer_checkpoint" in done) == (chunks > 0 or off)
+    for plan in (_fast_plan(checkpoint="torch"), _fast_plan(split=split, offload=offload, residual=residual)):
+        with patch.scoped("llama", plan) as patches:
+            model = _tiny_fast_model(path, plan, dropout=dropout)
+            done = patches.apply(model, plan, random=dropout > 0)
+            assert ("layer_checkpoint" in done) == (plan.split > 0 or plan.offload)
             model.train()
             torch.manual_seed(3)  # the same dropout masks for both
             for _ in range(2):  # the second pass runs on what the first one's backward left
@@ -204,12 +206,12 @@ def test_split_layers_and_offloaded_inputs_give_the_gradients_of_one_graph_check
         assert (g0[name] - g1[name]).norm() <= 3e-2 * g0[name].norm() + 1e-8, name
 
 
-def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_cuda(tmp_path, monkeypatch):
-    """tasks/fast_lora.NF4LoRALinear under Inductor with the Triton dequantization writing [W | B],
-    and NF4LoRASwiGLU with gate and up's adapters inside the SwiGLU's Triton kernels: the loss and
-    adapter gradients of the compiled layers whose adapters PEFT adds apart."""
-    import dataclasses
-    from tasks import fast_lora, speed
+def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_cuda(tmp_path):
+    """tasks/fast/ops/nf4_lora.NF4LoRALinear under Inductor with the Triton dequantization writing
+    [W | B], and NF4LoRASwiGLU with gate and up's adapters inside the SwiGLU's Triton kernels: the
+    loss and adapter gradients of the compiled layers whose adapters PEFT adds apart."""
+    from tasks.fast import patch
+    from tasks.fast.ops import swiglu_lora
     from tests.tiny_llm import save_random_llama
     path = save_random_llama(tmp_path / "llama", hidden_size=256, intermediate_size=896, num_hidden_layers=3,
                              num_attention_heads=4, num_key_value_heads=1, vocab_size=1000)
@@ -218,18 +220,19 @@ def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_c
     for mode, swiglu in (("none", False), ("all", False), ("none", True), ("all", True)):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        speed._COMPILED.clear()
-        monkeypatch.setattr(fast_lora, "SWIGLU_KERNEL", swiglu)
-        with speed.scoped("llama") as patches:
-            model, plan = _tiny_fast_model(path, 0, False)
-            done = patches.apply(model, dataclasses.replace(plan, adapters_in_gemm=mode), "llama", random=False)
+        plan = _fast_plan(adapters_in_gemm=mode, swiglu_kernel=swiglu)
+        with patch.scoped("llama", plan) as patches:
+            model = _tiny_fast_model(path, plan)
+            done = patches.apply(model, plan, random=False)
             assert done["fused_projections"]["adapters_in_gemm"] == {"none": 0, "all": 3 * 7}[mode] - 3 * 2 * (
                 swiglu and mode == "all")
             assert done["fused_projections"]["adapters_in_swiglu"] == 3 * 2 * swiglu
-            assert fast_lora._triton_ready  # the Triton kernel writes [W | B], not the tensor code
-            if swiglu:
-                from tasks import swiglu_lora
-                assert swiglu_lora._use_kernel(torch.empty(1, device="cuda", dtype=torch.bfloat16))  # Triton, not tensor code
+            groups = [getattr(m, patch._FUSED) for m in model.modules() if hasattr(m, patch._FUSED)]
+            assert groups and all(g["meta"][3] for g in groups)  # the Triton kernel writes [W | B], not the tensor code
+            if swiglu:  # Triton, not tensor code
+                mlps = [g for g in groups if g.get("swiglu")]
+                assert len(mlps) == 3 and all(g["kernel"] for g in mlps)
+                assert swiglu_lora._use_kernel(torch.empty(1, device="cuda", dtype=torch.bfloat16), True)
             model.train()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss

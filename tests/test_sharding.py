@@ -1,4 +1,4 @@
-"""FSDP (train.strategy: fsdp, tasks/sharding.py) on CPU with gloo process groups.
+"""FSDP (train.strategy: fsdp, tasks/distributed/sharding.py) on CPU with gloo process groups.
 
 What these run: the real 4-bit path. The tiny random Llama is quantized by bitsandbytes to
 NF4 (double quant) with `quant_storage` bfloat16 (what `quant.quant_storage: auto` gives under
@@ -213,7 +213,7 @@ def test_two_nodes_of_one_process_each_train_as_one_node_of_two(fsdp_run, prepar
 
 
 def test_auto_shards_only_what_one_device_cannot_hold(tmp_path, monkeypatch):
-    from tasks import sharding
+    from tasks.distributed import sharding
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
     cpu = torch.device("cpu")
     assert sharding.choose("auto", tmp_path, cpu)[0] == "single"  # one process: neither

@@ -1,16 +1,21 @@
-"""train.speed (tasks/speed.py, tasks/fast_lora.py) on CPU: which runs take the fast path,
+"""train.speed (tasks/fast/: plan, patch, ops) on CPU: which runs take the fast path,
 that its 4-bit layers compute what bitsandbytes' do, what a compiled layer keeps for its
 backward, and that every patch ends with its scope. The fast path itself runs on CUDA
 (tests/test_gpu.py); here torch.compile uses backends that need no GPU."""
+import dataclasses
+
 import pytest
 import torch
 
-from tasks import fast_lora, speed
 from tasks.config import LoraSection, ModelConfig, QuantConfig, TrainConfig
 from tasks.modeling import load_base
+from tasks.fast import patch, plan as fast_plan
+from tasks.fast.ops import nf4_lora
+from tasks.precision import decoder_layers
 from tasks.train import add_lora
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+FAST = fast_plan.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)  # train.speed: auto's plan on CUDA
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +56,15 @@ def loss_and_grads(model, ids):
 def test_the_fast_path_is_chosen_on_cuda_for_llama_layout_4bit_causal_lms(device, task, model_type, quantized,
                                                                           speed_setting, fast, says):
     t = TrainConfig(speed=speed_setting, liger_kernels=False, gradient_checkpointing=False, precision="mixed")
-    plan = speed.choose(t, device, task, model_type, quantized)
+    plan = fast_plan.choose(t, device, task, model_type, quantized)
     assert plan.fast is fast and says in plan.note and (says == "") == (plan.note == "")
     if fast:  # whatever the flags say
         assert plan.compile and plan.nf4_traced and plan.gradient_checkpointing and plan.precision == "bf16"
         assert plan.adapters_in_gemm == "none"  # exact adapter sums unless train.adapters_in_gemm
-        opted = speed.choose(t.model_copy(update={"adapters_in_gemm": True}), device, task, model_type, quantized)
+        opted = fast_plan.choose(t.model_copy(update={"adapters_in_gemm": True}), device, task, model_type, quantized)
         assert opted.adapters_in_gemm == "shared" and "inside their base GEMMs" in opted.note
         assert plan.residual == "bf16"  # half the bytes of an fp32 stream unless train.fp32_residual
-        opted = speed.choose(t.model_copy(update={"fp32_residual": True}), device, task, model_type, quantized)
+        opted = fast_plan.choose(t.model_copy(update={"fp32_residual": True}), device, task, model_type, quantized)
         assert opted.residual == "fp32" and "residual stream in fp32" in opted.note
     else:  # the flags as set
         assert (plan.gradient_checkpointing, plan.precision, plan.liger) == (False, "mixed", False)
@@ -72,8 +77,8 @@ def test_traced_dequantization_is_bitsandbytes_bit_for_bit(llama_dir):
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 14
     for layer in layers:
-        t = fast_lora.nf4_tensors(layer)
-        ours = fast_lora.dequantize_nf4(t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"],
+        t = nf4_lora.nf4_tensors(layer)
+        ours = nf4_lora.dequantize_nf4(t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"],
                                         t["code"], t["shape"], t["blocksize"], torch.bfloat16)
         assert torch.equal(ours, F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16))
 
@@ -81,15 +86,15 @@ def test_traced_dequantization_is_bitsandbytes_bit_for_bit(llama_dir):
 def test_fast_path_gives_the_bitsandbytes_path_gradients_and_one_graph_for_all_layers(llama_dir):
     ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
     loss, grads = loss_and_grads(adapted(llama_dir), ids)
-    plan = speed.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)
+    plan = fast_plan.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    with speed.scoped("llama") as patches:
+    with patch.scoped("llama", plan) as patches:
         model = adapted(llama_dir)
-        done = patches.apply(model, plan, "llama", compile_backend="aot_eager_decomp_partition", random=False)
+        done = patches.apply(model, plan, compile_backend="aot_eager_decomp_partition", random=False)
         fast_loss, fast_grads = loss_and_grads(model, ids)
     assert done["nf4_traced_layers"] == 14 and done["compiled_layers"] == 2
-    # one graph for all layers, twice: the forward without autograd, the recompute with (tasks/layer_checkpoint.py)
+    # one graph for all layers, twice: the forward without autograd, the recompute with (ops/layer_checkpoint.py)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert fast_loss == pytest.approx(loss, abs=1e-3)
     for name, g in grads.items():
@@ -98,32 +103,28 @@ def test_fast_path_gives_the_bitsandbytes_path_gradients_and_one_graph_for_all_l
 
 @pytest.mark.parametrize("adapters_in_gemm,swiglu", [("shared", True), ("all", True), ("none", True),
                                                      ("shared", False), ("all", False), ("none", False)])
-def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_dir, adapters_in_gemm, swiglu,
-                                                                        monkeypatch):
-    """tasks/fast_lora.install_fused: q/k/v and gate/up as one 4-bit GEMM each, their A's as one
+def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_dir, adapters_in_gemm, swiglu):
+    """tasks/fast/patch.install_fused: q/k/v and gate/up as one 4-bit GEMM each, their A's as one
     GEMM, gate and up's B's inside the SwiGLU (swiglu) or in their base GEMM (shared, all), and
     (all) o and down's B's in theirs, compute what the separate PEFT layers compute (compiled as
     on the fast path); with the adapters disabled the blocks run their own code."""
-    import dataclasses
-    monkeypatch.setattr(fast_lora, "SWIGLU_KERNEL", swiglu)
     ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
-    plan = speed.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)
     runs = []
     for fused in (False, True):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        with speed.scoped("llama") as patches:
+        plan = dataclasses.replace(FAST, fused_projections=fused, adapters_in_gemm=adapters_in_gemm,
+                                   swiglu_kernel=swiglu)
+        with patch.scoped("llama", plan) as patches:
             model = adapted(llama_dir)
-            done = patches.apply(model, dataclasses.replace(plan, fused_projections=fused,
-                                                            adapters_in_gemm=adapters_in_gemm), "llama",
-                                 compile_backend="aot_eager_decomp_partition", random=False)
+            done = patches.apply(model, plan, compile_backend="aot_eager_decomp_partition", random=False)
             if fused:  # one 4-bit weight for the group: it dequantizes to the layers' weights side by side
                 import bitsandbytes.functional as bnbf
                 for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
                     module = getattr(model.get_base_model().model.layers[1], block)
-                    group = getattr(module, fast_lora._FUSED)
-                    shape, blocksize, dtype = group["meta"]
-                    whole = fast_lora.dequantize_nf4(*group["tensors"], list(shape), blocksize, torch.bfloat16)
+                    group = getattr(module, patch._FUSED)
+                    shape, blocksize, *_ = group["meta"]
+                    whole = nf4_lora.dequantize_nf4(*group["tensors"], list(shape), blocksize, torch.bfloat16)
                     apart = [bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.bfloat16)
                              for w in (getattr(module, n).base_layer.weight for n in names)]
                     assert torch.equal(whole, torch.cat(apart))
@@ -133,7 +134,7 @@ def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_di
             with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
                 base = model(input_ids=ids, labels=ids).loss.item()
             runs.append((done, loss, grads, base))
-        assert not [m for m in model.modules() if hasattr(m, fast_lora._FUSED) or "forward" in vars(m)]  # undone
+        assert not [m for m in model.modules() if hasattr(m, patch._FUSED) or "forward" in vars(m)]  # undone
     (done0, loss0, grads0, base0), (done1, loss1, grads1, base1) = runs
     in_gemm = {"shared": 2 * 5, "all": 2 * 7, "none": 0}[adapters_in_gemm] - 2 * 2 * (swiglu and adapters_in_gemm != "none")
     assert "fused_projections" not in done0 and done1["fused_projections"] == {
@@ -158,16 +159,15 @@ def _4bit_layers_with_loras(specs) -> tuple[list, list, dict]:
                                          compress_statistics=True)
         layers.append(layer.to("cpu"))
         loras.append((torch.randn(rank, 128, requires_grad=True), torch.randn(out, rank, requires_grad=True), scale))
-    fast_lora.install(torch.nn.ModuleList(layers))
-    return layers, loras, fast_lora.laid_end_to_end([getattr(layer, fast_lora._NF4) for layer in layers])
+    patch.install(torch.nn.ModuleList(layers), FAST)
+    return layers, loras, nf4_lora.laid_end_to_end([getattr(layer, patch._NF4) for layer in layers])
 
 
 @pytest.mark.parametrize("pad_k", [1, 64])
-def test_adapters_in_the_gemm_of_weights_laid_end_to_end_are_the_separate_lora_layers(monkeypatch, pad_k):
+def test_adapters_in_the_gemm_of_weights_laid_end_to_end_are_the_separate_lora_layers(pad_k):
     """NF4LoRALinear over two 4-bit weights laid end to end: [x | m] [W_1 B_1 0; W_2 0 B_2]^T is,
     in fp32, the separate layers' x W_i^T + (x A_i^T s_i) B_i^T, with the same gradients for x,
     the A's and the B's (backward: one GEMM gives dx and dm); with K padded by zero columns too."""
-    monkeypatch.setattr(fast_lora, "PAD_K", pad_k)
     layers, loras, fused = _4bit_layers_with_loras(((256, 8, 2.0), (128, 4, 0.5)))
     assert fused["shape"] == [384, 128]
     x = torch.randn(3, 5, 128, requires_grad=True)
@@ -179,7 +179,7 @@ def test_adapters_in_the_gemm_of_weights_laid_end_to_end_are_the_separate_lora_l
         t.grad = None
     m = torch.cat([x @ a.t() * s for a, _, s in loras], dim=-1)
     b = torch.block_diag(*(b for _, b, _ in loras))
-    y = fast_lora.NF4LoRALinear.apply(x, m, b, fast_lora._meta(fused), *(fused[k] for k in fast_lora._KEYS))
+    y = nf4_lora.NF4LoRALinear.apply(x, m, b, nf4_lora.meta(fused, False, pad_k), *(fused[k] for k in nf4_lora._KEYS))
     y.backward(g)
     assert torch.allclose(y, torch.cat(separate, dim=-1), atol=1e-5)
     got = [t.grad for t in [x] + [p for a, b, _ in loras for p in (a, b)]]
@@ -194,25 +194,24 @@ def test_an_mlp_whose_activation_is_not_silu_keeps_its_adapters_apart(llama_dir)
     layers = [layer for layer in model.get_base_model().model.layers]
     for layer in layers:
         layer.mlp.act_fn = torch.nn.GELU()
-    fast_lora.install(model)
-    done = fast_lora.install_fused(layers, "none")
+    patch.install(model, FAST)
+    done = patch.install_fused(layers, FAST)
     assert done == {"attention": 2, "mlp": 2, "adapters_in_gemm": 0, "adapters_in_swiglu": 0}
     mlp = layers[0].mlp
-    assert not getattr(mlp, fast_lora._FUSED)["swiglu"]
+    assert not getattr(mlp, patch._FUSED)["swiglu"]
     x = torch.randn(2, 16, 256)
     with torch.no_grad():
         assert torch.allclose(mlp(x), type(mlp).forward(mlp, x), atol=1e-5)
-    fast_lora.uninstall(model)
+    patch.uninstall(model)
 
 
 @pytest.mark.parametrize("pad_k", [1, 64])
-def test_adapters_inside_the_swiglu_are_the_separate_gate_and_up_lora_layers(monkeypatch, pad_k):
+def test_adapters_inside_the_swiglu_are_the_separate_gate_and_up_lora_layers(pad_k):
     """NF4LoRASwiGLU over gate and up laid end to end: silu(x W_g^T + m_g B_g^T) * (x W_u^T +
-    m_u B_u^T) with the B's added inside the SwiGLU (tasks/swiglu_lora.py's tensor code, what
+    m_u B_u^T) with the B's added inside the SwiGLU (ops/swiglu_lora.py's tensor code, what
     its Triton kernels are checked against on CUDA) is, in fp32, act(gate(x)) * up(x) of the
     separate LoRA layers, with the same gradients for x, the A's and the B's (backward: one
     GEMM over [W | blockdiag(B_g, B_u)] gives dx and dm); ranks of different sizes."""
-    monkeypatch.setattr(fast_lora, "PAD_K", pad_k)
     layers, loras, fused = _4bit_layers_with_loras(((256, 8, 2.0), (256, 4, 0.5)))
     x = torch.randn(3, 5, 128, requires_grad=True)
     g = torch.randn(3, 5, 256)
@@ -225,8 +224,8 @@ def test_adapters_inside_the_swiglu_are_the_separate_gate_and_up_lora_layers(mon
         t.grad = None
     m = torch.cat([x @ a.t() for a, _, _ in loras], dim=-1)
     (_, b_gate, s_gate), (_, b_up, s_up) = loras
-    h = fast_lora.NF4LoRASwiGLU.apply(x, m, b_gate * s_gate, b_up * s_up, fast_lora._meta(fused),
-                                      *(fused[k] for k in fast_lora._KEYS))
+    h = nf4_lora.NF4LoRASwiGLU.apply(x, m, b_gate * s_gate, b_up * s_up, False, nf4_lora.meta(fused, False, pad_k),
+                                     *(fused[k] for k in nf4_lora._KEYS))
     h.backward(g)
     assert torch.allclose(h, expected_h, atol=1e-5)
     for mine, theirs in zip([t.grad for t in leaves], expected):  # fp32 sums in another order
@@ -238,9 +237,9 @@ def _saved_by_one_layer(model, partitioner: dict) -> list:
     import types
     from torch._functorch import config
     layer = model.get_base_model().model.layers[0]
-    fast_lora.install(model)
+    patch.install(model, FAST)
     torch._dynamo.reset()
-    layer.forward = types.MethodType(torch.compile(speed._original_forward(type(layer)),
+    layer.forward = types.MethodType(torch.compile(patch._original_forward(type(layer)),
                                                    backend="aot_eager_decomp_partition"), layer)
     x = torch.randn(1, 512, 256, dtype=torch.bfloat16, requires_grad=True)
     position = model.get_base_model().model.rotary_emb(x, torch.arange(512)[None])
@@ -258,7 +257,7 @@ def _saved_by_one_layer(model, partitioner: dict) -> list:
 def test_a_compiled_layer_keeps_no_dequantized_weight_and_recomputes_elementwise_results(llama_dir):
     weights = {(896, 256), (256, 896), (256, 256), (64, 256)}
     default = _saved_by_one_layer(adapted(llama_dir), {})
-    ours = _saved_by_one_layer(adapted(llama_dir), speed.PARTITIONER)
+    ours = _saved_by_one_layer(adapted(llama_dir), FAST.partitioner())
     assert weights <= {s for s, _, _ in default}  # by default the forward's bf16 weights are kept
     assert not weights & {s for s, _, _ in ours}
     assert sum(b for *_, b in ours) < 0.7 * sum(b for *_, b in default)
@@ -268,20 +267,20 @@ def test_scoped_undoes_module_class_and_instance_patches(llama_dir):
     from transformers.models.llama import modeling_llama as ml
     rope, norm, layer_forward = ml.apply_rotary_pos_emb, ml.LlamaRMSNorm, ml.LlamaDecoderLayer.forward
     model_forward = ml.LlamaForCausalLM.forward
-    plan = speed.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)
-    with speed.scoped("llama") as patches:
+    plan = fast_plan.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)
+    with patch.scoped("llama", plan) as patches:
         ml.apply_rotary_pos_emb = lambda *a, **k: None  # what Liger's module-level patching does
         ml.LlamaRMSNorm = type("Patched", (norm,), {})
         ml.LlamaForCausalLM.forward = lambda self, *a, **k: None
         ml.LlamaForCausalLM.liger_was_here = True
         model = adapted(llama_dir)
-        patches.apply(model, plan, "llama", compile_backend="eager")
-        assert all("forward" in vars(layer) for layer in speed.decoder_layers(model))
+        patches.apply(model, plan, compile_backend="eager")
+        assert all("forward" in vars(layer) for layer in decoder_layers(model))
     assert ml.apply_rotary_pos_emb is rope and ml.LlamaRMSNorm is norm
     assert ml.LlamaForCausalLM.forward is model_forward and not hasattr(ml.LlamaForCausalLM, "liger_was_here")
     assert ml.LlamaDecoderLayer.forward is layer_forward
-    assert not [n for n, m in model.named_modules() if "forward" in vars(m) or hasattr(m, fast_lora._NF4)]
-    assert all(layer.gradient_checkpointing for layer in speed.decoder_layers(model))  # as add_lora set it
+    assert not [n for n, m in model.named_modules() if "forward" in vars(m) or hasattr(m, patch._NF4)]
+    assert all(layer.gradient_checkpointing for layer in decoder_layers(model))  # as add_lora set it
 
 
 def test_flat_parameters_are_views_and_train_like_separate_ones():
@@ -314,15 +313,15 @@ def test_flat_parameters_are_views_and_train_like_separate_ones():
 
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_layers_in_two_halves_with_a_chunked_mlp_backward_give_checkpointing_s_gradients(llama_dir, chunks):
-    """tasks/layer_checkpoint.py (train.speed's split layers), uncompiled on CPU: the layer as
+    """tasks/fast/ops/layer_checkpoint.py (train.speed's split layers), uncompiled on CPU: the layer as
     attention half + MLP half, recomputed in backward with the MLP in token chunks, gives the
     loss and adapter gradients of the same model under transformers' own checkpointing."""
     ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
     reference = loss_and_grads(adapted(llama_dir), ids)
-    plan = speed.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16", split=chunks)
-    with speed.scoped("llama") as patches:
+    plan = fast_plan.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16", split=chunks)
+    with patch.scoped("llama", plan) as patches:
         model = adapted(llama_dir)
-        applied = patches.apply(model, plan, "llama", random=False)
+        applied = patches.apply(model, plan, random=False)
         assert applied["checkpointed_layers"] == 2 and f"{chunks} chunk" in applied["layer_checkpoint"]
         loss, grads = loss_and_grads(model, ids)
     assert loss == pytest.approx(reference[0], rel=1e-4)
@@ -333,11 +332,11 @@ def test_layers_in_two_halves_with_a_chunked_mlp_backward_give_checkpointing_s_g
 
 def test_an_fp32_residual_stream_checkpoints_bf16_inputs_and_gives_checkpointing_s_gradients(llama_dir, monkeypatch):
     """Plan.residual fp32, uncompiled on CPU: the embedding's output and every decoder layer's
-    input are fp32, each checkpointed layer keeps its input in bf16 (tasks/layer_checkpoint.py,
+    input are fp32, each checkpointed layer keeps its input in bf16 (ops/layer_checkpoint.py,
     whole layers), the loss is the bf16 stream's up to bf16 steps and nearer the all-fp32
     model's, the adapter gradients are transformers' checkpointing's within bf16 steps, and the
     hooks end with the scope."""
-    from tasks import layer_checkpoint
+    from tasks.fast.ops import layer_checkpoint
     ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
     reference = loss_and_grads(adapted(llama_dir), ids)
     with torch.no_grad():
@@ -349,15 +348,15 @@ def test_an_fp32_residual_stream_checkpoints_bf16_inputs_and_gives_checkpointing
             kept.append(x.dtype)
             super().__init__(x, offload)
     monkeypatch.setattr(layer_checkpoint, "_Saved", Recorded)
-    plan = speed.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16", residual="fp32")
-    with speed.scoped("llama") as patches:
+    plan = fast_plan.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16", residual="fp32")
+    with patch.scoped("llama", plan) as patches:
         model = adapted(llama_dir)
         decoder = model.get_base_model().model
         hooks = (dict(decoder.embed_tokens._forward_hooks), dict(decoder.norm._forward_hooks))
-        applied = patches.apply(model, plan, "llama", random=False)
+        applied = patches.apply(model, plan, random=False)
         assert applied["residual_stream"] == "fp32 (layer inputs checkpointed in bfloat16)"
         inputs = []
-        for layer in speed.decoder_layers(model):
+        for layer in decoder_layers(model):
             layer.register_forward_pre_hook(lambda m, a, k: inputs.append((a or [k.get("hidden_states")])[0].dtype),
                                             with_kwargs=True)
         loss, grads = loss_and_grads(model, ids)
@@ -374,9 +373,57 @@ def test_an_fp32_residual_stream_checkpoints_bf16_inputs_and_gives_checkpointing
 @pytest.mark.parametrize("setting, split, offload", [("auto", 0, False), ("lean", 2, False), ("offload", 0, True)])
 def test_lean_and_offload_are_the_fast_path_with_split_layers_and_cpu_stays_as_is(setting, split, offload):
     t = TrainConfig(speed=setting, liger_kernels=False, gradient_checkpointing=False, precision="mixed")
-    plan = speed.choose(t, CUDA, "causal_lm", "llama", quantized=True)
+    plan = fast_plan.choose(t, CUDA, "causal_lm", "llama", quantized=True)
     assert plan.fast and (plan.split, plan.offload) == (split, offload)
     assert plan.optimizer == "paged_adamw_32bit_flat"  # optimizer: auto on the fast path
-    assert speed.choose(t.model_copy(update={"optimizer": "adamw"}), CUDA, "causal_lm", "llama", True).optimizer == "adamw"
-    cpu = speed.choose(t, CPU, "causal_lm", "llama", quantized=True)
+    assert fast_plan.choose(t.model_copy(update={"optimizer": "adamw"}), CUDA, "causal_lm", "llama", True).optimizer == "adamw"
+    cpu = fast_plan.choose(t, CPU, "causal_lm", "llama", quantized=True)
     assert not cpu.fast and (cpu.split, cpu.offload, cpu.optimizer) == (0, False, "auto")
+
+
+def test_every_fast_family_has_an_apply_function():
+    assert set(patch.APPLY) == set(fast_plan.FAST_TYPES)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_the_fast_path_follows_the_model_s_own_model_type(family):
+    """Patches.apply dispatches on the model's config.model_type (APPLY): a Mistral or Qwen2
+    model gets its layers checkpointed by tasks/fast/ops/layer_checkpoint.py, with the loss and
+    gradients of the unpatched model, and the patches end with the scope."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(family, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, grads = loss_and_grads(model, ids)
+    model.zero_grad(set_to_none=True)
+    plan = fast_plan.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16")
+    with patch.scoped(family, plan) as patches:
+        assert patches.apply(model, plan, random=False) == {"checkpointed_layers": 2}
+        fast_loss, fast_grads = loss_and_grads(model, ids)
+    assert fast_loss == pytest.approx(loss, rel=1e-5)
+    for name, g in grads.items():
+        assert torch.allclose(fast_grads[name], g, rtol=1e-4, atol=1e-6), name
+    assert not [m for m in model.modules() if "forward" in vars(m)]
+
+
+def test_a_family_without_a_fast_path_trains_as_loaded_and_says_so(capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    plan = dataclasses.replace(FAST, liger=False)
+    with patch.scoped("gpt2", plan) as patches:
+        assert patches.apply(model, plan, random=False) == {}
+        assert not [m for m in model.modules() if "forward" in vars(m)]
+    assert "speed: 'gpt2' has no fast path" in capsys.readouterr().out
+
+
+def test_bench_variants_are_plans():
+    """bench/gpu_qlora_bench.py switches the fast path by building Plans, one field a part."""
+    from bench import gpu_qlora_bench as bench
+    plan = bench.variant_plan("auto+notriton+noswiglu+padk1+torchcheckpoint+budget80+split3+ingemm+fp32res", FAST)
+    assert (plan.triton, plan.swiglu_kernel, plan.pad_k, plan.checkpoint, plan.activation_memory_budget, plan.split,
+            plan.adapters_in_gemm, plan.residual) == (False, False, 1, "torch", 0.8, 3, "shared", "fp32")
+    assert bench.variant_plan("auto+cse", FAST).partitioner() == {"cse": True, "activation_memory_budget": 1.0}
+    assert bench.variant_plan("auto", FAST) == FAST and FAST.partitioner() == {"cse": False,
+                                                                              "activation_memory_budget": 0.9}

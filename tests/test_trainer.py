@@ -14,7 +14,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from tasks import distributed, evaluate, quantize, speed, split, tokenize, train, validate
+from tasks import evaluate, quantize, split, tokenize, train, validate
+from tasks.distributed import ddp as distributed
+from tasks.fast import plan as fast_plan
 from tasks.batching import IGNORE
 from tasks.config import Params
 from tests.test_causal_lm import causal_params, tiny_llama  # noqa: F401 (fixture)
@@ -49,7 +51,7 @@ def test_the_loss_unit_is_a_label_token_or_an_example():
 
 @pytest.mark.parametrize("layer_checkpoint", [False, True])
 def test_ddp_all_reduces_once_per_optimizer_step_and_matches_one_process(tmp_path, monkeypatch, layer_checkpoint):
-    """Also with the decoder layers under tasks/layer_checkpoint.py (train.speed's fast path),
+    """Also with the decoder layers under tasks/fast/ops/layer_checkpoint.py (train.speed's fast path),
     whose backward runs each layer's own backward inside the model's: DDP's gradient hooks
     still fire once per parameter and reduce after the last micro-step only."""
     with socket.socket() as s:
@@ -113,8 +115,8 @@ def test_liger_style_patches_end_with_training(prepared, tmp_path, monkeypatch):
         modeling_llama.LlamaRMSNorm = type("PatchedRMSNorm", (norm,), {})
         return True
 
-    real_choose = speed.choose
-    monkeypatch.setattr(speed, "choose", lambda *a, **k: dataclasses.replace(real_choose(*a, **k), liger=True))
+    real_choose = fast_plan.choose
+    monkeypatch.setattr(fast_plan, "choose", lambda *a, **k: dataclasses.replace(real_choose(*a, **k), liger=True))
     monkeypatch.setattr(train, "apply_speedups", fake_liger)
     train.run(prepared, tmp_path)
     trained = len(calls)

@@ -5,7 +5,8 @@ import os
 import torch
 from datasets import Dataset
 
-from tasks import distributed, train
+from tasks import train
+from tasks.distributed import ddp as distributed
 from tasks.batching import IGNORE, collate
 
 CPU = torch.device("cpu")
@@ -43,16 +44,16 @@ def micro_batches(frame: Dataset, size: int) -> list:
 def ddp_step(rank: int, world: int, port: int, out: str, layer_checkpoint: bool = False) -> None:
     """One of two gloo ranks: an optimizer step of 2 micro-batches (batch 1 x accum 2).
     layer_checkpoint: the decoder layers checkpointed as on train.speed's fast path
-    (tasks/layer_checkpoint.py: the layer's backward runs inside the model's, as a nested one)."""
+    (tasks/fast/ops/layer_checkpoint.py: the layer's backward runs inside the model's, as a nested one)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
     model = tiny_model()
     if layer_checkpoint:
-        from tasks import speed
-        plan = speed.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16")
-        assert speed.Patches("llama").apply(model, plan, "llama", random=False) == {"checkpointed_layers": 2}
+        from tasks.fast import patch, plan as fast_plan
+        plan = fast_plan.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16")
+        assert patch.Patches("llama").apply(model, plan, random=False) == {"checkpointed_layers": 2}
     ddp = DistributedDataParallel(model)
     forwards, reduced_after = [0], []
     model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))

@@ -2,7 +2,7 @@
 
 - one process: neither; the model is trained as it is.
 - ddp: every process holds the whole 4-bit base and its adapters; gradients are averaged
-  (tasks/distributed.py). The fastest while the model fits one device.
+  (tasks/distributed/ddp.py). The fastest while the model fits one device.
 - fsdp: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`, no sharding code of ours): each
   decoder layer's parameters (the frozen 4-bit weights, norms and LoRA adapters alike) and
   so the adapters' gradients and AdamW state are split across the processes; a layer's
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from tasks import distributed
+from tasks.distributed import ddp
 
 FIT_SHARE = 0.5
 STRATEGIES = ("single", "ddp", "fsdp")
@@ -52,7 +52,7 @@ def device_memory(device: torch.device) -> int:
 
 def choose(setting: str, base_dir: Path, device: torch.device) -> tuple[str, str]:
     """(single | ddp | fsdp, why) for this run's train.strategy and world size."""
-    world = distributed.world()[1]
+    world = ddp.world()[1]
     if world == 1:
         return "single", "one process"
     if setting != "auto":
@@ -67,7 +67,7 @@ def choose(setting: str, base_dir: Path, device: torch.device) -> tuple[str, str
 
 
 def adjust(t, strategy: str, base_config: dict, device: torch.device) -> tuple[object, list[str]]:
-    """The train settings FSDP changes: the CUDA fast path (tasks/speed.py) reads uint8-packed
+    """The train settings FSDP changes: the CUDA fast path (tasks/fast/) reads uint8-packed
     4-bit weights in place and is not combined with sharded parameters: off; bitsandbytes'
     paged optimizers update plain tensors, not FSDP's sharded DTensors: torch AdamW."""
     notes, update = [], {}
@@ -81,6 +81,14 @@ def adjust(t, strategy: str, base_config: dict, device: torch.device) -> tuple[o
         notes.append(f"optimizer: adamw (torch) under FSDP, not {t.optimizer}: bitsandbytes' optimizers update "
                      f"plain tensors, FSDP's parameters are sharded DTensors")
     return (t.model_copy(update=update) if update else t), notes
+
+
+def wrap(model, device: torch.device, strategy: str):
+    """What the loop calls forward on: the model (one process), DDP around it, or the model
+    itself sharded in place by FSDP2 (strategy fsdp)."""
+    if strategy == "fsdp" and ddp.world()[1] > 1:
+        return shard(model, device)
+    return ddp.wrap(model, device)
 
 
 def block_classes(model) -> set[str]:
@@ -105,7 +113,7 @@ def shard(model, device: torch.device):
     `device` (and the 4-bit layers' quantization constants, whole, on every process)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(device.type, (distributed.world()[1],))
+    mesh = init_device_mesh(device.type, (ddp.world()[1],))
     for m in model.modules():  # fully_shard moves parameters and buffers to the device, not bitsandbytes'
         for state in {id(q): q for q in (getattr(m, "quant_state", None),  # quantization constants
                                          getattr(getattr(m, "weight", None), "quant_state", None)) if q is not None}.values():
@@ -146,14 +154,14 @@ def full_training_state(model, optimizer) -> tuple[dict, dict]:
     state keyed by position, in the order of the optimizer's parameters): a collective under
     FSDP, where ranks other than 0 get ({}, {})."""
     if not is_sharded(model):  # whole on every rank (DDP: the same): rank 0's copy
-        if not distributed.is_main():
+        if not ddp.is_main():
             return {}, {}
         return ({n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad},
                 optimizer.state_dict())
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     weights = get_model_state_dict(model, options=_options())
     optim = get_optimizer_state_dict(model, optimizer, options=_options())
-    if not distributed.is_main():
+    if not ddp.is_main():
         return {}, {}
     order = [name for group in optim["param_groups"] for name in group["params"]]
     index = {name: i for i, name in enumerate(order)}
@@ -170,11 +178,11 @@ def load_training_state(model, optimizer, weights: dict | None, optim: dict | No
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
         full = {}
-        if distributed.is_main():
+        if ddp.is_main():
             order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
             groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optim["param_groups"]]
             full = {"state": {order[int(i)]: s for i, s in optim["state"].items()}, "param_groups": groups}
-        loaded = set_model_state_dict(model, weights if distributed.is_main() else {},
+        loaded = set_model_state_dict(model, weights if ddp.is_main() else {},
                                       options=_options(broadcast_from_rank0=True, strict=False))  # frozen: not in it
         missing = sorted(set(loaded.missing_keys) & set(trainable_names(model)))
         if missing or loaded.unexpected_keys:
@@ -182,8 +190,8 @@ def load_training_state(model, optimizer, weights: dict | None, optim: dict | No
                                f"{sorted(loaded.unexpected_keys)[:3]}")
         set_optimizer_state_dict(model, optimizer, full, options=_options(broadcast_from_rank0=True))
         return
-    if distributed.world()[1] > 1:  # DDP: rank 0 read it; the others may be on other hosts
-        weights, optim = distributed.broadcast_object((weights, optim))
+    if ddp.world()[1] > 1:  # DDP: rank 0 read it; the others may be on other hosts
+        weights, optim = ddp.broadcast_object((weights, optim))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():

@@ -6,16 +6,15 @@ y = [y_g | y_u] is the 4-bit base GEMM's bf16 output for gate and up laid end to
 m_u] the adapters' rank-r inputs (x A^T), B_g and B_u their B's times the scaling. Each program
 multiplies its tile of m by its columns of B (a K = r dot on the tensor cores, fp32 accumulator)
 and adds that to the base output in fp32: the adapter's part is never rounded on its own, and
-no adapter output as wide as the MLP (N = 14336 at the 8B shape) is written by a GEMM and read
-back. Why: on the fast path the two adapter outputs of gate and up were the largest tensors
-the SwiGLU kernels read (H100, 8B shape: SwiGLU forward 35 ms a step with them, 15 ms without;
-bench/results/README.md). Backward recomputes the sums the same way and gives [dg | du] laid
-like y, so that one GEMM over [W | blockdiag(B_g, B_u)] gives dx and dm (fast_lora.NF4LoRASwiGLU).
+no adapter output as wide as the MLP is written by a GEMM and read back. Why: on the fast path
+the two adapter outputs of gate and up are the largest tensors the SwiGLU kernels would read.
+Backward recomputes the sums the same way and gives [dg | du] laid like y, so that one GEMM over
+[W | blockdiag(B_g, B_u)] gives dx and dm (nf4_lora.NF4LoRASwiGLU).
 
-`forward` / `backward` take the Triton kernels on CUDA once `available()` has registered them
-(as torch ops, so compiled code calls them with no Python in between; call it outside compiled
-code, as fast_lora.install_fused does), and the same arithmetic as tensor code elsewhere (what
-the CPU tests check the kernels against).
+`forward` / `backward` take the Triton kernels (kernel=True) on CUDA once `available()` has
+registered them (as torch ops, so compiled code calls them with no Python in between; call it
+outside compiled code, as tasks/fast/patch.py does), and the same arithmetic as tensor code
+elsewhere (what the CPU tests check the kernels against).
 """
 from __future__ import annotations
 
@@ -25,24 +24,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# A program's tile (tokens x output columns) and its warps: the fastest of 18 settings at the 8B
-# MLP shape on an H100 (bench/swiglu_tiles.py: forward 0.258 ms, backward 0.460 ms, 89% and
-# 85% of the copy rate; 64 x 128 took 0.309 and 0.471).
-BLOCK_T, BLOCK_N, WARPS = 32, 128, 4
+# A program's tile (tokens x output columns) and its warps: the fastest setting of the tile
+# sweep at the 8B MLP shape (bench/swiglu_tiles.py; docs/gpu.md)
+TILES = (32, 128, 4)
 
 
-_kernel_ready = False  # set by available(), outside compiled code: the ops are registered
-
-
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    global _kernel_ready
-    if not _kernel_ready and torch.cuda.is_available() and hasattr(torch.library, "triton_op"):
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        _kernel_ready = _ops() is not None
-    return _kernel_ready
+    """Whether the Triton kernels run here; registers their ops (call outside compiled code)."""
+    if not torch.cuda.is_available() or not hasattr(torch.library, "triton_op"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return _ops() is not None
 
 
 def _ranks(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor | None = None) -> tuple[int, int, int]:
@@ -95,33 +91,38 @@ def _ops():
         else:
             tl.store(out + t[:, None] * n + c[None, :], (gate * sig * up).to(out.dtype.element_ty), mask=ok)
 
-    def grid(rows, n):
-        return (triton.cdiv(rows, BLOCK_T), triton.cdiv(n, BLOCK_N))
-
-    def tiles(r_gate, r_up):  # KC, a chunk of the ranks: tl.dot needs K >= 16; 64 bounds the tiles' shared memory
-        r_max = max(r_gate, r_up)
-        return dict(BT=BLOCK_T, BN=BLOCK_N, KC=min(64, max(16, triton.next_power_of_2(r_max))), R_MAX=r_max,
-                    num_warps=WARPS)
+    def launch(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor | None, tiles: tuple) -> Tensor:
+        """Forward (dh None): h; backward: [dg | du] laid like y. tiles: (tokens, columns, warps)."""
+        n, r_gate, r_up = _ranks(y, m, b_gate, b_up, dh)
+        rows = y.numel() // (2 * n)
+        if dh is None:
+            out = y.new_empty(*y.shape[:-1], n)
+        else:
+            out = torch.empty(y.shape, dtype=y.dtype, device=y.device)  # contiguous, as the kernel writes it
+        block_t, block_n, warps = tiles
+        r_max = max(r_gate, r_up)  # KC, a chunk of the ranks: tl.dot needs K >= 16; 64 bounds the tiles' shared memory
+        wrap_triton(swiglu_kernel)[(triton.cdiv(rows, block_t), triton.cdiv(n, block_n))](
+            y, m, b_gate, b_up, y if dh is None else dh, out, rows, n, r_gate, r_up, BT=block_t, BN=block_n,
+            KC=min(64, max(16, triton.next_power_of_2(r_max))), R_MAX=r_max, num_warps=warps,
+            BACKWARD=dh is not None)
+        return out
 
     @triton_op("qlora_flow::swiglu_lora", mutates_args=())
     def swiglu_lora(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> Tensor:
-        n, r_gate, r_up = _ranks(y, m, b_gate, b_up)
-        rows = y.numel() // (2 * n)
-        h = y.new_empty(*y.shape[:-1], n)
-        wrap_triton(swiglu_kernel)[grid(rows, n)](y, m, b_gate, b_up, y, h, rows, n, r_gate, r_up,
-                                                  **tiles(r_gate, r_up), BACKWARD=False)
-        return h
+        return launch(y, m, b_gate, b_up, None, TILES)
 
     @triton_op("qlora_flow::swiglu_lora_backward", mutates_args=())
     def swiglu_lora_backward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor) -> Tensor:
-        n, r_gate, r_up = _ranks(y, m, b_gate, b_up, dh)
-        rows = y.numel() // (2 * n)
-        dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)  # contiguous, as the kernel writes it
-        wrap_triton(swiglu_kernel)[grid(rows, n)](y, m, b_gate, b_up, dh, dy, rows, n, r_gate, r_up,
-                                                  **tiles(r_gate, r_up), BACKWARD=True)
-        return dy
+        return launch(y, m, b_gate, b_up, dh, TILES)
 
-    return swiglu_lora, swiglu_lora_backward
+    return swiglu_lora, swiglu_lora_backward, launch
+
+
+def with_tiles(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor | None, tiles: tuple) -> Tensor:
+    """The kernel with other tiles than TILES, eager (bench/swiglu_tiles.py times them): forward
+    (dh None) or backward, on contiguous CUDA tensors. Call available() first."""
+    return _ops()[2](y.contiguous(), m.contiguous(), b_gate.contiguous(), b_up.contiguous(),
+                     None if dh is None else dh.contiguous(), tiles)
 
 
 def _sums(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,27 +133,27 @@ def _sums(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> tuple[Tensor, T
     return gate, up
 
 
-def _use_kernel(y: Tensor) -> bool:
-    """The Triton kernels for bf16/fp16 CUDA tensors once registered (a flag, not available():
-    compiled code reads it without a graph break); fp32 takes the tensor code, where the dots
-    are not TF32."""
-    return y.is_cuda and _kernel_ready and y.dtype in (torch.bfloat16, torch.float16)
+def _use_kernel(y: Tensor, kernel: bool) -> bool:
+    """The Triton kernels for bf16/fp16 CUDA tensors when chosen and registered (kernel: the
+    caller's available(), read outside compiled code); fp32 takes the tensor code, where the
+    dots are not TF32."""
+    return kernel and y.is_cuda and y.dtype in (torch.bfloat16, torch.float16)
 
 
-def forward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> Tensor:
+def forward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, kernel: bool) -> Tensor:
     """h = silu(y_g + m_g B_g^T) * (y_u + m_u B_u^T) in fp32, rounded once to y's dtype. y: (..., 2N);
     m: (..., r_g + r_u); b_gate: (N, r_g); b_up: (N, r_u); any ranks (the kernel takes them in
-    chunks of at most 64)."""
-    if _use_kernel(y):
+    chunks of at most 64). kernel: the Triton kernel where _use_kernel says so."""
+    if _use_kernel(y, kernel):
         return torch.ops.qlora_flow.swiglu_lora(y.contiguous(), m.contiguous(), b_gate.contiguous(),
                                                 b_up.contiguous())
     gate, up = _sums(y, m, b_gate, b_up)
     return (F.silu(gate) * up).to(y.dtype)
 
 
-def backward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor) -> Tensor:
+def backward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor, kernel: bool) -> Tensor:
     """[dL/d(gate sum) | dL/d(up sum)] laid like y, in y's dtype, from dh = dL/dh."""
-    if _use_kernel(y):
+    if _use_kernel(y, kernel):
         return torch.ops.qlora_flow.swiglu_lora_backward(y.contiguous(), m.contiguous(), b_gate.contiguous(),
                                                          b_up.contiguous(), dh.contiguous())
     gate, up = _sums(y, m, b_gate, b_up)

@@ -1,19 +1,18 @@
 """NF4 double-quant dequantization as one Triton kernel, registered as a torch op that
 torch.compile calls from its generated code (torch.library.triton_op: no Python per call).
 
-Why: the same arithmetic written as tensor code (tasks/fast_lora.dequantize_nf4) becomes one
+Why: the same arithmetic written as tensor code (nf4_lora.dequantize_nf4) becomes one
 Inductor kernel over the output elements that, for every element, loads its block's 8-bit
-scale code, looks up two tables and the per-256-block scale: 46 ms per step at the 8B shape
-on an H100 for three dequantizations of every weight (forward, recompute, backward), where
-Unsloth's step spends 19 ms (bench/results/README.md, third session's profile). Here a
-program takes a tile of whole 4-bit blocks: the block scales are computed once per block
-(a vector), each byte is loaded once and gives two outputs (table lookups of its two halves
-times the block's scale), stored interleaved, 16-byte stores of bf16.
+scale code, looks up two tables and the per-256-block scale; a step dequantizes every weight
+three times (forward, recompute, backward), so that per-element work shows. Here a program
+takes a tile of whole 4-bit blocks: the block scales are computed once per block (a vector),
+each byte is loaded once and gives two outputs (table lookups of its two halves times the
+block's scale), stored interleaved, 16-byte stores of bf16.
 
 Same formula as bitsandbytes (w = code[q] * (nested_code[absmax] * nested_absmax[block // 256]
 + offset)); the compiler may contract the scale's multiply-add into one fused multiply-add, so
 a scale can differ from bitsandbytes' in its last fp32 bit (tests/test_gpu.py bounds it).
-`extra` columns (the LoRA adapters' B matrices, tasks/fast_lora.NF4LoRALinear) are written next
+`extra` columns (the LoRA adapters' B matrices, nf4_lora.NF4LoRALinear) are written next
 to the weight's: the kernel stores each row of W with a row stride of cols + extra columns, so
 [W | B] costs no second pass over the bf16 weight.
 CUDA only; `available()` says whether it can run here.

@@ -6,8 +6,8 @@ A Llama-layout decoder layer is `h = x + attn(norm1(x))`, `out = h + mlp(norm2(h
 as one compiled graph, its backward holds the MLP's whole working set at once: the recomputed
 gate and up projections, their gradients, the SwiGLU product and the gradient of the down
 projection's input, each tokens x intermediate (224 MiB in bf16 at the 8B shape with 4 x 2048
-tokens), nine of them at the peak (H100 memory trace, bench/results/README.md). That is where
-the step's memory peaks.
+tokens), several of them at once (docs/gpu.md has the memory trace). That is where the step's
+memory peaks.
 
 Here the layer runs as one autograd function:
   - forward: both halves without a graph (nothing is saved but the layer input), the MLP in
@@ -24,7 +24,7 @@ draws what the forward drew.
 Whole (no second half): the layer is one function, run without autograd in forward and
 recomputed with it in backward. Unlike torch's checkpoint, which runs the training graph in
 forward and again in the recompute, the forward is a compiled graph of its own (nothing saved
-for backward; other fusions, so other bf16 roundings: tasks/speed.py gives the measured loss),
+for backward; other fusions, so other bf16 roundings: docs/gpu.md gives the measured loss),
 and it takes the two options below, which torch's checkpoint has no place for. Like any
 reentrant checkpoint: one backward per forward (no retain_graph), gradients land in .grad
 (torch.autograd.grad does not see them), and under DDP find_unused_parameters must stay off
@@ -126,8 +126,9 @@ class LayerCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.saved is None:
-            raise RuntimeError("a checkpointed decoder layer (tasks/layer_checkpoint.py) was backpropagated twice: "
-                               "its saved input is used up by the first backward (retain_graph is not supported)")
+            raise RuntimeError("a checkpointed decoder layer (tasks/fast/ops/layer_checkpoint.py) was backpropagated "
+                               "twice: its saved input is used up by the first backward (retain_graph is not "
+                               "supported)")
         x = ctx.saved.take().to(ctx.dtype).detach().requires_grad_(True)
         kind, enabled, dtype, cache = ctx.autocast
 

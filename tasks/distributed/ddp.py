@@ -1,8 +1,9 @@
 """Data parallelism for the training loop under torchrun: one process per GPU, each on its
 own shard of every epoch, gradients averaged by DDP, or reduce-scattered by FSDP when the
-model is sharded (tasks/sharding.py, train.strategy); either way once per optimizer step
-(no_sync on the micro-steps before). With WORLD_SIZE unset (one process) every function
-here is a no-op, so the loop reads the same either way."""
+model is sharded (tasks/distributed/sharding.py, train.strategy); either way once per
+optimizer step (no_sync on the micro-steps before). With WORLD_SIZE unset (one process) every
+function here is a no-op, so the loop reads the same either way. sharding.py builds on this
+module, never the other way round."""
 from __future__ import annotations
 
 import contextlib
@@ -35,14 +36,11 @@ def shard(items: list) -> list:
     return items if size == 1 else items[rank::size][: len(items) // size]
 
 
-def wrap(model, device: torch.device, strategy: str = "ddp"):
-    """What the loop calls forward on: the model (one process), DDP around it, or the model
-    itself sharded in place by FSDP2 (strategy fsdp)."""
+def wrap(model, device: torch.device):
+    """What the loop calls forward on under strategy ddp: the model (one process) or DDP around
+    it (sharding.wrap picks between this and FSDP)."""
     if world()[1] == 1:
         return model
-    if strategy == "fsdp":
-        from tasks import sharding
-        return sharding.shard(model, device)
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 

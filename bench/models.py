@@ -1,0 +1,107 @@
+"""The models the benchmarks (and the tests) train: the shapes measured, their FLOPs, random-
+weight checkpoints of a shape, and a tiny Llama with a BPE tokenizer trained offline on the
+Alpaca sample (no hub access).
+
+SHAPES is the one list of benchmark shapes: gpu_qlora_bench.py, unsloth_reference.py,
+gpu_ddp_scaling.py and random_4bit.py all read it. A real checkpoint is measured as it is
+instead (gpu_qlora_bench.py --model-dir): its config.json gives the architecture.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
+}
+RANDOM_DIR = Path("/tmp/qlora-bench")  # where random-weight checkpoints of a shape are written once
+
+
+def llama_config(name: str):
+    """The Llama config of a benchmark shape (Llama 3's rope and context)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(**SHAPES[name], max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def shape_config(model_dir: str | Path) -> dict:
+    """A checkpoint's config.json (model_type and sizes), the text config of a multimodal one."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return {**config, **config.get("text_config", {})} if "hidden_size" not in config else config
+
+
+def flops_per_token(config: dict, seq: int) -> float:
+    """Training FLOPs a token (forward and backward: 4N for the matmuls with frozen weights, as in
+    ../shared/bench, plus attention's) of a Llama-layout decoder with this config."""
+    h, n_layers, inter, vocab = (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"],
+                                 config["vocab_size"])
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    q = config["num_attention_heads"] * head_dim
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    n = n_layers * (2 * h * q + 2 * h * kv + 3 * h * inter) + 2 * vocab * h
+    return 4 * n + 2 * (2 * 2 * n_layers * seq * q)
+
+
+def model_dir(name: str) -> str:
+    """RANDOM_DIR/name: the shape with seeded random bf16 weights (written on the GPU once)."""
+    import torch
+    from transformers import LlamaForCausalLM
+    path = RANDOM_DIR / name
+    if (path / "config.json").exists():
+        return str(path)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = LlamaForCausalLM(llama_config(name)).to(torch.bfloat16)
+    m.save_pretrained(path, safe_serialization=True)
+    del m
+    torch.cuda.empty_cache()
+    return str(path)
+
+
+def alpaca_sample() -> Path:
+    """The Alpaca sample in the shared datasets (bench/device_setup.sh puts it there on a device
+    machine); QLORA_ALPACA names another copy."""
+    default = Path(__file__).resolve().parent.parent.parent / "shared/datasets/alpaca_sample/alpaca_data_cleaned.json"
+    return Path(os.environ.get("QLORA_ALPACA", default))
+
+
+def build_tiny_llama(out: Path, corpus_json: Path, vocab_size: int = 384, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    rows = json.loads(Path(corpus_json).read_text())
+    texts = [" ".join([r["instruction"], r["input"], r["output"]]) for r in rows]
+    texts.append("Below is an instruction that describes a task ### Instruction: ### Input: ### Response:")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size,
+                            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", pad_token="<pad>")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def save_random_llama(out: Path, **shape) -> str:
+    """A Llama of the given shape with seeded random bf16 weights, saved (no tokenizer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **shape)).to(torch.bfloat16).save_pretrained(out)
+    return str(out)
+
+
