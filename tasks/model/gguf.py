@@ -42,7 +42,7 @@ def locate(name: str, root: Path | None = None) -> tuple[Path, dict]:
     if len(files) != 1:
         raise PipelineError(f"model.name {name!r}: the package {dist} ships {len(files)} .gguf files "
                             f"({', '.join(files) or 'none'}); name the file itself (a path ending in .gguf)")
-    path = Path(meta.locate_file(files[0])).resolve()
+    path = Path(meta.locate_file(files[0])).absolute()  # as this interpreter finds it: the same in every stage
     return path, {"base_model_source": f"pypi:{dist}", "base_model_revision": f"{dist}=={meta.version}"}
 
 
