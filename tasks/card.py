@@ -21,7 +21,9 @@ PIPELINE_TAG = {"seq_cls": "text-classification", "causal_lm": "text-generation"
 TASK_WORDS = {"seq_cls": "text classification", "causal_lm": "instruction following (causal LM)"}
 # metric in reports/metrics.json -> (Hugging Face metric type, shown name)
 HF_METRICS = {"accuracy": ("accuracy", "accuracy"), "macro_f1": ("f1", "macro F1"),
-              "eval_loss": ("loss", "answer-token loss"), "perplexity": ("perplexity", "perplexity")}
+              "eval_loss": ("loss", "answer-token loss"), "perplexity": ("perplexity", "perplexity"),
+              "exact_match": ("exact_match", "exact match"), "rougeL": ("rouge", "ROUGE-L")}
+BASE_PREFIX = "base_"  # reports/metrics.json: the same metric of the base model alone (tasks/evaluate.py)
 CARD_SETTINGS = ("task", "seed", "model.name", "model.revision", "quant.quant_type", "quant.double_quant",
                  "quant.compute_dtype", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules",
                  "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr",
@@ -32,6 +34,7 @@ LINEAGE_ROWS = (("data_path", "data file"), ("dvc_data_md5", "data version (DVC 
                 ("git_commit", "git commit"), ("git_dirty", "uncommitted changes"),
                 ("dvc_lock_sha256", "dvc.lock sha256"), ("dvc_experiment", "DVC experiment"),
                 ("base_model_revision", "base model revision"), ("base_model_source", "base model source"),
+                ("base_model_file", "base model file"), ("base_model_sha256", "base model file sha256"),
                 ("prefect_flow_run_id", "Prefect flow run"))
 
 
@@ -74,7 +77,11 @@ def stage_facts(params: Params, kind: str, base_lineage: dict, labels: list[str]
                      "lora.target_modules": adapter_config.get("target_modules"), "merge.dtype": params.merge.dtype})
     return {"kind": kind, "task": params.task, "base_model": base_lineage.get("base_model"),
             "base_model_revision": base_lineage.get("base_model_revision"), "labels": labels,
-            "settings": {k: flat[k] for k in CARD_SETTINGS if k in flat}}
+            "settings": {k: flat[k] for k in CARD_SETTINGS if k in flat},
+            "origin": {k: base_lineage[k] for k in ORIGIN_KEYS if base_lineage.get(k)}}
+
+
+ORIGIN_KEYS = ("base_model_source", "base_model_file", "base_model_sha256")  # where a GGUF base came from
 
 
 def record_facts(info: dict, kind: str) -> dict:
@@ -91,6 +98,7 @@ def record_facts(info: dict, kind: str) -> dict:
                          and not (task == "seq_cls" and k == "tokenize.template")},
             "metrics": info.get("metrics") or {}, "evaluated_rows": info.get("evaluated_rows") or {},
             "training": info.get("training") or {},
+            "origin": {k: lin[k] for k in ORIGIN_KEYS if lin.get(k)},
             "lineage": lin, "datasets_logged": info.get("datasets", []), "run": info.get("run"),
             "model": info.get("model"), "tracking_uri": info.get("tracking_uri")}
 
@@ -149,6 +157,11 @@ def render_card(facts: dict) -> str:
              + (f" ({facts['base_model_revision']})" if facts.get("base_model_revision") else "")
              + f": the base frozen in 4-bit {str(s.get('quant.quant_type', 'nf4')).upper()}, LoRA rank "
              f"{s.get('lora.r', '?')} (alpha {s.get('lora.alpha', '?')}) trained on it. Made by qlora-flow."]
+    origin = facts.get("origin") or {}
+    if origin.get("base_model_file"):
+        lines += ["", f"The base came as the GGUF file `{origin['base_model_file']}` (sha256 "
+                  f"`{origin.get('base_model_sha256')}`, from {origin.get('base_model_source')}): dequantized, then "
+                  f"quantized to 4-bit for training; its tokenizer and chat template come from the same file."]
     if model.get("version"):
         aliases = f" (aliases: {', '.join(model['aliases'])})" if model.get("aliases") else ""
         lines += ["", f"Registered model version `{model['name']}/{model['version']}`{aliases}."]
@@ -156,7 +169,10 @@ def render_card(facts: dict) -> str:
         lines += ["", "## Labels", "", ", ".join(f"`{n}`" for n in facts["labels"])]
     split, headline = _headline(facts.get("metrics") or {})
     if headline:
-        rows = [(HF_METRICS[m][1], f"{v:.4f}") for m, v in headline.items()]
+        metrics = facts.get("metrics") or {}
+        base = {m: metrics[f"{split}_{BASE_PREFIX}{m}"] for m in headline if f"{split}_{BASE_PREFIX}{m}" in metrics}
+        rows = [(HF_METRICS[m][1], f"{v:.4f}" + (f" (base model: {base[m]:.4f})" if m in base else ""))
+                for m, v in headline.items()]
         n = (facts.get("evaluated_rows") or {}).get(split)
         lines += ["", "## Evaluation", "", f"On the held-out {split} split" + (f" ({int(n)} rows)" if n else "") + ":",
                   "", _table(rows, ("metric", "value"))]

