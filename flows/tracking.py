@@ -241,6 +241,11 @@ def _log_results(mlflow, run, params: Params, root: Path, outcome) -> None:
         summary = read_json(root / catalog.TRAIN_SUMMARY)
         mlflow.log_metrics({f"train_{k}": v for k, v in summary.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        # how it trained: on how many processes, sharded how, and what each rank did
+        mlflow.set_tags({"train_world_size": str(summary.get("world_size", 1)),
+                         "train_strategy": str(summary.get("strategy", "single"))})
+        mlflow.log_metrics({f"train_rank{r['rank']}_{k}": r[k] for r in summary.get("ranks", [])
+                            for k in ("tokens", "tokens_per_second", "train_seconds") if r.get(k) is not None})
     metrics = read_json(root / catalog.METRICS)
     split = metrics.get("split", "test")
     flat = {f"{split}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -230,6 +230,23 @@ class TrainConfig(Section):
         "4-bit base, adapters, gradients and optimizer state over them (models one device cannot hold). auto: fsdp "
         "when the quantized base takes more than half of one device's memory, else ddp. One process: neither. "
         "See tasks/distributed/sharding.py."))
+    processes: int | Literal["auto"] = Field(1, description=(
+        "Training processes on this machine. More than one: the train stage launches them itself through "
+        "PyTorch's elastic launcher (torch.distributed.run; gloo on CPU, NCCL on GPUs), so qlora run, dvc repro "
+        "and retraining all record one dvc.lock entry and one MLflow run. Each process trains on its shard with "
+        "batch_size rows a micro-batch: the global batch is batch_size x grad_accum x processes x nodes. auto: one "
+        "per visible CUDA device, 1 without one."))
+    nodes: int = Field(1, ge=1, description=(
+        "Machines training together, each running the train stage on its own copy of the project with the same "
+        "inputs; they meet at the c10d rendezvous the environment variable QLORA_RDZV_ENDPOINT names (host:port). "
+        "The process ranked 0 writes the adapter and the reports."))
+
+    @field_validator("processes")
+    @classmethod
+    def _at_least_one(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("must be at least 1, or auto")
+        return v
 
 
 class EvalConfig(Section):

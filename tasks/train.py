@@ -290,12 +290,14 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
             pending.clear()
 
         started, tokens_before, step_at_start, warm = time.perf_counter(), tokens, step, None
+        rank_tokens = 0  # this rank's own real tokens in this run: the per-rank figures of the summary
         val_seconds = 0.0  # time in validation passes: left out of the throughput figures
         model.train()
         bar = tqdm(total=total, initial=step, desc="train", unit="step")
         while step < total and not validation.stop:
             for next_row, group in optimizer_steps(train_rows, lengths, params, tok.pad_token_id, epoch, skip):
                 step_loss, step_tokens = accumulate(forward, group, params.task, device, autocast, extra)
+                rank_tokens += sum(real for _, real in group)
                 torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -332,6 +334,7 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
         seconds = time.perf_counter() - started
         restored_best = validation.restore_best(model)  # early stopping saves the best pass's adapter
     # --- save (one writer: rank 0; the adapter format is the same for any number of GPUs)
+    ranks = distributed.per_rank([rank_tokens, seconds - val_seconds], device)  # every rank calls
     adapter_state = sharding.full_trainable_state(model)  # FSDP: gathered to rank 0 (every rank calls); else None
     if not distributed.is_main():
         distributed.barrier()
@@ -352,7 +355,10 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
                "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name, "liger_kernels": liger,
                "precision": plan.precision,
                "speed": {**plan.describe(), **applied},
-               "device": str(device), "world_size": world, "strategy": strategy}
+               "device": str(device), "world_size": world, "strategy": strategy,
+               "ranks": [{"rank": r, "tokens": int(n), "train_seconds": round(sec, 2),
+                          "tokens_per_second": round(n / sec, 1) if sec > 0 else None}
+                         for r, (n, sec) in enumerate(ranks)]}
     with atomic_dir(resolve(root, REPORT_DIR)) as tmp:
         with open(tmp / "loss.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(log[0]))

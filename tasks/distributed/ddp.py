@@ -79,6 +79,14 @@ def sum_over_ranks(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x
 
 
+def per_rank(values: list[float], device: torch.device) -> list[list[float]]:
+    """Each rank's values, in rank order, on every rank (one all-reduce of a world x n table)."""
+    rank, size = world()
+    table = torch.zeros(size, len(values), dtype=torch.float64)
+    table[rank] = torch.tensor(values, dtype=torch.float64)
+    return sum_over_ranks(table, device).cpu().tolist()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
