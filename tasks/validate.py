@@ -87,7 +87,7 @@ def prepare_frame(params: Params, df: pd.DataFrame, for_prediction: bool = False
                                        min_classes if cross_row else None, unique=cross_row and not for_prediction)
         return schema
     if d.layout == "classification":  # labelled rows asked as chat: instruction rows from here on
-        names, mapping = _label_space(params)
+        names, mapping = label_space(params)
         chat.classification_as_instruction(df, d, mapping, names, clean_text if d.clean_text else None)
     if chat.is_chat(d.layout, df.columns):  # conversations (messages / conversations column): tasks/chat.py
         return chat.prepare_frame(df, d.clean_text, unique=cross_row and not for_prediction,

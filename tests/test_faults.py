@@ -5,7 +5,6 @@ is injected for real."""
 import errno
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
