@@ -108,8 +108,8 @@ def launch_train(root: Path, params, overrides: list[str], resume_key: str | Non
     try:
         elastic_launch(config, sys.executable)(*argv)
     except ChildFailedError as exc:
-        rank, failure = min(exc.failures.items())
-        return fail(f"train: rank {failure.rank} (local {rank}, pid {failure.pid}) {_cause(failure, logs)}; the "
+        rank, failure = exc.get_first_failure()  # the first to fail; the others were stopped after it
+        return fail(f"train: rank {rank} (local {failure.local_rank}, pid {failure.pid}) {_cause(failure, logs)}; the "
                     f"other workers were stopped. A rerun resumes from the last checkpoint on any number of processes")
     except Exception as exc:  # the rendezvous: a node that never came, a port in use
         return fail(f"train: the launch of {nproc} x {nodes} workers failed: {type(exc).__name__}: {exc}")
@@ -130,7 +130,7 @@ def _cause(failure, logs: Path) -> str:
     for path in sorted(logs.glob(f"*/attempt_*/{failure.local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime):
         lines = path.read_text(errors="replace").splitlines()
     said = [line for line in lines if line.startswith("qlora: error:")] or \
-        [line for line in lines if line.strip() and not line.startswith((" ", "\t", "Traceback"))]
+        [line for line in lines if "Error" in line and not line.startswith((" ", "\t", "Traceback"))]
     return how + (f": {said[-1].removeprefix('qlora: error: ')}" if said else "")
 
 
