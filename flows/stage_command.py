@@ -49,6 +49,8 @@ def run(name: str, overrides: list[str], wait: bool) -> int:
             if name == "validate":  # before any stage reads the data, whoever started the stage
                 require_committed_version(check_data(params, root))
             if name == "train":
+                if launches_workers(params) and params.train.nodes > 1 and not os.environ.get(RDZV_ENV):
+                    return fail(_no_endpoint(params))  # before anything else: the setting is the cause
                 resume_key = dvc_ops.stage_key(root, "train") if in_dvc_project and not overrides else None
                 if launches_workers(params):
                     return launch_train(root, params, overrides, resume_key)
@@ -103,8 +105,7 @@ def launch_train(root: Path, params, overrides: list[str], resume_key: str | Non
     nproc, nodes = processes(params), params.train.nodes
     endpoint = os.environ.get(RDZV_ENV, "")
     if nodes > 1 and not endpoint:
-        return fail(f"train.nodes is {nodes}: set {RDZV_ENV}=host:port, the same on every node (the c10d "
-                    f"rendezvous, e.g. the first node's address and a free port)")
+        return fail(_no_endpoint(params))
     # Every node must name the same run: the stage's DVC key is equal exactly where inputs and params are.
     run_id = (resume_key or "qlora-train")[:32]
     if params.train.threads == 0 and "OMP_NUM_THREADS" not in os.environ:
@@ -129,6 +130,11 @@ def launch_train(root: Path, params, overrides: list[str], resume_key: str | Non
     except Exception as exc:  # the rendezvous: a node that never came, a port in use
         return fail(f"train: the launch of {nproc} x {nodes} workers failed: {type(exc).__name__}: {exc}")
     return 0
+
+
+def _no_endpoint(params) -> str:
+    return (f"train.nodes is {params.train.nodes}: set {RDZV_ENV}=host:port, the same on every node (the c10d "
+            f"rendezvous, e.g. the first node's address and a free port)")
 
 
 def _cuda(params) -> bool:
