@@ -115,6 +115,23 @@ def pytest_sessionfinish(session, exitstatus):
     logging.raiseExceptions = False
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below pid (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
 def write_split(root: Path, params, parts: dict) -> None:
     """data/split as the split stage writes it, from frames of canonical rows (for tests that start
     at tokenize); `source` and `row` are filled in when missing."""

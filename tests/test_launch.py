@@ -16,7 +16,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import env, make_project, small_cls_params
+from tests.conftest import descendants, env, make_project, small_cls_params
 
 
 def _run(cmd: list, cwd: Path, extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
@@ -90,24 +90,8 @@ def test_qlora_run_with_two_processes_records_one_run_that_matches_one_process(t
     assert "(model version 1)" in second.stdout
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _worker(pid: int, local_rank: int) -> int | None:
-    for child in _descendants(pid):
+    for child in descendants(pid):
         try:
             environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -138,7 +122,7 @@ def test_a_killed_worker_stops_the_stage_in_bounded_time_naming_it_and_the_rerun
     assert stage.returncode == 2, out[-2000:] + err[-2000:]
     line = [ln for ln in err.splitlines() if ln.startswith("qlora: error:")][-1]
     assert "train: rank 1" in line and "killed by SIGKILL" in line and "resumes" in line, err[-3000:]
-    assert not _descendants(stage.pid) and _worker(stage.pid, 0) is None
+    assert not descendants(stage.pid) and _worker(stage.pid, 0) is None
     rerun = _run(["bin/qlora", "stage", "train"], root)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     s = _summary(root)

@@ -18,7 +18,7 @@ from flows.lock import ProjectBusy, project_lock
 from tasks import quantize, split, tokenize, validate
 from tasks.common import PipelineError
 from tasks.config import Params
-from tests.conftest import REPO, make_project, repo_params, small_cls_params, write_params
+from tests.conftest import REPO, descendants, make_project, repo_params, small_cls_params, write_params
 
 
 def _env() -> dict:
@@ -39,23 +39,6 @@ def _prepared(root: Path, raw: dict) -> Params:
     for stage in (validate, split, tokenize, quantize):
         stage.run(params, root)
     return params
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process below pid (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -87,7 +70,7 @@ def test_sigkill_mid_training_leaves_no_process_and_resumes_to_the_same_adapter(
     while not any(ckpts.glob("*/step-00000006")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()
-    below = _descendants(proc.pid)
+    below = descendants(proc.pid)
     server = [p for p in below if b"prefect\x00server\x00start" in Path(f"/proc/{p}/cmdline").read_bytes()]
     stage = [p for p in below if b"stage\x00train" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert server and stage, "the run has no Prefect server or training process to check"
