@@ -72,7 +72,8 @@ def test_sigkill_mid_training_leaves_no_process_and_resumes_to_the_same_adapter(
     assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()
     below = descendants(proc.pid)
     server = [p for p in below if b"prefect\x00server\x00start" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    stage = [p for p in below if b"stage\x00train" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    # `bin/qlora stage train` execs the stage runner: the training process is `python -m flows.stage_command train`
+    stage = [p for p in below if b"flows.stage_command\x00train" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert server and stage, "the run has no Prefect server or training process to check"
     argv = Path(f"/proc/{server[0]}/cmdline").read_bytes().split(b"\x00")
     port = int(argv[argv.index(b"--port") + 1])

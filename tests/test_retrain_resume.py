@@ -71,7 +71,7 @@ def _db(root: Path, sql: str) -> list:
 def _stage_running(root: Path, stage: str) -> bool:
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"stage\x00" + stage.encode() in (proc / "cmdline").read_bytes() \
+            if proc.name.isdigit() and b"flows.stage_command\x00" + stage.encode() in (proc / "cmdline").read_bytes() \
                     and os.readlink(proc / "cwd") == str(root):
                 return True
         except OSError:
