@@ -100,8 +100,8 @@ def cmd_run(args) -> int:
             if experiment and not dvc_ops.is_git_repo(root):
                 print("warning: not a git repository with a commit: the run is not saved as a DVC experiment")
                 experiment = False
-            _quiet_expected_errors()
-            with prefect_api(root):
+            with prefect_api(root):  # before Prefect's import: its settings read PREFECT_API_URL then
+                _quiet_expected_errors()
                 from flows.pipeline import Project, qlora_pipeline
                 out = qlora_pipeline(Project(root=root), experiment=experiment, experiment_name=args.name)
     except ProjectBusy as exc:
@@ -212,8 +212,8 @@ def cmd_retrain(args) -> int:
     from flows.prefect_server import prefect_api
     if args.allow_unverified_data:
         os.environ[ALLOW_ENV] = "1"
-    _quiet_expected_errors()
-    with prefect_api(root):
+    with prefect_api(root):  # before Prefect's import: its settings read PREFECT_API_URL then
+        _quiet_expected_errors()
         from flows.retrain import retrain_flow
         state = retrain_flow(str(root), args.set, wait_for_lock=args.wait, return_state=True)
     code = _flow_exit(state)

@@ -35,6 +35,8 @@ def prefect_api(root: Path, services: bool = False, ui: bool = False, timeout: f
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"], None
         return
+    if "prefect" in sys.modules:  # it would run against a temporary server of its own that outlives a kill
+        raise RuntimeError("Prefect was imported before prefect_api() chose its server")
     port = _free_port()
     log_path = Path(root) / ".prefect" / "server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)

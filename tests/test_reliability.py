@@ -83,9 +83,11 @@ def test_sigkill_mid_training_leaves_no_process_and_resumes_to_the_same_adapter(
     deadline = time.time() + 20
     while any(_alive(p) for p in below) and time.time() < deadline:
         time.sleep(0.2)
-    assert not [p for p in below if _alive(p)], "processes outlived the killed run"
+    left = {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\x00", b" ").decode() for p in below if _alive(p)}
+    assert not left, f"processes outlived the killed run: {left}"
     assert not _listening(port)
     assert not (a / "models/adapter").exists()  # nothing half-written was published
+    assert "Starting temporary server" not in proc.stdout.read()  # the flow ran against the server tied to it
     again = _qlora(a, "run")
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
