@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: setup data run run-chat docs test test-fast bench clean
+.PHONY: setup data run run-chat docs lint test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,8 +39,13 @@ run-chat: setup
 docs: $(BIN)/.installed
 	$(BIN)/mkdocs build --strict -d build/site
 
-test: setup docs
-	$(BIN)/python -m pytest -q
+# Lint and format are checked, not applied: `.venv/bin/ruff check --fix . && .venv/bin/ruff format .` applies them.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint docs
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

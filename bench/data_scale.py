@@ -10,6 +10,7 @@ and also reported as the kernel's high-water mark of the largest single process.
 
     python bench/data_scale.py --rows 100000 1000000 10000000 --out bench/results/data_scale.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def scratch_project(dest: Path) -> Path:
     """The repository's files (as git lists them) in a fresh folder, with the venv linked."""
     if dest.exists():
         shutil.rmtree(dest)
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for f in files:
         if (REPO / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
@@ -65,8 +67,14 @@ def scratch_project(dest: Path) -> Path:
 def run_stage(project: Path, stage: str, data: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "QLORA_", "MLFLOW_"))}
     started = time.perf_counter()
-    proc = psutil.Popen([str(project / "bin/qlora"), "stage", stage, "--set", f"data.path={data}"], cwd=project,
-                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = psutil.Popen(
+        [str(project / "bin/qlora"), "stage", stage, "--set", f"data.path={data}"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     peak = [0]
 
     def sample():
@@ -86,12 +94,17 @@ def run_stage(project: Path, stage: str, data: Path) -> dict:
     sampler.join()
     if code != 0:
         raise SystemExit(f"{stage} failed ({code}):\n{out[-3000:]}")
-    return {"stage": stage, "wall_s": round(wall, 1), "peak_tree_rss_gb": round(peak[0] / 1e9, 2),
-            "max_process_rss_gb": round(children_maxrss() / 1e9, 2)}
+    return {
+        "stage": stage,
+        "wall_s": round(wall, 1),
+        "peak_tree_rss_gb": round(peak[0] / 1e9, 2),
+        "max_process_rss_gb": round(children_maxrss() / 1e9, 2),
+    }
 
 
 def children_maxrss() -> float:
     import resource
+
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kB on Linux; max over all children so far
 
 
@@ -103,17 +116,26 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.node()}: {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
-    lines = [{"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine,
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                       text=True).stdout.strip()}]
+    lines = [
+        {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": machine,
+            "commit": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+            ).stdout.strip(),
+        }
+    ]
     print(json.dumps(lines[0]), flush=True)
     for rows in args.rows:
         data = build_input(rows, args.work)
         project = scratch_project(args.work / "project")
         for stage in STAGES:
             # ru_maxrss of children is a running maximum: a fresh one per stage needs a fresh parent
-            res = subprocess.run([sys.executable, __file__, "--one-stage", stage, str(project), str(data)],
-                                 capture_output=True, text=True)
+            res = subprocess.run(
+                [sys.executable, __file__, "--one-stage", stage, str(project), str(data)],
+                capture_output=True,
+                text=True,
+            )
             if res.returncode != 0:
                 raise SystemExit(res.stdout + res.stderr)
             line = {"rows": rows, "csv_mb": round(data.stat().st_size / 1e6), **json.loads(res.stdout.splitlines()[-1])}

@@ -19,6 +19,7 @@ skipped; with fewer than 2 GPUs the whole benchmark skips (exit 0, one JSON line
     python bench/gpu_ddp_scaling.py                       # DDP 8B on 1/2/4 GPUs, then FSDP 70B on 2
     python bench/gpu_ddp_scaling.py --parts fsdp --fsdp-gpus 4 --fsdp-shape llama-70b
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,29 @@ from bench.random_4bit import save_random_4bit_llama  # noqa: E402
 def params_for(root: Path, train: dict):
     """The project's params.yaml with the benchmark's settings, set as `qlora run --set` sets them."""
     from tasks.config import load_params
+
     sections = {
-        "task": "causal_lm", "data.path": str(root / "alpaca_x64.json"), "data.format": "auto",
-        "data.label_names": None, "data.label_base": 0, "model.name": str(root / "tokenizer"),
+        "task": "causal_lm",
+        "data.path": str(root / "alpaca_x64.json"),
+        "data.format": "auto",
+        "data.label_names": None,
+        "data.label_base": 0,
+        "model.name": str(root / "tokenizer"),
         "tokenize.max_length": train.pop("seq"),
         **{f"lora.{k}": v for k, v in {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}.items()},
-        **{f"train.{k}": v for k, v in {"packing": True, "device": "cuda", "gradient_checkpointing": True,
-                                        "checkpoint_every": 0, "warmup_ratio": 0.0, "lr": 1e-4, **train}.items()}}
+        **{
+            f"train.{k}": v
+            for k, v in {
+                "packing": True,
+                "device": "cuda",
+                "gradient_checkpointing": True,
+                "checkpoint_every": 0,
+                "warmup_ratio": 0.0,
+                "lr": 1e-4,
+                **train,
+            }.items()
+        },
+    }
     return load_params(REPO / "params.yaml", [f"{key}={json.dumps(value)}" for key, value in sections.items()])
 
 
@@ -55,8 +72,10 @@ def prepare_data(root: Path, seq: int) -> None:
     """Alpaca sample x 64 (distinct instructions), through the project's validate, split and
     tokenize stages, for packing into rows of seq tokens."""
     import pandas as pd
-    from tasks import split, tokenize, validate
     from transformers import AutoTokenizer
+
+    from tasks import split, tokenize, validate
+
     if (root / "data/tokenized").exists():
         return
     alpaca = alpaca_sample()
@@ -79,13 +98,27 @@ def prepare_base(root: Path, shape: str, seq: int, strategy: str) -> Path:
         if strategy == "fsdp":
             save_random_4bit_llama(base, shape, device="cuda")
             from transformers import AutoTokenizer
+
             AutoTokenizer.from_pretrained(root / "tokenizer").save_pretrained(base)
-            (base / "lineage.json").write_text(json.dumps({  # what the quantize stage records (the card reads it)
-                "base_model": f"random {shape}", "base_model_source": "bench/random_4bit.py", "base_model_revision": "seed 0",
-                "quant": {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "quant_storage": "bfloat16"},
-                "task": "causal_lm"}))
+            (base / "lineage.json").write_text(
+                json.dumps(
+                    {  # what the quantize stage records (the card reads it)
+                        "base_model": f"random {shape}",
+                        "base_model_source": "bench/random_4bit.py",
+                        "base_model_revision": "seed 0",
+                        "quant": {
+                            "quant_type": "nf4",
+                            "double_quant": True,
+                            "compute_dtype": "bfloat16",
+                            "quant_storage": "bfloat16",
+                        },
+                        "task": "causal_lm",
+                    }
+                )
+            )
         else:
             from tasks import quantize
+
             raw = Path(model_dir(shape))  # random bf16 weights of the shape
             shutil.copytree(root / "tokenizer", raw, dirs_exist_ok=True)
             p = params_for(root, {"seq": seq, "strategy": strategy})
@@ -99,30 +132,59 @@ def prepare_base(root: Path, shape: str, seq: int, strategy: str) -> Path:
 
 def train_only(root: Path, train: dict) -> None:
     from tasks import train as trainer
+
     res = trainer.run(params_for(root, train), root)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    print("PEAK " + json.dumps({"rank": int(os.environ.get("RANK", "0")),
-                                "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
-                                "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)}), flush=True)
+    print(
+        "PEAK "
+        + json.dumps(
+            {
+                "rank": int(os.environ.get("RANK", "0")),
+                "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+                "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+            }
+        ),
+        flush=True,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         print("SUMMARY " + json.dumps(res.summary), flush=True)
 
 
 def launch(run_root: Path, n: int, train: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                        __file__, "--train-only", "--root", str(run_root), "--train", json.dumps(train)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            __file__,
+            "--train-only",
+            "--root",
+            str(run_root),
+            "--train",
+            json.dumps(train),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     lines = p.stdout.splitlines()
     summary = next((json.loads(x[8:]) for x in lines if x.startswith("SUMMARY ")), None)
     if p.returncode != 0 or summary is None:
         return {"error": (p.stdout + p.stderr)[-3000:]}
     import pandas as pd
+
     peaks = sorted((json.loads(x[5:]) for x in lines if x.startswith("PEAK ")), key=lambda r: r["rank"])
     loss = pd.read_csv(run_root / "reports/train/loss.csv")["loss"].tolist()
-    return {"summary": summary, "peak_gib_per_gpu": [r["peak_gib"] for r in peaks],
-            "reserved_gib_per_gpu": [r["reserved_gib"] for r in peaks], "loss": loss,
-            "adapter_files": sorted(f.name for f in (run_root / "models/adapter").iterdir())}
+    return {
+        "summary": summary,
+        "peak_gib_per_gpu": [r["peak_gib"] for r in peaks],
+        "reserved_gib_per_gpu": [r["reserved_gib"] for r in peaks],
+        "loss": loss,
+        "adapter_files": sorted(f.name for f in (run_root / "models/adapter").iterdir()),
+    }
 
 
 def emit(row: dict) -> None:
@@ -131,8 +193,15 @@ def emit(row: dict) -> None:
 
 def ddp_part(a, root: Path, have: int) -> bool:
     run_root = prepare_base(root, a.ddp_shape, a.seq, "ddp")
-    train = {"seq": a.seq, "max_steps": a.steps, "batch_size": a.batch, "grad_accum": a.accum,
-             "log_every": a.steps, "strategy": "ddp", "speed": "auto"}
+    train = {
+        "seq": a.seq,
+        "max_steps": a.steps,
+        "batch_size": a.batch,
+        "grad_accum": a.accum,
+        "log_every": a.steps,
+        "strategy": "ddp",
+        "speed": "auto",
+    }
     base = None
     for n in [1] + [g for g in a.gpus if g > 1]:
         if n > have:
@@ -145,12 +214,24 @@ def ddp_part(a, root: Path, have: int) -> bool:
         s = r["summary"]
         tps = s["tokens_per_second_after_warmup"]
         base = tps if n == 1 else base
-        emit({"part": "ddp", "shape": a.ddp_shape, "gpus": n, "strategy": s["strategy"], "world_size": s["world_size"],
-              "rows_per_gpu_per_step": f"{a.batch} x {a.seq} x accum {a.accum}", "steps": s["steps"],
-              "nonpad_tokens_per_s_after_warmup": tps, "peak_gib_per_gpu": r["peak_gib_per_gpu"],
-              "reserved_gib_per_gpu": r["reserved_gib_per_gpu"], "final_loss": s["final_loss"],
-              "scaling_vs_1_gpu": round(tps / base, 3) if base else None, "ideal": n,
-              "adapter_files": r["adapter_files"]})
+        emit(
+            {
+                "part": "ddp",
+                "shape": a.ddp_shape,
+                "gpus": n,
+                "strategy": s["strategy"],
+                "world_size": s["world_size"],
+                "rows_per_gpu_per_step": f"{a.batch} x {a.seq} x accum {a.accum}",
+                "steps": s["steps"],
+                "nonpad_tokens_per_s_after_warmup": tps,
+                "peak_gib_per_gpu": r["peak_gib_per_gpu"],
+                "reserved_gib_per_gpu": r["reserved_gib_per_gpu"],
+                "final_loss": s["final_loss"],
+                "scaling_vs_1_gpu": round(tps / base, 3) if base else None,
+                "ideal": n,
+                "adapter_files": r["adapter_files"],
+            }
+        )
     return True
 
 
@@ -160,27 +241,48 @@ def fsdp_part(a, root: Path, have: int) -> bool:
         emit({"part": "fsdp", "shape": a.fsdp_shape, "gpus": n, "skipped": f"needs {n} GPUs, found {have}"})
         return True
     run_root = prepare_base(root, a.fsdp_shape, a.seq, "fsdp")
-    train = {"seq": a.seq, "max_steps": a.fsdp_steps, "batch_size": a.fsdp_batch, "grad_accum": 1,
-             "log_every": a.fsdp_steps, "strategy": "fsdp", "precision": a.fsdp_precision,
-             "optimizer": "adamw"}  # what FSDP uses; the 1-GPU reference too (auto there: paged AdamW)
+    train = {
+        "seq": a.seq,
+        "max_steps": a.fsdp_steps,
+        "batch_size": a.fsdp_batch,
+        "grad_accum": 1,
+        "log_every": a.fsdp_steps,
+        "strategy": "fsdp",
+        "precision": a.fsdp_precision,
+        "optimizer": "adamw",
+    }  # what FSDP uses; the 1-GPU reference too (auto there: paged AdamW)
     r = launch(run_root, n, dict(train))
     if "error" in r:
         emit({"part": "fsdp", "shape": a.fsdp_shape, "gpus": n, **r})
         return False
     s = r["summary"]
-    row = {"part": "fsdp", "shape": a.fsdp_shape, "gpus": n, "strategy": s["strategy"], "world_size": s["world_size"],
-           "rows_per_gpu_per_step": f"{a.fsdp_batch} x {a.seq}", "steps": s["steps"],
-           "nonpad_tokens_per_s_after_warmup": s["tokens_per_second_after_warmup"],
-           "peak_gib_per_gpu": r["peak_gib_per_gpu"], "reserved_gib_per_gpu": r["reserved_gib_per_gpu"],
-           "base_gib_on_disk": round(sum(f.stat().st_size for f in (run_root / "models/base").glob("*.safetensors")) / 2**30, 2),
-           "loss": r["loss"], "adapter_files": r["adapter_files"]}
+    row = {
+        "part": "fsdp",
+        "shape": a.fsdp_shape,
+        "gpus": n,
+        "strategy": s["strategy"],
+        "world_size": s["world_size"],
+        "rows_per_gpu_per_step": f"{a.fsdp_batch} x {a.seq}",
+        "steps": s["steps"],
+        "nonpad_tokens_per_s_after_warmup": s["tokens_per_second_after_warmup"],
+        "peak_gib_per_gpu": r["peak_gib_per_gpu"],
+        "reserved_gib_per_gpu": r["reserved_gib_per_gpu"],
+        "base_gib_on_disk": round(
+            sum(f.stat().st_size for f in (run_root / "models/base").glob("*.safetensors")) / 2**30, 2
+        ),
+        "loss": r["loss"],
+        "adapter_files": r["adapter_files"],
+    }
     if a.fsdp_reference:  # one GPU, the same rows a step: batch x N
         ref = launch(run_root, 1, {**train, "batch_size": a.fsdp_batch * n, "strategy": "ddp"})
         if "error" in ref:
             row["reference_1_gpu"] = {"error": ref["error"][-1500:]}
         else:
-            row["reference_1_gpu"] = {"loss": ref["loss"], "peak_gib": ref["peak_gib_per_gpu"],
-                                      "nonpad_tokens_per_s_after_warmup": ref["summary"]["tokens_per_second_after_warmup"]}
+            row["reference_1_gpu"] = {
+                "loss": ref["loss"],
+                "peak_gib": ref["peak_gib_per_gpu"],
+                "nonpad_tokens_per_s_after_warmup": ref["summary"]["tokens_per_second_after_warmup"],
+            }
             row["max_loss_diff_vs_1_gpu"] = round(max(abs(x - y) for x, y in zip(r["loss"], ref["loss"])), 5)
     emit(row)
     return True
@@ -193,7 +295,9 @@ def main() -> int:
     ap.add_argument("--gpus", default="2,4", help="DDP: the GPU counts compared with 1")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=4, help="DDP: packed rows a GPU a micro-step")
-    ap.add_argument("--accum", type=int, default=2, help="DDP: micro-steps an optimizer step (no_sync on all but the last)")
+    ap.add_argument(
+        "--accum", type=int, default=2, help="DDP: micro-steps an optimizer step (no_sync on all but the last)"
+    )
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--fsdp-shape", default="llama-70b")
     ap.add_argument("--fsdp-gpus", type=int, default=2)

@@ -17,7 +17,7 @@ without CUDA.
 
 The plain recipe is the one in ../shared/bench/plain_hf_qlora_reference.py: NF4 double
 quant, bf16 compute, gradient checkpointing, paged AdamW 32-bit, sdpa. The project recipe
-builds the model with tasks.modeling / tasks.train / tasks.fast (the code `qlora run` trains
+builds the model with tasks.model.loading / tasks.train / tasks.fast (the code `qlora run` trains
 with): variant `auto` is train.speed: auto (the fast path on CUDA), its '+'-joined parts change
 fields of its Plan (tasks/fast/plan.py; see --variants), other variants name the train.* flags of
 train.speed: off (e.g. liger+gc+mixed). Unsloth runs in a subprocess of its
@@ -33,6 +33,7 @@ and this project's path with packing, with the same examples in every optimizer 
 --memory-trace writes what is allocated at each project variant's peak. On a device machine:
 bench/device_setup.sh (wheels, and the Alpaca sample where bench/models.alpaca_sample looks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,15 +74,27 @@ def plain_recipe(path: str, rank: int, dtype: torch.dtype = torch.bfloat16, drop
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                 device_map={"": 0}, quantization_config=q)
+
+    q = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation="sdpa", device_map={"": 0}, quantization_config=q
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model.config.use_cache = False
     torch.manual_seed(1)
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, bias="none",
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            lora_dropout=dropout,
+            bias="none",
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     opt = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     return model, opt, contextlib.nullcontext()
 
@@ -89,13 +102,23 @@ def plain_recipe(path: str, rank: int, dtype: torch.dtype = torch.bfloat16, drop
 # Variant parts that change one or more fields of the Plan (tasks/fast/plan.py); splitN, padkN
 # and budgetNN take a number (see --variants)
 PLAN_PARTS = {
-    "nocompile": {"compile": False}, "bnb": {"nf4_traced": False}, "offload": {"offload": True},
-    "fused": {"fused_projections": True}, "nofused": {"fused_projections": False}, "onegraph": {"split": 0},
-    "adamw": {"optimizer": "adamw"}, "flat": {"optimizer": "paged_adamw_32bit_flat"},
-    "perparam": {"optimizer": "paged_adamw_32bit"}, "ingemm": {"adapters_in_gemm": "shared"},
-    "ingemmall": {"adapters_in_gemm": "all"}, "adaptersapart": {"adapters_in_gemm": "none"},
-    "fp32res": {"residual": "fp32"}, "bf16res": {"residual": "bf16"}, "notriton": {"triton": False},
-    "noswiglu": {"swiglu_kernel": False}, "torchcheckpoint": {"checkpoint": "torch"},
+    "nocompile": {"compile": False},
+    "bnb": {"nf4_traced": False},
+    "offload": {"offload": True},
+    "fused": {"fused_projections": True},
+    "nofused": {"fused_projections": False},
+    "onegraph": {"split": 0},
+    "adamw": {"optimizer": "adamw"},
+    "flat": {"optimizer": "paged_adamw_32bit_flat"},
+    "perparam": {"optimizer": "paged_adamw_32bit"},
+    "ingemm": {"adapters_in_gemm": "shared"},
+    "ingemmall": {"adapters_in_gemm": "all"},
+    "adaptersapart": {"adapters_in_gemm": "none"},
+    "fp32res": {"residual": "fp32"},
+    "bf16res": {"residual": "bf16"},
+    "notriton": {"triton": False},
+    "noswiglu": {"swiglu_kernel": False},
+    "torchcheckpoint": {"checkpoint": "torch"},
     "cse": {"partitioner_cse": True, "activation_memory_budget": 1.0},  # torch's own partitioner settings
     "nobudget": {"activation_memory_budget": 1.0},
 }
@@ -117,13 +140,15 @@ def variant_plan(variant: str, plan):
 
 
 def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
-    """The project's path: tasks.modeling.load_base, tasks.train.add_lora/make_optimizer, and
+    """The project's path: tasks.model.loading.load_base, tasks.train.add_lora/make_optimizer, and
     tasks.fast for the plan of train.speed (variant 'auto', its parts changing the Plan) or of
     the train.* flags, for the checkpoint's own architecture (config.json's model_type)."""
     from tasks.config import LoraSection, ModelConfig, QuantConfig, TrainConfig
-    from tasks.fast import patch, plan as fast_plan
-    from tasks.modeling import load_base
+    from tasks.fast import patch
+    from tasks.fast import plan as fast_plan
+    from tasks.model.loading import load_base
     from tasks.train import add_lora, apply_speedups, make_optimizer
+
     device = torch.device("cuda")
     model_type = shape_config(path)["model_type"]
     t = TrainConfig(lr=2e-4, optimizer="auto", **variant_options(variant))
@@ -138,10 +163,13 @@ def project_recipe(path: str, rank: int, variant: str, dropout: float = 0.0):
     t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": plan.gradient_checkpointing})
     model = add_lora(model, LoraSection(r=rank, alpha=2 * rank, dropout=dropout), "causal_lm", t_model, torch.bfloat16)
     applied = patches.apply(model, plan, random=dropout > 0) if plan.fast else {}
-    print(json.dumps({"variant": variant, "model_type": model_type, "plan": plan.describe(), "applied": applied}),
-          flush=True)
-    opt, _ = make_optimizer([p for p in model.parameters() if p.requires_grad],
-                            t.model_copy(update={"optimizer": plan.optimizer}), device)
+    print(
+        json.dumps({"variant": variant, "model_type": model_type, "plan": plan.describe(), "applied": applied}),
+        flush=True,
+    )
+    opt, _ = make_optimizer(
+        [p for p in model.parameters() if p.requires_grad], t.model_copy(update={"optimizer": plan.optimizer}), device
+    )
     return model, opt, scope
 
 
@@ -153,14 +181,29 @@ def variant_options(variant: str) -> dict:
     parts = variant.split("+")
     skip = [int(p[4:]) for p in parts if p.startswith("skip")]
     from tasks.config import TrainConfig
+
     modes = typing.get_args(TrainConfig.model_fields["precision"].annotation)
     precision = next((p for p in parts if p in modes), TrainConfig.model_fields["precision"].default)
-    return dict(speed="off", liger_kernels="liger" in parts, gradient_checkpointing="gc" in parts,
-                precision=precision, gradient_checkpointing_skip_last=skip[0] if skip else 0)
+    return dict(
+        speed="off",
+        liger_kernels="liger" in parts,
+        gradient_checkpointing="gc" in parts,
+        precision=precision,
+        gradient_checkpointing_skip_last=skip[0] if skip else 0,
+    )
 
 
-def measure(build, config: dict, seq: int, bs: int, steps: int, warmup: int, bf16: bool = True,
-            profile: str = "", memory_trace: str = "") -> dict:
+def measure(
+    build,
+    config: dict,
+    seq: int,
+    bs: int,
+    steps: int,
+    warmup: int,
+    bf16: bool = True,
+    profile: str = "",
+    memory_trace: str = "",
+) -> dict:
     gc.collect()  # an earlier recipe's model is cyclic garbage until collected
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -203,10 +246,15 @@ def measure(build, config: dict, seq: int, bs: int, steps: int, warmup: int, bf1
         opt.zero_grad(set_to_none=True)
         backward_peak = torch.cuda.max_memory_allocated()
         peak_bytes = max(peak_bytes, backward_peak)
-        where = {k: round((v - leftover) / 2**30, 2) for k, v in
-                 (("rest_gib", rest), ("forward_peak_gib", forward_peak), ("step_peak_gib", backward_peak))}
-        table = profile_summary.profile_steps(lambda: profile_summary.annotated_step(forward_loss, opt), 2,
-                                              profile, model) if profile else None
+        where = {
+            k: round((v - leftover) / 2**30, 2)
+            for k, v in (("rest_gib", rest), ("forward_peak_gib", forward_peak), ("step_peak_gib", backward_peak))
+        }
+        table = (
+            profile_summary.profile_steps(lambda: profile_summary.annotated_step(forward_loss, opt), 2, profile, model)
+            if profile
+            else None
+        )
         if memory_trace:
             peak_allocations(step, memory_trace)
         del model, opt, loss  # the last loss holds the graph's nodes, and through them the model
@@ -214,10 +262,16 @@ def measure(build, config: dict, seq: int, bs: int, steps: int, warmup: int, bf1
     tok_s = bs * seq / med
     gpu = torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), 989e12)
-    out = {"tokens_per_s": round(tok_s, 1), "peak_gib": round((peak_bytes - leftover) / 2**30, 2),
-           "leftover_gib": round(leftover / 2**30, 2),
-           "mfu": round(tok_s * flops_per_token(config, seq) / peak, 4), "median_step_s": round(med, 4),
-           "first_step_s": round(times[0], 2), **where, "losses": losses}
+    out = {
+        "tokens_per_s": round(tok_s, 1),
+        "peak_gib": round((peak_bytes - leftover) / 2**30, 2),
+        "leftover_gib": round(leftover / 2**30, 2),
+        "mfu": round(tok_s * flops_per_token(config, seq) / peak, 4),
+        "median_step_s": round(med, 4),
+        "first_step_s": round(times[0], 2),
+        **where,
+        "losses": losses,
+    }
     if table:
         out["profile"] = table
     gc.collect()
@@ -230,6 +284,7 @@ def peak_allocations(step, path: str, rows: int = 40) -> None:
     allocator's history over one step, replayed to its highest point; each live block with
     its size and the Python lines that allocated it (Inductor's generated code included)."""
     import linecache
+
     torch.cuda.synchronize()
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     try:
@@ -267,8 +322,9 @@ def peak_allocations(step, path: str, rows: int = 40) -> None:
         return " <- ".join(out)
 
     blocks = sorted(live.values(), key=lambda e: -e["size"])
-    lines = [f"peak over the step's start: {peak / 2**30:.3f} GiB at event {at} of {len(events)}; "
-             f"{len(blocks)} blocks live"]
+    lines = [
+        f"peak over the step's start: {peak / 2**30:.3f} GiB at event {at} of {len(events)}; {len(blocks)} blocks live"
+    ]
     for e in blocks[:rows]:
         lines.append(f"{e['size'] / 2**20:9.1f} MiB  {where(e)}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -276,8 +332,9 @@ def peak_allocations(step, path: str, rows: int = 40) -> None:
     print("\n".join(lines[:16]), flush=True)
 
 
-def unsloth(name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, tarball: str, gc_mode: str,
-            profile: str = "") -> dict:
+def unsloth(
+    name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, tarball: str, gc_mode: str, profile: str = ""
+) -> dict:
     """Unsloth's step (bench/unsloth_reference.py) in a process of its own, from the tarball."""
     site = Path("/tmp/usite")
     if not (site / "unsloth").exists():
@@ -285,10 +342,30 @@ def unsloth(name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, ta
         subprocess.run(["tar", "xzf", tarball, "-C", str(site)], check=True)
     path = checkpoint(name)  # the same weights (and directory) as the other recipes
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(Path(__file__).with_name("unsloth_reference.py")), "--shape", name, "--seq", str(seq),
-           "--bs", str(bs), "--steps", str(steps), "--warmup", str(warmup), "--rank", str(rank), "--gc", gc_mode,
-           "--dropout", "0"] + (["--profile", profile] if profile else []) + \
-        (["--model-dir", path] if path == name else [])  # a local checkpoint, with its own tokenizer
+    cmd = (
+        [
+            sys.executable,
+            str(Path(__file__).with_name("unsloth_reference.py")),
+            "--shape",
+            name,
+            "--seq",
+            str(seq),
+            "--bs",
+            str(bs),
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--rank",
+            str(rank),
+            "--gc",
+            gc_mode,
+            "--dropout",
+            "0",
+        ]
+        + (["--profile", profile] if profile else [])
+        + (["--model-dir", path] if path == name else [])
+    )  # a local checkpoint, with its own tokenizer
     gc.collect()
     torch.cuda.empty_cache()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -296,26 +373,34 @@ def unsloth(name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, ta
     if proc.returncode or not rows:
         return {"error": (proc.stdout + proc.stderr)[-1500:]}
     row = rows[-1]
-    return {"tokens_per_s": row["tokens_per_s"], "peak_gib": row["peak_gib"], "mfu": row["mfu"],
-            "median_step_s": row["median_step_s"], "losses": row["losses"], "unsloth": row.get("unsloth"),
-            **({"profile": row["profile"]} if "profile" in row else {})}
+    return {
+        "tokens_per_s": row["tokens_per_s"],
+        "peak_gib": row["peak_gib"],
+        "mfu": row["mfu"],
+        "median_step_s": row["median_step_s"],
+        "losses": row["losses"],
+        "unsloth": row.get("unsloth"),
+        **({"profile": row["profile"]} if "profile" in row else {}),
+    }
 
 
 def instruction_frame(seq: int, alpaca: str = "", copies: int = 4):
     """The Alpaca sample (x copies), tokenized as the pipeline does (prompt template, loss on
     answers), with a BPE tokenizer trained offline (no hub): real lengths, real padding."""
     import pandas as pd
+    from transformers import AutoTokenizer
+
     from bench.models import RANDOM_DIR, alpaca_sample, build_tiny_llama
     from tasks.tokenize import encode_instructions
-    from transformers import AutoTokenizer
+
     source = Path(alpaca) if alpaca else alpaca_sample()
     tok_dir = build_tiny_llama(RANDOM_DIR / "tok", source)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     rows = pd.read_json(source)
     rows = pd.concat([rows] * copies, ignore_index=True)
     from datasets import Dataset
-    encoded = encode_instructions({c: rows[c].tolist() for c in ("instruction", "input", "output")}, tok, seq,
-                                  "alpaca")
+
+    encoded = encode_instructions({c: rows[c].tolist() for c in ("instruction", "input", "output")}, tok, seq, "alpaca")
     return Dataset.from_dict({"input_ids": encoded["input_ids"], "labels": encoded["labels"]}), tok.pad_token_id
 
 
@@ -327,6 +412,7 @@ def measure_data(build, steps: list, warmup: int, warm_shapes: bool) -> dict:
     distinct micro-batch shape (no optimizer step), so that torch.compile's (re)compilations
     for new shapes stay out of the timed steps, as they would in a long run."""
     from tasks.train import loss_units
+
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -366,52 +452,88 @@ def measure_data(build, steps: list, warmup: int, warm_shapes: bool) -> dict:
             losses.append(round(loss.item(), 4))
         peak = torch.cuda.max_memory_allocated()
         del model, opt, loss
-    out = {"nonpad_tokens_per_s": round(real_tokens / seconds, 1), "timed_steps": len(steps) - warmup,
-           "micro_batches_per_step": round(micro_steps / (len(steps) - warmup), 2),
-           "step_s": round(seconds / (len(steps) - warmup), 3),
-           "peak_gib": round((peak - leftover) / 2**30, 2), "losses": losses}
+    out = {
+        "nonpad_tokens_per_s": round(real_tokens / seconds, 1),
+        "timed_steps": len(steps) - warmup,
+        "micro_batches_per_step": round(micro_steps / (len(steps) - warmup), 2),
+        "step_s": round(seconds / (len(steps) - warmup), 3),
+        "peak_gib": round((peak - leftover) / 2**30, 2),
+        "losses": losses,
+    }
     gc.collect()
     torch.cuda.empty_cache()
     return out
 
 
-def padding_vs_packing(name: str, seq: int, rank: int, variant: str, per_step: int, micro: int, rows: int,
-                       alpaca: str, copies: int, warmup: int) -> list:
+def padding_vs_packing(
+    name: str,
+    seq: int,
+    rank: int,
+    variant: str,
+    per_step: int,
+    micro: int,
+    rows: int,
+    alpaca: str,
+    copies: int,
+    warmup: int,
+) -> list:
     """The plain recipe with dynamic padding (micro-batches of `micro` examples, each padded to
     its longest) vs this project's path with packing (the same examples packed into rows of
-    `seq` tokens by tasks.batching.pack_bins, micro-batches of `rows` rows), both with the same
+    `seq` tokens by tasks.data.batching.pack_bins, micro-batches of `rows` rows), both with the same
     `per_step` examples in each optimizer step, in the same shuffled order."""
-    from tasks.batching import collate, collate_packed, pack_bins
+    from tasks.data.batching import collate, collate_packed, pack_bins
+
     frame, pad = instruction_frame(seq, alpaca, copies)
     lengths = [len(x) for x in frame["input_ids"]]
     order = torch.randperm(len(frame), generator=torch.Generator().manual_seed(0)).tolist()
-    groups = [order[i: i + per_step] for i in range(0, len(order) - per_step + 1, per_step)]  # full steps only
+    groups = [order[i : i + per_step] for i in range(0, len(order) - per_step + 1, per_step)]  # full steps only
     padded, packed = [], []
     for g in groups:
         step = []
         for i in range(0, len(g), micro):
-            b = collate(frame[g[i: i + micro]], pad, "causal_lm")
+            b = collate(frame[g[i : i + micro]], pad, "causal_lm")
             step.append((b, int(b["attention_mask"].sum())))
         padded.append(step)
         bins = pack_bins(g, lengths, seq)
-        packed.append([collate_packed(frame, bins[i: i + rows], pad) for i in range(0, len(bins), rows)])
+        packed.append([collate_packed(frame, bins[i : i + rows], pad) for i in range(0, len(bins), rows)])
     fill_padded = sum(r for s in padded for _, r in s) / sum(b["input_ids"].numel() for s in padded for b, _ in s)
     fill_packed = sum(r for s in packed for _, r in s) / sum(b["input_ids"].numel() for s in packed for b, _ in s)
-    data = {"shape": name, "data": f"alpaca-sample x{copies} ({len(frame)} examples, mean "
-            f"{sum(lengths) / len(lengths):.0f} tokens)", "examples_per_step": per_step, "steps": len(groups)}
+    data = {
+        "shape": name,
+        "data": f"alpaca-sample x{copies} ({len(frame)} examples, mean {sum(lengths) / len(lengths):.0f} tokens)",
+        "examples_per_step": per_step,
+        "steps": len(groups),
+    }
     path = checkpoint(name)
     base = measure_data(lambda: plain_recipe(path, rank), padded, warmup, warm_shapes=False)
-    rows_out = [{**data, "recipe": "plain-hf, dynamic padding", "micro_batch": f"{micro} examples",
-                 "real_token_share": round(fill_padded, 3), **base}]
+    rows_out = [
+        {
+            **data,
+            "recipe": "plain-hf, dynamic padding",
+            "micro_batch": f"{micro} examples",
+            "real_token_share": round(fill_padded, 3),
+            **base,
+        }
+    ]
     print(json.dumps(rows_out[-1]), flush=True)
     proj = measure_data(lambda: project_recipe(path, rank, variant), packed, warmup, warm_shapes=True)
     proj["nonpad_speed_ratio"] = round(proj["nonpad_tokens_per_s"] / base["nonpad_tokens_per_s"], 3)
-    rows_out.append({**data, "recipe": f"qlora-flow[{variant}]+packing", "micro_batch": f"{rows} packed rows of "
-                     f"<= {seq} tokens", "real_token_share": round(fill_packed, 3), **proj})
+    rows_out.append(
+        {
+            **data,
+            "recipe": f"qlora-flow[{variant}]+packing",
+            "micro_batch": f"{rows} packed rows of <= {seq} tokens",
+            "real_token_share": round(fill_packed, 3),
+            **proj,
+        }
+    )
     print(json.dumps(rows_out[-1]), flush=True)
-    print(f"packing, {name}, {per_step} examples a step: plain + dynamic padding {base['nonpad_tokens_per_s']:,.0f} "
-          f"non-pad tokens/s ({base['peak_gib']} GiB), qlora-flow[{variant}] + packing "
-          f"{proj['nonpad_tokens_per_s']:,.0f} ({proj['peak_gib']} GiB): {proj['nonpad_speed_ratio']}x", flush=True)
+    print(
+        f"packing, {name}, {per_step} examples a step: plain + dynamic padding {base['nonpad_tokens_per_s']:,.0f} "
+        f"non-pad tokens/s ({base['peak_gib']} GiB), qlora-flow[{variant}] + packing "
+        f"{proj['nonpad_tokens_per_s']:,.0f} ({proj['peak_gib']} GiB): {proj['nonpad_speed_ratio']}x",
+        flush=True,
+    )
     return rows_out
 
 
@@ -425,49 +547,68 @@ def max_diff(losses: list, ref: list | None) -> float | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="llama-1b,llama-8b", help=f"shapes of random-weight Llamas: {', '.join(SHAPES)}")
-    ap.add_argument("--model-dir", default="", help="local checkpoint directories (comma-separated) measured as they are "
-                    "instead of --shapes: any Llama, Mistral or Qwen2 (config.json's model_type picks the code)")
+    ap.add_argument(
+        "--shapes", default="llama-1b,llama-8b", help=f"shapes of random-weight Llamas: {', '.join(SHAPES)}"
+    )
+    ap.add_argument(
+        "--model-dir",
+        default="",
+        help="local checkpoint directories (comma-separated) measured as they are "
+        "instead of --shapes: any Llama, Mistral or Qwen2 (config.json's model_type picks the code)",
+    )
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--variants", default="auto",
-                    help="project variants, comma-separated: auto, lean, offload (train.speed); auto+nocompile, auto+bnb "
-                         "leave one lever out: compilation, the traced 4-bit layers; auto+adamw: fused AdamW "
-                         "instead of paged AdamW 32-bit; auto+flat / auto+perparam: paged AdamW 32-bit over one flat buffer / per tensor; "
-                         "auto+splitN: decoder layers as two compiled halves, MLP backward in N token chunks; "
-                         "auto+onegraph: one compiled graph per layer; auto+offload: layer inputs in host memory; "
-                         "auto+cse, auto+nobudget: partitioner settings; auto+nofused: q/k/v and gate/up as separate GEMMs; "
-                         "auto+notriton: the NF4 dequantization as tensor code instead of tasks/fast/ops/nf4_triton.py; "
-                         "auto+ingemm / auto+ingemmall: train.adapters_in_gemm, the LoRA B's inside the base GEMMs of q/k/v "
-                         "and gate/up / of o and down too (gate/up's stay in the SwiGLU kernel unless auto+noswiglu: "
-                         "then they are added to the base output apart, in the next elementwise kernel); auto+padkN: their K padded to a multiple of N (default 64); "
-                         "auto+budgetNN: the partitioner's activation_memory_budget NN/100; auto+fp32res / auto+bf16res: the residual "
-                         "stream between layers in fp32 (inputs checkpointed in bf16; train.fp32_residual) / in bf16; "
-                         "auto+torchcheckpoint: whole layers checkpointed by torch's checkpoint instead of "
-                         "tasks/fast/ops/layer_checkpoint.py), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
-                         "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)")
+    ap.add_argument(
+        "--variants",
+        default="auto",
+        help="project variants, comma-separated: auto, lean, offload (train.speed); auto+nocompile, auto+bnb "
+        "leave one lever out: compilation, the traced 4-bit layers; auto+adamw: fused AdamW "
+        "instead of paged AdamW 32-bit; auto+flat / auto+perparam: paged AdamW 32-bit over one flat buffer / per tensor; "
+        "auto+splitN: decoder layers as two compiled halves, MLP backward in N token chunks; "
+        "auto+onegraph: one compiled graph per layer; auto+offload: layer inputs in host memory; "
+        "auto+cse, auto+nobudget: partitioner settings; auto+nofused: q/k/v and gate/up as separate GEMMs; "
+        "auto+notriton: the NF4 dequantization as tensor code instead of tasks/fast/ops/nf4_triton.py; "
+        "auto+ingemm / auto+ingemmall: train.adapters_in_gemm, the LoRA B's inside the base GEMMs of q/k/v "
+        "and gate/up / of o and down too (gate/up's stay in the SwiGLU kernel unless auto+noswiglu: "
+        "then they are added to the base output apart, in the next elementwise kernel); auto+padkN: their K padded to a multiple of N (default 64); "
+        "auto+budgetNN: the partitioner's activation_memory_budget NN/100; auto+fp32res / auto+bf16res: the residual "
+        "stream between layers in fp32 (inputs checkpointed in bf16; train.fp32_residual) / in bf16; "
+        "auto+torchcheckpoint: whole layers checkpointed by torch's checkpoint instead of "
+        "tasks/fast/ops/layer_checkpoint.py), or train.speed: off with '+'-joined flags from: liger, gc, skipN "
+        "(train.gradient_checkpointing_skip_last), fp32_upcast|mixed|bf16 (train.precision)",
+    )
     ap.add_argument("--reference", default="", help="shapes that also get the fp32-compute reference's losses")
     ap.add_argument("--unsloth", default="", help="Unsloth tarball (.usite.tgz); empty: no Unsloth run")
     ap.add_argument("--unsloth-gc", default="true", help="true (recompute on the GPU) or unsloth (offloaded), or both")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain recipe (no ratios to it)")
-    ap.add_argument("--profile", default="", help="folder: each recipe's step profiled (torch.profiler, 2 steps) and "
-                    "summarised by kind of kernel (bench/profile_summary.py), ms per step, Unsloth's too; "
-                    "writes profile_SHAPE.json and .txt there")
+    ap.add_argument(
+        "--profile",
+        default="",
+        help="folder: each recipe's step profiled (torch.profiler, 2 steps) and "
+        "summarised by kind of kernel (bench/profile_summary.py), ms per step, Unsloth's too; "
+        "writes profile_SHAPE.json and .txt there",
+    )
     ap.add_argument("--out", default="", help="write the JSON lines to OUT.jsonl as well")
-    ap.add_argument("--packing", default="", help="shapes or checkpoint directories for the real-data run: padding vs "
-                    "packing (no other runs)")
+    ap.add_argument(
+        "--packing",
+        default="",
+        help="shapes or checkpoint directories for the real-data run: padding vs packing (no other runs)",
+    )
     ap.add_argument("--alpaca", default="", help="the Alpaca sample's JSON (default: bench/models.alpaca_sample())")
     ap.add_argument("--copies", type=int, default=4, help="packing run: the sample repeated this many times")
     ap.add_argument("--examples-per-step", type=int, default=48, help="packing run: examples per optimizer step")
     ap.add_argument("--micro", type=int, default=4, help="packing run: plain recipe's examples per micro-batch")
     ap.add_argument("--pack-rows", type=int, default=4, help="packing run: packed rows per micro-batch")
     ap.add_argument("--memory-trace", default="", help="folder for each project variant's live blocks at its peak")
-    ap.add_argument("--reference-losses", default="",
-                    help="a .jsonl of an earlier run of this bench holding the fp32-reference row for the shape "
-                         "(same seed, data and steps), instead of running it again")
+    ap.add_argument(
+        "--reference-losses",
+        default="",
+        help="a .jsonl of an earlier run of this bench holding the fp32-reference row for the shape "
+        "(same seed, data and steps), instead of running it again",
+    )
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA GPU"}))
@@ -484,8 +625,18 @@ def main() -> int:
     emit({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv)})
     if a.packing:  # padding vs packing on real instruction data
         for name in a.packing.split(","):
-            for row in padding_vs_packing(name, a.seq, a.rank, a.variants.split(",")[0], a.examples_per_step,
-                                          a.micro, a.pack_rows, a.alpaca, a.copies, warmup=1):
+            for row in padding_vs_packing(
+                name,
+                a.seq,
+                a.rank,
+                a.variants.split(",")[0],
+                a.examples_per_step,
+                a.micro,
+                a.pack_rows,
+                a.alpaca,
+                a.copies,
+                warmup=1,
+            ):
                 if out:
                     out.write(json.dumps(row) + "\n")
                     out.flush()
@@ -508,33 +659,63 @@ def main() -> int:
         if not a.no_plain:
             run("plain-hf", lambda: plain_recipe(path, a.rank))
         if a.unsloth:
-            for mode in (["true", "unsloth"] if a.unsloth_gc == "both" else [a.unsloth_gc]):
+            for mode in ["true", "unsloth"] if a.unsloth_gc == "both" else [a.unsloth_gc]:
                 trace = f"/tmp/trace_{name}_unsloth_{mode}.json" if a.profile else ""
-                run(f"unsloth[gc={mode}]", result=unsloth(name, a.seq, a.bs, a.steps, a.warmup, a.rank, a.unsloth, mode,
-                                                          trace))
+                run(
+                    f"unsloth[gc={mode}]",
+                    result=unsloth(name, a.seq, a.bs, a.steps, a.warmup, a.rank, a.unsloth, mode, trace),
+                )
         for variant in filter(None, a.variants.split(",")):
             prof = f"/tmp/trace_{name}_{variant.replace('+', '-')}.json" if a.profile else ""
             trace = f"{a.memory_trace}/peak_{name}_{variant.replace('+', '-')}.txt" if a.memory_trace else ""
-            run(f"qlora-flow[{variant}]", lambda: project_recipe(path, a.rank, variant), profile=prof,
-                memory_trace=trace)
+            run(
+                f"qlora-flow[{variant}]",
+                lambda: project_recipe(path, a.rank, variant),
+                profile=prof,
+                memory_trace=trace,
+            )
         if name in a.reference.split(","):  # last (slow); for the loss curves only: its speed is not the point
             run("fp32-reference", lambda: plain_recipe(path, a.rank, torch.float32), bf16=False)
         if a.reference_losses and "fp32-reference" not in rows:
-            earlier = [json.loads(line) for line in Path(a.reference_losses).read_text().splitlines()
-                       if line.startswith("{")]
-            ref_row = next((r for r in earlier if r.get("shape") == name and r.get("recipe") == "fp32-reference"
-                            and "losses" in r), None)
+            earlier = [
+                json.loads(line) for line in Path(a.reference_losses).read_text().splitlines() if line.startswith("{")
+            ]
+            ref_row = next(
+                (
+                    r
+                    for r in earlier
+                    if r.get("shape") == name and r.get("recipe") == "fp32-reference" and "losses" in r
+                ),
+                None,
+            )
             if ref_row and len(ref_row["losses"]) == a.warmup + a.steps:
                 rows["fp32-reference"] = ref_row
-                emit({"shape": name, "recipe": "fp32-reference", "from": a.reference_losses,
-                      "tokens_per_s": ref_row.get("tokens_per_s"), "losses": ref_row["losses"]})
+                emit(
+                    {
+                        "shape": name,
+                        "recipe": "fp32-reference",
+                        "from": a.reference_losses,
+                        "tokens_per_s": ref_row.get("tokens_per_s"),
+                        "losses": ref_row["losses"],
+                    }
+                )
         profiles = {recipe: r["profile"] for recipe, r in rows.items() if isinstance(r.get("profile"), dict)}
         if profiles:
             Path(a.profile).mkdir(parents=True, exist_ok=True)
-            Path(f"{a.profile}/profile_{name}.json").write_text(json.dumps(
-                {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(0), "shape": name,
-                 "profiles": profiles}, indent=1))
-            text = f"{name}, ms per step by kind of GPU work (2 profiled steps each)\n" + profile_summary.table(profiles)
+            Path(f"{a.profile}/profile_{name}.json").write_text(
+                json.dumps(
+                    {
+                        "command": " ".join(sys.argv),
+                        "gpu": torch.cuda.get_device_name(0),
+                        "shape": name,
+                        "profiles": profiles,
+                    },
+                    indent=1,
+                )
+            )
+            text = f"{name}, ms per step by kind of GPU work (2 profiled steps each)\n" + profile_summary.table(
+                profiles
+            )
             Path(f"{a.profile}/profile_{name}.txt").write_text(text + "\n")
             print(text, flush=True)
         plain = rows.get("plain-hf", {})
@@ -545,14 +726,20 @@ def main() -> int:
             # Unsloth of the same checkpointing class: offloaded against its offloaded, else recompute on the GPU
             offloaded = "offload" in recipe or recipe == "unsloth[gc=unsloth]"
             uns = rows.get("unsloth[gc=unsloth]" if offloaded else "unsloth[gc=true]", {})
-            summary = {"shape": name, "recipe": recipe, "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"],
-                       "mfu": r["mfu"], "vs_plain": ratio(r["tokens_per_s"], plain.get("tokens_per_s")),
-                       "memory_vs_plain": ratio(r["peak_gib"], plain.get("peak_gib")),
-                       "vs_unsloth": ratio(r["tokens_per_s"], uns.get("tokens_per_s")),
-                       "memory_vs_unsloth": ratio(r["peak_gib"], uns.get("peak_gib")),
-                       "max_loss_diff_vs_fp32": max_diff(r["losses"], ref),
-                       "max_loss_diff_vs_plain": max_diff(r["losses"], plain.get("losses")),
-                       "steps": len(r["losses"])}
+            summary = {
+                "shape": name,
+                "recipe": recipe,
+                "tokens_per_s": r["tokens_per_s"],
+                "peak_gib": r["peak_gib"],
+                "mfu": r["mfu"],
+                "vs_plain": ratio(r["tokens_per_s"], plain.get("tokens_per_s")),
+                "memory_vs_plain": ratio(r["peak_gib"], plain.get("peak_gib")),
+                "vs_unsloth": ratio(r["tokens_per_s"], uns.get("tokens_per_s")),
+                "memory_vs_unsloth": ratio(r["peak_gib"], uns.get("peak_gib")),
+                "max_loss_diff_vs_fp32": max_diff(r["losses"], ref),
+                "max_loss_diff_vs_plain": max_diff(r["losses"], plain.get("losses")),
+                "steps": len(r["losses"]),
+            }
             results.append(summary)
             emit({"summary": True, **summary})
     print_table(results)
@@ -560,8 +747,20 @@ def main() -> int:
 
 
 def print_table(results: list) -> None:
-    cols = ["shape", "recipe", "tokens_per_s", "peak_gib", "mfu", "vs_plain", "memory_vs_plain", "vs_unsloth",
-            "memory_vs_unsloth", "max_loss_diff_vs_fp32", "max_loss_diff_vs_plain", "steps"]
+    cols = [
+        "shape",
+        "recipe",
+        "tokens_per_s",
+        "peak_gib",
+        "mfu",
+        "vs_plain",
+        "memory_vs_plain",
+        "vs_unsloth",
+        "memory_vs_unsloth",
+        "max_loss_diff_vs_fp32",
+        "max_loss_diff_vs_plain",
+        "steps",
+    ]
     print("| " + " | ".join(cols) + " |")
     print("|" + " --- |" * len(cols))
     for r in results:

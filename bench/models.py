@@ -6,6 +6,7 @@ SHAPES is the one list of benchmark shapes: gpu_qlora_bench.py, unsloth_referenc
 gpu_ddp_scaling.py and random_4bit.py all read it. A real checkpoint is measured as it is
 instead (gpu_qlora_bench.py --model-dir): its config.json gives the architecture.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,30 @@ import os
 from pathlib import Path
 
 SHAPES = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "llama-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "llama-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
 }
 RANDOM_DIR = Path("/tmp/qlora-bench")  # where random-weight checkpoints of a shape are written once
 
@@ -26,6 +45,7 @@ RANDOM_DIR = Path("/tmp/qlora-bench")  # where random-weight checkpoints of a sh
 def llama_config(name: str):
     """The Llama config of a benchmark shape (Llama 3's rope and context)."""
     from transformers import LlamaConfig
+
     return LlamaConfig(**SHAPES[name], max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
 
 
@@ -38,8 +58,12 @@ def shape_config(model_dir: str | Path) -> dict:
 def flops_per_token(config: dict, seq: int) -> float:
     """Training FLOPs a token (forward and backward: 4N for the matmuls with frozen weights, as in
     ../shared/bench, plus attention's) of a Llama-layout decoder with this config."""
-    h, n_layers, inter, vocab = (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"],
-                                 config["vocab_size"])
+    h, n_layers, inter, vocab = (
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        config["intermediate_size"],
+        config["vocab_size"],
+    )
     head_dim = config.get("head_dim") or h // config["num_attention_heads"]
     q = config["num_attention_heads"] * head_dim
     kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
@@ -51,6 +75,7 @@ def model_dir(name: str) -> str:
     """RANDOM_DIR/name: the shape with seeded random bf16 weights (written on the GPU once)."""
     import torch
     from transformers import LlamaForCausalLM
+
     path = RANDOM_DIR / name
     if (path / "config.json").exists():
         return str(path)
@@ -72,7 +97,7 @@ def alpaca_sample() -> Path:
 
 def build_tiny_llama(out: Path, corpus_json: Path, vocab_size: int = 384, seed: int = 0) -> Path:
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     rows = json.loads(Path(corpus_json).read_text())
@@ -81,15 +106,31 @@ def build_tiny_llama(out: Path, corpus_json: Path, vocab_size: int = 384, seed: 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size,
-                            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>",
-                                  eos_token="</s>", pad_token="<pad>")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -100,8 +141,7 @@ def save_random_llama(out: Path, **shape) -> str:
     """A Llama of the given shape with seeded random bf16 weights, saved (no tokenizer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **shape)).to(torch.bfloat16).save_pretrained(out)
     return str(out)
-
-

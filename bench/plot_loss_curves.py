@@ -4,6 +4,7 @@ one, else from the plain recipe's (bottom).
 
     python bench/plot_loss_curves.py bench/results/X.jsonl [more.jsonl ...] -o out.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 
 STYLE = {"plain-hf": ("k", "--"), "fp32-reference": ("tab:blue", ":")}  # others: by recipe or precision mode
 VARIANTS: dict = {}
@@ -60,7 +60,9 @@ def main() -> int:
             axes[0][col].plot(steps, losses, color=color, ls=line, label=recipe)
             axes[1][col].plot(steps, [x - y for x, y in zip(losses, base)], color=color, ls=line, label=recipe)
         axes[0][col].set_title(f"{shape}: training loss, same seed and batch")
-        axes[1][col].set_title(f"loss minus the {'all-fp32 reference' if base_name != 'plain-hf' else 'plain recipe'}'s")
+        axes[1][col].set_title(
+            f"loss minus the {'all-fp32 reference' if base_name != 'plain-hf' else 'plain recipe'}'s"
+        )
         axes[1][col].set_xlabel("step")
         axes[1][col].axhline(0, color="grey", lw=0.5)
         axes[0][col].legend(fontsize=8)

@@ -22,6 +22,7 @@ that enclose its launch on the launching thread (the trace's correlation ids):
 "idle" is the step's wall time (qf:step, which ends with a synchronize) minus the time the GPU
 was busy with any kernel or copy.
 """
+
 from __future__ import annotations
 
 import collections
@@ -34,17 +35,36 @@ import torch
 GEMM = re.compile(r"gemm|nvjet|xmma|cutlass|cublas|wgmma|s16816|splitk", re.I)
 ATTENTION = re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)
 DEQUANT = re.compile(r"dequant|nf4|triton_.*(bitwise|rshift|right_shift)", re.I)
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::addmm_",
-              "aten::baddbmm", "aten::_addmm_activation"}
-CATEGORIES = ["GEMM base fwd", "GEMM base recompute", "GEMM base bwd", "GEMM LoRA", "attention", "NF4 dequant",
-              "elementwise / norm / other", "LM head + loss (all kernels)", "optimizer", "memcpy / memset",
-              "idle / host gaps"]
+MATMUL_OPS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::matmul",
+    "aten::linear",
+    "aten::addmm_",
+    "aten::baddbmm",
+    "aten::_addmm_activation",
+}
+CATEGORIES = [
+    "GEMM base fwd",
+    "GEMM base recompute",
+    "GEMM base bwd",
+    "GEMM LoRA",
+    "attention",
+    "NF4 dequant",
+    "elementwise / norm / other",
+    "LM head + loss (all kernels)",
+    "optimizer",
+    "memcpy / memset",
+    "idle / host gaps",
+]
 HEAD_DONE = "qf:last_layer_done"  # the instant mark_head sets
 
 
 def annotated_step(forward_loss, optimizer):
     """One training step with the qf:* ranges this summary reads (and a synchronize at its end)."""
     from torch.profiler import record_function
+
     with record_function("qf:step"):
         with record_function("qf:forward"):
             loss = forward_loss()
@@ -61,6 +81,7 @@ def mark_head(model) -> list:
     """A hook on the last decoder layer: an instant when its forward is done (what the forward
     launches after it is the final norm, the LM head and the loss). Returns the handles."""
     from torch.profiler import record_function
+
     layers = [m for m in model.modules() if hasattr(m, "self_attn") and hasattr(m, "mlp")]
     if not layers:
         return []
@@ -68,12 +89,14 @@ def mark_head(model) -> list:
     def after_forward(module, args, output):
         with record_function(HEAD_DONE):
             pass
+
     return [layers[-1].register_forward_hook(after_forward)]
 
 
 def profile_steps(step, steps: int, trace_path: str, model=None) -> dict:
     """Run `step` (annotated_step inside) `steps` times under torch.profiler; summarise."""
     from torch.profiler import ProfilerActivity, profile
+
     hooks = mark_head(model) if model is not None else []
     torch.cuda.synchronize()
     try:
@@ -138,8 +161,12 @@ def summarize(trace_path: str) -> dict:
                 stack.pop()
             stacks[corr] = list(stack)
     steps = [r for rows in cpu.values() for r in rows if r[2] == "qf:step"]
-    ranges = sorted((r[0], r[1], r[2]) for rows in cpu.values() for r in rows
-                    if r[2] in ("qf:forward", "qf:backward", "qf:optimizer"))
+    ranges = sorted(
+        (r[0], r[1], r[2])
+        for rows in cpu.values()
+        for r in rows
+        if r[2] in ("qf:forward", "qf:backward", "qf:optimizer")
+    )
     head_done = sorted(r[0] for rows in cpu.values() for r in rows if r[2] == HEAD_DONE)
 
     def phase(ts):
@@ -211,24 +238,34 @@ def summarize(trace_path: str) -> dict:
             end = b
     ms["idle / host gaps"] = max(wall - union / 1000, 0.0)
     per_step = {c: round(ms.get(c, 0.0) / n, 1) for c in CATEGORIES}
-    return {"steps": len(steps), "step_ms": round(wall / n, 1), "gpu_busy_ms": round(union / 1000 / n, 1),
-            "ms_per_step": per_step,
-            "top_kernels": {c: [[k, round(v / n, 2)] for k, v in names[c].most_common(6)] for c in names}}
+    return {
+        "steps": len(steps),
+        "step_ms": round(wall / n, 1),
+        "gpu_busy_ms": round(union / 1000 / n, 1),
+        "ms_per_step": per_step,
+        "top_kernels": {c: [[k, round(v / n, 2)] for k, v in names[c].most_common(6)] for c in names},
+    }
 
 
 def _recomputed(labels: list) -> bool:
     """A kernel launched in backward by a forward that is being replayed (checkpointing)."""
-    inner = max((i for i, name in enumerate(labels) if name.startswith("autograd::engine::evaluate_function")),
-                default=-1)
+    inner = max(
+        (i for i, name in enumerate(labels) if name.startswith("autograd::engine::evaluate_function")), default=-1
+    )
     if inner >= 0 and "Checkpoint" in labels[inner]:
         return True  # reentrant checkpoint: its backward node reruns the forward
-    deeper = labels[inner + 1:]
+    deeper = labels[inner + 1 :]
     # non-reentrant checkpoint (ours): the recompute runs a compiled forward (or a forward
     # autograd function) inside the backward node that first unpacks a saved tensor
-    return any(name == "CompiledFunction" or (not name.startswith(("aten::", "qf:", "autograd::", "torch::autograd",
-                                                                    "cuda", "##", "<"))
-                                              and "Backward" not in name and "backward" not in name)
-               for name in deeper)
+    return any(
+        name == "CompiledFunction"
+        or (
+            not name.startswith(("aten::", "qf:", "autograd::", "torch::autograd", "cuda", "##", "<"))
+            and "Backward" not in name
+            and "backward" not in name
+        )
+        for name in deeper
+    )
 
 
 def table(rows: dict) -> str:
@@ -240,4 +277,3 @@ def table(rows: dict) -> str:
     lines.append("| GPU busy | " + " | ".join(f"{rows[r]['gpu_busy_ms']:.1f}" for r in recipes) + " |")
     lines.append("| step (wall, profiled) | " + " | ".join(f"{rows[r]['step_ms']:.1f}" for r in recipes) + " |")
     return "\n".join(lines)
-

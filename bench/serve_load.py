@@ -9,6 +9,7 @@ Requests are real AG News rows the model never saw, one row per request (--rows-
 
     python bench/serve_load.py --clients 8 --seconds 120 --out bench/results/serve_load_cpu2.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,12 @@ from data_scale import scratch_project  # noqa: E402
 
 def _env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "QLORA_", "MLFLOW_"))}
-    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1",
-               PATH=f"{REPO / '.venv/bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DVC_NO_ANALYTICS="1",
+        PYTHONUNBUFFERED="1",
+        PATH=f"{REPO / '.venv/bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     return env | (extra or {})
 
 
@@ -72,6 +77,7 @@ def tiny_champion(dest: Path, name: str) -> Path:
         sys.exit(f"qlora run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
     version = run.stdout.split("(model version ")[1].split(")")[0]
     import mlflow
+
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns.db'}")
     mlflow.tracking.MlflowClient().set_registered_model_alias(name, "champion", version)
     return root
@@ -79,10 +85,26 @@ def tiny_champion(dest: Path, name: str) -> Path:
 
 def serve(model_uri: str, tracking_uri: str, cwd: Path, log: Path, timeout: float = 300):
     port = _port()
-    proc = subprocess.Popen([str(REPO / ".venv/bin/mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
-                             "local", "--host", "127.0.0.1", "--port", str(port)], cwd=cwd,
-                            env=_env({"MLFLOW_TRACKING_URI": tracking_uri}), stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(REPO / ".venv/bin/mlflow"),
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=cwd,
+        env=_env({"MLFLOW_TRACKING_URI": tracking_uri}),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while True:
@@ -142,12 +164,21 @@ def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
         t.join()
     wall = time.perf_counter() - started
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else [float("nan")] * 99
-    return {"requests": len(latencies) + len(errors), "ok": len(latencies), "errors": len(errors),
-            "error_samples": sorted(set(errors))[:5], "wall_s": round(wall, 2),
-            "throughput_rps": round(len(latencies) / wall, 2),
-            "latency_ms": {"p50": round(q[49] * 1000, 1), "p90": round(q[89] * 1000, 1), "p99": round(q[98] * 1000, 1),
-                           "mean": round(statistics.fmean(latencies) * 1000, 1) if latencies else None,
-                           "max": round(max(latencies) * 1000, 1) if latencies else None}}
+    return {
+        "requests": len(latencies) + len(errors),
+        "ok": len(latencies),
+        "errors": len(errors),
+        "error_samples": sorted(set(errors))[:5],
+        "wall_s": round(wall, 2),
+        "throughput_rps": round(len(latencies) / wall, 2),
+        "latency_ms": {
+            "p50": round(q[49] * 1000, 1),
+            "p90": round(q[89] * 1000, 1),
+            "p99": round(q[98] * 1000, 1),
+            "mean": round(statistics.fmean(latencies) * 1000, 1) if latencies else None,
+            "max": round(max(latencies) * 1000, 1) if latencies else None,
+        },
+    }
 
 
 def main() -> None:
@@ -168,24 +199,39 @@ def main() -> None:
     name = raw["tracking"]["registered_model"] if args.project else args.model
     ag = pd.read_csv(AG_NEWS, header=None, dtype=str, keep_default_na=False).iloc[4000:4400]  # not trained on
     k = args.rows_per_request
-    bodies = [json.dumps({"dataframe_split": {"columns": ["title", "description"],
-                                              "data": ag.iloc[i:i + k, 1:3].values.tolist()}}).encode()
-              for i in range(0, len(ag) - k + 1, k)]
+    bodies = [
+        json.dumps(
+            {"dataframe_split": {"columns": ["title", "description"], "data": ag.iloc[i : i + k, 1:3].values.tolist()}}
+        ).encode()
+        for i in range(0, len(ag) - k + 1, k)
+    ]
     proc, url = serve(f"models:/{name}@champion", tracking_uri, root, work / "serve.log")
     try:
         load(url, bodies[:2], 1, 0.1)  # warm-up: the first request loads lazily held state
         result = load(url, bodies, args.clients, args.seconds)
     finally:
         stop(proc)
-    result = {"bench": "serve_load", "model": f"models:/{name}@champion", "clients": args.clients,
-              "seconds": args.seconds, "rows_per_request": k, **result,
-              "machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                          "python": platform.python_version()}, "setup_s": round(setup_s, 1),
-              "date": time.strftime("%Y-%m-%d")}
+    result = {
+        "bench": "serve_load",
+        "model": f"models:/{name}@champion",
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "rows_per_request": k,
+        **result,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+        "setup_s": round(setup_s, 1),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     lat = result["latency_ms"]
-    print(f"serve_load: {result['clients']} clients x {args.seconds:.0f} s on {url} ({os.cpu_count()} CPUs): "
-          f"{result['ok']} ok, {result['errors']} errors; {result['throughput_rps']} req/s; "
-          f"latency p50 {lat['p50']} ms, p99 {lat['p99']} ms (mean {lat['mean']}, max {lat['max']})")
+    print(
+        f"serve_load: {result['clients']} clients x {args.seconds:.0f} s on {url} ({os.cpu_count()} CPUs): "
+        f"{result['ok']} ok, {result['errors']} errors; {result['throughput_rps']} req/s; "
+        f"latency p50 {lat['p50']} ms, p99 {lat['p99']} ms (mean {lat['mean']}, max {lat['max']})"
+    )
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "a") as f:

@@ -4,6 +4,7 @@ GPU's copy rate, measured here with a device-to-device copy). Prints one line pe
 
     python bench/swiglu_tiles.py [--tokens 8192 --n 14336 --rank 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ def ms(fn, repeat: int = 20) -> float:
 
 def main() -> None:
     from tasks.fast.ops import swiglu_lora
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--n", type=int, default=14336)
@@ -45,8 +47,10 @@ def main() -> None:
     big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     copy_gbs = 2 * big.numel() / ms(lambda: big.clone()) / 1e6
     fwd_bytes, bwd_bytes = y.numel() * 2 + t * n * 2, y.numel() * 2 * 2 + t * n * 2
-    print(f"copy rate {copy_gbs:.0f} GB/s; floor: forward {fwd_bytes / copy_gbs / 1e6:.3f} ms, "
-          f"backward {bwd_bytes / copy_gbs / 1e6:.3f} ms")
+    print(
+        f"copy rate {copy_gbs:.0f} GB/s; floor: forward {fwd_bytes / copy_gbs / 1e6:.3f} ms, "
+        f"backward {bwd_bytes / copy_gbs / 1e6:.3f} ms"
+    )
     for bt, bn, warps in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
         try:
             f = ms(lambda: swiglu_lora.with_tiles(y, m, b_gate, b_up, None, (bt, bn, warps)))
@@ -54,8 +58,10 @@ def main() -> None:
         except Exception as e:  # a tile too large for shared memory or registers
             print(f"BT {bt:4d} BN {bn:4d} warps {warps}: {type(e).__name__}")
             continue
-        print(f"BT {bt:4d} BN {bn:4d} warps {warps}: forward {f:.3f} ms ({fwd_bytes / f / 1e6:.0f} GB/s), "
-              f"backward {b:.3f} ms ({bwd_bytes / b / 1e6:.0f} GB/s)")
+        print(
+            f"BT {bt:4d} BN {bn:4d} warps {warps}: forward {f:.3f} ms ({fwd_bytes / f / 1e6:.0f} GB/s), "
+            f"backward {b:.3f} ms ({bwd_bytes / b / 1e6:.0f} GB/s)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`qlora` command line. The pipeline's state lives in DVC (dvc.yaml, params.yaml, dvc.lock):
 `qlora run` reproduces it through DVC inside a Prefect flow and records the result in MLflow;
 `qlora stage NAME` is the command each dvc.yaml stage runs (through bin/qlora)."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ class _ExpectedErrorsOnce:
     def filter(self, record) -> bool:
         from tasks.common import PipelineError
         from tasks.config import ParamsError
+
         exc = record.exc_info[1] if record.exc_info else None
         return not isinstance(exc, (PipelineError, ParamsError))
 
@@ -32,55 +34,80 @@ def _quiet_expected_errors() -> None:
 
     import prefect  # noqa: F401 (sets up logging)
     from prefect.logging.handlers import PrefectConsoleHandler
+
     for handler in logging.getLogger().handlers:
         if isinstance(handler, PrefectConsoleHandler) and not any(
-                isinstance(f, _ExpectedErrorsOnce) for f in handler.filters):
+            isinstance(f, _ExpectedErrorsOnce) for f in handler.filters
+        ):
             handler.addFilter(_ExpectedErrorsOnce())
 
 
 def _print_outcome(root: Path, out, seconds: float) -> None:
     from tasks import catalog
     from tasks.common import read_json
+
     facts = {"validate": catalog.VALIDATION_REPORT, "train": catalog.TRAIN_SUMMARY, "evaluate": catalog.METRICS}
     print(f"\nqlora run finished in {seconds:.1f} s")
     for name, s in out.stages.items():
         keys = ""
         if name in facts and (root / facts[name]).exists():
-            keys = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in read_json(root / facts[name]).items()
-                             if k in ("rows", "accuracy", "macro_f1", "eval_loss", "perplexity", "exact_match",
-                                      "base_exact_match", "rougeL", "base_rougeL", "final_loss", "steps"))
+            keys = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in read_json(root / facts[name]).items()
+                if k
+                in (
+                    "rows",
+                    "accuracy",
+                    "macro_f1",
+                    "eval_loss",
+                    "perplexity",
+                    "exact_match",
+                    "base_exact_match",
+                    "rougeL",
+                    "base_rougeL",
+                    "final_loss",
+                    "steps",
+                )
+            )
         print(f"  {name:<9} {'ran' if s.ran else 'skipped':<8} {keys}")
     print(f"  data:     {out.data['data_path']} md5 {out.data['md5']} ({out.data['status']})")
     print(f"  adapter:  {root / catalog.ADAPTER_DIR}")
     print(f"  merged:   {root / catalog.MERGED_DIR}")
     print(f"  metrics:  {root / catalog.METRICS}")
     if out.experiment:
-        print(f"  dvc:      experiment {out.experiment.name} ({out.experiment.rev[:7]}, baseline "
-              f"{out.experiment.baseline[:7]}): `dvc exp show`, `dvc exp apply {out.experiment.name}`")
+        print(
+            f"  dvc:      experiment {out.experiment.name} ({out.experiment.rev[:7]}, baseline "
+            f"{out.experiment.baseline[:7]}): `dvc exp show`, `dvc exp apply {out.experiment.name}`"
+        )
     ml = out.mlflow
     if ml.get("reused"):
         print(f"  mlflow:   nothing changed: run {ml['run_id']} at {ml['tracking_uri']} already holds these outputs")
     else:
-        print(f"  mlflow:   run {ml['run_id']} at {ml['tracking_uri']}"
-              + (f" (model version {ml['model_version']})" if ml.get("model_version") else ""))
+        print(
+            f"  mlflow:   run {ml['run_id']} at {ml['tracking_uri']}"
+            + (f" (model version {ml['model_version']})" if ml.get("model_version") else "")
+        )
 
 
 def _apply_overrides(root: Path, overrides: list[str]) -> None:
-    from flows import dvc_ops
+    from flows.dvc import dvc_ops
+
     dvc_ops.apply_params(root, overrides)
-    print(f"params.yaml: set {', '.join(overrides)}. As with `dvc exp run -S`, the workspace keeps these values "
-          f"after the run; `dvc exp apply`/`git checkout params.yaml` switch back.")
+    print(
+        f"params.yaml: set {', '.join(overrides)}. As with `dvc exp run -S`, the workspace keeps these values "
+        f"after the run; `dvc exp apply`/`git checkout params.yaml` switch back."
+    )
 
 
 def cmd_run(args) -> int:
     root = Path.cwd()
     configure_env(root)
-    from flows.data_check import ALLOW_ENV
+    from flows.dvc.data_check import ALLOW_ENV
     from flows.lock import ProjectBusy, project_lock
     from flows.prefect_server import prefect_api
     from tasks.common import PipelineError
     from tasks.config import ParamsError, load_params
+
     if args.allow_unverified_data:
         os.environ[ALLOW_ENV] = "1"
     started = time.perf_counter()
@@ -91,11 +118,13 @@ def cmd_run(args) -> int:
                 raise PipelineError(f"{root} is not a DVC project (no .dvc/): run qlora in a clone of qlora-flow")
             if args.set:
                 _apply_overrides(root, args.set)
-            from flows.stages import sync_dvc_yaml
+            from flows.dvc.stages import sync_dvc_yaml
+
             note = sync_dvc_yaml(root, params, write=True)
             if note:
                 print(note)
-            from flows import dvc_ops
+            from flows.dvc import dvc_ops
+
             experiment = bool(args.set or args.name)
             if experiment and not dvc_ops.is_git_repo(root):
                 print("warning: not a git repository with a commit: the run is not saved as a DVC experiment")
@@ -103,6 +132,7 @@ def cmd_run(args) -> int:
             with prefect_api(root):  # before Prefect's import: its settings read PREFECT_API_URL then
                 _quiet_expected_errors()
                 from flows.pipeline import Project, qlora_pipeline
+
                 out = qlora_pipeline(Project(root=root), experiment=experiment, experiment_name=args.name)
     except ProjectBusy as exc:
         print(f"qlora: error: {exc}", file=sys.stderr)
@@ -114,19 +144,21 @@ def cmd_run(args) -> int:
 
 
 def cmd_stage(args) -> int:
-    """One stage, as dvc.yaml runs it (bin/qlora runs flows/stage_command.py directly)."""
-    from flows import stage_command
+    """One stage, as dvc.yaml runs it (bin/qlora runs flows/dvc/stage_command.py directly)."""
+    from flows.dvc import stage_command
+
     return stage_command.run(args.name, args.set, args.wait)
 
 
 def cmd_sweep(args) -> int:
     root = Path.cwd()
     configure_env(root)
-    from flows import dvc_ops
+    from flows.dvc import dvc_ops
     from flows.lock import ProjectBusy, project_lock
     from flows.prefect_server import prefect_api
     from tasks.common import PipelineError
     from tasks.config import ParamsError
+
     if not dvc_ops.is_git_repo(root):
         return fail("a sweep saves DVC experiments, which need a git repository with a commit")
     name = args.name or time.strftime("sweep-%Y%m%d-%H%M%S")
@@ -137,6 +169,7 @@ def cmd_sweep(args) -> int:
             with prefect_api(root):
                 from flows.pipeline import Project
                 from flows.sweep import sweep_flow
+
                 out = sweep_flow(Project(root=root), args.grid, name)
             restored = _restore_workspace(root, *before)
     except ProjectBusy as exc:
@@ -153,7 +186,8 @@ def cmd_sweep(args) -> int:
 
 def _restore_workspace(root: Path, params_bytes: bytes, lock_bytes: bytes | None) -> str:
     """Put the workspace back as it was before the sweep (as a queued `dvc exp run` leaves it)."""
-    from flows import dvc_ops
+    from flows.dvc import dvc_ops
+
     if lock_bytes is None:
         return "workspace: left at the last point (there was no dvc.lock to go back to)"
     (root / PARAMS).write_bytes(params_bytes)
@@ -172,8 +206,9 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def cmd_dvc_yaml(args) -> int:
-    from flows.stages import render_dvc_yaml
+    from flows.dvc.stages import render_dvc_yaml
     from tasks.config import load_params
+
     text = render_dvc_yaml(load_params(PARAMS))
     if args.write:
         Path("dvc.yaml").write_text(text)
@@ -185,6 +220,7 @@ def cmd_dvc_yaml(args) -> int:
 def cmd_params(args) -> int:
     """params.yaml and its reference page, rendered from the typed defaults in tasks/config.py (one source)."""
     from tasks.config import render_params_doc, render_params_yaml
+
     text = render_params_yaml()
     if args.write:
         Path(PARAMS).write_text(text)
@@ -208,13 +244,15 @@ def _flow_exit(state) -> int:
 def cmd_retrain(args) -> int:
     root = Path.cwd()
     configure_env(root)
-    from flows.data_check import ALLOW_ENV
+    from flows.dvc.data_check import ALLOW_ENV
     from flows.prefect_server import prefect_api
+
     if args.allow_unverified_data:
         os.environ[ALLOW_ENV] = "1"
     with prefect_api(root):  # before Prefect's import: its settings read PREFECT_API_URL then
         _quiet_expected_errors()
         from flows.retrain import retrain_flow
+
         state = retrain_flow(str(root), args.set, wait_for_lock=args.wait, return_state=True)
     code = _flow_exit(state)
     out = state.result(raise_on_failure=False) if code in (0, EXIT_REJECTED) else None
@@ -232,6 +270,7 @@ def cmd_retrain(args) -> int:
 def _print_ingest(got: dict) -> None:
     """What the inbox gave: the files merged and the files rejected, with their first errors."""
     from tasks import catalog
+
     for a in got.get("accepted", []):
         print(f"  accepted {a['file']}: {a['rows_added']} rows added, {a['rows_skipped']} skipped (duplicates)")
     for r in got.get("rejected", []):
@@ -255,18 +294,21 @@ def cmd_serve(args) -> int:
     configure_env(root)
     from flows.prefect_server import prefect_api
     from tasks.config import ParamsError, check_retrain_ready, load_params
+
     try:
         check_retrain_ready(load_params(root / PARAMS, args.set))  # fail now, not at 3 a.m.
     except ParamsError as exc:
         return fail(str(exc))
     from flows.lock import AlreadyServed, serve_lock
     from tasks.catalog import SERVE_LOCK_FILE
+
     try:
         with serve_lock(root), prefect_api(root, services=True, ui=True) as (url, server):
             print(f"qlora serve: serving {root} (lock {root / SERVE_LOCK_FILE})", flush=True)
             if server is not None:
                 print(f"qlora serve: started a local Prefect server at {url} (UI and scheduler)", flush=True)
             from flows.retrain import retrain_flow
+
             retrain_flow.serve(name=args.name, cron=args.cron, parameters={"root": str(root), "overrides": args.set})
     except AlreadyServed as exc:
         print(f"qlora: error: {exc}", file=sys.stderr)
@@ -278,11 +320,16 @@ def _use_tracking(root: Path, explicit: str | None):
     """Point MLflow at --tracking-uri, else the project's store (params.yaml), else $MLFLOW_TRACKING_URI."""
     import mlflow
 
-    from flows import tracking
+    from flows.tracking import mlflow_record
     from tasks.config import load_params
+
     params = load_params(root / PARAMS) if (root / PARAMS).exists() else None
-    uri = explicit or (tracking.tracking_uri(params, root) if params else None) \
-        or tracking.USER_TRACKING_URI or f"sqlite:///{root / 'mlruns.db'}"
+    uri = (
+        explicit
+        or (mlflow_record.tracking_uri(params, root) if params else None)
+        or mlflow_record.USER_TRACKING_URI
+        or f"sqlite:///{root / 'mlruns.db'}"
+    )
     mlflow.set_tracking_uri(uri)
     return params
 
@@ -292,9 +339,10 @@ def cmd_lineage(args) -> int:
     configure_env(root)
     import json
 
-    from flows import lineage
+    from flows.tracking import lineage
     from tasks.common import PipelineError
     from tasks.config import ParamsError
+
     try:
         _use_tracking(root, args.tracking_uri)
         info = lineage.lineage(args.model)
@@ -320,24 +368,29 @@ def cmd_predict(args) -> int:
 
     import pandas as pd
 
-    from flows import serving
-    from tasks import predict as P
+    from flows.serving import model_version
     from tasks.common import PipelineError
     from tasks.config import ParamsError
+    from tasks.serve import predict as P
+
     out_path = Path(args.output)
     if out_path.suffix.lower() not in (".csv", ".jsonl"):
         return fail(f"--output {out_path}: write .csv or .jsonl")
     started = time.perf_counter()
     try:
         project = _use_tracking(root, args.tracking_uri)
-        with serving.local_model(args.model) as (path, version):
+        with model_version.local_model(args.model) as (path, version):
             info = P.describe(path)
             params = P.bundle_params(info, path) if info["kind"] == "bundle" else project
             if params is None:
-                raise PipelineError(f"{args.model}: a plain model folder needs the project's params.yaml (its data "
-                                    f"contract and prompt template): run in the project")
+                raise PipelineError(
+                    f"{args.model}: a plain model folder needs the project's params.yaml (its data "
+                    f"contract and prompt template): run in the project"
+                )
             columns = args.columns.split(",") if args.columns else None
-            rows = P.prepare(params, P.read_rows(Path(args.input), params, args.format, args.header, columns), args.input)
+            rows = P.prepare(
+                params, P.read_rows(Path(args.input), params, args.format, args.header, columns), args.input
+            )
             pred = P.load_predictor(path, project, root, device=args.device)
             out = P.predict(pred, rows, args.batch_size, args.max_new_tokens, progress=True)
     except (PipelineError, ParamsError) as exc:
@@ -356,8 +409,10 @@ def cmd_predict(args) -> int:
     note = ""
     if "expected" in rows and params.task == "seq_cls":
         note = f"; accuracy {float((result['label'] == result['expected']).mean()):.4f} against the given labels"
-    print(f"qlora predict: {len(result)} rows of {args.input} -> {out_path} with {used}{aliases} "
-          f"[{pred.variant}, {pred.device}] in {time.perf_counter() - started:.1f} s{note}")
+    print(
+        f"qlora predict: {len(result)} rows of {args.input} -> {out_path} with {used}{aliases} "
+        f"[{pred.variant}, {pred.device}] in {time.perf_counter() - started:.1f} s{note}"
+    )
     return 0
 
 
@@ -365,11 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qlora", description="Reproducible QLoRA fine-tuning pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, fn, helptext in (
-            ("run", cmd_run, "reproduce the pipeline through DVC in a Prefect flow, record it in MLflow"),
-            ("stage", cmd_stage, "run one stage (what each dvc.yaml stage calls)"),
-            ("sweep", cmd_sweep, "run every combination of --grid values as DVC experiments"),
-            ("retrain", cmd_retrain, "ingest the inbox, version data, retrain, promote"),
-            ("serve", cmd_serve, "serve the retraining flow on a cron schedule")):
+        ("run", cmd_run, "reproduce the pipeline through DVC in a Prefect flow, record it in MLflow"),
+        ("stage", cmd_stage, "run one stage (what each dvc.yaml stage calls)"),
+        ("sweep", cmd_sweep, "run every combination of --grid values as DVC experiments"),
+        ("retrain", cmd_retrain, "ingest the inbox, version data, retrain, promote"),
+        ("serve", cmd_serve, "serve the retraining flow on a cron schedule"),
+    ):
         p = sub.add_parser(name, help=helptext)
         if name == "stage":
             p.add_argument("name")
@@ -379,15 +435,28 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("run", "sweep"):
             p.add_argument("--name", default=None, help="DVC experiment name (sweeps: prefix)")
         if name == "sweep":
-            p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
-                           help="values of one params key (repeatable: every combination runs)")
+            p.add_argument(
+                "--grid",
+                action="append",
+                required=True,
+                metavar="KEY=V1,V2",
+                help="values of one params key (repeatable: every combination runs)",
+            )
         else:
-            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                           help="set a params.yaml value, e.g. --set train.lr=1e-4 (repeatable); run: "
-                                "as a DVC experiment (`dvc exp run -S` semantics)")
+            p.add_argument(
+                "--set",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="set a params.yaml value, e.g. --set train.lr=1e-4 (repeatable); run: "
+                "as a DVC experiment (`dvc exp run -S` semantics)",
+            )
         if name in ("run", "retrain"):
-            p.add_argument("--allow-unverified-data", action="store_true",
-                           help="run on data that is not its committed DVC version; recorded as unverified")
+            p.add_argument(
+                "--allow-unverified-data",
+                action="store_true",
+                help="run on data that is not its committed DVC version; recorded as unverified",
+            )
         p.add_argument("--wait", action="store_true", help="wait for a command already holding the project")
         p.set_defaults(fn=fn)
     p = sub.add_parser("lineage", help="what data, code and settings produced a registered model")
@@ -398,23 +467,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--card", action="store_true", help="print the version's model card (rendered from these facts)")
     p.set_defaults(fn=cmd_lineage)
     p = sub.add_parser("predict", help="batch predictions of a registered model version or a model folder")
-    p.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION, or a folder "
-                                                  "(models/merged, models/adapter, a downloaded version)")
-    p.add_argument("--input", required=True, help="rows to predict: CSV, JSONL, JSON or parquet, with the training "
-                                                  "data's columns (the label column optional)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@champion, models:/NAME/VERSION, or a folder "
+        "(models/merged, models/adapter, a downloaded version)",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help="rows to predict: CSV, JSONL, JSON or parquet, with the training "
+        "data's columns (the label column optional)",
+    )
     p.add_argument("--output", required=True, help="predictions: .jsonl or .csv (each row names the model version)")
     p.add_argument("--format", default="auto", choices=["auto", "csv", "jsonl", "json", "parquet"])
-    p.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
-                   help="CSV: the first line names the columns (default: as the training data)")
-    p.add_argument("--columns", default=None, help="CSV without a header: column names, comma-separated "
-                                                   "(default: the training data's data.columns)")
+    p.add_argument(
+        "--header",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CSV: the first line names the columns (default: as the training data)",
+    )
+    p.add_argument(
+        "--columns",
+        default=None,
+        help="CSV without a header: column names, comma-separated (default: the training data's data.columns)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default: the model's eval.batch_size")
     p.add_argument("--max-new-tokens", type=int, default=None, help="causal_lm (default: eval.max_new_tokens)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(fn=cmd_predict)
-    for name, fn, helptext in (("dvc-yaml", cmd_dvc_yaml, "print (or --write) dvc.yaml rendered from flows/stages.py"),
-                               ("params", cmd_params, "print params.yaml (--write: it and docs/reference/params.md) rendered from tasks/config.py")):
+    for name, fn, helptext in (
+        ("dvc-yaml", cmd_dvc_yaml, "print (or --write) dvc.yaml rendered from flows/dvc/stages.py"),
+        (
+            "params",
+            cmd_params,
+            "print params.yaml (--write: it and docs/reference/params.md) rendered from tasks/config.py",
+        ),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--write", action="store_true")
         p.set_defaults(fn=fn)

@@ -1,5 +1,6 @@
 """What every `qlora` process shares, the stage processes DVC starts included: its environment,
 its exit codes and the one-line error."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ leaves the project locked. A command holding the lock hands it down to the stage
 DVC runs for it (QLORA_LOCK_HOLDER names the holder; a child checks the holder is one of its
 ancestors), and those children exit when the holder dies (`die_with_holder`).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -62,11 +63,16 @@ def project_lock(root: Path, wait: bool = False, what: str = "qlora run"):
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "{}"
-            raise ProjectBusy(f"another pipeline run holds {path} ({holder}); it is writing this project's "
-                              f"outputs. Wait for it, or pass --wait to queue behind it.") from None
+            raise ProjectBusy(
+                f"another pipeline run holds {path} ({holder}); it is writing this project's "
+                f"outputs. Wait for it, or pass --wait to queue behind it."
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": what,
-                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps({"pid": os.getpid(), "command": what, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(),
+            0,
+        )
         os.environ[HOLDER_ENV] = str(os.getpid())  # inherited by the stages DVC starts
         yield
     finally:
@@ -94,11 +100,18 @@ def serve_lock(root: Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "{}"
-            raise AlreadyServed(f"{path}: another `qlora serve` already schedules this project's retraining "
-                                f"({holder}); stop it first (kill its pid) to serve with other settings") from None
+            raise AlreadyServed(
+                f"{path}: another `qlora serve` already schedules this project's retraining "
+                f"({holder}); stop it first (kill its pid) to serve with other settings"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": "qlora serve",
-                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps(
+                {"pid": os.getpid(), "command": "qlora serve", "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            ).encode(),
+            0,
+        )
         yield
     finally:
         os.close(fd)
@@ -118,4 +131,5 @@ def die_with_holder(interval: float = 0.5) -> None:
             except ProcessLookupError:
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(interval)
+
     threading.Thread(target=watch, name="die-with-holder", daemon=True).start()

@@ -6,6 +6,7 @@ stage is up to date is DVC's call: each task asks DVC to reproduce its one stage
 `bin/qlora stage NAME` when its deps, params or code changed and skips it otherwise, exactly
 as `dvc repro` would. A skipped task ends in a Completed state named "Skipped".
 """
+
 from __future__ import annotations
 
 import os
@@ -18,14 +19,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from pydantic import BaseModel
 
-from flows import dvc_ops, tracking
-from flows.data_check import ALLOW_ENV, DataCheck, check_data, require_committed_version
-from flows.stages import STAGES, upstream
+from flows.dvc import dvc_ops
+from flows.dvc.data_check import ALLOW_ENV, DataCheck, check_data, require_committed_version
+from flows.dvc.stages import STAGES, upstream
+from flows.tracking import mlflow_record
 from tasks.config import Params, load_params
 
 
 class Project(BaseModel):
     """The project every task works in: a DVC repository (dvc.yaml, params.yaml, dvc.lock)."""
+
     root: Path
 
     def params(self) -> Params:
@@ -34,15 +37,15 @@ class Project(BaseModel):
 
 class StageOutcome(BaseModel):
     stage: str
-    ran: bool                 # False: DVC found it up to date
+    ran: bool  # False: DVC found it up to date
     seconds: float
-    outs: dict[str, str]      # output path -> DVC md5, as dvc.lock records it
+    outs: dict[str, str]  # output path -> DVC md5, as dvc.lock records it
 
 
 class Experiment(BaseModel):
     name: str
-    rev: str                  # the experiment's commit (refs/exps); `dvc exp apply NAME` restores it
-    baseline: str             # the git commit it was made on
+    rev: str  # the experiment's commit (refs/exps); `dvc exp apply NAME` restores it
+    baseline: str  # the git commit it was made on
 
 
 class PipelineOutcome(BaseModel):
@@ -69,8 +72,12 @@ def run_stage(project: Project, stage: str, upstream: list[StageOutcome]) -> Sta
     # `upstream` is not read: passing the upstream outcomes is what draws the DAG's edges in Prefect.
     started = time.perf_counter()
     ran = dvc_ops.reproduce(project.root, stage)
-    outcome = StageOutcome(stage=stage, ran=ran, seconds=round(time.perf_counter() - started, 2),
-                           outs=dvc_ops.locked_outs(project.root, stage))
+    outcome = StageOutcome(
+        stage=stage,
+        ran=ran,
+        seconds=round(time.perf_counter() - started, 2),
+        outs=dvc_ops.locked_outs(project.root, stage),
+    )
     if not ran:
         return Completed(name="Skipped", message="up to date in dvc.lock", data=outcome)
     return outcome
@@ -79,12 +86,12 @@ def run_stage(project: Project, stage: str, upstream: list[StageOutcome]) -> Sta
 @task(name="save-experiment", cache_policy=NO_CACHE)
 def save_experiment_task(project: Project, name: str | None, stages: list[StageOutcome]) -> Experiment:
     exp_name, rev = dvc_ops.save_experiment(project.root, name)
-    return Experiment(name=exp_name, rev=rev, baseline=tracking.git_state(project.root)["git_commit"])
+    return Experiment(name=exp_name, rev=rev, baseline=mlflow_record.git_state(project.root)["git_commit"])
 
 
 @task(name="record", cache_policy=NO_CACHE)
 def record_task(project: Project, params: Params, outcome: PipelineOutcome, parent_run_id: str | None) -> dict:
-    return tracking.record_pipeline(params, project.root, outcome, parent_run_id=parent_run_id)
+    return mlflow_record.record_pipeline(params, project.root, outcome, parent_run_id=parent_run_id)
 
 
 @contextmanager
@@ -101,26 +108,36 @@ def _unverified_data_allowed(allow: bool):
 
 
 @flow(name="qlora-pipeline")
-def qlora_pipeline(project: Project, experiment: bool = False, experiment_name: str | None = None,
-                   parent_run_id: str | None = None, allow_unverified_data: bool = False) -> PipelineOutcome:
+def qlora_pipeline(
+    project: Project,
+    experiment: bool = False,
+    experiment_name: str | None = None,
+    parent_run_id: str | None = None,
+    allow_unverified_data: bool = False,
+) -> PipelineOutcome:
     """check-data -> validate -> split -> tokenize | quantize -> train -> evaluate | merge -> record.
     experiment: save the workspace as a DVC experiment afterwards (what `--set` asks for).
     parent_run_id: record as a child of this MLflow run (sweeps, retraining), always as a new run."""
     logger = get_run_logger()
     params = project.params()
-    tracking.usable_uri(params, project.root)  # an unreachable tracking server stops the run before any stage
+    mlflow_record.usable_uri(params, project.root)  # an unreachable tracking server stops the run before any stage
     with _unverified_data_allowed(allow_unverified_data):
         data = check_data_task(project, params)
         states, outcomes = {}, {}
         for stage in STAGES:
             # Upstream states as inputs: Prefect records them as the task's dependencies (the DAG's edges).
             states[stage.name] = run_stage.with_options(name=stage.name)(
-                project, stage.name, [states[name] for name in upstream(stage)], return_state=True)
+                project, stage.name, [states[name] for name in upstream(stage)], return_state=True
+            )
             outcomes[stage.name] = states[stage.name].result()  # raises if the stage failed
             logger.info(f"{stage.name}: {'ran' if outcomes[stage.name].ran else 'skipped (up to date in dvc.lock)'}")
     exp = save_experiment_task(project, experiment_name, list(outcomes.values())) if experiment else None
-    outcome = PipelineOutcome(stages=outcomes, data=data.to_json() | {"tags": data.tags()},
-                              lock_digest=dvc_ops.lock_digest(project.root), flow_run_id=str(runtime.flow_run.id),
-                              experiment=exp)
+    outcome = PipelineOutcome(
+        stages=outcomes,
+        data=data.to_json() | {"tags": data.tags()},
+        lock_digest=dvc_ops.lock_digest(project.root),
+        flow_run_id=str(runtime.flow_run.id),
+        experiment=exp,
+    )
     outcome.mlflow = record_task(project, params, outcome, parent_run_id)
     return outcome

@@ -2,6 +2,7 @@
 on a free loopback port, its database in the project's .prefect/, and tied to this process
 by the kernel (PR_SET_PDEATHSIG), so it dies with it, even on SIGKILL. Prefect's own
 temporary server would outlive a killed parent."""
+
 from __future__ import annotations
 
 import ctypes
@@ -63,6 +64,7 @@ def prefect_api(root: Path, services: bool = False, ui: bool = False, timeout: f
     finally:
         if "prefect" in sys.modules:  # send the run's last logs before the server goes
             from prefect.logging.handlers import APILogWorker
+
             APILogWorker.drain_all(timeout=5)
         os.environ.pop("PREFECT_API_URL", None)
         proc.terminate()

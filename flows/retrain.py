@@ -12,6 +12,7 @@ automations see it: Completed (trained, or named "No new data"), Failed named
 named "Skipped" (another command held the project lock; a scheduled run never writes
 beside it).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, Completed, Failed
 
-from flows import dvc_ops, retrain_state, tracking
-from flows.data_check import DataVersionMismatch, check_data, require_committed_version
+from flows import retrain_state
+from flows.dvc import dvc_ops
+from flows.dvc.data_check import DataVersionMismatch, check_data, require_committed_version
 from flows.lock import ProjectBusy, project_lock
 from flows.pipeline import Project, qlora_pipeline
+from flows.tracking import mlflow_record
 from tasks import catalog
 from tasks.common import PipelineError, resolve
 from tasks.config import Params, ParamsError, check_retrain_ready, load_params
@@ -40,15 +43,21 @@ def beats(challenger: float, champion: float | None, greater_is_better: bool) ->
 
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest_task(params: Params, project: Project) -> dict:
-    from tasks.ingest import ingest
+    from tasks.data.ingest import ingest
+
     res = ingest(params, project.root, resolve(project.root, params.retrain.inbox))
     return res.__dict__
 
 
 @task(name="version-data", cache_policy=NO_CACHE)
 def version_task(params: Params, project: Project, files: list[str]) -> dict:
-    return dvc_ops.new_version(resolve(project.root, params.data.path), project.root, params.retrain.dvc_remote,
-                               params.retrain.git_commit, lambda md5: retrain_state.commit_message(files, md5))
+    return dvc_ops.new_version(
+        resolve(project.root, params.data.path),
+        project.root,
+        params.retrain.dvc_remote,
+        params.retrain.git_commit,
+        lambda md5: retrain_state.commit_message(files, md5),
+    )
 
 
 @task(name="commit-pipeline-state", cache_policy=NO_CACHE)
@@ -62,10 +71,12 @@ def promote_task(params: Params, project: Project, model_version: str | None, pi
     (PENDING_TAG) before the alias moves and DECISION_TAG after, so an interruption between
     them is finished by applying the recorded decision, never by deciding again."""
     import mlflow
+
     client = mlflow.tracking.MlflowClient()
     name = params.tracking.registered_model
-    recorded = client.get_model_version(name, model_version).tags.get(retrain_state.PENDING_TAG) \
-        if model_version else None
+    recorded = (
+        client.get_model_version(name, model_version).tags.get(retrain_state.PENDING_TAG) if model_version else None
+    )
     decision = json.loads(recorded) if recorded else _decide(params, project, client, model_version)
     if model_version and not recorded:
         client.set_model_version_tag(name, model_version, retrain_state.PENDING_TAG, json.dumps(decision))
@@ -80,10 +91,12 @@ def promote_task(params: Params, project: Project, model_version: str | None, pi
     if decision["champion_score"] is not None and f"champion_{metric}" not in logged:
         client.log_metric(pipeline_run_id, f"champion_{metric}", decision["champion_score"])
     if model_version:
-        client.set_model_version_tag(name, model_version, f"test_{metric}_at_registration",
-                                     str(decision["challenger_score"]))
-        client.set_model_version_tag(name, model_version, retrain_state.DECISION_TAG,
-                                     "promoted" if decision["promoted"] else "kept")
+        client.set_model_version_tag(
+            name, model_version, f"test_{metric}_at_registration", str(decision["challenger_score"])
+        )
+        client.set_model_version_tag(
+            name, model_version, retrain_state.DECISION_TAG, "promoted" if decision["promoted"] else "kept"
+        )
     return decision
 
 
@@ -94,16 +107,18 @@ def _decide(params: Params, project: Project, client, model_version: str | None)
     the same way. The merged weights a version serves round differently from the adapter on the
     4-bit base, so scoring the merged models would give numbers that are not the versions' test
     metrics. A champion on another base model is scored as registered instead (no shared base)."""
-    from flows.serving import local_model
+    from flows.serving.model_version import local_model
     from tasks.common import read_json
     from tasks.evaluate import score_model
+
     r = params.retrain
     name = params.tracking.registered_model
     root = project.root
     metric = r.metric
     model_version = str(model_version) if model_version is not None else None
-    recorded = client.get_run(client.get_model_version(name, model_version).run_id).data.metrics \
-        if model_version else {}
+    recorded = (
+        client.get_run(client.get_model_version(name, model_version).run_id).data.metrics if model_version else {}
+    )
     challenger = recorded.get(f"test_{metric}")
     if challenger is None:  # eval.split is not test, or nothing registered: score the adapter as evaluate does
         challenger = score_model(params, root, root / catalog.ADAPTER_DIR)[metric]
@@ -119,9 +134,11 @@ def _decide(params: Params, project: Project, client, model_version: str | None)
             import tempfile
 
             import mlflow
+
             with tempfile.TemporaryDirectory() as tmp:
-                adapter = mlflow.artifacts.download_artifacts(run_id=champ_mv.run_id, artifact_path="adapter",
-                                                              dst_path=tmp)
+                adapter = mlflow.artifacts.download_artifacts(
+                    run_id=champ_mv.run_id, artifact_path="adapter", dst_path=tmp
+                )
                 champion_score = score_model(params, root, Path(adapter))[metric]
         else:
             basis = "as registered (the champion has another base model)"
@@ -133,24 +150,40 @@ def _decide(params: Params, project: Project, client, model_version: str | None)
         promote, reason = False, "no new model version (same weights as an existing one)"
     else:
         promote = beats(challenger, champion_score, r.greater_is_better)
-        reason = ("no champion yet" if champ is None else
-                  f"challenger {metric}={challenger:.4f} {'beats' if promote else 'does not beat'} "
-                  f"champion v{champ} {metric}={champion_score:.4f}")
-    return {"metric": metric, "challenger_version": model_version, "challenger_score": challenger,
-            "champion_version": champ, "champion_score": champion_score, "scored": basis,
-            "promoted": promote, "reason": reason, "champion_after": model_version if promote else champ}
+        reason = (
+            "no champion yet"
+            if champ is None
+            else f"challenger {metric}={challenger:.4f} {'beats' if promote else 'does not beat'} "
+            f"champion v{champ} {metric}={champion_score:.4f}"
+        )
+    return {
+        "metric": metric,
+        "challenger_version": model_version,
+        "challenger_score": challenger,
+        "champion_version": champ,
+        "champion_score": champion_score,
+        "scored": basis,
+        "promoted": promote,
+        "reason": reason,
+        "champion_after": model_version if promote else champ,
+    }
 
 
 def _report_markdown(got: dict) -> str:
-    rows = "\n".join(f"| {e['file']} | {e['row']} | {e['column']} | {e['rule']} | {e['value']} |"
-                     for e in got["errors"][:200])
+    rows = "\n".join(
+        f"| {e['file']} | {e['row']} | {e['column']} | {e['rule']} | {e['value']} |" for e in got["errors"][:200]
+    )
     merged = "\n".join(f"| {a['file']} | {a['rows_added']} | {a['rows_skipped']} |" for a in got.get("accepted", []))
-    outcome = (f"the other files were merged:\n\n| accepted file | rows added | rows skipped |\n|---|---|---|\n"
-               f"{merged}" if merged else "nothing was merged, the dataset, its DVC version and the registry are "
-               "unchanged.")
-    return (f"# Rejected drop\n\n{len(got['errors'])} error(s) in {len(got.get('rejected', []))} file(s); {outcome}"
-            f"\n\n| file | row | column | rule | value |\n|---|---|---|---|---|\n"
-            f"{rows}\n\nFull report: `{catalog.INGEST_REPORT}`\n\n```json\n{json.dumps(got, indent=1)[:20000]}\n```\n")
+    outcome = (
+        f"the other files were merged:\n\n| accepted file | rows added | rows skipped |\n|---|---|---|\n{merged}"
+        if merged
+        else "nothing was merged, the dataset, its DVC version and the registry are unchanged."
+    )
+    return (
+        f"# Rejected drop\n\n{len(got['errors'])} error(s) in {len(got.get('rejected', []))} file(s); {outcome}"
+        f"\n\n| file | row | column | rule | value |\n|---|---|---|---|---|\n"
+        f"{rows}\n\nFull report: `{catalog.INGEST_REPORT}`\n\n```json\n{json.dumps(got, indent=1)[:20000]}\n```\n"
+    )
 
 
 @flow(name="qlora-retrain")
@@ -163,8 +196,11 @@ def retrain_flow(root: str = ".", overrides: list[str] | None = None, wait_for_l
         return Cancelled(name="Skipped", message=str(exc), data={"status": "busy", "message": str(exc)})
     except (PipelineError, ParamsError) as exc:  # its message names the file or setting and what to do: no traceback
         refused = isinstance(exc, (ParamsError, DataVersionMismatch))  # nothing was read or written
-        return Failed(name="Refused" if refused else "Failed", message=str(exc),
-                      data={"status": "refused" if refused else "failed", "message": str(exc)})
+        return Failed(
+            name="Refused" if refused else "Failed",
+            message=str(exc),
+            data={"status": "refused" if refused else "failed", "message": str(exc)},
+        )
 
 
 def _retrain(root: Path, overrides: list[str]):
@@ -173,7 +209,7 @@ def _retrain(root: Path, overrides: list[str]):
     check_retrain_ready(params)
     project = Project(root=root)
     # Read-only until there is work: a tick with nothing to do records nothing in MLflow.
-    mlflow, _, _ = tracking.use_store(params, root, create=False)
+    mlflow, _, _ = mlflow_record.use_store(params, root, create=False)
     client = mlflow.tracking.MlflowClient()
     todo = retrain_state.pending(params, root, check_data(params, root), client)
     finished = None
@@ -187,8 +223,9 @@ def _retrain(root: Path, overrides: list[str]):
         if finished is not None:
             return finished
         logger.info("no new data: retraining skipped")
-        return Completed(name="No new data", message="no new data: retraining skipped",
-                         data={"status": "skipped", "ingest": got})
+        return Completed(
+            name="No new data", message="no new data: retraining skipped", data={"status": "skipped", "ingest": got}
+        )
     _apply_overrides(root, overrides)
     return _attempt(params, project, None, got)
 
@@ -204,8 +241,8 @@ def _attempt(params: Params, project: Project, todo: retrain_state.Pending | Non
     rest of an interrupted one (todo.step: version, train or decide)."""
     logger = get_run_logger()
     root = project.root
-    mlflow, _, _ = tracking.use_store(params, root)
-    tags = {"qlora_kind": "retrain", "prefect_flow_run_id": str(runtime.flow_run.id), **tracking.process_tags()}
+    mlflow, _, _ = mlflow_record.use_store(params, root)
+    tags = {"qlora_kind": "retrain", "prefect_flow_run_id": str(runtime.flow_run.id), **mlflow_record.process_tags()}
     if todo is not None:
         tags.update(retrain_resumed=todo.step, retrain_resumed_why=todo.why)
     with mlflow.start_run(run_name="retrain", tags=tags) as parent:
@@ -216,18 +253,25 @@ def _attempt(params: Params, project: Project, todo: retrain_state.Pending | Non
                 mlflow.log_artifact(str(root / catalog.INGEST_REPORT), "reports")
             if got["status"] == "rejected":
                 first = got["errors"][0]
-                msg = (f"new data rejected ({len(got['errors'])} error(s)) in "
-                       f"{', '.join(Path(r['file']).name for r in got['rejected'])}; first: {first['file']} row "
-                       f"{first['row']}, rule {first['rule']}; dataset and model unchanged. The files are in "
-                       f"{params.retrain.inbox}/rejected/ beside report.json ({catalog.INGEST_REPORT}): fix the "
-                       f"rows and drop the files in {params.retrain.inbox} again")
+                msg = (
+                    f"new data rejected ({len(got['errors'])} error(s)) in "
+                    f"{', '.join(Path(r['file']).name for r in got['rejected'])}; first: {first['file']} row "
+                    f"{first['row']}, rule {first['rule']}; dataset and model unchanged. The files are in "
+                    f"{params.retrain.inbox}/rejected/ beside report.json ({catalog.INGEST_REPORT}): fix the "
+                    f"rows and drop the files in {params.retrain.inbox} again"
+                )
                 mlflow.set_tag("retrain_message", msg)
                 create_markdown_artifact(_report_markdown(got), key="rejected-drop", description=msg)
-                return Failed(name="Rejected", message=msg,
-                              data={"status": "rejected", "ingest": got, "run_id": parent.info.run_id})
+                return Failed(
+                    name="Rejected",
+                    message=msg,
+                    data={"status": "rejected", "ingest": got, "run_id": parent.info.run_id},
+                )
             if got["rejected"]:  # the good files of the drop are merged; the bad ones wait in inbox/rejected/
-                msg = (f"{len(got['rejected'])} file(s) of the drop rejected ({len(got['errors'])} error(s)), "
-                       f"{len(got['accepted'])} merged; see {catalog.INGEST_REPORT}")
+                msg = (
+                    f"{len(got['rejected'])} file(s) of the drop rejected ({len(got['errors'])} error(s)), "
+                    f"{len(got['accepted'])} merged; see {catalog.INGEST_REPORT}"
+                )
                 logger.warning(msg)
                 mlflow.set_tag("retrain_rejected_files", ", ".join(Path(r["file"]).name for r in got["rejected"]))
                 create_markdown_artifact(_report_markdown(got), key="rejected-drop", description=msg)
@@ -238,32 +282,49 @@ def _attempt(params: Params, project: Project, todo: retrain_state.Pending | Non
             # the drop's accepted files (an interrupted append: as its ingest report names them)
             files = [a["file"] for a in (got or _last_ingest(root)).get("accepted", [])]
             version = version_task(params, project, files)
-            mlflow.set_tags({"dvc_data_md5": version["md5"], "dvc_file": version["dvc_file"],
-                             "data_git_commit": version["git_commit"] or ""})
+            mlflow.set_tags(
+                {
+                    "dvc_data_md5": version["md5"],
+                    "dvc_file": version["dvc_file"],
+                    "data_git_commit": version["git_commit"] or "",
+                }
+            )
             if not params.retrain.git_commit:  # the new version is recorded in the workspace only
-                logger.warning("retrain.git_commit is false: the new data version is not committed; "
-                               "the run is recorded as unverified")
+                logger.warning(
+                    "retrain.git_commit is false: the new data version is not committed; "
+                    "the run is recorded as unverified"
+                )
         md5 = version["md5"] if version else todo.md5
         if todo is None or todo.step in ("version", "train"):
-            out = qlora_pipeline(project, parent_run_id=parent.info.run_id,
-                                 allow_unverified_data=not params.retrain.git_commit)
+            out = qlora_pipeline(
+                project, parent_run_id=parent.info.run_id, allow_unverified_data=not params.retrain.git_commit
+            )
             pipeline, model_version = out.mlflow, out.mlflow.get("model_version")
         else:
-            run_id = mlflow.tracking.MlflowClient().get_model_version(params.tracking.registered_model,
-                                                                      todo.model_version).run_id
+            run_id = (
+                mlflow.tracking.MlflowClient()
+                .get_model_version(params.tracking.registered_model, todo.model_version)
+                .run_id
+            )
             pipeline, model_version = {"run_id": run_id, "model_version": todo.model_version}, todo.model_version
         if params.retrain.git_commit and dvc_ops.is_git_repo(root):
             lock_commit = commit_pipeline_task(project, md5)
             if lock_commit:
                 mlflow.set_tag("pipeline_git_commit", lock_commit)
         decision = promote_task(params, project, model_version, pipeline["run_id"])
-        mlflow.set_tags({"champion_decision": "promoted" if decision["promoted"] else "kept",
-                         "champion_reason": decision["reason"]})
+        mlflow.set_tags(
+            {"champion_decision": "promoted" if decision["promoted"] else "kept", "champion_reason": decision["reason"]}
+        )
         mlflow.log_dict(decision, "champion_decision.json")
         logger.info(f"champion decision: {decision['reason']}")
-        return {"status": "trained" if todo is None else f"resumed ({todo.step})", "ingest": got or {},
-                "data": version or {"md5": md5}, "pipeline": pipeline, "decision": decision,
-                "run_id": parent.info.run_id}
+        return {
+            "status": "trained" if todo is None else f"resumed ({todo.step})",
+            "ingest": got or {},
+            "data": version or {"md5": md5},
+            "pipeline": pipeline,
+            "decision": decision,
+            "run_id": parent.info.run_id,
+        }
 
 
 def _last_ingest(root: Path) -> dict:

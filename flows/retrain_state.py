@@ -10,6 +10,7 @@ The steps and what marks each one done:
   model     a registered version whose `dvc_data_md5` tag is that md5;
   decision  that version's `champion_decision` tag, set after the alias moved (or stayed).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,21 +18,21 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows import dvc_ops
-from flows.data_check import DataCheck
+from flows.dvc import dvc_ops
+from flows.dvc.data_check import DataCheck
 from tasks import catalog
 from tasks.common import resolve
 from tasks.config import Params
 
 DATA_TRAILER = "Qlora-Data-Version"
-DECISION_TAG = "champion_decision"          # on a model version: the decision is applied
+DECISION_TAG = "champion_decision"  # on a model version: the decision is applied
 PENDING_TAG = "champion_decision_pending"  # on a model version: the decision, before the alias moves
 
 
 @dataclass(frozen=True)
 class Pending:
-    step: str                 # "version" | "train" | "decide"
-    md5: str                  # the data version it is about
+    step: str  # "version" | "train" | "decide"
+    md5: str  # the data version it is about
     model_version: str | None = None
     why: str = ""
 
@@ -66,6 +67,7 @@ def _cached_listing(root: Path, md5: str) -> list[dict] | None:
 
 def _prefix_md5(path: Path, size: int) -> str:
     import hashlib
+
     h, left = hashlib.md5(), size
     with open(path, "rb") as f:
         while left > 0:
@@ -126,8 +128,12 @@ def pending(params: Params, root: Path, check: DataCheck, client) -> Pending | N
         if check.status == "uncommitted" and not _dvc_file_holds_disk_data(root, check):
             return None
         if appended_to_committed(params, root, check):
-            return Pending("version", check.md5, why=f"data appended from the inbox but not committed "
-                                                     f"({'not `dvc add`ed' if check.status == 'modified' else 'not committed'})")
+            return Pending(
+                "version",
+                check.md5,
+                why=f"data appended from the inbox but not committed "
+                f"({'not `dvc add`ed' if check.status == 'modified' else 'not committed'})",
+            )
         return None
     versions = retrained_versions(root, check.dvc_file)
     if not versions or versions[0][1] != check.committed_md5:
@@ -150,6 +156,10 @@ def commit_pipeline_state(root: Path, md5: str) -> str | None:
     subprocess.run(["git", "add", "--", *files], cwd=root, check=True, capture_output=True)
     if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *files], cwd=root).returncode == 0:
         return None
-    subprocess.run(["git", "commit", "-q", "-m", f"pipeline: dvc.lock for data version {md5}", "--", *files],
-                   cwd=root, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "commit", "-q", "-m", f"pipeline: dvc.lock for data version {md5}", "--", *files],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
     return _git(root, "rev-parse", "HEAD").strip()

@@ -11,6 +11,7 @@ points would only compete for it. Each point is saved with `dvc exp save`, so `d
 show` lists them and `dvc exp apply NAME` restores the winner. MLflow gets one parent run
 with a child run per point; the comparison is printed, written as CSV and PNG, and logged.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,9 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows import dvc_ops, tracking
+from flows.dvc import dvc_ops
 from flows.pipeline import Project, qlora_pipeline
+from flows.tracking import mlflow_record
 from tasks import catalog
 from tasks.common import PipelineError, read_json
 from tasks.config import load_params
@@ -39,8 +41,10 @@ def parse_grid(grid: list[str]) -> list[list[str]]:
 
 def plot_comparison(rows: list[dict], keys: list[str], metric: str, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     labels = [", ".join(f"{k.split('.')[-1]}={r[k]}" for k in keys) for r in rows]
     values = [r.get(metric) or 0.0 for r in rows]
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 3.5), dpi=110)
@@ -64,7 +68,7 @@ def sweep_flow(project: Project, grid: list[str], name: str) -> dict:
         load_params(root / dvc_ops.PARAMS_FILE, point)
     keys = [p.split("=", 1)[0] for p in points[0]]
     params = project.params()
-    mlflow, _, _ = tracking.use_store(params, root)
+    mlflow, _, _ = mlflow_record.use_store(params, root)
     out_dir = root / catalog.SWEEPS_DIR / name
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -73,15 +77,24 @@ def sweep_flow(project: Project, grid: list[str], name: str) -> dict:
             (root / dvc_ops.PARAMS_FILE).write_bytes(baseline_params)
             dvc_ops.apply_params(root, point)
             logger.info(f"point {i}/{len(points)}: {', '.join(point)}")
-            out = qlora_pipeline(project, experiment=True, experiment_name=f"{name}-{i}",
-                                 parent_run_id=parent.info.run_id)
+            out = qlora_pipeline(
+                project, experiment=True, experiment_name=f"{name}-{i}", parent_run_id=parent.info.run_id
+            )
             metrics = read_json(root / catalog.METRICS)
-            rows.append({**{p.split("=", 1)[0]: p.split("=", 1)[1] for p in point},
-                         "experiment": out.experiment.name, "mlflow_run": out.mlflow["run_id"],
-                         "ran": " ".join(n for n, s in out.stages.items() if s.ran),
-                         **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-        metric = params.retrain.metric if params.retrain.metric in rows[0] else \
-            next(k for k in rows[0] if k not in keys and isinstance(rows[0][k], float))
+            rows.append(
+                {
+                    **{p.split("=", 1)[0]: p.split("=", 1)[1] for p in point},
+                    "experiment": out.experiment.name,
+                    "mlflow_run": out.mlflow["run_id"],
+                    "ran": " ".join(n for n, s in out.stages.items() if s.ran),
+                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                }
+            )
+        metric = (
+            params.retrain.metric
+            if params.retrain.metric in rows[0]
+            else next(k for k in rows[0] if k not in keys and isinstance(rows[0][k], float))
+        )
         columns = list(dict.fromkeys(k for r in rows for k in r))
         with open(out_dir / "comparison.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=columns)
@@ -89,8 +102,18 @@ def sweep_flow(project: Project, grid: list[str], name: str) -> dict:
             w.writerows(rows)
         plot_comparison(rows, keys, metric, out_dir / "comparison.png")
         mlflow.log_artifacts(str(out_dir), "sweep")
-        best = max(rows, key=lambda r: r.get(metric, float("-inf"))) if params.retrain.greater_is_better else \
-            min(rows, key=lambda r: r.get(metric, float("inf")))
+        best = (
+            max(rows, key=lambda r: r.get(metric, float("-inf")))
+            if params.retrain.greater_is_better
+            else min(rows, key=lambda r: r.get(metric, float("inf")))
+        )
         mlflow.set_tags({"sweep_best_experiment": best["experiment"], "sweep_metric": metric})
-    return {"rows": rows, "columns": columns, "metric": metric, "best": best, "parent_run_id": parent.info.run_id,
-            "dir": str(out_dir), "baseline_params": baseline_params.decode()}
+    return {
+        "rows": rows,
+        "columns": columns,
+        "metric": metric,
+        "best": best,
+        "parent_run_id": parent.info.run_id,
+        "dir": str(out_dir),
+        "baseline_params": baseline_params.decode(),
+    }

@@ -2,6 +2,7 @@
 
 Schemas only declare rules; tasks/validate.py runs them and writes the report.
 """
+
 from schemas.classification import classification_schema
 from schemas.instruction import instruction_schema
 

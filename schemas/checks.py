@@ -1,4 +1,5 @@
 """Checks shared by the schemas, named so a report says which rule a row broke."""
+
 import pandera.pandas as pa
 
 NOT_BLANK = pa.Check(lambda s: s.str.strip().str.len() > 0, element_wise=False, name="not_blank")

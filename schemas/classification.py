@@ -3,14 +3,19 @@
 Every value arrives as a string (the readers do not coerce types), so a wrong label type
 shows up as a label outside the allowed set rather than as a silent cast.
 """
+
 import pandera.pandas as pa
 
 from schemas.checks import NOT_BLANK, at_least_n_classes
 
 
-def classification_schema(text_columns: list[str], label_column: str | None,
-                          allowed_labels: list[str] | None, min_classes: int | None = 2,
-                          unique: bool = True) -> pa.DataFrameSchema:
+def classification_schema(
+    text_columns: list[str],
+    label_column: str | None,
+    allowed_labels: list[str] | None,
+    min_classes: int | None = 2,
+    unique: bool = True,
+) -> pa.DataFrameSchema:
     """label_column None: rows to predict, which need no label. unique False: the same text may
     come twice (in training it would leak across splits; in prediction it is just asked twice).
     unique and min_classes are rules over all rows: a dataset validated in chunks declares them

@@ -1,4 +1,5 @@
 """Contract for instruction-tuning data (Alpaca JSON, JSONL, Self-Instruct instances)."""
+
 import pandera.pandas as pa
 
 from schemas.checks import NOT_BLANK

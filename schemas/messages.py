@@ -2,7 +2,7 @@
 
 Two layouts are read, per message: OpenAI's {"role", "content"} and ShareGPT's {"from", "value"}
 (roles human/gpt are user/assistant); the column is `messages` or `conversations`. Readers hand
-nested values over as JSON text (tasks/dataio.py), so every rule parses the cell itself.
+nested values over as JSON text (tasks/data/readers.py), so every rule parses the cell itself.
 
 Rules (each named in the validation report, per row):
 - messages_format: a JSON list of objects, each with a role and a text content;
@@ -13,6 +13,7 @@ Rules (each named in the validation report, per row):
   in a row one unprompted);
 - has_assistant_turn: at least one assistant turn (a row without one trains nothing).
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,16 +1,17 @@
 """What every step shares: atomic writes, the stage result and the error type.
 
 Whether a stage is up to date is DVC's to say (dvc.lock); stages only write their outputs."""
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 
 class PipelineError(RuntimeError):
@@ -20,6 +21,7 @@ class PipelineError(RuntimeError):
 @dataclass
 class StageResult:
     """What a stage wrote (paths relative to the project root) and a few facts about it."""
+
     stage: str
     outputs: list[str]
     summary: dict = field(default_factory=dict)

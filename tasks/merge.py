@@ -3,6 +3,7 @@ save a plain transformers model (safetensors + tokenizer) that needs neither PEF
 bitsandbytes. The adapter was trained against the quantized weights, so merging into
 their dequantized values reproduces the adapted model's outputs.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,14 +11,15 @@ from pathlib import Path
 import torch
 
 from tasks import catalog
-from tasks.card import write_stage_card
 from tasks.common import StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import Params
-from tasks.modeling import DTYPES, auto_class, check_safe_dir, load_saved, load_tokenizer
+from tasks.model.loading import DTYPES, auto_class, check_safe_dir, load_saved, load_tokenizer
+from tasks.serve.card import write_stage_card
 
 
 def merged_model(params: Params, root: Path, dtype: torch.dtype):
     from peft import PeftModel
+
     check_safe_dir(resolve(root, catalog.ADAPTER_DIR), "adapter")
     base = load_saved(params.task, resolve(root, catalog.BASE_MODEL_DIR), torch.device("cpu"))
     if getattr(base, "is_loaded_in_4bit", False):
@@ -51,7 +53,9 @@ def run(params: Params, root: Path) -> StageResult:
             model = plain_copy(merged_model(params, root, DTYPES[params.merge.dtype]), params.task)
             model.save_pretrained(tmp, safe_serialization=True)
             load_tokenizer(str(resolve(root, catalog.ADAPTER_DIR))).save_pretrained(tmp)
-            write_json(tmp / "merge.json", {"dtype": params.merge.dtype, "base": catalog.BASE_MODEL_DIR,
-                                            "adapter": catalog.ADAPTER_DIR})
+            write_json(
+                tmp / "merge.json",
+                {"dtype": params.merge.dtype, "base": catalog.BASE_MODEL_DIR, "adapter": catalog.ADAPTER_DIR},
+            )
             write_stage_card(tmp, params, root, "merged")
     return result("merge", [catalog.MERGED_DIR], merged=params.merge.enabled, dtype=params.merge.dtype)

@@ -3,6 +3,7 @@
 Training, evaluation and merging then start from this saved copy: the base is fetched
 and quantized once per (model, quant) setting, and changing LoRA settings reuses it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,7 @@ import torch
 from tasks import catalog
 from tasks.common import StageResult, atomic_dir, read_json, resolve, result, write_json
 from tasks.config import Params
-from tasks.modeling import load_base, load_tokenizer, quant_storage, resolve_source
-
+from tasks.model.loading import load_base, load_tokenizer, quant_storage, resolve_source
 
 
 def run(params: Params, root: Path) -> StageResult:
@@ -32,7 +32,15 @@ def run(params: Params, root: Path) -> StageResult:
     with atomic_dir(resolve(root, catalog.BASE_MODEL_DIR)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        write_json(tmp / Path(catalog.BASE_LINEAGE).name, {
-            **lineage, "quant": quant.model_dump(), "task": params.task,
-            "stored_params": n_params, "footprint_bytes": footprint, "linear4bit_modules": n_4bit})
+        write_json(
+            tmp / Path(catalog.BASE_LINEAGE).name,
+            {
+                **lineage,
+                "quant": quant.model_dump(),
+                "task": params.task,
+                "stored_params": n_params,
+                "footprint_bytes": footprint,
+                "linear4bit_modules": n_4bit,
+            },
+        )
     return result("quantize", [catalog.BASE_MODEL_DIR], footprint_bytes=footprint, linear4bit_modules=n_4bit)

@@ -2,12 +2,13 @@
 
 A batched `Dataset.map` over each memory-mapped split (tokenize.num_proc processes) writes
 its output to disk, and the stage copies it into one Arrow file per split in fixed record
-batches (tasks/arrowio.py), so the bytes, and DVC's hash, do not depend on num_proc.
+batches (tasks/data/arrowio.py), so the bytes, and DVC's hash, do not depend on num_proc.
 
 seq_cls rows keep (input_ids, labels: the class) and causal_lm rows (input_ids, labels) where
 labels are -100 on prompt tokens so the loss falls on answer tokens only; both keep the row's
 provenance (source, row).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,18 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import catalog, chat
-from tasks.arrowio import RowsWriter, iter_batches, list_lengths, open_rows, take_column
+from tasks import catalog
 from tasks.catalog import IGNORE_INDEX, SPLITS
 from tasks.common import PipelineError, StageResult, atomic_dir, read_json, resolve, result, write_json
 from tasks.config import Params
-from tasks.modeling import load_tokenizer, resolve_source
-from tasks.prompts import render_prompt
+from tasks.data import chat
+from tasks.data.arrowio import RowsWriter, iter_batches, list_lengths, open_rows, take_column
+from tasks.data.prompts import render_prompt
+from tasks.model.loading import load_tokenizer, resolve_source
 
-MAP_BATCH = 1_000              # rows per call of the encode function
-ROWS_PER_PROCESS = 20_000      # a process costs ~1 s to start: small splits use fewer
-SLICE_ROWS = 1_000_000         # rows per round of map processes (bounds the mapped pages they hold)
-LISTED_TRUNCATED = 1_000       # rows named per split in stats.json (all are counted)
+MAP_BATCH = 1_000  # rows per call of the encode function
+ROWS_PER_PROCESS = 20_000  # a process costs ~1 s to start: small splits use fewer
+SLICE_ROWS = 1_000_000  # rows per round of map processes (bounds the mapped pages they hold)
+LISTED_TRUNCATED = 1_000  # rows named per split in stats.json (all are counted)
 
 
 def token_ids(tok, texts: list[str], special_tokens: bool) -> list[list[int]]:
@@ -53,8 +55,11 @@ def encode_classification(batch: dict, tok, max_length: int) -> dict:
 
 def encode_instructions(batch: dict, tok, max_length: int, template: str) -> dict:
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    prompts = token_ids(tok, [render_prompt(template, ins, inp) for ins, inp in zip(batch["instruction"], batch["input"])],
-                        special_tokens=True)
+    prompts = token_ids(
+        tok,
+        [render_prompt(template, ins, inp) for ins, inp in zip(batch["instruction"], batch["input"])],
+        special_tokens=True,
+    )
     answers = token_ids(tok, batch["output"], special_tokens=False)
     out_ids, out_labels, truncated = [], [], []
     for prompt, answer in zip(prompts, answers):
@@ -68,9 +73,11 @@ def encode_instructions(batch: dict, tok, max_length: int, template: str) -> dic
 
 def output_features(task: str):
     from datasets import Features, List, Value
+
     labels = Value("int64") if task == "seq_cls" else List(Value("int32"))
-    return Features({"input_ids": List(Value("int32")), "labels": labels,
-                     "source": Value("string"), "row": Value("string")})
+    return Features(
+        {"input_ids": List(Value("int32")), "labels": labels, "source": Value("string"), "row": Value("string")}
+    )
 
 
 def processes(setting: int, rows: int) -> int:
@@ -81,6 +88,7 @@ def processes(setting: int, rows: int) -> int:
 def tokenize_split(params: Params, tok, src: Path, dst: Path, work: Path, split: str) -> dict:
     """Tokenize one split file into dst; return its stats."""
     from datasets import Features, Value
+
     t = params.tokenize
     rows = open_rows(src)
     features = output_features(params.task)
@@ -98,20 +106,30 @@ def tokenize_split(params: Params, tok, src: Path, dst: Path, work: Path, split:
     for i, start in enumerate(range(0, max(len(rows), 1), SLICE_ROWS)):
         part = rows.select(range(start, min(start + SLICE_ROWS, len(rows))))  # contiguous: a slice, no copy
         n_proc = processes(t.num_proc, len(part))
-        mapped = part.map(encode, batched=True, batch_size=MAP_BATCH, fn_kwargs=kwargs, remove_columns=drop,
-                          features=Features({**features, "truncated": Value("bool")}),
-                          num_proc=n_proc if n_proc > 1 else None, load_from_cache_file=False,
-                          cache_file_name=str(work / f"{split}-{i:05d}.arrow"),
-                          desc=f"tokenize {split} rows {start:,}+ ({n_proc} proc)")
+        mapped = part.map(
+            encode,
+            batched=True,
+            batch_size=MAP_BATCH,
+            fn_kwargs=kwargs,
+            remove_columns=drop,
+            features=Features({**features, "truncated": Value("bool")}),
+            num_proc=n_proc if n_proc > 1 else None,
+            load_from_cache_file=False,
+            cache_file_name=str(work / f"{split}-{i:05d}.arrow"),
+            desc=f"tokenize {split} rows {start:,}+ ({n_proc} proc)",
+        )
         lengths.append(list_lengths(mapped))
         truncated.append(start + np.flatnonzero(mapped.data.table.column("truncated").to_numpy(zero_copy_only=False)))
         if params.task == "causal_lm":  # a row whose answer was cut away entirely trains nothing
             without_answer += rows_without_answer_tokens(mapped.data.table.column("labels"))
         pieces += [Path(f["filename"]) for f in mapped.cache_files]
     lengths, truncated = np.concatenate(lengths), np.concatenate(truncated)
-    stats = {"rows": len(rows), "truncated_rows": int(len(truncated)),
-             "mean_tokens": round(float(lengths.mean()), 2) if len(lengths) else 0.0,
-             "max_tokens": int(lengths.max()) if len(lengths) else 0}
+    stats = {
+        "rows": len(rows),
+        "truncated_rows": int(len(truncated)),
+        "mean_tokens": round(float(lengths.mean()), 2) if len(lengths) else 0.0,
+        "max_tokens": int(lengths.max()) if len(lengths) else 0,
+    }
     if params.task == "causal_lm":
         stats["rows_without_answer_tokens"] = without_answer
     with RowsWriter(dst, features) as out:  # the map's shards, in order, read (not mapped) a batch at a time
@@ -127,6 +145,7 @@ def tokenize_split(params: Params, tok, src: Path, dst: Path, work: Path, split:
 def rows_without_answer_tokens(labels) -> int:
     """Rows whose labels are all -100, counted in Arrow (a chunked list<int32> column)."""
     import pyarrow.compute as pc
+
     total = 0
     for chunk in labels.chunks:
         flat = pc.list_flatten(chunk)
@@ -153,15 +172,22 @@ def run(params: Params, root: Path) -> StageResult:
         shutil.rmtree(work)
         if not t.truncation and any(too_long.values()):
             listed = "; ".join(f"{s}: rows {', '.join(r[:10])}" for s, r in too_long.items() if r)
-            raise PipelineError(f"{resolve(root, catalog.SPLIT_DIR)}: rows longer than tokenize.max_length="
-                                f"{t.max_length} with tokenize.truncation=false ({listed}); rule: max_length")
+            raise PipelineError(
+                f"{resolve(root, catalog.SPLIT_DIR)}: rows longer than tokenize.max_length="
+                f"{t.max_length} with tokenize.truncation=false ({listed}); rule: max_length"
+            )
         shutil.copy(resolve(root, catalog.LABELS), tmp / "labels.json")
-        write_json(tmp / Path(catalog.TOKENIZE_STATS).name, {
-            "max_length": t.max_length, "splits": stats,
-            "truncated_rows": too_long,  # names of the first LISTED_TRUNCATED rows cut per split; all are counted
-        })
-    return result("tokenize", [catalog.TOKENIZED_DIR],
-                  **{f"{s}_truncated": v["truncated_rows"] for s, v in stats.items()})
+        write_json(
+            tmp / Path(catalog.TOKENIZE_STATS).name,
+            {
+                "max_length": t.max_length,
+                "splits": stats,
+                "truncated_rows": too_long,  # names of the first LISTED_TRUNCATED rows cut per split; all are counted
+            },
+        )
+    return result(
+        "tokenize", [catalog.TOKENIZED_DIR], **{f"{s}_truncated": v["truncated_rows"] for s, v in stats.items()}
+    )
 
 
 def load_split(root: Path, split: str):

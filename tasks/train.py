@@ -13,6 +13,7 @@ Two rules keep it correct while fast:
   batches are copied from pinned memory without blocking, and DDP all-reduces gradients in
   the last micro-step's backward only.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,18 +27,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tasks.batching import IGNORE, batches, collate_packed, epoch_order, pack_bins
-from tasks import catalog, checkpoint, precision
-from tasks.distributed import ddp as distributed, sharding
-from tasks.fast import patch as fast_patch, plan as fast_plan
-from tasks.card import write_stage_card
+from tasks import catalog
 from tasks.common import PipelineError, StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import LoraSection, Params, TrainConfig
-from tasks.modeling import DTYPES, load_saved, load_tokenizer, pick_device, set_threads
-from tasks.plots import plot_loss
-from tasks.arrowio import list_lengths
+from tasks.data.arrowio import list_lengths
+from tasks.data.batching import IGNORE, batches, collate_packed, epoch_order, pack_bins
+from tasks.distributed import ddp as distributed
+from tasks.distributed import sharding
+from tasks.fast import patch as fast_patch
+from tasks.fast import plan as fast_plan
+from tasks.model import precision
+from tasks.model.loading import DTYPES, load_saved, load_tokenizer, pick_device, set_threads
+from tasks.serve.card import write_stage_card
 from tasks.tokenize import load_split
-from tasks.validation import Validation
+from tasks.training import checkpoint
+from tasks.training.plots import plot_loss
+from tasks.training.validation import Validation
 
 ADAPTER = catalog.ADAPTER_DIR
 BASE = catalog.BASE_MODEL_DIR
@@ -46,16 +51,24 @@ REPORT_DIR = catalog.TRAIN_REPORT_DIR
 
 
 def add_lora(model, lora: LoraSection, task: str, t: TrainConfig, compute_dtype: torch.dtype):
-    """Freeze the base, set up checkpointing and precision (tasks/precision.py), add adapters."""
+    """Freeze the base, set up checkpointing and precision (tasks/model/precision.py), add adapters."""
     from peft import LoraConfig, get_peft_model
+
     model = precision.prepare_base(model, t.precision, t.gradient_checkpointing, t.gradient_checkpointing_skip_last)
     if t.gradient_checkpointing and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
-                     target_modules=lora.target_modules, task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM",
-                     use_dora=lora.use_dora, use_rslora=lora.use_rslora,
-                     init_lora_weights=True if lora.init == "default" else lora.init,
-                     modules_to_save=list(lora.modules_to_save) or None)
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=lora.target_modules,
+        task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM",
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        init_lora_weights=True if lora.init == "default" else lora.init,
+        modules_to_save=list(lora.modules_to_save) or None,
+    )
     check_modules_to_save(model, lora.modules_to_save)
     model = get_peft_model(model, cfg)
     for p in model.parameters():  # trained weights stay fp32: bf16 would round small updates away
@@ -74,8 +87,10 @@ def check_modules_to_save(model, names: list[str]) -> None:
         if not found:
             raise PipelineError(f"lora.modules_to_save: no module named {key!r} in the model")
         if any(not p.is_floating_point() for m in found for p in m.parameters()):
-            raise PipelineError(f"lora.modules_to_save: {key!r} is 4-bit quantized and cannot train; add it to "
-                                f"quant.skip_modules (the quantize stage then keeps it in full precision)")
+            raise PipelineError(
+                f"lora.modules_to_save: {key!r} is 4-bit quantized and cannot train; add it to "
+                f"quant.skip_modules (the quantize stage then keeps it in full precision)"
+            )
 
 
 # lora.init values that move part of the base weight into the adapter (W = W_res + B0 A0): the
@@ -98,8 +113,10 @@ def apply_speedups(model_type: str, t: TrainConfig, device: torch.device) -> boo
     if not (t.liger_kernels and device.type == "cuda" and model_type in fast_plan.LIGER):
         return False
     import liger_kernel.transformers as liger
-    getattr(liger, fast_plan.LIGER[model_type])(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                                fused_linear_cross_entropy=True)
+
+    getattr(liger, fast_plan.LIGER[model_type])(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True
+    )
     return True
 
 
@@ -107,12 +124,16 @@ def make_optimizer(params, t: TrainConfig, device: torch.device):
     name = t.optimizer
     if name == "auto":
         name = "paged_adamw_32bit" if device.type == "cuda" else "adamw"
-    if name == "paged_adamw_32bit_flat":  # train.speed's fast path: one launch for all adapters (tasks/flat_optim.py)
-        from tasks import flat_optim
+    if (
+        name == "paged_adamw_32bit_flat"
+    ):  # train.speed's fast path: one launch for all adapters (tasks/training/flat_optim.py)
+        from tasks.training import flat_optim
+
         return flat_optim.make(params, t.lr, t.weight_decay), "paged_adamw_32bit"
     if name == "adamw":  # on CUDA one fused kernel for all tensors
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda"), name
     import bitsandbytes as bnb  # paged optimizers page their state to CPU RAM under memory pressure
+
     cls = bnb.optim.PagedAdamW32bit if name == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
     return cls(params, lr=t.lr, weight_decay=t.weight_decay), name
 
@@ -122,6 +143,7 @@ def linear_schedule(optimizer, warmup: int, total: int):
         if step < warmup:
             return (step + 1) / max(1, warmup)
         return max(0.0, (total - step) / max(1, total - warmup))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -133,7 +155,7 @@ def epoch_batches(rows, lengths: list[int], params: Params, pad_id: int, epoch: 
     order = epoch_order(lengths, t.batch_size, params.seed, epoch)
     if t.packing and params.task == "causal_lm":
         bins = distributed.shard(pack_bins(order, lengths, params.tokenize.max_length)[start:])
-        groups = [bins[i: i + t.batch_size] for i in range(0, len(bins), t.batch_size)]
+        groups = [bins[i : i + t.batch_size] for i in range(0, len(bins), t.batch_size)]
         return (collate_packed(rows, g, pad_id) for g in groups)
     order = distributed.shard(order[start:])
     return ((b, real_tokens(b)) for b in batches(rows, t.batch_size, pad_id, params.task, order))
@@ -144,8 +166,9 @@ def real_tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
 
-def save_adapter(model, tok, path: Path, base_model: str, state_dict: dict | None = None,
-                 initial: Path | None = None) -> None:
+def save_adapter(
+    model, tok, path: Path, base_model: str, state_dict: dict | None = None, initial: Path | None = None
+) -> None:
     """The adapter folder, byte-for-byte the same for the same training, wherever it ran:
     PEFT writes target_modules in set order (which changes with Python's hash seed) and the
     absolute path of the base it was loaded from; write the sorted list and the base's name.
@@ -157,8 +180,12 @@ def save_adapter(model, tok, path: Path, base_model: str, state_dict: dict | Non
     base = model.get_base_model()  # PEFT's README.md names the base by the path it was loaded from
     base.config._name_or_path = base.name_or_path = base_model
     if initial is not None:  # PEFT converts it to a plain LoRA on the unchanged base
-        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict,  # state_dict: FSDP's, gathered
-                              path_initial_model_for_weight_conversion=str(initial))
+        model.save_pretrained(
+            path,
+            safe_serialization=True,
+            state_dict=state_dict,  # state_dict: FSDP's, gathered
+            path_initial_model_for_weight_conversion=str(initial),
+        )
         shutil.rmtree(initial.parent, ignore_errors=True)
     else:
         model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
@@ -240,7 +267,9 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
         liger = apply_speedups(model_type, t, device) if plan.liger and not plan.fast else False
         model = load_saved(params.task, resolve(root, BASE), sharding.load_device(strategy, device))  # FSDP: host RAM
         dtype = DTYPES[params.quant.compute_dtype]
-        t_model = t.model_copy(update={"precision": plan.precision, "gradient_checkpointing": plan.gradient_checkpointing})
+        t_model = t.model_copy(
+            update={"precision": plan.precision, "gradient_checkpointing": plan.gradient_checkpointing}
+        )
         model = add_lora(model, params.lora, params.task, t_model, dtype)
         initial_adapter = save_initial_adapter(model, params.lora) if distributed.is_main() else None
         applied = patches.apply(model, plan, random=params.lora.dropout > 0) if plan.fast else {}
@@ -250,10 +279,15 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
         n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
         train_rows = load_split(root, "train")
         val_rows = load_split(root, "validation") if t.eval_every else None
-        validation = Validation(t, params.task, params.seed)  # validation passes, best step, early stopping (tasks/validation.py)
+        validation = Validation(
+            t, params.task, params.seed
+        )  # validation passes, best step, early stopping (tasks/training/validation.py)
         lengths = list_lengths(train_rows).tolist()  # from the Arrow offsets: no row is read
-        rows_per_epoch = len(pack_bins(list(range(len(lengths))), lengths, params.tokenize.max_length)) \
-            if t.packing and params.task == "causal_lm" else len(train_rows)
+        rows_per_epoch = (
+            len(pack_bins(list(range(len(lengths))), lengths, params.tokenize.max_length))
+            if t.packing and params.task == "causal_lm"
+            else len(train_rows)
+        )
         steps_per_epoch = math.ceil(rows_per_epoch // world / (t.batch_size * t.grad_accum))
         total = t.max_steps if t.max_steps > 0 else math.ceil(steps_per_epoch * t.epochs)
         optimizer, opt_name = make_optimizer(trainable, t.model_copy(update={"optimizer": plan.optimizer}), device)
@@ -285,8 +319,15 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
             losses = distributed.sum_over_ranks(torch.stack([loss for _, loss, _ in pending]), device) / world
             seen = torch.stack([n for _, _, n in pending])  # tokens so far after each step (host, or device under DDP)
             for (row, _, _), loss, n in zip(pending, losses.tolist(), seen.tolist()):
-                log.append({"step": row["step"], "epoch": row["epoch"], "loss": round(loss, 6), "lr": row["lr"],
-                            "tokens": int(n)})
+                log.append(
+                    {
+                        "step": row["step"],
+                        "epoch": row["epoch"],
+                        "loss": round(loss, 6),
+                        "lr": row["lr"],
+                        "tokens": int(n),
+                    }
+                )
             pending.clear()
 
         started, tokens_before, step_at_start, warm = time.perf_counter(), tokens, step, None
@@ -314,18 +355,35 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
                     row = validation.run(model, val_rows, t.batch_size, tok.pad_token_id, device, autocast, step)
                     val_seconds += time.perf_counter() - at
                     if distributed.is_main():
-                        bar.write(f"train: step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step")
-                                  + (f"; early stopping: best step {validation.best_step}" if validation.stop else ""))
+                        bar.write(
+                            f"train: step {step}: "
+                            + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step")
+                            + (f"; early stopping: best step {validation.best_step}" if validation.stop else "")
+                        )
                 done = step >= total or validation.stop
                 save_now = checkpoint_every and step % checkpoint_every == 0 and not done
                 if step % t.log_every == 0 or save_now or done:
                     fetch_log()
-                    bar.set_postfix(loss=f"{sum(r['loss'] for r in log[-t.log_every:]) / min(len(log), t.log_every):.4f}")
+                    bar.set_postfix(
+                        loss=f"{sum(r['loss'] for r in log[-t.log_every :]) / min(len(log), t.log_every):.4f}"
+                    )
                 if save_now:  # every rank: FSDP's shards are gathered; rank 0 writes
-                    checkpoint.save(ckpt_dir, model, optimizer, scheduler,
-                                    {"fingerprint": resume_key, "step": step, "epoch": epoch,
-                                     "next_row": next_row, "tokens": int(tokens), "log": log,
-                                     "validation": validation.state()}, extra=validation.tensors())
+                    checkpoint.save(
+                        ckpt_dir,
+                        model,
+                        optimizer,
+                        scheduler,
+                        {
+                            "fingerprint": resume_key,
+                            "step": step,
+                            "epoch": epoch,
+                            "next_row": next_row,
+                            "tokens": int(tokens),
+                            "log": log,
+                            "validation": validation.state(),
+                        },
+                        extra=validation.tensors(),
+                    )
                 if done:
                     break
             epoch, skip = epoch + 1, 0
@@ -342,30 +400,52 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
     with atomic_dir(resolve(root, ADAPTER)) as tmp:
         save_adapter(model, tok, tmp, params.model.name, adapter_state, initial_adapter)
         write_stage_card(tmp, params, root, "adapter")  # replaces PEFT's template (it names the base's local path)
-    tail = log[-max(1, len(log) // 10):]
-    summary = {"steps": step, "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else 0,
-               "epochs_seen": epoch, "final_loss": log[-1]["loss"],
-               "mean_loss_last_10pct": sum(r["loss"] for r in tail) / len(tail),
-               "train_seconds": round(seconds, 2), "tokens": tokens,
-               "tokens_per_second": round((tokens - int(tokens_before)) / (seconds - val_seconds), 1),  # all ranks, this run
-               "tokens_per_second_after_warmup":
-                   round((tokens - int(warm[1])) / (time.perf_counter() - warm[0] - (val_seconds - warm[2])), 1)
-                   if warm else None,
-               "validation_seconds": round(val_seconds, 2), **validation.summary(), "restored_best": restored_best,
-               "trainable_params": n_trainable, "total_params": n_total, "optimizer": opt_name, "liger_kernels": liger,
-               "precision": plan.precision,
-               "speed": {**plan.describe(), **applied},
-               "device": str(device), "world_size": world, "strategy": strategy,
-               "ranks": [{"rank": r, "tokens": int(n), "train_seconds": round(sec, 2),
-                          "tokens_per_second": round(n / sec, 1) if sec > 0 else None}
-                         for r, (n, sec) in enumerate(ranks)]}
+    tail = log[-max(1, len(log) // 10) :]
+    summary = {
+        "steps": step,
+        "resumed_from_step": int(resume_from.name.split("-")[1]) if resume_from else 0,
+        "epochs_seen": epoch,
+        "final_loss": log[-1]["loss"],
+        "mean_loss_last_10pct": sum(r["loss"] for r in tail) / len(tail),
+        "train_seconds": round(seconds, 2),
+        "tokens": tokens,
+        "tokens_per_second": round((tokens - int(tokens_before)) / (seconds - val_seconds), 1),  # all ranks, this run
+        "tokens_per_second_after_warmup": round(
+            (tokens - int(warm[1])) / (time.perf_counter() - warm[0] - (val_seconds - warm[2])), 1
+        )
+        if warm
+        else None,
+        "validation_seconds": round(val_seconds, 2),
+        **validation.summary(),
+        "restored_best": restored_best,
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "optimizer": opt_name,
+        "liger_kernels": liger,
+        "precision": plan.precision,
+        "speed": {**plan.describe(), **applied},
+        "device": str(device),
+        "world_size": world,
+        "strategy": strategy,
+        "ranks": [
+            {
+                "rank": r,
+                "tokens": int(n),
+                "train_seconds": round(sec, 2),
+                "tokens_per_second": round(n / sec, 1) if sec > 0 else None,
+            }
+            for r, (n, sec) in enumerate(ranks)
+        ],
+    }
     with atomic_dir(resolve(root, REPORT_DIR)) as tmp:
         with open(tmp / "loss.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(log[0]))
             w.writeheader()
             w.writerows(log)
         with open(tmp / Path(catalog.TRAIN_VALIDATION_CSV).name, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["step", "val_loss"] + (["val_accuracy"] if params.task == "seq_cls" else []))
+            w = csv.DictWriter(
+                f, fieldnames=["step", "val_loss"] + (["val_accuracy"] if params.task == "seq_cls" else [])
+            )
             w.writeheader()
             w.writerows(validation.history)
         plot_loss(log, tmp / "loss.png", validation.history, validation.best_step if validation.stopping else None)

@@ -8,6 +8,7 @@ columns (duplicates: the same text again) and the set of labels seen (min_classe
 Writes data/validated/{dataset.arrow,labels.json} only when every rule holds, and always
 writes reports/validation.json naming each bad row (file, row, column, rule, value).
 """
+
 from __future__ import annotations
 
 import html
@@ -20,12 +21,13 @@ import pandas as pd
 import pandera.errors
 
 from schemas import classification_schema, instruction_schema
-from tasks import catalog, chat
-from tasks.arrowio import RowsWriter, iter_batches, take_column
+from tasks import catalog
 from tasks.common import PipelineError, StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import Params
-from tasks.dataio import ROW, hub_chunks, is_hub, iter_raw, load_hub
-from tasks.rowhash import repeated_positions, row_hashes
+from tasks.data import chat
+from tasks.data.arrowio import RowsWriter, iter_batches, take_column
+from tasks.data.readers import ROW, hub_chunks, is_hub, iter_raw, load_hub
+from tasks.data.rowhash import repeated_positions, row_hashes
 
 _ENTITY = re.compile(r"(?:&)?#(\d+);")
 _SPACES = re.compile(r"\s+")
@@ -55,8 +57,15 @@ def _failures(err: pandera.errors.SchemaErrors, df: pd.DataFrame, path: Path) ->
             continue
         seen.add((row, column, rule))
         value = fc.get("failure_case")
-        out.append({"file": str(path), "row": row, "column": column, "rule": rule,
-                    "value": None if value is None or value != value else str(value)[:200]})
+        out.append(
+            {
+                "file": str(path),
+                "row": row,
+                "column": column,
+                "rule": rule,
+                "value": None if value is None or value != value else str(value)[:200],
+            }
+        )
     return out
 
 
@@ -83,15 +92,21 @@ def prepare_frame(params: Params, df: pd.DataFrame, for_prediction: bool = False
                     df[c] = df[c].map(lambda v: clean_text(v) if isinstance(v, str) else v)
         label = d.label_column if not for_prediction or d.label_column in df else None
         min_classes = 1 if for_prediction else d.min_classes
-        schema = classification_schema(d.text_columns, label, sorted(mapping) if mapping else None,
-                                       min_classes if cross_row else None, unique=cross_row and not for_prediction)
+        schema = classification_schema(
+            d.text_columns,
+            label,
+            sorted(mapping) if mapping else None,
+            min_classes if cross_row else None,
+            unique=cross_row and not for_prediction,
+        )
         return schema
     if d.layout == "classification":  # labelled rows asked as chat: instruction rows from here on
         names, mapping = label_space(params)
         chat.classification_as_instruction(df, d, mapping, names, clean_text if d.clean_text else None)
-    if chat.is_chat(d.layout, df.columns):  # conversations (messages / conversations column): tasks/chat.py
-        return chat.prepare_frame(df, d.clean_text, unique=cross_row and not for_prediction,
-                                  for_prediction=for_prediction)
+    if chat.is_chat(d.layout, df.columns):  # conversations (messages / conversations column): tasks/data/chat.py
+        return chat.prepare_frame(
+            df, d.clean_text, unique=cross_row and not for_prediction, for_prediction=for_prediction
+        )
     for c in ("instruction", "input", "output"):
         if c in df and d.clean_text:
             df[c] = df[c].map(lambda v: v.strip() if isinstance(v, str) else v)
@@ -102,16 +117,29 @@ def prepare_frame(params: Params, df: pd.DataFrame, for_prediction: bool = False
     return instruction_schema(with_output=not for_prediction or "output" in df, unique=cross_row and not for_prediction)
 
 
-def validate_frame(params: Params, df: pd.DataFrame, path: Path, for_prediction: bool = False,
-                   cross_row: bool = True) -> tuple[pd.DataFrame, list[dict], list[dict]]:
+def validate_frame(
+    params: Params, df: pd.DataFrame, path: Path, for_prediction: bool = False, cross_row: bool = True
+) -> tuple[pd.DataFrame, list[dict], list[dict]]:
     """Return (valid rows, errors, dropped duplicates). Writes no files; cleans df's text in place.
     cross_row False (a chunk): the valid rows are those breaking no rule of their own."""
     schema = prepare_frame(params, df, for_prediction, cross_row)
     missing = [c for c in schema.columns if c not in df.columns]
     if missing:
         found = [c for c in df.columns if c != ROW]
-        return df, [{"file": str(path), "row": None, "column": c, "rule": "column_present",
-                     "value": f"columns found: {found}"} for c in missing], []
+        return (
+            df,
+            [
+                {
+                    "file": str(path),
+                    "row": None,
+                    "column": c,
+                    "rule": "column_present",
+                    "value": f"columns found: {found}",
+                }
+                for c in missing
+            ],
+            [],
+        )
     try:
         schema.validate(df, lazy=True)
         return df, [], []
@@ -152,6 +180,7 @@ def canonical_features(params: Params, label_as_text: bool = False):
     """The columns of data/validated and data/split: what later stages read, plus the row's
     provenance (source: data.path; row: its line or record there)."""
     from datasets import Features, Value
+
     if params.task == "causal_lm" and params.data.layout == "messages":
         cols = {c: Value("string") for c in chat.FEATURES}
     elif params.task == "causal_lm":
@@ -169,8 +198,12 @@ def canonical_rows(params: Params, df: pd.DataFrame, mapping: dict[str, int] | N
     if params.task == "causal_lm" and d.layout == "messages":
         return {**chat.canonical_columns(df), **rows}
     if params.task == "causal_lm":
-        return {"instruction": df["instruction"].tolist(), "input": df["input"].tolist(),
-                "output": df["output"].tolist(), **rows}
+        return {
+            "instruction": df["instruction"].tolist(),
+            "input": df["input"].tolist(),
+            "output": df["output"].tolist(),
+            **rows,
+        }
     labels = df[d.label_column] if mapping is None else df[d.label_column].map(mapping).astype("int64")
     return {"text": joined_text(df, d.text_columns).tolist(), "label": labels.tolist(), **rows}
 
@@ -179,8 +212,10 @@ def error_message(source, errors: list[dict], report: Path | None = None, total:
     """What a user reads when rows break their contract: file, row, column and rule of each
     (the first _MAX_LISTED; the report lists them all)."""
     total = len(errors) if total is None else total
-    listed = "\n".join(f"  - {e['file']}: row {e['row']}, column {e['column']}: rule {e['rule']}"
-                       f" (value: {e['value']!r})" for e in errors[:_MAX_LISTED])
+    listed = "\n".join(
+        f"  - {e['file']}: row {e['row']}, column {e['column']}: rule {e['rule']} (value: {e['value']!r})"
+        for e in errors[:_MAX_LISTED]
+    )
     more = f"\n  ... and {total - _MAX_LISTED} more" if total > _MAX_LISTED else ""
     where = f"; full report: {report}" if report else ""
     return f"{source}: {total} validation error(s){where}\n{listed}{more}"
@@ -194,7 +229,7 @@ def prediction_rows(params: Params, df: pd.DataFrame, source) -> pd.DataFrame:
     df, errors, _ = validate_frame(params, df, Path(str(source)), for_prediction=True)
     if errors:
         raise PipelineError(error_message(source, errors))
-    if params.task == "causal_lm" and "messages" in df:  # conversations to answer (tasks/chat.py)
+    if params.task == "causal_lm" and "messages" in df:  # conversations to answer (tasks/data/chat.py)
         return chat.prediction_frame(df, ROW)
     if params.task == "causal_lm":
         out = df[["instruction", "input", ROW]].rename(columns={ROW: "row"}).astype({"row": str})
@@ -220,8 +255,10 @@ class Report:
     def __init__(self, path: Path, source: str, task: str):
         self.path, self.source, self.task = path, source, task
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.lists = {"errors": path.with_name(f".{path.name}.errors"),
-                      "dropped_duplicates": path.with_name(f".{path.name}.dropped")}
+        self.lists = {
+            "errors": path.with_name(f".{path.name}.errors"),
+            "dropped_duplicates": path.with_name(f".{path.name}.dropped"),
+        }
         self.files = {k: open(p, "w") for k, p in self.lists.items()}
         self.counts = dict.fromkeys(self.lists, 0)
         self.first_errors: list[dict] = []
@@ -259,10 +296,15 @@ def source_chunks(params: Params, root: Path) -> tuple[str, object, dict | None]
     """(the source as reports name it, its chunks, hub lineage or None)."""
     d = params.data
     if is_hub(d.path):
-        name = d.path[len("hf://"):]
+        name = d.path[len("hf://") :]
         local = resolve(root, name)
-        ds, lineage = load_hub(str(local) if local.is_dir() else name, d.config, d.split, d.revision,
-                               resolve(root, catalog.HF_DATASETS_CACHE))
+        ds, lineage = load_hub(
+            str(local) if local.is_dir() else name,
+            d.config,
+            d.split,
+            d.revision,
+            resolve(root, catalog.HF_DATASETS_CACHE),
+        )
         return d.path, hub_chunks(ds, name, d.chunk_rows), lineage
     src = resolve(root, d.path)
     return str(src), iter_raw(src, d.format, d.header, d.columns, d.chunk_rows), None
@@ -292,9 +334,15 @@ def run(params: Params, root: Path) -> StageResult:
         src, chunks, lineage = source_chunks(params, root)
         report = Report(report_path, src, params.task)
     except PipelineError as exc:
-        write_json(report_path, {"file": src or d.path, "status": "failed", "errors": [
-            {"file": src or d.path, "row": None, "column": None, "rule": "readable", "value": str(exc)}],
-            "dropped_duplicates": []})
+        write_json(
+            report_path,
+            {
+                "file": src or d.path,
+                "status": "failed",
+                "errors": [{"file": src or d.path, "row": None, "column": None, "rule": "readable", "value": str(exc)}],
+                "dropped_duplicates": [],
+            },
+        )
         raise
     try:
         params, chunks = chat.resolve_layout(params, chunks)  # data.layout auto: chat data or instructions
@@ -329,18 +377,33 @@ def _validate(params: Params, root: Path, src: str, chunks, lineage, report: Rep
         repeated = repeated_positions(hashes)
         if len(repeated):
             key = "text" if params.task == "seq_cls" else key_columns(params)[0]
-            entries = [{"file": src, "row": row, "column": None, "rule": "unique_rows",
-                        "value": None if value is None else str(value)[:200]}
-                       for row, value in zip(take_column(first, "row", repeated), take_column(first, key, repeated))]
+            entries = [
+                {
+                    "file": src,
+                    "row": row,
+                    "column": None,
+                    "rule": "unique_rows",
+                    "value": None if value is None else str(value)[:200],
+                }
+                for row, value in zip(take_column(first, "row", repeated), take_column(first, key, repeated))
+            ]
             report.add("dropped_duplicates" if d.duplicates == "drop" else "errors", entries)
         if params.task == "seq_cls" and len(labels_seen) < d.min_classes and not report.counts["errors"]:
-            report.add("errors", [{"file": src, "row": None, "column": d.label_column,
-                                   "rule": f"at_least_{d.min_classes}_classes",
-                                   "value": f"classes found: {sorted(labels_seen)}"}])
+            report.add(
+                "errors",
+                [
+                    {
+                        "file": src,
+                        "row": None,
+                        "column": d.label_column,
+                        "rule": f"at_least_{d.min_classes}_classes",
+                        "value": f"classes found: {sorted(labels_seen)}",
+                    }
+                ],
+            )
         failed = report.counts["errors"] > 0
         bad_rows = report.counts["errors"]
-        report.write(rows=n_rows, valid_rows=n_rows - bad_rows, status="failed" if failed else "passed",
-                     source=lineage)
+        report.write(rows=n_rows, valid_rows=n_rows - bad_rows, status="failed" if failed else "passed", source=lineage)
         if failed:
             raise PipelineError(error_message(src, report.first_errors, report_path, report.counts["errors"]))
         if params.task == "seq_cls" and mapping is None:
@@ -358,5 +421,10 @@ def _validate(params: Params, root: Path, src: str, chunks, lineage, report: Rep
         write_json(tmp / Path(catalog.LABELS).name, {"names": names})
         if lineage is not None:
             write_json(tmp / "source.json", lineage)
-    return result("validate", [catalog.VALIDATED_DIR, catalog.VALIDATION_REPORT], rows=n_valid,
-                  dropped=len(repeated) if d.duplicates == "drop" else 0, classes=len(names))
+    return result(
+        "validate",
+        [catalog.VALIDATED_DIR, catalog.VALIDATION_REPORT],
+        rows=n_valid,
+        dropped=len(repeated) if d.duplicates == "drop" else 0,
+        classes=len(names),
+    )

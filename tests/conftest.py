@@ -1,5 +1,6 @@
 """Shared fixtures. Prefect's ephemeral API and result store go to a temp dir; they must be
 configured before Prefect is imported, hence at module import time here."""
+
 import os
 import sys
 import tempfile
@@ -47,8 +48,13 @@ def write_params(root: Path, raw: dict) -> Path:
 
 
 def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.email=test@qlora", "-c", "user.name=test", *args], cwd=root,
-                          check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", "-c", "user.email=test@qlora", "-c", "user.name=test", *args],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def env() -> dict:
@@ -63,8 +69,9 @@ def make_project(dest: Path, raw: dict | None = None, ag_news: bool = False) -> 
     git repository), with ../shared beside it as CI has, and the venv linked as `make setup`
     leaves it. raw: params to write. ag_news: restore the DVC-tracked AG News as `make data`
     does; otherwise its .dvc file is removed (tests that bring their own data)."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for f in listed:
         if (REPO / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +81,9 @@ def make_project(dest: Path, raw: dict | None = None, ag_news: bool = False) -> 
         shared.symlink_to(SHARED.parent)
     (dest / ".venv").symlink_to(Path(sys.executable).parent.parent)
     if raw is not None:
-        from flows.stages import render_dvc_yaml
+        from flows.dvc.stages import render_dvc_yaml
         from tasks.config import Params
+
         write_params(dest, raw)
         (dest / "dvc.yaml").write_text(render_dvc_yaml(Params.model_validate(raw)))  # as `qlora run` would
     if not ag_news:
@@ -84,8 +92,13 @@ def make_project(dest: Path, raw: dict | None = None, ag_news: bool = False) -> 
     git(dest, "add", "-A")
     git(dest, "commit", "-qm", "fresh clone")
     if ag_news:
-        p = subprocess.run([sys.executable, "-m", "dvc", "update", "-q", "data/raw/ag_news.dvc"], cwd=dest,
-                           env=env(), capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "-m", "dvc", "update", "-q", "data/raw/ag_news.dvc"],
+            cwd=dest,
+            env=env(),
+            capture_output=True,
+            text=True,
+        )
         assert p.returncode == 0, p.stdout + p.stderr
         assert not git(dest, "status", "--porcelain", "data/raw/ag_news.dvc")  # the committed version
     return dest
@@ -102,16 +115,19 @@ def agnews_small(tmp_path_factory) -> Path:
 
 
 def small_cls_params(data_path: Path) -> dict:
-    return repo_params(data={"path": str(data_path)},
-                       tokenize={"max_length": 48},
-                       train={"max_steps": 4, "batch_size": 16, "log_every": 1},
-                       eval={"batch_size": 64})
+    return repo_params(
+        data={"path": str(data_path)},
+        tokenize={"max_length": 48},
+        train={"max_steps": 4, "batch_size": 16, "log_every": 1},
+        eval={"batch_size": 64},
+    )
 
 
 def pytest_sessionfinish(session, exitstatus):
     # Prefect logs "stopping temporary server" at exit, after pytest closed the captured
     # streams; keep that harmless message from printing a logging traceback.
     import logging
+
     logging.raiseExceptions = False
 
 
@@ -136,8 +152,9 @@ def write_split(root: Path, params, parts: dict) -> None:
     """data/split as the split stage writes it, from frames of canonical rows (for tests that start
     at tokenize); `source` and `row` are filled in when missing."""
     from tasks import catalog
-    from tasks.arrowio import RowsWriter
+    from tasks.data.arrowio import RowsWriter
     from tasks.validate import canonical_features
+
     features = canonical_features(params)
     (root / catalog.SPLIT_DIR).mkdir(parents=True, exist_ok=True)
     for name, frame in parts.items():

@@ -1,11 +1,13 @@
 """One rank of a torchrun training for tests/test_sharding.py, without the flow's imports:
 train.run on the project in the working directory, checkpoints named by a resume key.
 `--keep-checkpoints` leaves them after the adapter is saved (a run to resume from)."""
+
 import sys
 from pathlib import Path
 
-from tasks import checkpoint, train
+from tasks import train
 from tasks.config import load_params
+from tasks.training import checkpoint
 
 if __name__ == "__main__":
     key = sys.argv[1]

@@ -1,6 +1,7 @@
 """Audits that hold: the data is checked against its committed DVC version by every door,
 artifacts are byte-reproducible across directories, writing commands (scheduled ones too)
 respect the project lock, and a rejected drop is a failed flow run, not a success."""
+
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from flows import dvc_ops
+from flows.dvc import dvc_ops
 from flows.lock import project_lock
 from flows.pipeline import Project, qlora_pipeline
 from tasks import catalog
@@ -23,8 +24,7 @@ RAW = "data/raw/ag_news/test.csv"
 
 def qlora(root: Path, *args) -> subprocess.CompletedProcess:
     """The command line as a user runs it in the project (no activated venv)."""
-    return subprocess.run([".venv/bin/qlora", *args], cwd=root, env=env(), capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run([".venv/bin/qlora", *args], cwd=root, env=env(), capture_output=True, text=True, timeout=900)
 
 
 def tamper(path: Path) -> None:
@@ -39,8 +39,9 @@ def tamper(path: Path) -> None:
 
 
 def agnews_params(**train) -> dict:
-    return repo_params(tokenize={"max_length": 48}, train={"max_steps": 2, "log_every": 1, **train},
-                       eval={"batch_size": 128})
+    return repo_params(
+        tokenize={"max_length": 48}, train={"max_steps": 2, "log_every": 1, **train}, eval={"batch_size": 128}
+    )
 
 
 @pytest.mark.slow
@@ -86,8 +87,7 @@ def test_tampered_data_is_caught_by_every_door(tmp_path):
 
     # door 4: qlora retrain stops before reading the inbox; nothing is merged or moved
     (root / "data/inbox").mkdir()
-    pd.read_csv(AG_NEWS, header=None, dtype=str).iloc[:3].to_csv(root / "data/inbox/new.csv", header=False,
-                                                                  index=False)
+    pd.read_csv(AG_NEWS, header=None, dtype=str).iloc[:3].to_csv(root / "data/inbox/new.csv", header=False, index=False)
     params_before = (root / "params.yaml").read_bytes()
     retrain = qlora(root, "retrain", "--set", "split.method=hash")
     assert retrain.returncode == 2, retrain.stdout[-2000:] + retrain.stderr[-2000:]
@@ -105,7 +105,8 @@ def test_tampered_data_is_caught_by_every_door(tmp_path):
     assert tags["data_verified"] == "false" and tags["data_md5"] == tampered and tags["dvc_data_md5"] == committed
     # (2 steps never met row 100, so the merged weights equal version 1's and no version was added:
     # version 1 still points at the clean run.) The unverified run itself never verifies:
-    from flows.lineage import verify as verify_record
+    from flows.tracking.lineage import verify as verify_record
+
     check = verify_record({"lineage": tags}, root)
     assert not check["ok"] and check["bytes_match"] and "unverified" in " ".join(check["problems"])
 
@@ -150,6 +151,7 @@ def test_a_scheduled_run_that_finds_the_project_busy_is_recorded_as_skipped(tmp_
     """What `qlora serve` runs at each tick (the retraining flow) takes the project lock; held by
     another command, the flow run ends Cancelled, named Skipped, and writes nothing."""
     from flows.retrain import retrain_flow
+
     root = owned_dataset_project(tmp_path / "project")
     (root / "data/inbox").mkdir()
     (root / "data/inbox/new.csv").write_text('"2","A new title","A new body"\n')
@@ -167,6 +169,7 @@ def test_a_rejected_drop_fails_the_flow_run_with_its_report_attached(tmp_path):
     from prefect.client.orchestration import get_client
 
     from flows.retrain import retrain_flow
+
     root = owned_dataset_project(tmp_path / "project")
     before = (root / "data/raw/news/data.csv").read_bytes()
     (root / "data/inbox").mkdir()
@@ -178,9 +181,15 @@ def test_a_rejected_drop_fails_the_flow_run_with_its_report_attached(tmp_path):
         flow_run = client.read_flow_run(state.state_details.flow_run_id)
         assert flow_run.state.name == "Rejected"  # what a Prefect automation matches on
         # the API's artifact filter (this Prefect's sync client sends null filters the server refuses)
-        found = client._client.post("/artifacts/filter", json={
-            "artifacts": {"key": {"any_": ["rejected-drop"]}, "flow_run_id": {"any_": [str(flow_run.id)]}},
-            "limit": 10, "offset": 0, "sort": "CREATED_DESC"}).json()
+        found = client._client.post(
+            "/artifacts/filter",
+            json={
+                "artifacts": {"key": {"any_": ["rejected-drop"]}, "flow_run_id": {"any_": [str(flow_run.id)]}},
+                "limit": 10,
+                "offset": 0,
+                "sort": "CREATED_DESC",
+            },
+        ).json()
     assert len(found) == 1 and "isin" in found[0]["data"] and "| 2 | label |" in found[0]["data"], found
     assert (root / "data/raw/news/data.csv").read_bytes() == before
     # the command line: a non-zero exit a scheduler or CI sees

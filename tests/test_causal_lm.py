@@ -1,4 +1,5 @@
 """Instruction tuning end to end: tiny random Llama, real Alpaca sample, the real flow."""
+
 import json
 import math
 
@@ -8,8 +9,8 @@ import torch
 import yaml
 
 from flows.pipeline import Project, qlora_pipeline
-from tasks.config import Params
 from tasks.catalog import IGNORE_INDEX as IGNORE
+from tasks.config import Params
 from tasks.tokenize import encode_instructions
 from tests.conftest import ALPACA, make_project, repo_params
 from tests.tiny_llm import build_tiny_llama
@@ -21,18 +22,20 @@ def tiny_llama(tmp_path_factory):
 
 
 def causal_params(model_dir) -> dict:
-    return repo_params(task="causal_lm",
-                       data={"path": str(ALPACA), "format": "auto", "label_names": None, "label_base": 0},
-                       model={"name": str(model_dir)},
-                       tokenize={"max_length": 256, "template": "alpaca"},
-                       train={"max_steps": 8, "batch_size": 8, "lr": 0.01, "log_every": 1,
-                              "gradient_checkpointing": True},
-                       eval={"batch_size": 8, "num_samples": 2, "max_new_tokens": 8},
-                       tracking={"registered_model": "tiny-llama-alpaca"})
+    return repo_params(
+        task="causal_lm",
+        data={"path": str(ALPACA), "format": "auto", "label_names": None, "label_base": 0},
+        model={"name": str(model_dir)},
+        tokenize={"max_length": 256, "template": "alpaca"},
+        train={"max_steps": 8, "batch_size": 8, "lr": 0.01, "log_every": 1, "gradient_checkpointing": True},
+        eval={"batch_size": 8, "num_samples": 2, "max_new_tokens": 8},
+        tracking={"registered_model": "tiny-llama-alpaca"},
+    )
 
 
 def test_loss_falls_on_answer_tokens_only(tiny_llama):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     rows = {"instruction": ["Add two and two."], "input": [""], "output": ["Four."]}
     encoded = encode_instructions(rows, tok, 256, "alpaca")
@@ -48,9 +51,10 @@ def test_loss_falls_on_answer_tokens_only(tiny_llama):
 def test_causal_lm_flow_end_to_end(tmp_path, tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from tasks.batching import collate
+    from tasks.data.batching import collate
     from tasks.evaluate import load_adapted
     from tasks.tokenize import load_split
+
     raw = causal_params(tiny_llama)
     params = Params.model_validate(raw)
     tmp_path = make_project(tmp_path / "project", raw)
@@ -85,9 +89,11 @@ def test_packed_and_unpacked_give_the_same_loss(tiny_llama):
     example attends to or predicts across another."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.batching import collate, collate_packed, pack_bins
+    from tasks.data.batching import collate, collate_packed, pack_bins
+
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     from datasets import Dataset
+
     rows = pd.read_json(ALPACA).iloc[:6]
     encoded = encode_instructions({c: rows[c].tolist() for c in ("instruction", "input", "output")}, tok, 256, "alpaca")
     frame = Dataset.from_dict({"input_ids": encoded["input_ids"], "labels": encoded["labels"]})
@@ -109,6 +115,7 @@ def test_packed_and_unpacked_give_the_same_loss(tiny_llama):
 @pytest.mark.slow
 def test_training_with_packing(tmp_path, tiny_llama):
     from tasks import quantize, split, tokenize, train, validate
+
     raw = causal_params(tiny_llama)
     raw["train"].update(packing=True, batch_size=2, max_steps=4)
     params = Params.model_validate(raw)

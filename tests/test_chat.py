@@ -1,18 +1,20 @@
-"""Chat data (tasks/chat.py, schemas/messages.py): the messages contract, rendering with the
+"""Chat data (tasks/data/chat.py, schemas/messages.py): the messages contract, rendering with the
 model's chat template, and the loss on every assistant turn and nothing else, checked token by
 token on the tiny Llama with a chat template set here."""
+
 import json
 
 import pandas as pd
 import pytest
 import torch
 
-from tasks import catalog, chat, split, validate
-from tasks.arrowio import open_rows
+from tasks import catalog, split, validate
 from tasks.catalog import IGNORE_INDEX as IGNORE
 from tasks.common import PipelineError
 from tasks.config import Params
-from tasks.dataio import read_raw
+from tasks.data import chat
+from tasks.data.arrowio import open_rows
+from tasks.data.readers import read_raw
 from tasks.tokenize import encode_instructions
 from tests.conftest import ALPACA, SELF_INSTRUCT, repo_params
 from tests.tiny_llm import CHAT_TEMPLATE, build_tiny_chat_llama
@@ -36,6 +38,7 @@ def tiny_chat_llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok(tiny_chat_llama):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tiny_chat_llama)
     assert tok.chat_template == CHAT_TEMPLATE
     return tok
@@ -61,8 +64,9 @@ def expected_by_pieces(tok, messages):
 
 def show(tok, ids, labels) -> str:
     """The label mask as text: [token] carries the loss, bare tokens do not."""
-    return " ".join(f"[{tok.decode([i])}]" if lab != IGNORE else tok.decode([i])
-                    for i, lab in zip(ids, labels)).replace("\n", "\\n")
+    return " ".join(
+        f"[{tok.decode([i])}]" if lab != IGNORE else tok.decode([i]) for i, lab in zip(ids, labels)
+    ).replace("\n", "\\n")
 
 
 def test_three_turn_conversation_label_mask_token_by_token(tok):
@@ -101,7 +105,9 @@ def test_self_instruct_seed_label_mask_token_by_token(tok):
 def test_hand_templates_match_the_instruction_path_and_label_every_turn(tok, template):
     row = {"instruction": ["Add two and two."], "input": [""], "output": ["Four."]}
     encoded = encode_instructions(row, tok, 256, template)
-    ids, labels, _ = chat.encode_conversation(tok, chat.from_instruction("Add two and two.", "", "Four."), 256, template)
+    ids, labels, _ = chat.encode_conversation(
+        tok, chat.from_instruction("Add two and two.", "", "Four."), 256, template
+    )
     assert ids == encoded["input_ids"][0] and labels == encoded["labels"][0]
     ids, labels, _ = chat.encode_conversation(tok, THREE_TURNS, 512, template)
     answers = tok.decode([i for i in labels if i != IGNORE])
@@ -117,11 +123,14 @@ def test_truncation_cuts_later_turns_and_says_so(tok):
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(tok):
     from transformers import AutoTokenizer
+
     other = AutoTokenizer.from_pretrained(tok.name_or_path)
     # renders only the last assistant turn's content in full: earlier turns change as the conversation grows
-    other.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|a|>x\n' }}"
-                           "{% else %}{{ '<|' + m['role'] + '|>' + m['content'] + '\n' }}{% endif %}{% endfor %}"
-                           "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    other.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ '<|a|>x\n' }}"
+        "{% else %}{{ '<|' + m['role'] + '|>' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
     with pytest.raises(PipelineError, match="chat_template_prefix"):
         chat.encode_conversation(other, THREE_TURNS, 512, "model")
     other.chat_template = None
@@ -130,8 +139,9 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tok):
 
 
 def chat_params(path, **data) -> Params:
-    return Params.model_validate(repo_params(task="causal_lm", data={"path": str(path), "format": "auto",
-                                                                    "label_names": None, **data}))
+    return Params.model_validate(
+        repo_params(task="causal_lm", data={"path": str(path), "format": "auto", "label_names": None, **data})
+    )
 
 
 def _jsonl(path, rows):
@@ -140,12 +150,20 @@ def _jsonl(path, rows):
 
 
 def test_openai_sharegpt_and_nested_parquet_layouts_validate_to_the_same_rows(tmp_path):
-    convs = [[("user", f"Question {i}?"), ("assistant", f"Answer {i}."), ("user", "And?"), ("assistant", "Done.")]
-             for i in range(3)]
-    openai = _jsonl(tmp_path / "openai.jsonl", [{"messages": [{"role": r, "content": c} for r, c in conv]}
-                                                for conv in convs])
-    sharegpt = _jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [
-        {"from": {"user": "human", "assistant": "gpt"}[r], "value": c} for r, c in conv]} for conv in convs])
+    convs = [
+        [("user", f"Question {i}?"), ("assistant", f"Answer {i}."), ("user", "And?"), ("assistant", "Done.")]
+        for i in range(3)
+    ]
+    openai = _jsonl(
+        tmp_path / "openai.jsonl", [{"messages": [{"role": r, "content": c} for r, c in conv]} for conv in convs]
+    )
+    sharegpt = _jsonl(
+        tmp_path / "sharegpt.jsonl",
+        [
+            {"conversations": [{"from": {"user": "human", "assistant": "gpt"}[r], "value": c} for r, c in conv]}
+            for conv in convs
+        ],
+    )
     # The same conversations as nested parquet (list<struct<role, content>>), as hub exports store them.
     nested = tmp_path / "openai.parquet"
     pd.DataFrame({"messages": [[{"role": r, "content": c} for r, c in conv] for conv in convs]}).to_parquet(nested)
@@ -159,29 +177,44 @@ def test_openai_sharegpt_and_nested_parquet_layouts_validate_to_the_same_rows(tm
 
 def test_bad_conversations_are_named_by_row_and_rule(tmp_path):
     good = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
-    rows = [good,
-            {"messages": [{"role": "robot", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
-            {"messages": [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "  "}]},
-            {"messages": [{"role": "user", "content": "A?"}, {"role": "user", "content": "B?"},
-                          {"role": "assistant", "content": "C."}]},
-            {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Only a question?"}]},
-            {"messages": "hello"},
-            {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Another answer."}]}]
+    rows = [
+        good,
+        {"messages": [{"role": "robot", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+        {"messages": [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "  "}]},
+        {
+            "messages": [
+                {"role": "user", "content": "A?"},
+                {"role": "user", "content": "B?"},
+                {"role": "assistant", "content": "C."},
+            ]
+        },
+        {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Only a question?"}]},
+        {"messages": "hello"},
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Another answer."}]},
+    ]
     path = _jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(PipelineError) as exc:
         validate.run(chat_params(path), tmp_path)
     report = json.loads((tmp_path / "reports/validation.json").read_text())
     found = {(e["row"], e["rule"]) for e in report["errors"]}
-    assert found == {("2", "roles_known"), ("3", "content_not_empty"), ("4", "turns_alternate"),
-                     ("5", "has_assistant_turn"), ("6", "messages_format"), ("7", "unique_rows")}
+    assert found == {
+        ("2", "roles_known"),
+        ("3", "content_not_empty"),
+        ("4", "turns_alternate"),
+        ("5", "has_assistant_turn"),
+        ("6", "messages_format"),
+        ("7", "unique_rows"),
+    }
     assert all(e["file"] == str(path) for e in report["errors"])
     assert "row 5, column messages: rule has_assistant_turn" in str(exc.value)
     assert not (tmp_path / "data/validated").exists()
 
 
 def test_chat_rows_split_without_leaking_a_prompt(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]}
-            for i in range(40)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]}
+        for i in range(40)
+    ]
     params = chat_params(_jsonl(tmp_path / "chat.jsonl", rows))
     validate.run(params, tmp_path)
     res = split.run(params, tmp_path)
@@ -189,8 +222,9 @@ def test_chat_rows_split_without_leaking_a_prompt(tmp_path):
     parts = {s: open_rows(tmp_path / catalog.split_file(catalog.SPLIT_DIR, s)).to_pandas() for s in ("train", "test")}
     assert not set(parts["train"]["prompt_key"]) & set(parts["test"]["prompt_key"])
     # the hash split hashes the prompt too: rows never move as data grows
-    hashed = chat_params(tmp_path / "chat.jsonl").model_copy(update={"split": Params().split.model_copy(
-        update={"method": "hash"})})
+    hashed = chat_params(tmp_path / "chat.jsonl").model_copy(
+        update={"split": Params().split.model_copy(update={"method": "hash"})}
+    )
     res = split.run(hashed, tmp_path)
     assert sum(res.summary.values()) == 40
 
@@ -199,26 +233,34 @@ def test_packed_multi_turn_rows_give_the_unpacked_loss(tiny_chat_llama, tok):
     """Multi-turn rows packed into one row: the same loss as padded, over assistant tokens only."""
     from transformers import AutoModelForCausalLM
 
-    from tasks.batching import collate, collate_packed, pack_bins
+    from tasks.data.batching import collate, collate_packed, pack_bins
+
     convs = [THREE_TURNS, THREE_TURNS[1:3], THREE_TURNS[:5], THREE_TURNS[3:]]
     from datasets import Dataset
+
     enc = [chat.encode_conversation(tok, c, 256, "model") for c in convs]
     frame = Dataset.from_dict({"input_ids": [e[0] for e in enc], "labels": [e[1] for e in enc]})
     lengths = [len(e[0]) for e in enc]
     bins = pack_bins(list(range(len(convs))), lengths, max_length=sum(lengths))
     assert len(bins) == 1
-    model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_chat_llama, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     with torch.no_grad():
         unpacked = model(**collate(frame[:], tok.pad_token_id, "causal_lm"), use_cache=False).loss
         batch, _ = collate_packed(frame, bins, tok.pad_token_id)
         packed = model(**batch, use_cache=False).loss
     assert abs(packed.item() - unpacked.item()) < 1e-4
     labelled = tok.decode([i for i in batch["labels"][0].tolist() if i != IGNORE])
-    assert labelled == "Blue.</s>\nRed.</s>\nFour.</s>\n" + "Blue.</s>\n" + "Blue.</s>\nRed.</s>\n" + "Red.</s>\nFour.</s>\n"
+    assert (
+        labelled
+        == "Blue.</s>\nRed.</s>\nFour.</s>\n" + "Blue.</s>\n" + "Blue.</s>\nRed.</s>\n" + "Red.</s>\nFour.</s>\n"
+    )
 
 
 def test_the_generation_prompt_of_a_multi_turn_row_ends_before_its_last_answer(tok):
-    from tasks.generation import split_last_turn
+    from tasks.model.generation import split_last_turn
+
     ids, labels, _ = chat.encode_conversation(tok, THREE_TURNS, 512, "model")
     prompt, reference = split_last_turn(ids, labels)
     assert tok.decode(reference) == "Four.</s>\n"
@@ -230,7 +272,8 @@ def test_the_generation_prompt_of_a_multi_turn_row_ends_before_its_last_answer(t
 def test_generation_scores_and_batched_equals_one_by_one(tiny_chat_llama, tok):
     from transformers import AutoModelForCausalLM
 
-    from tasks.generation import evaluate_generation, exact_match, generate, rouge_l
+    from tasks.model.generation import evaluate_generation, exact_match, generate, rouge_l
+
     assert exact_match(" Four. ", "four.") == 1.0 and exact_match("Five.", "Four.") == 0.0
     assert rouge_l("the cat sat", "the cat sat down") == pytest.approx(2 * 1 * 0.75 / 1.75)
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama, dtype=torch.float32).eval()
@@ -256,13 +299,23 @@ def test_messages_jsonl_trains_end_to_end(tmp_path, tiny_chat_llama):
     from flows.pipeline import Project, qlora_pipeline
     from tests.conftest import make_project
     from tests.test_causal_lm import causal_params
+
     alpaca = [r for r in json.loads(ALPACA.read_text()) if len(r["instruction"] + r["input"] + r["output"]) < 300]
     convs = []
     for a, b in zip(alpaca[0::2], alpaca[1::2]):
-        convs.append({"messages": [{"role": "system", "content": "Answer briefly."}] + [
-            {"role": role, "content": text} for r in (a, b)
-            for role, text in (("user", r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")),
-                               ("assistant", r["output"]))]})
+        convs.append(
+            {
+                "messages": [{"role": "system", "content": "Answer briefly."}]
+                + [
+                    {"role": role, "content": text}
+                    for r in (a, b)
+                    for role, text in (
+                        ("user", r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")),
+                        ("assistant", r["output"]),
+                    )
+                ]
+            }
+        )
     data = _jsonl(tmp_path / "chat.jsonl", convs)
     raw = causal_params(tiny_chat_llama)
     raw["data"].update(path=str(data))
@@ -279,7 +332,11 @@ def test_messages_jsonl_trains_end_to_end(tmp_path, tiny_chat_llama):
     curve = pd.read_csv(root / "reports/train/validation.csv")
     assert curve["step"].tolist() == [2, 4]
     metrics = json.loads((root / "reports/metrics.json").read_text())
-    assert metrics["generated_rows"] == min(4, stats["splits"]["test"]["rows"]) >= 2 and 0 <= metrics["rougeL"] <= 1 and 0 <= metrics["exact_match"] <= 1
+    assert (
+        metrics["generated_rows"] == min(4, stats["splits"]["test"]["rows"]) >= 2
+        and 0 <= metrics["rougeL"] <= 1
+        and 0 <= metrics["exact_match"] <= 1
+    )
     samples = [json.loads(x) for x in (root / "reports/eval/samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(s["prompt"].count("<|assistant|>") == 2 for s in samples)  # turn 1 answered
     mlflow.set_tracking_uri(out.mlflow["tracking_uri"])

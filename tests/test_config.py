@@ -20,15 +20,18 @@ def test_override_parses_yaml_values(tmp_path):
     assert p.merge.enabled is False
 
 
-@pytest.mark.parametrize("override, key, words", [
-    ("lora.rr=8", "lora.rr", "did you mean 'r'"),
-    ("trian.lr=1", "trian", "did you mean 'train'"),
-    ("lora.r=0", "lora.r", "greater than 0"),
-    ("train.lr=-1", "train.lr", "greater than 0"),
-    ("train.batch_size=0", "train.batch_size", "greater than 0"),
-    ("quant.quant_type=int3", "quant.quant_type", "'nf4' or 'fp4'"),
-    ("train.epochs=lots", "train.epochs", "valid number"),
-])
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("lora.rr=8", "lora.rr", "did you mean 'r'"),
+        ("trian.lr=1", "trian", "did you mean 'train'"),
+        ("lora.r=0", "lora.r", "greater than 0"),
+        ("train.lr=-1", "train.lr", "greater than 0"),
+        ("train.batch_size=0", "train.batch_size", "greater than 0"),
+        ("quant.quant_type=int3", "quant.quant_type", "'nf4' or 'fp4'"),
+        ("train.epochs=lots", "train.epochs", "valid number"),
+    ],
+)
 def test_bad_params_name_the_key(tmp_path, override, key, words):
     path = write_params(tmp_path, repo_params())
     with pytest.raises(ParamsError) as exc:
@@ -41,13 +44,15 @@ def test_params_yaml_and_the_typed_defaults_are_one_source():
     """params.yaml is the rendering of tasks/config.py's defaults (`qlora params --write`), with
     every field's help text as a comment: the two cannot disagree."""
     from tasks.config import render_params_yaml
+
     text = (REPO / "params.yaml").read_text()
     assert text == render_params_yaml()
     assert load_params(REPO / "params.yaml") == Params()
     for section, field in Params.model_fields.items():
         sub = field.annotation
-        fields = sub.model_fields.items() if isinstance(sub, type) and hasattr(sub, "model_fields") \
-            else [(section, field)]
+        fields = (
+            sub.model_fields.items() if isinstance(sub, type) and hasattr(sub, "model_fields") else [(section, field)]
+        )
         for key, f in fields:
             assert f.description, f"{section}.{key} has no help text"
             assert f.description.split()[0] in text
@@ -57,6 +62,7 @@ def test_params_reference_page_is_the_rendering_of_the_typed_defaults():
     """docs/reference/params.md is rendered from tasks/config.py like params.yaml (`qlora params
     --write` writes both): every key is a row with its default and its help text."""
     from tasks.config import render_params_doc
+
     text = (REPO / "docs" / "reference" / "params.md").read_text()
     assert text == render_params_doc()
     defaults = Params().model_dump(mode="json")

@@ -1,6 +1,7 @@
 """Data at any size: chunked validation with the cross-row rules done by hashing, Arrow files
 between stages whose bytes do not depend on chunk size or process count, and Hugging Face
 datasets (hf://) loaded through datasets.load_dataset, here from local dataset folders."""
+
 import json
 import os
 import subprocess
@@ -9,13 +10,13 @@ import sys
 import pandas as pd
 import pytest
 
-from flows.data_check import DataVersionMismatch, check_data, require_committed_version
-from flows.stages import BY_NAME
+from flows.dvc.data_check import DataVersionMismatch, check_data, require_committed_version
+from flows.dvc.stages import BY_NAME
 from tasks import catalog, split, tokenize, validate
-from tasks.arrowio import open_rows
 from tasks.common import PipelineError
 from tasks.config import Params
-from tasks.dataio import iter_raw
+from tasks.data.arrowio import open_rows
+from tasks.data.readers import iter_raw
 from tests.conftest import AG_NEWS, REPO, repo_params
 
 
@@ -51,9 +52,9 @@ def test_duplicates_and_bad_rows_are_found_across_chunks(tmp_path):
     """The duplicate of line 3 is 400 lines later, in another chunk of 100: found by its hash and
     named by its line; bad rows of every chunk are all in the report."""
     frame = ag_rows(600)
-    frame.iloc[402] = frame.iloc[2]          # line 403 repeats line 3
-    frame.iloc[150, 0] = "9"                 # a label outside 1..4, chunk 2
-    frame.iloc[550, 1] = "   "               # a blank title, chunk 6
+    frame.iloc[402] = frame.iloc[2]  # line 403 repeats line 3
+    frame.iloc[150, 0] = "9"  # a label outside 1..4, chunk 2
+    frame.iloc[550, 1] = "   "  # a blank title, chunk 6
     path = write_csv(tmp_path / "data.csv", frame)
     with pytest.raises(PipelineError) as exc:
         validate.run(cls_params(path, chunk_rows=100), tmp_path)
@@ -94,8 +95,9 @@ def test_stream_reader_names_lines_across_chunks(tmp_path):
     a bad byte in a later chunk is named by its line."""
     p = tmp_path / "multi.csv"
     p.write_bytes(b'"1","a","first\nsecond"\n"2","b","x"\n"3","c","y"\n')
-    rows = [r for chunk in iter_raw(p, "csv", False, ["label", "title", "description"], chunk_rows=1)
-            for r in chunk["_row"]]
+    rows = [
+        r for chunk in iter_raw(p, "csv", False, ["label", "title", "description"], chunk_rows=1) for r in chunk["_row"]
+    ]
     assert rows == [1, 3, 4]
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b'"1","a","b"\n' * 250 + b'"1","caf\xe9","b"\n')
@@ -135,7 +137,7 @@ def hub_folder(tmp_path, n: int = 240):
     frame = ag_rows(n).rename(columns={0: "label", 1: "title", 2: "description"})
     frame["label"] = frame["label"].astype(int) - 1  # the hub's ag_news labels are 0..3
     frame.iloc[: n // 2].to_parquet(folder / "data/train-00000-of-00001.parquet", index=False)
-    frame.iloc[n // 2:].to_parquet(folder / "data/test-00000-of-00001.parquet", index=False)
+    frame.iloc[n // 2 :].to_parquet(folder / "data/test-00000-of-00001.parquet", index=False)
     return folder
 
 
@@ -159,10 +161,18 @@ def test_hub_dataset_folder_loads_through_datasets_and_records_its_lineage(tmp_p
 
 def test_hub_id_without_network_fails_clearly_and_needs_a_pinned_revision(tmp_path):
     params = cls_params("hf://ag_news", split="test")
-    code = ("from pathlib import Path; from tasks import validate; from tasks.config import Params; import json, sys;"
-            f"validate.run(Params.model_validate(json.loads(sys.argv[1])), Path({str(tmp_path)!r}))")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(params.model_dump())], cwd=REPO,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    code = (
+        "from pathlib import Path; from tasks import validate; from tasks.config import Params; import json, sys;"
+        f"validate.run(Params.model_validate(json.loads(sys.argv[1])), Path({str(tmp_path)!r}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(params.model_dump())],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "hf://ag_news: cannot reach the Hugging Face Hub" in proc.stderr, proc.stderr[-2000:]
     report = json.loads((tmp_path / catalog.VALIDATION_REPORT).read_text())
@@ -181,7 +191,8 @@ def test_hub_id_without_network_fails_clearly_and_needs_a_pinned_revision(tmp_pa
 def test_fast_path_token_ids_equal_the_tokenizer_call():
     """tokenize calls the Rust backend directly; the ids must be the tokenizer's own, whatever
     truncation or padding its tokenizer.json carries (MiniLM's says 128 and pads)."""
-    from tasks.modeling import load_tokenizer, resolve_source
+    from tasks.model.loading import load_tokenizer, resolve_source
+
     tok = load_tokenizer(resolve_source(Params().model)[0])
     texts = [f"{t}. {d}" for t, d in ag_rows(300)[[1, 2]].itertuples(index=False)]
     direct = tokenize.token_ids(tok, texts, special_tokens=True)

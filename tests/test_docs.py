@@ -2,6 +2,7 @@
 README puts in code, every page in the site's nav, every file of bench/results behind a claim
 its README states. `make test` also builds the site with `mkdocs build --strict`, which checks
 the links between pages; these checks cover what mkdocs cannot see (paths into the repository)."""
+
 import itertools
 import re
 
@@ -38,8 +39,12 @@ def _named_paths(text: str) -> set[str]:
 
 
 def test_every_repository_path_the_docs_name_exists():
-    missing = [f"{page.relative_to(REPO)}: {name}" for page in _pages()
-               for name in sorted(_named_paths(page.read_text())) if not (REPO / name).exists()]
+    missing = [
+        f"{page.relative_to(REPO)}: {name}"
+        for page in _pages()
+        for name in sorted(_named_paths(page.read_text()))
+        if not (REPO / name).exists()
+    ]
     assert not missing, "the docs name paths that do not exist:\n" + "\n".join(missing)
 
 
@@ -53,6 +58,7 @@ def test_every_docs_page_is_in_the_nav_and_every_nav_entry_is_a_page():
         elif isinstance(node, dict):
             for value in node.values():
                 yield from entries(value)
+
     nav = set(entries(yaml.safe_load((REPO / "mkdocs.yml").read_text())["nav"]))
     pages = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
     assert nav == pages, f"in nav only: {sorted(nav - pages)}; pages not in nav: {sorted(pages - nav)}"
@@ -60,10 +66,14 @@ def test_every_docs_page_is_in_the_nav_and_every_nav_entry_is_a_page():
 
 def test_bench_results_holds_the_files_its_readme_states_and_no_others():
     text = (RESULTS / "README.md").read_text()
-    named = {n for n in CODE_SPAN.findall(text) if "/" not in n and not n.startswith(".") and re.search(r"\.(jsonl|json|txt|png)$", n)}
+    named = {
+        n
+        for n in CODE_SPAN.findall(text)
+        if "/" not in n and not n.startswith(".") and re.search(r"\.(jsonl|json|txt|png)$", n)
+    }
     present = {p.name for p in RESULTS.iterdir() if p.name != "README.md"}
     # a summary's trace is named as "`X.txt` (summary), `.json`"
-    named |= {n[:-len(".txt")] + ".json" for n in named if n.endswith(".txt") and n[:-4] + ".json" in present}
+    named |= {n[: -len(".txt")] + ".json" for n in named if n.endswith(".txt") and n[:-4] + ".json" in present}
     assert named - present == set(), f"named but missing: {sorted(named - present)}"
     assert present - named == set(), f"files no claim stands on: {sorted(present - named)}"
 

@@ -1,5 +1,6 @@
-"""One DAG, one cache, one record: dvc.yaml is the rendering of flows/stages.py, and `qlora run`
+"""One DAG, one cache, one record: dvc.yaml is the rendering of flows/dvc/stages.py, and `qlora run`
 and `dvc repro` agree on what is up to date because both go through DVC (dvc.lock)."""
+
 import hashlib
 import json
 import modulefinder
@@ -13,8 +14,8 @@ import pytest
 import yaml
 
 from flows.cli import main as qlora_main
-from flows.dvc_ops import md5
-from flows.stages import BY_NAME, STAGE_RUNNER, STAGE_SCRIPT, STAGES, render_dvc_yaml
+from flows.dvc.dvc_ops import md5
+from flows.dvc.stages import BY_NAME, STAGE_RUNNER, STAGE_SCRIPT, STAGES, render_dvc_yaml
 from tasks import catalog
 from tasks.config import Params, load_params
 from tests.conftest import REPO, env, git, make_project, repo_params, small_cls_params, write_params
@@ -24,6 +25,7 @@ def dvc_view(repo_dir: Path) -> dict:
     """What DVC itself parses from dvc.yaml (templates resolved against params.yaml)."""
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
+
     view = {}
     with Repo(str(repo_dir)) as repo:
         for s in repo.index.stages:
@@ -41,8 +43,16 @@ def dvc_view(repo_dir: Path) -> dict:
 
 def flow_view(params_path: Path) -> dict:
     params = load_params(params_path)
-    return {s.name: {"cmd": f"bin/qlora stage {s.name}", "deps": s.data_deps(params) + s.code_deps(),
-                     "params": list(s.params), "outs": sorted(s.outs + s.metrics), "persist": True} for s in STAGES}
+    return {
+        s.name: {
+            "cmd": f"bin/qlora stage {s.name}",
+            "deps": s.data_deps(params) + s.code_deps(),
+            "params": list(s.params),
+            "outs": sorted(s.outs + s.metrics),
+            "persist": True,
+        }
+        for s in STAGES
+    }
 
 
 def test_dvc_yaml_and_flow_agree_on_stages_deps_params_outs():
@@ -57,7 +67,7 @@ def test_dvc_yaml_is_the_rendering_of_the_flow(capsys):
 def modules_a_stage_runs(root: Path, module: str) -> set[str]:
     """Every project module the stage's process can import, found by the standard library's
     modulefinder, which scans the bytecode of every function: an oracle that shares no code with
-    flows/code_deps.py, which renders the deps."""
+    flows/dvc/code_deps.py, which renders the deps."""
     finder = modulefinder.ModuleFinder(path=[str(root)])  # the project only: libraries are not walked
     for entry in (STAGE_RUNNER, module):
         finder.import_hook(entry)
@@ -70,8 +80,11 @@ def not_dependencies(root: Path) -> dict[str, list[str]]:
     missing = {}
     for name, entry in stages.items():
         deps = [d.rstrip("/") for d in entry["deps"]]
-        uncovered = sorted(m for m in modules_a_stage_runs(root, BY_NAME[name].module) | {STAGE_SCRIPT}
-                           if not any(m == d or m.startswith(d + "/") for d in deps))
+        uncovered = sorted(
+            m
+            for m in modules_a_stage_runs(root, BY_NAME[name].module) | {STAGE_SCRIPT}
+            if not any(m == d or m.startswith(d + "/") for d in deps)
+        )
         if uncovered:
             missing[name] = uncovered
     return missing
@@ -81,12 +94,21 @@ def test_every_module_a_stage_runs_is_a_dvc_dependency_of_that_stage():
     assert not_dependencies(REPO) == {}
     deps = {name: entry["deps"] for name, entry in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items()}
     # the modules the hand-written lists missed, as the record must now name them
-    assert {"tasks/fast/ops/nf4_triton.py", "tasks/fast/ops/swiglu_lora.py", "tasks/fast/ops/layer_checkpoint.py", "tasks/flat_optim.py",
-            "tasks/tokenize.py", "schemas/messages.py", "tasks/__init__.py"} <= set(deps["train"])
-    assert {"tasks/predict.py", "tasks/validate.py", "tasks/dataio.py", "tasks/rowhash.py"} <= set(deps["evaluate"])
+    assert {
+        "tasks/fast/ops/nf4_triton.py",
+        "tasks/fast/ops/swiglu_lora.py",
+        "tasks/fast/ops/layer_checkpoint.py",
+        "tasks/training/flat_optim.py",
+        "tasks/tokenize.py",
+        "schemas/messages.py",
+        "tasks/__init__.py",
+    } <= set(deps["train"])
+    assert {"tasks/serve/predict.py", "tasks/validate.py", "tasks/data/readers.py", "tasks/data/rowhash.py"} <= set(
+        deps["evaluate"]
+    )
     assert "tasks/fast/ops/nf4_triton.py" not in deps["evaluate"] + deps["tokenize"]  # never wider than it needs to be
     for entry in deps.values():
-        assert "bin/qlora" in entry and "flows/stage_command.py" in entry and "flows/cli.py" not in entry
+        assert "bin/qlora" in entry and "flows/dvc/stage_command.py" in entry and "flows/cli.py" not in entry
 
 
 def _copy_code(dest: Path) -> Path:
@@ -107,17 +129,25 @@ def test_an_import_added_anywhere_fails_until_dvc_yaml_is_rendered_again(tmp_pat
         f.write("\n\ndef _uses_a_new_module():\n    from tasks import new_module\n    return new_module.VALUE\n")
     predict = next(root.glob("tasks/**/predict.py")).relative_to(root)
     with open(root / predict, "a") as f:
-        f.write("\n\ndef _uses_a_kernel():\n    import tasks.fast.ops.nf4_triton\n    return tasks.fast.ops.nf4_triton\n")
+        f.write(
+            "\n\ndef _uses_a_kernel():\n    import tasks.fast.ops.nf4_triton\n    return tasks.fast.ops.nf4_triton\n"
+        )
     kernel = str(next(root.glob("tasks/**/nf4_triton.py")).relative_to(root))
     missing = not_dependencies(root)
     assert missing["train"] == ["tasks/new_module.py"] and kernel in missing["evaluate"]
     # with the kernel come the __init__.py files of its packages, which run before it
     assert all(m == kernel or m.endswith("/__init__.py") for m in missing["evaluate"]) and len(missing) == 2
-    stage = subprocess.run(["bin/qlora", "stage", "train"], cwd=root, env={**env(), "QLORA_PYTHON": sys.executable},
-                           capture_output=True, text=True)
+    stage = subprocess.run(
+        ["bin/qlora", "stage", "train"],
+        cwd=root,
+        env={**env(), "QLORA_PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+    )
     assert stage.returncode == 2 and "qlora dvc-yaml --write" in stage.stderr, stage.stderr
-    rendered = subprocess.run([sys.executable, "-m", "flows.cli", "dvc-yaml", "--write"], cwd=root, env=env(),
-                              capture_output=True, text=True)
+    rendered = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "dvc-yaml", "--write"], cwd=root, env=env(), capture_output=True, text=True
+    )
     assert rendered.returncode == 0, rendered.stderr
     assert not_dependencies(root) == {}
     assert "tasks/new_module.py" in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["train"]["deps"]
@@ -144,8 +174,9 @@ def test_a_local_base_model_directory_is_a_dvc_dependency(tmp_path):
     project.mkdir()
     write_params(project, repo_params(model={"name": str(model_dir)}))
     (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())  # rendered for the hub id
-    p = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "quantize"], cwd=project, env=env(),
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "stage", "quantize"], cwd=project, env=env(), capture_output=True, text=True
+    )
     assert p.returncode == 2 and "qlora dvc-yaml --write" in p.stderr, p.stderr
 
 
@@ -259,8 +290,9 @@ def test_an_edited_kernel_reruns_exactly_its_stages_and_the_record_names_the_new
 
     locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]["deps"]
     assert {d["path"]: d["md5"] for d in locked}[kernel_path] == hashlib.md5(kernel.read_bytes()).hexdigest()
-    committed_kernel = subprocess.run(["git", "show", f"{head}:{kernel_path}"], cwd=root, capture_output=True,
-                                      check=True).stdout
+    committed_kernel = subprocess.run(
+        ["git", "show", f"{head}:{kernel_path}"], cwd=root, capture_output=True, check=True
+    ).stdout
     assert committed_kernel == kernel.read_bytes()
     run_id = rerun.stdout.split("mlflow:   run ")[1].split()[0]
     assert run_id != first.stdout.split("mlflow:   run ")[1].split()[0]
@@ -276,5 +308,9 @@ def test_an_edited_kernel_reruns_exactly_its_stages_and_the_record_names_the_new
     # version per weights), whose own lineage names the run and commit that first produced them
     assert record["verify"]["ok"] and tags["registered_model_version"] == f"qlora-flow-agnews/{version}"
     assert record["lineage"]["git_commit"] in (head, git(root, "rev-parse", "HEAD~1").strip())
-    assert md5(root / catalog.ADAPTER_DIR) == {o["path"]: o["md5"] for o in yaml.safe_load(
-        (root / "dvc.lock").read_text())["stages"]["train"]["outs"]}[catalog.ADAPTER_DIR]
+    assert (
+        md5(root / catalog.ADAPTER_DIR)
+        == {o["path"]: o["md5"] for o in yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]["outs"]}[
+            catalog.ADAPTER_DIR
+        ]
+    )

@@ -2,6 +2,7 @@
 what to do (and whose suggested command works), drops judged on the merged dataset, a full
 disk (a real tmpfs), two schedulers on one project, a drop still being written. Each fault
 is injected for real."""
+
 import errno
 import json
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import checkpoint
+from tasks.training import checkpoint
 from tests.test_causal_lm import tiny_llama  # noqa: F401 (fixture)
 
 
@@ -77,8 +78,11 @@ def test_a_corrupt_or_half_written_checkpoint_is_skipped_with_a_log_line(tmp_pat
     assert found == folder / "step-00000001"
     out = capsys.readouterr().out
     assert f"train: checkpoint {newest} skipped: " in out
-    assert {"truncate": "optimizer.pt has", "flip": "optimizer.pt does not match its sha256",
-            "no_manifest": "no manifest.json"}[damage] in out
+    assert {
+        "truncate": "optimizer.pt has",
+        "flip": "optimizer.pt does not match its sha256",
+        "no_manifest": "no manifest.json",
+    }[damage] in out
     # the next save of step 2 replaces the damaged folder
     _save(folder, 2, "k", seed=2)
     assert checkpoint.latest(folder, "k") == folder / "step-00000002"
@@ -90,6 +94,7 @@ def test_training_over_another_runs_checkpoints_and_a_truncated_one_finishes(tmp
     prunes the others, skips the truncated one with a log line, trains from step 0 and saves."""
     from tasks import train
     from tests.test_validation import early_params, prepare, summary
+
     params = early_params(tiny_llama, checkpoint_every=2, max_steps=4, early_stopping=False, eval_every=0)
     prepare(params, tmp_path)
     root = tmp_path / ".qlora/checkpoints/train"
@@ -119,6 +124,7 @@ def _write_csv(path: Path, rows) -> Path:
 def _ingest_setup(tmp_path: Path, raw_rows, settle: float = 0):
     from tasks.config import Params
     from tests.conftest import repo_params
+
     raw = _write_csv(tmp_path / "data.csv", raw_rows)
     params = Params.model_validate(repo_params(data={"path": str(raw)}, retrain={"settle_seconds": settle}))
     inbox = tmp_path / "inbox"
@@ -127,7 +133,8 @@ def _ingest_setup(tmp_path: Path, raw_rows, settle: float = 0):
 
 
 def test_a_bad_file_is_rejected_alone_and_one_class_files_are_judged_on_the_merged_dataset(tmp_path):
-    from tasks.ingest import ingest
+    from tasks.data.ingest import ingest
+
     params, raw, inbox = _ingest_setup(tmp_path, _news_rows(0, 40))
     _write_csv(inbox / "a_sports_only.csv", _news_rows(100, 5, label="2"))  # one class: fine, the dataset has 4
     _write_csv(inbox / "b_bad.csv", _news_rows(200, 2) + [["9", "Bad label", "Body"]])
@@ -135,11 +142,14 @@ def test_a_bad_file_is_rejected_alone_and_one_class_files_are_judged_on_the_merg
     before = raw.read_bytes()
     out = ingest(params, tmp_path, inbox)
     assert out.status == "merged" and out.added_rows == 8
-    assert out.accepted == [{"file": str(inbox / "a_sports_only.csv"), "rows_added": 5, "rows_skipped": 0},
-                            {"file": str(inbox / "c_world_only.csv"), "rows_added": 3, "rows_skipped": 1}]
+    assert out.accepted == [
+        {"file": str(inbox / "a_sports_only.csv"), "rows_added": 5, "rows_skipped": 0},
+        {"file": str(inbox / "c_world_only.csv"), "rows_added": 3, "rows_skipped": 1},
+    ]
     assert out.rejected == [{"file": str(inbox / "b_bad.csv"), "errors": 1}]
     assert [(e["file"], e["row"], e["rule"]) for e in out.errors] == [
-        (str(inbox / "b_bad.csv"), "3", "isin(['1', '2', '3', '4', 'Business', 'Sci/Tech', 'Sports', 'World'])")]
+        (str(inbox / "b_bad.csv"), "3", "isin(['1', '2', '3', '4', 'Business', 'Sci/Tech', 'Sports', 'World'])")
+    ]
     assert raw.read_bytes().startswith(before) and raw.read_text().count("\n") == 48
     report = json.loads((tmp_path / "reports/ingest.json").read_text())
     assert report["accepted"] == out.accepted and report["rejected"] == out.rejected
@@ -148,7 +158,8 @@ def test_a_bad_file_is_rejected_alone_and_one_class_files_are_judged_on_the_merg
 
 
 def test_too_few_classes_in_the_merged_dataset_merges_nothing(tmp_path):
-    from tasks.ingest import ingest
+    from tasks.data.ingest import ingest
+
     params, raw, inbox = _ingest_setup(tmp_path, _news_rows(0, 10, label="3"))  # one class so far
     _write_csv(inbox / "more_of_the_same.csv", _news_rows(100, 4, label="Business"))  # the same class by name
     before = raw.read_bytes()
@@ -168,15 +179,26 @@ def test_a_drop_still_being_written_is_left_for_a_later_run(tmp_path):
     import sys
     import time
 
-    from tasks.ingest import ingest
+    from tasks.data.ingest import ingest
+
     params, raw, inbox = _ingest_setup(tmp_path, _news_rows(0, 20), settle=1.0)
     lines = "".join(",".join(f'"{v}"' for v in r) + "\n" for r in _news_rows(500, 40))
     target = inbox / "slow.csv"
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        "with open(sys.argv[1], 'w') as f:\n"
-        "    for line in sys.stdin.read().splitlines(keepends=True):\n"
-        "        f.write(line); f.flush(); time.sleep(0.05)\n"), str(target)], stdin=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\n"
+                "with open(sys.argv[1], 'w') as f:\n"
+                "    for line in sys.stdin.read().splitlines(keepends=True):\n"
+                "        f.write(line); f.flush(); time.sleep(0.05)\n"
+            ),
+            str(target),
+        ],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
     writer.stdin.write(lines)
     writer.stdin.close()
     deadline = time.time() + 10
@@ -202,11 +224,18 @@ def _cli(root: Path, *args, path_venv: bool = False):
     import subprocess
 
     from tests.conftest import env
+
     e = env()
     if path_venv:  # a user who activated the project's venv (the suggested `dvc ...` is its DVC)
         e["PATH"] = f"{root / '.venv/bin'}:{e['PATH']}"
-    return subprocess.run([".venv/bin/qlora", *args] if args and args[0] != "sh" else list(args), cwd=root, env=e,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [".venv/bin/qlora", *args] if args and args[0] != "sh" else list(args),
+        cwd=root,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _one_error_line(stderr: str) -> str:
@@ -219,6 +248,7 @@ def test_tampered_data_is_refused_in_one_line_whose_restore_command_works(tmp_pa
     import re
 
     from tests.test_audit import owned_dataset_project
+
     root = owned_dataset_project(tmp_path / "project")
     data = root / "data/raw/news/data.csv"
     clean = data.read_bytes()
@@ -228,8 +258,9 @@ def test_tampered_data_is_refused_in_one_line_whose_restore_command_works(tmp_pa
     got = _cli(root, "retrain")
     assert got.returncode == 2, got.stderr
     line = _one_error_line(got.stderr)
-    assert line.startswith("qlora: error: data/raw/news/data.csv: the data on disk is not the version recorded in "
-                           "data/raw/news.dvc"), line
+    assert line.startswith(
+        "qlora: error: data/raw/news/data.csv: the data on disk is not the version recorded in data/raw/news.dvc"
+    ), line
     assert got.stderr.count("the data on disk is not the version") <= 2  # the error line and Prefect's state record
     restore = re.search(r"Restore the committed data[^`]*`([^`]+)`", line).group(1)
     assert restore == "git checkout data/raw/news.dvc && dvc checkout --force data/raw/news.dvc"
@@ -237,8 +268,9 @@ def test_tampered_data_is_refused_in_one_line_whose_restore_command_works(tmp_pa
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert data.read_bytes() == clean
     assert (root / "data/inbox/new.csv").exists()  # the refusal took nothing from the inbox
-    from flows.data_check import check_data
+    from flows.dvc.data_check import check_data
     from tasks.config import load_params
+
     assert check_data(load_params(root / "params.yaml"), root).status == "verified"
 
 
@@ -248,10 +280,14 @@ def tiny_disk(tmp_path):
     """A tmpfs of 64 KiB mounted in the test's folder (root can mount here); _grow remounts it
     larger, as freeing space would. Skips where mounting is not allowed."""
     import subprocess
+
     mnt = tmp_path / "tiny-disk"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root)")
 
     try:
@@ -262,22 +298,27 @@ def tiny_disk(tmp_path):
 
 def _grow(mnt: Path, size: str = "8m") -> None:
     import subprocess
+
     subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
 
 
 def test_a_full_disk_while_a_drop_is_appended_merges_nothing_and_keeps_the_drop(tmp_path, tiny_disk):
     from tasks.common import PipelineError
     from tasks.config import Params
-    from tasks.ingest import ingest
+    from tasks.data.ingest import ingest
     from tests.conftest import repo_params
+
     raw = _write_csv(tiny_disk / "data.csv", _news_rows(0, 800))  # ~36 KB of 64: its copy plus the drop do not fit
     params = Params.model_validate(repo_params(data={"path": str(raw)}, retrain={"settle_seconds": 0}))
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     _write_csv(inbox / "drop.csv", _news_rows(1000, 400))
     before = raw.read_bytes()
-    with pytest.raises(PipelineError, match=r"data.csv: appending 400 new rows failed \(No space left on device\); "
-                                            r"the dataset is unchanged and the drop stays in the inbox"):
+    with pytest.raises(
+        PipelineError,
+        match=r"data.csv: appending 400 new rows failed \(No space left on device\); "
+        r"the dataset is unchanged and the drop stays in the inbox",
+    ):
         ingest(params, tmp_path, inbox)
     assert raw.read_bytes() == before and sorted(p.name for p in tiny_disk.iterdir()) == ["data.csv"]
     assert (inbox / "drop.csv").exists() and not (inbox / "processed").exists()
@@ -287,13 +328,15 @@ def test_a_full_disk_while_a_drop_is_appended_merges_nothing_and_keeps_the_drop(
     assert out.status == "merged" and out.added_rows == 400 and raw.read_text().count("\n") == 1200
 
 
-def test_a_full_disk_while_a_stage_writes_is_one_error_line_and_publishes_nothing(tmp_path, tiny_disk, capsys,
-                                                                                    monkeypatch, agnews_small):
+def test_a_full_disk_while_a_stage_writes_is_one_error_line_and_publishes_nothing(
+    tmp_path, tiny_disk, capsys, monkeypatch, agnews_small
+):
     """`qlora stage validate` (what DVC runs) with data/ on a 64 KiB disk: the validated rows do
     not fit. One error line naming the cause and what to do; no data/validated, no temp folder.
     With space, the same command succeeds."""
     from flows.cli import main
     from tests.conftest import small_cls_params, write_params
+
     root = tmp_path / "project"
     root.mkdir()
     write_params(root, small_cls_params(agnews_small))
@@ -302,8 +345,11 @@ def test_a_full_disk_while_a_stage_writes_is_one_error_line_and_publishes_nothin
     assert main(["stage", "validate"]) == 2
     err = capsys.readouterr().err
     line = _one_error_line(err)
-    assert line.startswith("qlora: error: stage validate: ") and "No space left on device" in line and \
-        "free space on that disk" in line, line
+    assert (
+        line.startswith("qlora: error: stage validate: ")
+        and "No space left on device" in line
+        and "free space on that disk" in line
+    ), line
     assert list(tiny_disk.iterdir()) == []  # nothing half-written was published or left behind
     _grow(tiny_disk)
     assert main(["stage", "validate"]) == 0
@@ -317,9 +363,17 @@ def test_a_second_qlora_serve_on_one_project_refuses_at_once(tmp_path):
     import time
 
     from tests.test_audit import owned_dataset_project
+
     root = owned_dataset_project(tmp_path / "project")
-    first = subprocess.Popen([".venv/bin/qlora", "serve", "--cron", "0 3 * * *"], cwd=root, env=_serve_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = subprocess.Popen(
+        [".venv/bin/qlora", "serve", "--cron", "0 3 * * *"],
+        cwd=root,
+        env=_serve_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert first.stdout.readline().startswith("qlora serve: serving "), "the first serve did not start"
         started = time.time()
@@ -332,8 +386,15 @@ def test_a_second_qlora_serve_on_one_project_refuses_at_once(tmp_path):
     finally:
         os.killpg(first.pid, 9)
         first.wait()
-    again = subprocess.Popen([".venv/bin/qlora", "serve", "--cron", "0 3 * * *"], cwd=root, env=_serve_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    again = subprocess.Popen(
+        [".venv/bin/qlora", "serve", "--cron", "0 3 * * *"],
+        cwd=root,
+        env=_serve_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:  # the kernel released the killed one's lock: a new serve starts
         assert again.stdout.readline().startswith("qlora serve: serving ")
     finally:
@@ -343,5 +404,5 @@ def test_a_second_qlora_serve_on_one_project_refuses_at_once(tmp_path):
 
 def _serve_env() -> dict:
     from tests.conftest import env
-    return env()
 
+    return env()

@@ -1,6 +1,7 @@
 """The CUDA path of the trainer: 4-bit base on the GPU, paged AdamW, Liger kernels, and the
 fast path of train.speed: auto (tasks/fast/). Skipped where there is
 no CUDA GPU (CI); run on a GPU machine."""
+
 import json
 
 import pandas as pd
@@ -12,8 +13,7 @@ from tasks.config import Params
 from tests.conftest import ALPACA, repo_params, write_split
 from tests.tiny_llm import build_tiny_llama
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def _liger() -> bool:
@@ -30,10 +30,16 @@ def _pipeline(tmp_path, **train_options):
     (tmp_path / "data/split").mkdir(parents=True)
     (tmp_path / "data/validated").mkdir(parents=True)
     (tmp_path / "data/validated/labels.json").write_text(json.dumps({"names": []}))
-    params = Params.model_validate(repo_params(
-        task="causal_lm", data={"path": str(ALPACA), "label_names": None}, model={"name": str(model_dir)},
-        tokenize={"max_length": 256}, eval={"num_samples": 1, "max_new_tokens": 4},
-        train={"max_steps": 10, "batch_size": 8, "lr": 0.01, "device": "cuda", "log_every": 1, **train_options}))
+    params = Params.model_validate(
+        repo_params(
+            task="causal_lm",
+            data={"path": str(ALPACA), "label_names": None},
+            model={"name": str(model_dir)},
+            tokenize={"max_length": 256},
+            eval={"num_samples": 1, "max_new_tokens": 4},
+            train={"max_steps": 10, "batch_size": 8, "lr": 0.01, "device": "cuda", "log_every": 1, **train_options},
+        )
+    )
     write_split(tmp_path, params, {"train": rows.iloc[:80], "validation": rows.iloc[80:90], "test": rows.iloc[90:]})
     for stage in (tokenize, quantize, train, evaluate):
         stage.run(params, tmp_path)
@@ -47,36 +53,53 @@ def _pipeline(tmp_path, **train_options):
 
 @pytest.mark.parametrize("precision", ["fp32_upcast", "mixed"])
 def test_cuda_training_uses_paged_optimizer_and_learns(tmp_path, precision):
-    summary = _pipeline(tmp_path, speed="off", gradient_checkpointing=True, liger_kernels=_liger(),
-                        precision=precision)
+    summary = _pipeline(tmp_path, speed="off", gradient_checkpointing=True, liger_kernels=_liger(), precision=precision)
     assert summary["liger_kernels"] is _liger() and summary["speed"]["fast"] is False
 
 
 def test_speed_auto_takes_the_fast_path_and_evaluation_runs_unpatched(tmp_path):
     from transformers.models.llama import modeling_llama
+
     forward, layer_forward = modeling_llama.LlamaForCausalLM.forward, modeling_llama.LlamaDecoderLayer.forward
     rope = modeling_llama.apply_rotary_pos_emb
     summary = _pipeline(tmp_path, speed="auto", gradient_checkpointing=False, precision="fp32_upcast")
     assert summary["speed"]["fast"] and summary["speed"]["compiled_layers"] == 2
     assert summary["speed"]["nf4_traced_layers"] == 14  # 7 linear layers x 2 decoder layers
     assert summary["liger_kernels"] is _liger()
-    assert modeling_llama.LlamaForCausalLM.forward is forward and modeling_llama.LlamaDecoderLayer.forward is layer_forward
+    assert (
+        modeling_llama.LlamaForCausalLM.forward is forward and modeling_llama.LlamaDecoderLayer.forward is layer_forward
+    )
     assert modeling_llama.apply_rotary_pos_emb is rope
 
 
 def test_traced_nf4_dequantization_is_bitsandbytes_bit_for_bit_on_cuda():
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
-    from tasks.fast import patch, plan as fast_plan
+
+    from tasks.fast import patch
+    from tasks.fast import plan as fast_plan
     from tasks.fast.ops.nf4_lora import dequantize_nf4, nf4_tensors
-    layer = bnb.nn.Linear4bit(3072, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                              compress_statistics=True)
-    layer.weight = bnb.nn.Params4bit(torch.randn(1024, 3072) * 0.02, requires_grad=False, quant_type="nf4",
-                                     compress_statistics=True)
+
+    layer = bnb.nn.Linear4bit(
+        3072, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True
+    )
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(1024, 3072) * 0.02, requires_grad=False, quant_type="nf4", compress_statistics=True
+    )
     layer = layer.cuda()
     t = nf4_tensors(layer)
-    ours = dequantize_nf4(t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"], t["code"],
-                          t["shape"], t["blocksize"], torch.bfloat16, triton=False)  # the Triton kernel: the next test
+    ours = dequantize_nf4(
+        t["packed"],
+        t["absmax"],
+        t["nested_absmax"],
+        t["nested_code"],
+        t["offset"],
+        t["code"],
+        t["shape"],
+        t["blocksize"],
+        torch.bfloat16,
+        triton=False,
+    )  # the Triton kernel: the next test
     assert torch.equal(ours, F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16))
     x = torch.randn(2, 64, 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
@@ -94,41 +117,73 @@ def test_triton_nf4_dequantization_is_bitsandbytes_up_to_the_scales_last_bit(row
     differ in its last fp32 bit (multiply-add contracted), so a weight by at most one bf16 step."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
+
     from tasks.fast.ops import nf4_triton
     from tasks.fast.ops.nf4_lora import nf4_tensors
+
     assert nf4_triton.available()  # registers the op
-    layer = bnb.nn.Linear4bit(cols, rows, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                              compress_statistics=True)
-    layer.weight = bnb.nn.Params4bit(torch.randn(rows, cols) * 0.02, requires_grad=False, quant_type="nf4",
-                                     compress_statistics=True)
+    layer = bnb.nn.Linear4bit(
+        cols, rows, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True
+    )
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(rows, cols) * 0.02, requires_grad=False, quant_type="nf4", compress_statistics=True
+    )
     layer = layer.cuda()
     t = nf4_tensors(layer)
-    ours = nf4_triton.dequantize(t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"], t["code"],
-                                 t["shape"], t["blocksize"], torch.bfloat16)
+    ours = nf4_triton.dequantize(
+        t["packed"],
+        t["absmax"],
+        t["nested_absmax"],
+        t["nested_code"],
+        t["offset"],
+        t["code"],
+        t["shape"],
+        t["blocksize"],
+        torch.bfloat16,
+    )
     ref = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
     assert ours.shape == ref.shape and not ours.isnan().any()
     differ = ours != ref
     assert differ.float().mean() < 1e-3
-    assert ((ours.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-30).all()
+    assert ((ours.float() - ref.float()).abs() <= ref.float().abs() * 2**-7 + 1e-30).all()
     # [W | B]: the same weights written with a row stride of cols + 24, B in the last columns
     extra = torch.randn(rows, 24, device="cuda", dtype=torch.bfloat16)
-    wide = nf4_triton.dequantize(t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"], t["code"],
-                                 t["shape"], t["blocksize"], torch.bfloat16, extra)
+    wide = nf4_triton.dequantize(
+        t["packed"],
+        t["absmax"],
+        t["nested_absmax"],
+        t["nested_code"],
+        t["offset"],
+        t["code"],
+        t["shape"],
+        t["blocksize"],
+        torch.bfloat16,
+        extra,
+    )
     assert torch.equal(wide, torch.cat((ours, extra), dim=1))
 
 
-@pytest.mark.parametrize("rows, n, ranks", [(4096, 1024, (16, 16)), (1000, 200, (16, 8)),  # 2nd: ragged tiles
-                                            (1000, 320, (24, 64)), (512, 256, (128, 128))])  # ranks in chunks
+@pytest.mark.parametrize(
+    "rows, n, ranks",
+    [
+        (4096, 1024, (16, 16)),
+        (1000, 200, (16, 8)),  # 2nd: ragged tiles
+        (1000, 320, (24, 64)),
+        (512, 256, (128, 128)),
+    ],
+)  # ranks in chunks
 def test_triton_swiglu_lora_kernels_are_the_tensor_code(rows, n, ranks):
     """tasks/fast/ops/swiglu_lora.py: the Triton kernels compute what its tensor code computes (the sums
     in fp32, each result rounded once to bf16): forward h and backward [dg | du], up to a bf16
     step from the fp32 sums' other order."""
     from tasks.fast.ops import swiglu_lora
+
     assert swiglu_lora.available()
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(torch.bfloat16)
+
     y, m, dh = rand(2, rows // 2, 2 * n), rand(2, rows // 2, sum(ranks)), rand(2, rows // 2, n)
     b_gate, b_up = rand(n, ranks[0], scale=0.1), rand(n, ranks[1], scale=0.1)
     kernel = (swiglu_lora.forward(y, m, b_gate, b_up, True), swiglu_lora.backward(y, m, b_gate, b_up, dh, True))
@@ -137,24 +192,28 @@ def test_triton_swiglu_lora_kernels_are_the_tensor_code(rows, n, ranks):
     tensor_code = (swiglu_lora.forward(y, m, b_gate, b_up, False), swiglu_lora.backward(y, m, b_gate, b_up, dh, False))
     for ours, ref in zip(kernel, tensor_code):
         assert ours.shape == ref.shape and ours.dtype == torch.bfloat16 and not ours.isnan().any()
-        assert ((ours.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -6 + 1e-6).all()  # one bf16 step
+        assert ((ours.float() - ref.float()).abs() <= ref.float().abs() * 2**-6 + 1e-6).all()  # one bf16 step
         assert (ours != ref).float().mean() < 0.05
 
 
 def _fast_plan(**changes):
     """train.speed: auto's plan on CUDA, with some choices changed."""
     import dataclasses
+
     from tasks.config import TrainConfig
     from tasks.fast import plan as fast_plan
+
     t = TrainConfig(speed="auto")
-    return dataclasses.replace(fast_plan.choose(t, torch.device("cuda"), "causal_lm", "llama", quantized=True),
-                               **changes)
+    return dataclasses.replace(
+        fast_plan.choose(t, torch.device("cuda"), "causal_lm", "llama", quantized=True), **changes
+    )
 
 
 def _tiny_fast_model(path, plan, dropout: float = 0.0):
     from tasks.config import LoraSection, ModelConfig, QuantConfig, TrainConfig
-    from tasks.modeling import load_base
+    from tasks.model.loading import load_base
     from tasks.train import add_lora
+
     device = torch.device("cuda")
     model = load_base("causal_lm", path, ModelConfig(name=path, prefer_embedded=False), QuantConfig(), device)
     torch.manual_seed(1)
@@ -166,11 +225,21 @@ def _tiny_fast_model(path, plan, dropout: float = 0.0):
     return model
 
 
-@pytest.mark.parametrize("split, offload, residual, dropout", [
-    (0, False, "bf16", 0.0), (2, False, "bf16", 0.0), (3, True, "bf16", 0.0), (0, True, "bf16", 0.0),
-    (0, False, "fp32", 0.0), (0, True, "fp32", 0.0), (0, True, "bf16", 0.1)])
-def test_split_layers_and_offloaded_inputs_give_the_gradients_of_one_graph_checkpointing(tmp_path, split, offload,
-                                                                                         residual, dropout):
+@pytest.mark.parametrize(
+    "split, offload, residual, dropout",
+    [
+        (0, False, "bf16", 0.0),
+        (2, False, "bf16", 0.0),
+        (3, True, "bf16", 0.0),
+        (0, True, "bf16", 0.0),
+        (0, False, "fp32", 0.0),
+        (0, True, "fp32", 0.0),
+        (0, True, "bf16", 0.1),
+    ],
+)
+def test_split_layers_and_offloaded_inputs_give_the_gradients_of_one_graph_checkpointing(
+    tmp_path, split, offload, residual, dropout
+):
     """tasks/fast/ops/layer_checkpoint.py, compiled: whole layers (the default), two halves with the
     MLP's backward in token chunks, whole layers with their inputs kept in pinned host memory, an
     fp32 residual stream whose layer inputs are checkpointed in bf16, and with LoRA dropout (the
@@ -180,8 +249,16 @@ def test_split_layers_and_offloaded_inputs_give_the_gradients_of_one_graph_check
     with, and its bf16 roundings may differ."""
     from tasks.fast import patch
     from tests.tiny_llm import save_random_llama
-    path = save_random_llama(tmp_path / "llama", hidden_size=256, intermediate_size=896, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=1, vocab_size=1000)
+
+    path = save_random_llama(
+        tmp_path / "llama",
+        hidden_size=256,
+        intermediate_size=896,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=1000,
+    )
     ids = torch.randint(0, 1000, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     results = []
     for plan in (_fast_plan(checkpoint="torch"), _fast_plan(split=split, offload=offload, residual=residual)):
@@ -213,8 +290,16 @@ def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_c
     from tasks.fast import patch
     from tasks.fast.ops import swiglu_lora
     from tests.tiny_llm import save_random_llama
-    path = save_random_llama(tmp_path / "llama", hidden_size=256, intermediate_size=896, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=1, vocab_size=1000)
+
+    path = save_random_llama(
+        tmp_path / "llama",
+        hidden_size=256,
+        intermediate_size=896,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=1000,
+    )
     ids = torch.randint(0, 1000, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     results = []
     for mode, swiglu in (("none", False), ("all", False), ("none", True), ("all", True)):
@@ -225,7 +310,8 @@ def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_c
             model = _tiny_fast_model(path, plan)
             done = patches.apply(model, plan, random=False)
             assert done["fused_projections"]["adapters_in_gemm"] == {"none": 0, "all": 3 * 7}[mode] - 3 * 2 * (
-                swiglu and mode == "all")
+                swiglu and mode == "all"
+            )
             assert done["fused_projections"]["adapters_in_swiglu"] == 3 * 2 * swiglu
             groups = [getattr(m, patch._FUSED) for m in model.modules() if hasattr(m, patch._FUSED)]
             assert groups and all(g["meta"][3] for g in groups)  # the Triton kernel writes [W | B], not the tensor code
@@ -239,8 +325,9 @@ def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_c
             loss.backward()
             # no graph break around the kernels: the layer's forward without a graph and its recompute with one
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
-            results.append((loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()
-                                          if p.requires_grad}))
+            results.append(
+                (loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad})
+            )
     (loss0, g0), *others = results
     for loss1, g1 in others:
         assert loss0 == pytest.approx(loss1, rel=1e-3)
@@ -252,15 +339,18 @@ def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_c
 
 
 def test_flat_paged_adamw_is_paged_adamw_32bit_in_one_launch():
-    """tasks/flat_optim.py: one bitsandbytes 32-bit Adam update over all adapter weights laid end
+    """tasks/training/flat_optim.py: one bitsandbytes 32-bit Adam update over all adapter weights laid end
     to end gives the per-tensor PagedAdamW32bit's weights, and backward accumulates into views."""
     import bitsandbytes as bnb
-    from tasks import flat_optim
+
+    from tasks.training import flat_optim
 
     def build():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False), torch.nn.Linear(16, 64, bias=False),
-                                   torch.nn.Linear(64, 8, bias=False)).cuda()
+        return torch.nn.Sequential(
+            torch.nn.Linear(64, 16, bias=False), torch.nn.Linear(16, 64, bias=False), torch.nn.Linear(64, 8, bias=False)
+        ).cuda()
+
     x = torch.randn(32, 64, device="cuda")
     a, b = build(), build()
     opt_a = bnb.optim.PagedAdamW32bit(list(a.parameters()), lr=1e-2, weight_decay=0.01)

@@ -1,5 +1,6 @@
-"""Inbox ingest (tasks/ingest.py) on its own: new rows are matched against every row of the raw
+"""Inbox ingest (tasks/data/ingest.py) on its own: new rows are matched against every row of the raw
 dataset read as a stream (here in chunks of 4 rows), and appended without rewriting what was there."""
+
 import json
 
 import pandas as pd
@@ -7,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.config import Params
-from tasks.ingest import ingest
+from tasks.data.ingest import ingest
 from tests.conftest import repo_params
 
 
@@ -27,13 +28,22 @@ def test_csv_drop_is_matched_across_chunks_and_appended_byte_for_byte(tmp_path):
     params = Params.model_validate(repo_params(data={"path": str(raw), "chunk_rows": 4}, retrain={"settle_seconds": 0}))
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    drop = _rows(100, 3) + [["2", "  Title 25 ", "Body of story number 25."],  # in raw's 7th chunk, once cleaned
-                            ["1", "Title 2", "Body of story number 2."]] + _rows(101, 1)  # a repeat within the drop
+    drop = (
+        _rows(100, 3)
+        + [
+            ["2", "  Title 25 ", "Body of story number 25."],  # in raw's 7th chunk, once cleaned
+            ["1", "Title 2", "Body of story number 2."],
+        ]
+        + _rows(101, 1)
+    )  # a repeat within the drop
     _csv(inbox / "drop.csv", drop)
     out = ingest(params, tmp_path, inbox)
     assert out.status == "merged" and out.added_rows == 3
     assert sorted((s["row"], s["reason"]) for s in out.skipped_duplicates) == [
-        ("4", "already in the dataset"), ("5", "already in the dataset"), ("6", "duplicate within the file")]
+        ("4", "already in the dataset"),
+        ("5", "already in the dataset"),
+        ("6", "duplicate within the file"),
+    ]
     after = raw.read_bytes()
     assert after.startswith(before + b"\n") and after.count(b"\n") == 33
     assert pd.read_csv(raw, header=None).iloc[30:, 1].tolist() == ["Title 100", "Title 101", "Title 102"]
@@ -51,12 +61,18 @@ def test_chat_parquet_keeps_its_nested_type_and_is_matched_on_the_prompt(tmp_pat
     raw = tmp_path / "chat.parquet"
     pd.DataFrame({"messages": [conv(i) for i in range(10)]}).to_parquet(raw)
     schema = pq.read_schema(raw)
-    params = Params.model_validate(repo_params(task="causal_lm", data={
-        "path": str(raw), "format": "auto", "label_names": None, "chunk_rows": 4}, retrain={"settle_seconds": 0}))
+    params = Params.model_validate(
+        repo_params(
+            task="causal_lm",
+            data={"path": str(raw), "format": "auto", "label_names": None, "chunk_rows": 4},
+            retrain={"settle_seconds": 0},
+        )
+    )
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    (inbox / "drop.jsonl").write_text(json.dumps({"messages": conv(10)}) + "\n"
-                                      + json.dumps({"messages": conv(3, "Another answer.")}) + "\n")
+    (inbox / "drop.jsonl").write_text(
+        json.dumps({"messages": conv(10)}) + "\n" + json.dumps({"messages": conv(3, "Another answer.")}) + "\n"
+    )
     out = ingest(params, tmp_path, inbox)
     assert out.status == "merged" and out.added_rows == 1
     assert [(s["row"], s["reason"]) for s in out.skipped_duplicates] == [("2", "already in the dataset")]

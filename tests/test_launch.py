@@ -1,6 +1,7 @@
 """Several processes from the DAG itself: with train.processes (or train.nodes) above 1 the train
 stage launches its workers through PyTorch's elastic launcher, so `qlora run`, `dvc repro` and
 retraining train on N processes with one dvc.lock entry and one MLflow run (gloo on this CPU)."""
+
 import csv
 import json
 import os
@@ -43,6 +44,7 @@ def _summary(root: Path) -> dict:
 def tiny_llama(tmp_path_factory):
     from tests.conftest import ALPACA
     from tests.tiny_llm import build_tiny_llama
+
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), ALPACA)
 
 
@@ -61,6 +63,7 @@ def test_qlora_run_with_two_processes_records_one_run_that_matches_one_process(t
         raw["train"].update(max_steps=6, eval_every=0, **train)
         raw["lora"]["dropout"] = 0.0
         return raw
+
     one = make_project(tmp_path / "one", params(batch_size=4, grad_accum=2))
     two = make_project(tmp_path / "two", params(batch_size=4, processes=2))
     first = _run([".venv/bin/qlora", "run"], one)
@@ -77,8 +80,9 @@ def test_qlora_run_with_two_processes_records_one_run_that_matches_one_process(t
     assert max(abs(a - b) for a, b in zip(single, double)) < 1e-3, (single, double)
     w1, w2 = (load_file(r / "models/adapter/adapter_model.safetensors") for r in (one, two))
     assert w1.keys() == w2.keys() and all(w1[k].shape == w2[k].shape for k in w1)
-    assert sorted(p.name for p in (one / "models/adapter").iterdir()) == \
-        sorted(p.name for p in (two / "models/adapter").iterdir())
+    assert sorted(p.name for p in (one / "models/adapter").iterdir()) == sorted(
+        p.name for p in (two / "models/adapter").iterdir()
+    )
     assert "up to date" in _run([".venv/bin/dvc", "status"], two).stdout
     lock = yaml.safe_load((two / "dvc.lock").read_text())["stages"]
     assert lock["train"]["params"]["params.yaml"]["train"]["processes"] == 2
@@ -103,12 +107,14 @@ def _worker(pid: int, local_rank: int) -> int | None:
 
 @pytest.mark.slow
 def test_a_killed_worker_stops_the_stage_in_bounded_time_naming_it_and_the_rerun_resumes(tmp_path, agnews_small):
-    root = make_project(tmp_path / "p", _params(agnews_small, batch_size=8, processes=2, max_steps=12,
-                                                checkpoint_every=3))
+    root = make_project(
+        tmp_path / "p", _params(agnews_small, batch_size=8, processes=2, max_steps=12, checkpoint_every=3)
+    )
     prep = _run([".venv/bin/dvc", "repro", "tokenize", "quantize"], root)
     assert prep.returncode == 0, prep.stdout[-2000:] + prep.stderr[-2000:]
-    stage = subprocess.Popen(["bin/qlora", "stage", "train"], cwd=root, env=env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    stage = subprocess.Popen(
+        ["bin/qlora", "stage", "train"], cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
     while not list((root / ".qlora/checkpoints").glob("**/step-*/state.json")) and time.time() < deadline:
         assert stage.poll() is None, stage.communicate()
@@ -146,8 +152,17 @@ def test_two_nodes_meet_at_a_c10d_rendezvous_and_train_as_one(tmp_path, agnews_s
         prep = _run([".venv/bin/dvc", "repro", "tokenize", "quantize"], node)
         assert prep.returncode == 0, prep.stdout[-2000:] + prep.stderr[-2000:]
     endpoint = {"QLORA_RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(["bin/qlora", "stage", "train"], cwd=node, env={**env(), **endpoint},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in nodes]
+    procs = [
+        subprocess.Popen(
+            ["bin/qlora", "stage", "train"],
+            cwd=node,
+            env={**env(), **endpoint},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in nodes
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     written = [n for n in nodes if (n / "reports/train/summary.json").exists()]

@@ -2,7 +2,9 @@
 (imports inside functions count), bench/ imports nothing from tests/, and the fast path is
 switched by its Plan alone: every choice is a field of the frozen Plan, and no module of
 tasks/fast holds a mutable switch or is written to from outside."""
+
 import __future__
+
 import ast
 import dataclasses
 import importlib
@@ -52,7 +54,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -79,17 +81,36 @@ def test_bench_imports_nothing_from_tests():
 
 
 # Every choice the fast path makes; the code reads these from the Plan (tasks/fast/plan.py)
-CHOICES = {"fast", "liger", "gradient_checkpointing", "precision", "optimizer", "compile", "nf4_traced", "split",
-           "offload", "fused_projections", "adapters_in_gemm", "residual", "triton", "swiglu_kernel", "pad_k",
-           "partitioner_cse", "activation_memory_budget", "checkpoint"}
+CHOICES = {
+    "fast",
+    "liger",
+    "gradient_checkpointing",
+    "precision",
+    "optimizer",
+    "compile",
+    "nf4_traced",
+    "split",
+    "offload",
+    "fused_projections",
+    "adapters_in_gemm",
+    "residual",
+    "triton",
+    "swiglu_kernel",
+    "pad_k",
+    "partitioner_cse",
+    "activation_memory_budget",
+    "checkpoint",
+}
 IMMUTABLE = (bool, int, float, str, bytes, type(None), frozenset, types.MappingProxyType)
 CACHES = {"tasks.fast.ops.layer_checkpoint._STREAMS"}  # a side CUDA stream per device, made once: no choice
 
 
 def _fast_modules() -> list:
     import tasks.fast
-    return [importlib.import_module(info.name)
-            for info in pkgutil.walk_packages(tasks.fast.__path__, prefix="tasks.fast.")]
+
+    return [
+        importlib.import_module(info.name) for info in pkgutil.walk_packages(tasks.fast.__path__, prefix="tasks.fast.")
+    ]
 
 
 def _immutable(value) -> bool:
@@ -100,6 +121,7 @@ def _immutable(value) -> bool:
 
 def test_every_fast_path_choice_is_a_field_of_the_frozen_plan():
     from tasks.fast.plan import Plan
+
     plan = Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16")
     assert CHOICES <= {f.name for f in dataclasses.fields(Plan)}
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -111,9 +133,14 @@ def test_fast_path_modules_hold_no_mutable_switch():
     """Module-level values of tasks/fast are functions, classes, modules or immutable constants
     (the mappings read-only); no function rebinds a module global."""
     modules = _fast_modules()
-    assert {m.__name__ for m in modules} >= {"tasks.fast.plan", "tasks.fast.patch", "tasks.fast.ops.nf4_lora",
-                                               "tasks.fast.ops.nf4_triton", "tasks.fast.ops.swiglu_lora",
-                                               "tasks.fast.ops.layer_checkpoint"}
+    assert {m.__name__ for m in modules} >= {
+        "tasks.fast.plan",
+        "tasks.fast.patch",
+        "tasks.fast.ops.nf4_lora",
+        "tasks.fast.ops.nf4_triton",
+        "tasks.fast.ops.swiglu_lora",
+        "tasks.fast.ops.layer_checkpoint",
+    }
     for module in modules:
         for name, value in vars(module).items():
             if name.startswith("__") or f"{module.__name__}.{name}" in CACHES:
@@ -143,8 +170,13 @@ def test_nothing_writes_to_a_fast_path_module():
                     if alias.name in fast and alias.asname:
                         aliases[alias.asname] = alias.name
         for node in ast.walk(tree):
-            targets = node.targets if isinstance(node, ast.Assign) else \
-                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, (ast.AugAssign, ast.AnnAssign))
+                else []
+            )
             for target in targets:
                 for t in ast.walk(target):
                     if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in aliases:
@@ -154,15 +186,23 @@ def test_nothing_writes_to_a_fast_path_module():
                 name = attr.value if isinstance(attr, ast.Constant) and isinstance(attr.value, str) else ""
                 if isinstance(owner, ast.Name) and owner.id in aliases and name.isupper():
                     pytest.fail(f"{path.relative_to(REPO)}:{node.lineno} sets {aliases[owner.id]}.{name}")
-                if isinstance(owner, ast.Constant) and isinstance(owner.value, str) \
-                        and owner.value.rsplit(".", 1)[0] in fast:
+                if (
+                    isinstance(owner, ast.Constant)
+                    and isinstance(owner.value, str)
+                    and owner.value.rsplit(".", 1)[0] in fast
+                ):
                     pytest.fail(f"{path.relative_to(REPO)}:{node.lineno} sets {owner.value}")
 
 
 def test_tasks_never_import_prefect_mlflow_or_dvc():
     for path in sorted((REPO / "tasks").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module
+                else []
+            )
             bad = [n for n in names if n.split(".")[0] in ("prefect", "mlflow", "dvc")]
             assert not bad, f"{path.relative_to(REPO)}:{node.lineno} imports {bad}"

@@ -1,6 +1,7 @@
 """LoRA variants from params (lora.use_dora, use_rslora, init, modules_to_save): each trains a few
 steps on the tiny Llama on CPU, its saved adapter reloads (as evaluate loads it) to the model that
 was trained, and merge folds it into a plain model that agrees. Wrong combinations name the key."""
+
 import json
 
 import pytest
@@ -11,9 +12,9 @@ from tasks import merge, quantize, split, tokenize, train, validate
 from tasks.common import PipelineError
 from tasks.config import Params, ParamsError, load_params
 from tasks.evaluate import load_adapted
-from tasks.modeling import load_tokenizer
+from tasks.model.loading import load_tokenizer
 from tasks.tokenize import load_split
-from tasks.validation import score
+from tasks.training.validation import score
 from tests.conftest import REPO, write_params
 from tests.test_causal_lm import causal_params, tiny_llama  # noqa: F401 (fixture)
 
@@ -34,6 +35,7 @@ def variant_params(tiny, lora: dict, quant: dict | None = None) -> Params:
 def prepared(tmp_path_factory, tiny_llama):  # noqa: F811
     """validate/split/tokenize once; quantize once per quant setting (a copy of the project each)."""
     import shutil
+
     root = tmp_path_factory.mktemp("variants")
     params = variant_params(tiny_llama, {})
     for stage in (validate, split, tokenize):
@@ -48,6 +50,7 @@ def prepared(tmp_path_factory, tiny_llama):  # noqa: F811
         for d in ("data", "models"):
             shutil.copytree(root / d if d == "data" else bases[key] / d, tmp_path / d, dirs_exist_ok=True)
         return tmp_path
+
     return project
 
 
@@ -88,20 +91,25 @@ def test_variant_trains_reloads_and_merges(name, tmp_path, prepared, tiny_llama)
     assert reloaded == pytest.approx(trained, rel=tol), (reloaded, trained)
     if lora.get("modules_to_save"):
         from safetensors.torch import load_file
+
         keys = load_file(root / "models/adapter/adapter_model.safetensors")
         assert any("lm_head" in k for k in keys)
     merge.run(params, root)
     from transformers import AutoModelForCausalLM
+
     merged = AutoModelForCausalLM.from_pretrained(root / "models/merged", dtype=torch.float32).eval()
     assert val_loss(merged, root, params) == pytest.approx(trained, rel=3e-2)
 
 
-@pytest.mark.parametrize("override, key", [
-    (["lora.init=pissa"], "lora.init"),  # 4-bit base (the default)
-    (["lora.init=orthogonal", "quant.load_in_4bit=false", "lora.r=5"], "lora.init"),
-    (["lora.init=sideways"], "lora.init"),
-    (["lora.modules_to_save=lm_head"], "lora.modules_to_save"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (["lora.init=pissa"], "lora.init"),  # 4-bit base (the default)
+        (["lora.init=orthogonal", "quant.load_in_4bit=false", "lora.r=5"], "lora.init"),
+        (["lora.init=sideways"], "lora.init"),
+        (["lora.modules_to_save=lm_head"], "lora.modules_to_save"),
+    ],
+)
 def test_wrong_lora_settings_name_the_key(tmp_path, override, key):
     path = write_params(tmp_path, yaml.safe_load((REPO / "params.yaml").read_text()))
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):

@@ -5,6 +5,7 @@ Runs the real flow (Prefect's API), real DVC (each stage reproduced through DVC'
 API, which runs bin/qlora stage NAME) and a real MLflow SQLite store; the model is the
 embedded MiniLM, trained for a few steps.
 """
+
 import json
 import subprocess
 import sys
@@ -15,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from flows import dvc_ops
+from flows.dvc import dvc_ops
+from flows.dvc.stages import STAGES, upstream
 from flows.pipeline import Project, qlora_pipeline
-from flows.stages import STAGES, upstream
 from tasks import catalog
 from tasks.config import Params
 from tests.conftest import env, make_project, small_cls_params
@@ -57,9 +58,15 @@ def test_first_run_runs_every_stage_and_writes_outputs(project):
     root, first = project
     assert list(statuses(first)) == ["validate", "split", "tokenize", "quantize", "train", "evaluate", "merge"]
     assert set(statuses(first).values()) == {"ran"}
-    for p in ("models/adapter/adapter_model.safetensors", "models/merged/model.safetensors",
-              "models/base/model.safetensors", catalog.TRAIN_LOSS_PNG, catalog.CONFUSION_PNG,
-              catalog.CONFUSION_CSV, catalog.TRAIN_LOSS_CSV):
+    for p in (
+        "models/adapter/adapter_model.safetensors",
+        "models/merged/model.safetensors",
+        "models/base/model.safetensors",
+        catalog.TRAIN_LOSS_PNG,
+        catalog.CONFUSION_PNG,
+        catalog.CONFUSION_CSV,
+        catalog.TRAIN_LOSS_CSV,
+    ):
         assert (root / p).stat().st_size > 0, p
     metrics = json.loads((root / catalog.METRICS).read_text())
     assert metrics["rows"] == 40 and 0.0 <= metrics["accuracy"] <= 1.0
@@ -95,11 +102,15 @@ def test_prefect_shows_the_dag_and_which_tasks_were_skipped(project):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
+
     root, _ = project
     out = run_flow(root)["_out"]
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[out.flow_run_id])),
-                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=50)
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[out.flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=50,
+        )
     by_name = {r.name.rsplit("-", 1)[0]: r for r in runs}
     assert {s.name for s in STAGES} | {"check-data", "record"} <= set(by_name), sorted(by_name)
     ids = {name: str(r.id) for name, r in by_name.items()}
@@ -138,6 +149,7 @@ def test_deleted_output_is_rebuilt_by_its_stage(project):
 
 def test_bad_data_stops_the_flow_at_validation_and_keeps_outputs(project, tmp_path):
     from tasks.common import PipelineError
+
     root, _ = project
     bad = tmp_path / "bad.csv"
     bad.write_text('"1","A title","A body"\n"2","Another","Body"\n"5","Unknown label","Body"\n')
@@ -190,9 +202,10 @@ def test_merged_model_matches_adapter_on_base(project):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.batching import collate
+    from tasks.data.batching import collate
     from tasks.evaluate import load_adapted
     from tasks.tokenize import load_split
+
     root, _ = project
     params = Params.model_validate(yaml.safe_load((root / "params.yaml").read_text()))
     batch = collate(load_split(root, "test")[:], 0, "seq_cls")
@@ -209,6 +222,7 @@ def test_merged_model_matches_adapter_on_base(project):
     clear = (top2[:, 0] - top2[:, 1]) > 0.2
     assert clear.any() and torch.equal(ref.argmax(-1)[clear], got.argmax(-1)[clear])
     assert isinstance(adapted, PeftModel)
-    reloaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
-        root / catalog.MERGED_DIR), str(root / catalog.ADAPTER_DIR))
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(root / catalog.MERGED_DIR), str(root / catalog.ADAPTER_DIR)
+    )
     assert reloaded.peft_config["default"].r == params.lora.r

@@ -1,5 +1,6 @@
-"""train.precision and selective checkpointing (tasks/precision.py) on 4-bit CPU models:
+"""train.precision and selective checkpointing (tasks/model/precision.py) on 4-bit CPU models:
 where each mode keeps fp32, why it matters for the loss, and that the pipeline trains with it."""
+
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from tasks.common import PipelineError
 from tasks.config import LoraSection, ModelConfig, Params, QuantConfig, TrainConfig
-from tasks.modeling import load_base
+from tasks.model.loading import load_base
 from tasks.train import add_lora
 from tests.test_causal_lm import causal_params, tiny_llama  # noqa: F401 (fixture)
 
@@ -18,8 +19,16 @@ CPU = torch.device("cpu")
 def small_llama(tmp_path_factory):
     """Wide enough that bf16 rounding of small adapter outputs shows in the loss."""
     from tests.tiny_llm import save_random_llama
-    return save_random_llama(tmp_path_factory.mktemp("small-llama"), hidden_size=512, intermediate_size=1536,
-                             num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, vocab_size=4000)
+
+    return save_random_llama(
+        tmp_path_factory.mktemp("small-llama"),
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=4000,
+    )
 
 
 def with_adapters(path: str, precision: str, skip_last: int = 0, dropout: float = 0.0):
@@ -77,9 +86,12 @@ def test_where_each_mode_keeps_fp32(small_llama):
     for mode in ("fp32_upcast", "mixed", "bf16"):
         model = with_adapters(small_llama, mode)
         layer = model.base_model.model.model.layers[1]
-        hooks = [layer.register_forward_hook(lambda m, i, o, mode=mode: seen.__setitem__((mode, "residual"), o.dtype)),
-                 layer.self_attn.q_proj.register_forward_pre_hook(
-                     lambda m, i, mode=mode: seen.__setitem__((mode, "attention input"), i[0].dtype))]
+        hooks = [
+            layer.register_forward_hook(lambda m, i, o, mode=mode: seen.__setitem__((mode, "residual"), o.dtype)),
+            layer.self_attn.q_proj.register_forward_pre_hook(
+                lambda m, i, mode=mode: seen.__setitem__((mode, "attention input"), i[0].dtype)
+            ),
+        ]
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             model(input_ids=torch.tensor([[1, 2, 3, 4]]))
         for h in hooks:
@@ -97,10 +109,25 @@ def test_where_each_mode_keeps_fp32(small_llama):
 
 def test_mixed_refuses_a_model_without_the_llama_layout(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
-    BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=64, vocab_size=100, num_labels=2)).save_pretrained(tmp_path)
-    model = load_base("seq_cls", str(tmp_path), ModelConfig(name=str(tmp_path), prefer_embedded=False),
-                      QuantConfig(skip_modules=["classifier", "pooler.dense"]), CPU, ["a", "b"])
+
+    BertForSequenceClassification(
+        BertConfig(
+            hidden_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=100,
+            num_labels=2,
+        )
+    ).save_pretrained(tmp_path)
+    model = load_base(
+        "seq_cls",
+        str(tmp_path),
+        ModelConfig(name=str(tmp_path), prefer_embedded=False),
+        QuantConfig(skip_modules=["classifier", "pooler.dense"]),
+        CPU,
+        ["a", "b"],
+    )
     with pytest.raises(PipelineError, match="train.precision: mixed needs a decoder with the Llama layout"):
         add_lora(model, LoraSection(), "seq_cls", TrainConfig(precision="mixed"), torch.bfloat16)
 
@@ -123,6 +150,7 @@ def test_skipping_checkpointing_in_the_last_layers_changes_memory_not_gradients(
 
 def test_pipeline_trains_with_mixed_precision(tmp_path, tiny_llama):  # noqa: F811 (fixture)
     from tasks import evaluate, quantize, split, tokenize, train, validate
+
     raw = causal_params(tiny_llama)
     raw["train"].update(precision="mixed", gradient_checkpointing_skip_last=1, max_steps=6)
     params = Params.model_validate(raw)

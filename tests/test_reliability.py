@@ -1,5 +1,6 @@
 """Faults: a crash mid-training, two runs at once, untrusted model files, tracking down,
 bad params at the command line, rows too long, leakage between splits."""
+
 import json
 import os
 import signal
@@ -23,14 +24,23 @@ from tests.conftest import REPO, descendants, make_project, repo_params, small_c
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "QLORA_LOCK"))}
-    env.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
 def _qlora(root: Path, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=root, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=root,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _prepared(root: Path, raw: dict) -> Params:
@@ -72,8 +82,8 @@ def test_sigkill_mid_training_leaves_no_process_and_resumes_to_the_same_adapter(
     assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read()
     below = descendants(proc.pid)
     server = [p for p in below if b"prefect\x00server\x00start" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    # `bin/qlora stage train` execs the stage runner: the training process is `python -m flows.stage_command train`
-    stage = [p for p in below if b"flows.stage_command\x00train" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    # `bin/qlora stage train` execs the stage runner: the training process is `python -m flows.dvc.stage_command train`
+    stage = [p for p in below if b"flows.dvc.stage_command\x00train" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert server and stage, "the run has no Prefect server or training process to check"
     argv = Path(f"/proc/{server[0]}/cmdline").read_bytes().split(b"\x00")
     port = int(argv[argv.index(b"--port") + 1])
@@ -91,10 +101,20 @@ def test_sigkill_mid_training_leaves_no_process_and_resumes_to_the_same_adapter(
     again = _qlora(a, "run")
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
-    status = {line.split()[0]: line.split()[1] for line in out.splitlines()
-              if line.startswith("  ") and len(line.split()) > 1 and line.split()[1] in ("ran", "skipped")}
-    assert status == {"validate": "skipped", "split": "skipped", "tokenize": "skipped", "quantize": "skipped",
-                      "train": "ran", "evaluate": "ran", "merge": "ran"}, out
+    status = {
+        line.split()[0]: line.split()[1]
+        for line in out.splitlines()
+        if line.startswith("  ") and len(line.split()) > 1 and line.split()[1] in ("ran", "skipped")
+    }
+    assert status == {
+        "validate": "skipped",
+        "split": "skipped",
+        "tokenize": "skipped",
+        "quantize": "skipped",
+        "train": "ran",
+        "evaluate": "ran",
+        "merge": "ran",
+    }, out
     assert "resuming from" in out and "step 6 of 12" in out, out
     assert not (a / ".qlora/checkpoints/train").exists()  # spent checkpoints are removed
     _prepared(b, raw)
@@ -119,11 +139,14 @@ def test_second_run_on_a_busy_project_exits_with_a_clear_message(tmp_path, agnew
 
 
 def test_waiting_run_takes_the_lock_when_the_first_ends(tmp_path):
-    code = ("import time,sys; from pathlib import Path; from flows.lock import project_lock\n"
-            "with project_lock(Path(sys.argv[1]), wait=True): print(time.time())")
+    code = (
+        "import time,sys; from pathlib import Path; from flows.lock import project_lock\n"
+        "with project_lock(Path(sys.argv[1]), wait=True): print(time.time())"
+    )
     with project_lock(tmp_path):
-        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=_env(), cwd=REPO,
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], env=_env(), cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
         time.sleep(1.5)
         assert proc.poll() is None  # still waiting
         released = time.time()
@@ -168,7 +191,8 @@ def test_pickle_only_model_is_refused(tmp_path, agnews_small):
 
 
 def test_pickle_only_adapter_is_refused(tmp_path):
-    from tasks.modeling import check_safe_dir
+    from tasks.model.loading import check_safe_dir
+
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"not opened")
     with pytest.raises(PipelineError, match="adapter weights are pickle files"):
@@ -179,9 +203,17 @@ def test_remote_code_is_not_run_unless_allowed(tmp_path, agnews_small):
     model_dir = tmp_path / "custom-model"
     model_dir.mkdir()
     marker = tmp_path / "code-ran"
-    (model_dir / "config.json").write_text(json.dumps({
-        "model_type": "custom_bert", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
-                                                  "AutoModelForSequenceClassification": "modeling_custom.M"}}))
+    (model_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "custom_bert",
+                "auto_map": {
+                    "AutoConfig": "configuration_custom.CustomConfig",
+                    "AutoModelForSequenceClassification": "modeling_custom.M",
+                },
+            }
+        )
+    )
     (model_dir / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
     (model_dir / "model.safetensors").write_bytes(b"")
     raw = small_cls_params(agnews_small)
@@ -202,6 +234,7 @@ def _unused_port() -> int:
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path, agnews_small):
     from flows.pipeline import Project, qlora_pipeline
+
     raw = small_cls_params(agnews_small)
     raw["tracking"]["tracking_uri"] = f"http://127.0.0.1:{_unused_port()}"
     root = make_project(tmp_path / "project", raw)
@@ -217,6 +250,7 @@ def test_unreachable_tracking_server_can_fall_back_to_local(tmp_path, agnews_sma
     import mlflow
 
     from flows.pipeline import Project, qlora_pipeline
+
     raw = small_cls_params(agnews_small)
     dead = f"http://127.0.0.1:{_unused_port()}"
     raw["tracking"].update(tracking_uri=dead, fallback_to_local=True)
@@ -249,13 +283,20 @@ def test_split_refuses_leakage(tmp_path):
     """Validation refuses duplicates; should validated rows still hold one text twice, split refuses
     to put it in two splits (the check runs on 128-bit hashes of the text, not the text)."""
     from tasks import catalog
-    from tasks.arrowio import RowsWriter
+    from tasks.data.arrowio import RowsWriter
     from tasks.validate import canonical_features
+
     params = Params.model_validate(repo_params(split={"stratify": False}))
     (tmp_path / catalog.VALIDATED_DIR).mkdir(parents=True)
     with RowsWriter(tmp_path / catalog.VALIDATED_ROWS, canonical_features(params)) as out:
-        out.write({"text": ["a", "b", "c", "d", "a"] * 4, "label": [0, 1, 0, 1, 1] * 4,
-                   "source": ["x.csv"] * 20, "row": [str(i) for i in range(20)]})
+        out.write(
+            {
+                "text": ["a", "b", "c", "d", "a"] * 4,
+                "label": [0, 1, 0, 1, 1] * 4,
+                "source": ["x.csv"] * 20,
+                "row": [str(i) for i in range(20)],
+            }
+        )
     with pytest.raises(PipelineError, match=r"rows \d+ and \d+: the same text is in both .* rule: no_leakage"):
         split.run(params, tmp_path)
 
@@ -272,14 +313,21 @@ def test_two_process_data_parallel_training_saves_the_same_adapter_format(tmp_pa
     single = _qlora(one, "stage", "train")
     assert single.wait(timeout=600) == 0, single.stdout.read()
     torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "flows.cli", "stage", "train"],
-                          cwd=two, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "flows.cli", "stage", "train"],
+        cwd=two,
+        env={**_env(), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((two / "reports/train/summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
     w1 = load_file(one / "models/adapter/adapter_model.safetensors")
     w2 = load_file(two / "models/adapter/adapter_model.safetensors")
     assert w1.keys() == w2.keys() and all(w1[k].shape == w2[k].shape for k in w1)
-    assert sorted(p.name for p in (one / "models/adapter").iterdir()) == \
-        sorted(p.name for p in (two / "models/adapter").iterdir())
+    assert sorted(p.name for p in (one / "models/adapter").iterdir()) == sorted(
+        p.name for p in (two / "models/adapter").iterdir()
+    )
     assert not all(torch.equal(w1[k], w2[k]) for k in w1)  # 2 shards of data: a different update

@@ -1,6 +1,7 @@
 """Retraining on data drops against a real MLflow tracking server (loopback, SQLite
 backend) and the Prefect ephemeral API: two DVC versions, alias moves only when better,
 a bad drop changes nothing, an empty inbox is skipped, lineage resolves every version."""
+
 import json
 import os
 import shutil
@@ -41,11 +42,32 @@ def _postgres(d: Path) -> str:
     if as_pg:
         shutil.chown(d, "postgres")
         shutil.chown(data, "postgres")
-    subprocess.run(as_pg + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "mlflow"], check=True,
-                   capture_output=True)
-    subprocess.run(as_pg + [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(d / "pg.log"), "-w", "start", "-o",
-                            f"-p {port} -k {d} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)
-    subprocess.run(as_pg + [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"], check=True, capture_output=True)
+    subprocess.run(
+        as_pg + [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "mlflow"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        as_pg
+        + [
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(d / "pg.log"),
+            "-w",
+            "start",
+            "-o",
+            f"-p {port} -k {d} -c listen_addresses=127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        as_pg + [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
+        check=True,
+        capture_output=True,
+    )
     return f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
 
 
@@ -53,8 +75,9 @@ def _stop_postgres(pg_dir: Path) -> None:
     if (pg_dir / "pgdata" / "postmaster.pid").exists():
         bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
         as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        subprocess.run(as_pg + [str(bindir / "pg_ctl"), "-D", str(pg_dir / "pgdata"), "-m", "fast", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            as_pg + [str(bindir / "pg_ctl"), "-D", str(pg_dir / "pgdata"), "-m", "fast", "stop"], capture_output=True
+        )
     shutil.rmtree(pg_dir, ignore_errors=True)
 
 
@@ -66,10 +89,26 @@ def mlflow_server(request, tmp_path_factory):
     try:
         backend = f"sqlite:///{d / 'mlflow.db'}" if pg_dir is None else _postgres(pg_dir)
         port = _port()
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                                 "--backend-store-uri", backend,
-                                 "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
-                                stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                backend,
+                "--artifacts-destination",
+                str(d / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=open(d / "server.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 180
         while True:
@@ -90,13 +129,18 @@ def mlflow_server(request, tmp_path_factory):
 
 
 def _git(root, *args):
-    subprocess.run(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", *args], cwd=root, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", *args],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
 
 
 def _dvc(root, *args) -> str:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, check=True, capture_output=True, text=True
+    ).stdout
 
 
 def _md5(root) -> str:
@@ -133,6 +177,7 @@ def test_beats_is_strict():
 
 def test_retraining_story(project, mlflow_server):
     import mlflow
+
     root, ag = project
     mlflow.set_tracking_uri(mlflow_server)
     client = mlflow.tracking.MlflowClient()
@@ -158,7 +203,10 @@ def test_retraining_story(project, mlflow_server):
     md5s[v1] = _md5(root)
     assert len(pd.read_csv(root / "data/raw/news/data.csv", header=None)) == 375
     # the new version is in the DVC remote: a fresh checkout can pull it
-    assert subprocess.run([sys.executable, "-m", "dvc", "status", "-c", "-q", "data/raw/news.dvc"], cwd=root).returncode == 0
+    assert (
+        subprocess.run([sys.executable, "-m", "dvc", "status", "-c", "-q", "data/raw/news.dvc"], cwd=root).returncode
+        == 0
+    )
 
     # 3. second drop with a stronger recipe: better on the same test split -> alias moves
     _drop(root, ag.iloc[5000:5100], "drop2.csv")
@@ -205,8 +253,12 @@ def test_retraining_story(project, mlflow_server):
 
     # 6. lineage, through the real command line: each version resolves to its data version
     def lineage(*args) -> tuple[int, str]:
-        p = subprocess.run([sys.executable, "-m", "flows.cli", "lineage", *args, "--tracking-uri", mlflow_server],
-                           cwd=root, capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "lineage", *args, "--tracking-uri", mlflow_server],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
         return p.returncode, p.stdout + p.stderr
 
     for v, md5 in md5s.items():

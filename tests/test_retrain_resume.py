@@ -3,6 +3,7 @@ finishes what the first started and the project ends as an uninterrupted run lea
 data version, one model version, one champion decision, no row lost or doubled, no MLflow
 run left RUNNING). The boundaries are watched from outside, on what the process writes (the
 data file, the .dvc file, the DVC remote, git, its stage processes, the MLflow store)."""
+
 import os
 import shutil
 import signal
@@ -56,8 +57,9 @@ def _copy(base: Path, dest: Path) -> Path:
 
 def _retrain(root: Path) -> subprocess.Popen:
     args = [sys.executable, "-m", "flows.cli", "retrain"] + [a for s in SETTINGS for a in ("--set", s)]
-    return subprocess.Popen(args, cwd=root, env=env(), stdout=open(root.parent / "retrain.log", "a"),
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        args, cwd=root, env=env(), stdout=open(root.parent / "retrain.log", "a"), stderr=subprocess.STDOUT
+    )
 
 
 def _db(root: Path, sql: str) -> list:
@@ -71,8 +73,11 @@ def _db(root: Path, sql: str) -> list:
 def _stage_running(root: Path, stage: str) -> bool:
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"flows.stage_command\x00" + stage.encode() in (proc / "cmdline").read_bytes() \
-                    and os.readlink(proc / "cwd") == str(root):
+            if (
+                proc.name.isdigit()
+                and b"flows.dvc.stage_command\x00" + stage.encode() in (proc / "cmdline").read_bytes()
+                and os.readlink(proc / "cwd") == str(root)
+            ):
                 return True
         except OSError:
             continue
@@ -89,8 +94,12 @@ def _head(root: Path) -> str:
 
 def _boundary(name: str, root: Path):
     """A test of whether the run passed the boundary `name`, judged on what it wrote."""
-    size, dvc_text, remote, head = (root / DATA).stat().st_size, (root / DVC_FILE).read_text(), \
-        _remote_files(root), _head(root)
+    size, dvc_text, remote, head = (
+        (root / DATA).stat().st_size,
+        (root / DVC_FILE).read_text(),
+        _remote_files(root),
+        _head(root),
+    )
     return {
         "append": lambda: (root / DATA).stat().st_size > size,
         "dvc_add": lambda: (root / DVC_FILE).read_text() != dvc_text,
@@ -98,34 +107,48 @@ def _boundary(name: str, root: Path):
         "git_commit": lambda: _head(root) != head,
         "train": lambda: _stage_running(root, "train"),
         "registration": lambda: bool(_db(root, f"select 1 from model_versions where name='{MODEL}'")),
-        "alias_move": lambda: bool(_db(root, "select 1 from model_version_tags "
-                                             "where key='champion_decision_pending'")),
+        "alias_move": lambda: bool(_db(root, "select 1 from model_version_tags where key='champion_decision_pending'")),
     }[name]
 
 
 def _state(root: Path) -> dict:
     import mlflow
+
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns.db'}")
     client = mlflow.tracking.MlflowClient()
     versions = client.search_model_versions(f"name='{MODEL}'")
     exp = client.get_experiment_by_name("resume-test")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
-    trailers = subprocess.run(["git", "log", "--format=%(trailers:key=Qlora-Data-Version,valueonly)", "--",
-                               DVC_FILE], cwd=root, capture_output=True, text=True).stdout.split()
+    trailers = subprocess.run(
+        ["git", "log", "--format=%(trailers:key=Qlora-Data-Version,valueonly)", "--", DVC_FILE],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     rows = pd.read_csv(root / DATA, header=None, dtype=str, keep_default_na=False)
     return {
         "data_md5": yaml.safe_load((root / DVC_FILE).read_text())["outs"][0]["md5"],
         "data_versions": trailers,
-        "rows": len(rows), "distinct_rows": len(rows.drop_duplicates()),
+        "rows": len(rows),
+        "distinct_rows": len(rows.drop_duplicates()),
         "inbox": sorted(p.name for p in (root / "data/inbox").glob("*.csv")),
         "processed": sorted(p.name for p in (root / "data/inbox/processed").rglob("*.csv")),
-        "model_versions": [(str(v.version), v.tags.get("dvc_data_md5"), v.tags.get("champion_decision")) for v in versions],
+        "model_versions": [
+            (str(v.version), v.tags.get("dvc_data_md5"), v.tags.get("champion_decision")) for v in versions
+        ],
         "champion": str(client.get_model_version_by_alias(MODEL, "champion").version) if versions else None,
-        "decisions": sorted(r.data.tags["champion_decision"] for r in runs
-                            if "champion_decision" in r.data.tags and r.data.tags.get("qlora_kind") != "retrain"),
+        "decisions": sorted(
+            r.data.tags["champion_decision"]
+            for r in runs
+            if "champion_decision" in r.data.tags and r.data.tags.get("qlora_kind") != "retrain"
+        ),
         "running": [r.info.run_id for r in runs if r.info.status == "RUNNING"],
-        "dirty": subprocess.run(["git", "status", "--porcelain", "--", DVC_FILE, "dvc.lock", "params.yaml"],
-                                cwd=root, capture_output=True, text=True).stdout,
+        "dirty": subprocess.run(
+            ["git", "status", "--porcelain", "--", DVC_FILE, "dvc.lock", "params.yaml"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout,
     }
 
 
@@ -149,11 +172,14 @@ def test_retraining_commit_reproduces_with_dvc(reference):
     root, state = reference
     log = subprocess.run(["git", "log", "--format=%H %s"], cwd=root, capture_output=True, text=True).stdout
     assert "pipeline: dvc.lock for data version " + state["data_md5"] in log
-    lock = yaml.safe_load(subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True,
-                                         text=True, check=True).stdout)
-    from flows.dvc_ops import md5
+    lock = yaml.safe_load(
+        subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True, text=True, check=True).stdout
+    )
+    from flows.dvc.dvc_ops import md5
+
     assert {"path": DATA, "md5": md5(root / DATA)}.items() <= next(
-        d for d in lock["stages"]["validate"]["deps"] if d["path"] == DATA).items()
+        d for d in lock["stages"]["validate"]["deps"] if d["path"] == DATA
+    ).items()
     checkout = root.parent / "checkout"
     git(root, "worktree", "add", "-q", str(checkout), "HEAD")
     (checkout / ".venv").symlink_to(root / ".venv")
@@ -168,14 +194,16 @@ def test_retraining_commit_reproduces_with_dvc(reference):
 def test_nothing_to_do_records_nothing_in_mlflow(reference):
     root, state = reference
     before = _db(root, "select count(*) from runs")
-    p = subprocess.run([sys.executable, "-m", "flows.cli", "retrain"], cwd=root, env=env(), capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "retrain"], cwd=root, env=env(), capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0 and "retrain: skipped" in p.stdout, p.stdout + p.stderr
     assert _db(root, "select count(*) from runs") == before
 
 
-@pytest.mark.parametrize("boundary", ["append", "dvc_add", "dvc_push", "git_commit", "train", "registration",
-                                      "alias_move"])
+@pytest.mark.parametrize(
+    "boundary", ["append", "dvc_add", "dvc_push", "git_commit", "train", "registration", "alias_move"]
+)
 def test_killed_retrain_is_finished_by_the_next_one(base, reference, boundary, tmp_path):
     root = _copy(base, tmp_path / "case")
     passed = _boundary(boundary, root)

@@ -5,6 +5,7 @@ NF4 (double quant) with `quant_storage` bfloat16 (what `quant.quant_storage: aut
 fsdp), and FSDP2's `fully_shard` splits those 4-bit weights, the norms, the LoRA adapters,
 their gradients and the AdamW state over 2 processes; bitsandbytes' CPU backend runs the
 4-bit matmuls. Nothing here is GPU-specific except NCCL in place of gloo."""
+
 import json
 import shutil
 import socket
@@ -31,8 +32,17 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 def fsdp_params(model_dir: Path, **train_kw) -> dict:
     raw = causal_params(model_dir)
     raw["lora"].update(dropout=0.0)  # the same result on any number of processes, to compare
-    raw["train"].update({"max_steps": 4, "batch_size": 2, "grad_accum": 2, "log_every": 1, "checkpoint_every": 0,
-                         "strategy": "fsdp", **train_kw})
+    raw["train"].update(
+        {
+            "max_steps": 4,
+            "batch_size": 2,
+            "grad_accum": 2,
+            "log_every": 1,
+            "checkpoint_every": 0,
+            "strategy": "fsdp",
+            **train_kw,
+        }
+    )
     return raw
 
 
@@ -57,13 +67,19 @@ def project(prepared: Path, dest: Path, **train_kw) -> Path:
 
 def env() -> dict:
     import os
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}, "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def torchrun(root: Path, *args: str, launch=("--standalone", "--nproc_per_node", "2"), timeout=300):
-    proc = subprocess.run([*TORCHRUN, *launch, *args], cwd=root, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [*TORCHRUN, *launch, *args], cwd=root, env=env(), capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -108,12 +124,14 @@ def test_fsdp_saves_the_adapter_of_a_one_process_run_and_trains_as_ddp_does(prep
     stage_train(ddp)
     s = summary(fsdp_run)
     assert (s["strategy"], s["world_size"], s["steps"], summary(ddp)["strategy"]) == ("fsdp", 2, 4, "ddp")
-    assert sorted(p.name for p in (one / "models/adapter").iterdir()) == \
-        sorted(p.name for p in (fsdp_run / "models/adapter").iterdir())
+    assert sorted(p.name for p in (one / "models/adapter").iterdir()) == sorted(
+        p.name for p in (fsdp_run / "models/adapter").iterdir()
+    )
     w1, wf, wd = adapter(one), adapter(fsdp_run), adapter(ddp)
     assert w1.keys() == wf.keys() and all(w1[k].shape == wf[k].shape and w1[k].dtype == wf[k].dtype for k in w1)
-    assert json.loads((one / "models/adapter/adapter_config.json").read_text()) == \
-        json.loads((fsdp_run / "models/adapter/adapter_config.json").read_text())
+    assert json.loads((one / "models/adapter/adapter_config.json").read_text()) == json.loads(
+        (fsdp_run / "models/adapter/adapter_config.json").read_text()
+    )
     for k in wd:
         assert torch.allclose(wf[k], wd[k], rtol=1e-3, atol=1e-5), k
     assert not all(torch.equal(w1[k], wf[k]) for k in w1)  # 2 shards of data: not the one-process update
@@ -122,8 +140,9 @@ def test_fsdp_saves_the_adapter_of_a_one_process_run_and_trains_as_ddp_does(prep
 
 
 def worker(root: Path, key: str, *flags: str, nproc: int = 2):
-    return torchrun(root, "-m", "tests.sharding_worker", key, *flags,
-                    launch=("--standalone", "--nproc_per_node", str(nproc)))
+    return torchrun(
+        root, "-m", "tests.sharding_worker", key, *flags, launch=("--standalone", "--nproc_per_node", str(nproc))
+    )
 
 
 def with_checkpoints(prepared: Path, dest: Path, source: Path, **train_kw) -> Path:
@@ -147,7 +166,9 @@ def test_a_checkpoint_of_2_fsdp_processes_resumes_on_2_and_on_1(prepared, tmp_pa
     opt = torch.load(saved / "optimizer.pt", weights_only=True)
     weights = load_file(saved / "trainable.safetensors")
     assert len(opt["state"]) == len(weights) and all(int(s["step"]) == 3 for s in opt["state"].values())
-    assert sorted(tuple(s["exp_avg"].shape) for s in opt["state"].values()) == sorted(tuple(w.shape) for w in weights.values())
+    assert sorted(tuple(s["exp_avg"].shape) for s in opt["state"].values()) == sorted(
+        tuple(w.shape) for w in weights.values()
+    )
     two = with_checkpoints(prepared, tmp_path / "two", a, **ckpt)
     out = worker(two, "run-1").stdout
     assert "resuming from" in out and "step 3 of 6" in out, out
@@ -173,7 +194,9 @@ def test_a_checkpoint_of_2_fsdp_processes_resumes_on_2_and_on_1(prepared, tmp_pa
 def test_the_data_position_carries_over_to_another_number_of_processes(monkeypatch):
     """Rows consumed are counted in the epoch's order, whoever consumed them: 2 ranks for 2
     steps, then 1 process from the checkpoint's position, see every row once, in order."""
-    monkeypatch.setattr(train, "batches", lambda rows, bs, pad, task, order: (order[i: i + bs] for i in range(0, len(order), bs)))
+    monkeypatch.setattr(
+        train, "batches", lambda rows, bs, pad, task, order: (order[i : i + bs] for i in range(0, len(order), bs))
+    )
     monkeypatch.setattr(train, "real_tokens", len)
     params = Params.model_validate({"train": {"batch_size": 3, "grad_accum": 2}})
     lengths = list(range(1, 61))
@@ -186,8 +209,12 @@ def test_the_data_position_carries_over_to_another_number_of_processes(monkeypat
         position = steps[-1][0]
     assert position == 2 * 3 * 2 * 2 and sorted(seen) == sorted(order[:position])
     monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "1")
-    rest = [row for _, group in train.optimizer_steps(None, lengths, params, 0, 0, position) for batch, _ in group
-            for row in batch]
+    rest = [
+        row
+        for _, group in train.optimizer_steps(None, lengths, params, 0, 0, position)
+        for batch, _ in group
+        for row in batch
+    ]
     assert rest == order[position:]
 
 
@@ -198,11 +225,33 @@ def test_two_nodes_of_one_process_each_train_as_one_node_of_two(fsdp_run, prepar
     adapter written once, on node 0."""
     port = free_port()
     nodes = [project(prepared, tmp_path / f"node{i}") for i in (0, 1)]
-    procs = [subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
-                               "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               "-m", "flows.cli", "stage", "train"],
-                              cwd=node, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i, node in enumerate(nodes)]
+    procs = [
+        subprocess.Popen(
+            [
+                *TORCHRUN,
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(i),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "flows.cli",
+                "stage",
+                "train",
+            ],
+            cwd=node,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i, node in enumerate(nodes)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     s = summary(nodes[0])
@@ -214,6 +263,7 @@ def test_two_nodes_of_one_process_each_train_as_one_node_of_two(fsdp_run, prepar
 
 def test_auto_shards_only_what_one_device_cannot_hold(tmp_path, monkeypatch):
     from tasks.distributed import sharding
+
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
     cpu = torch.device("cpu")
     assert sharding.choose("auto", tmp_path, cpu)[0] == "single"  # one process: neither

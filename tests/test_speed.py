@@ -2,16 +2,18 @@
 that its 4-bit layers compute what bitsandbytes' do, what a compiled layer keeps for its
 backward, and that every patch ends with its scope. The fast path itself runs on CUDA
 (tests/test_gpu.py); here torch.compile uses backends that need no GPU."""
+
 import dataclasses
 
 import pytest
 import torch
 
 from tasks.config import LoraSection, ModelConfig, QuantConfig, TrainConfig
-from tasks.modeling import load_base
-from tasks.fast import patch, plan as fast_plan
+from tasks.fast import patch
+from tasks.fast import plan as fast_plan
 from tasks.fast.ops import nf4_lora
-from tasks.precision import decoder_layers
+from tasks.model.loading import load_base
+from tasks.model.precision import decoder_layers
 from tasks.train import add_lora
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -21,16 +23,29 @@ FAST = fast_plan.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)  # trai
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     from tests.tiny_llm import save_random_llama
-    return save_random_llama(tmp_path_factory.mktemp("llama"), hidden_size=256, intermediate_size=896,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, vocab_size=1000)
+
+    return save_random_llama(
+        tmp_path_factory.mktemp("llama"),
+        hidden_size=256,
+        intermediate_size=896,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=1000,
+    )
 
 
 def adapted(path: str):
     """A 4-bit model with LoRA adapters whose B is not zero (so adapters change the output)."""
     model = load_base("causal_lm", path, ModelConfig(name=path, prefer_embedded=False), QuantConfig(), CPU)
     torch.manual_seed(1)
-    model = add_lora(model, LoraSection(r=16, alpha=32, dropout=0.0), "causal_lm",
-                     TrainConfig(precision="bf16", gradient_checkpointing=True), torch.bfloat16)
+    model = add_lora(
+        model,
+        LoraSection(r=16, alpha=32, dropout=0.0),
+        "causal_lm",
+        TrainConfig(precision="bf16", gradient_checkpointing=True),
+        torch.bfloat16,
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -44,17 +59,21 @@ def loss_and_grads(model, ids):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("device, task, model_type, quantized, speed_setting, fast, says", [
-    (CUDA, "causal_lm", "llama", True, "auto", True, "fast path"),
-    (CUDA, "causal_lm", "qwen2", True, "auto", True, "fast path"),
-    (CUDA, "causal_lm", "gpt2", True, "auto", False, "'gpt2' is not a Llama/Mistral/Qwen2-layout decoder"),
-    (CUDA, "seq_cls", "llama", True, "auto", False, "task seq_cls"),
-    (CUDA, "causal_lm", "llama", False, "auto", False, "not 4-bit"),
-    (CUDA, "causal_lm", "llama", True, "off", False, ""),
-    (CPU, "causal_lm", "llama", True, "auto", False, ""),
-])
-def test_the_fast_path_is_chosen_on_cuda_for_llama_layout_4bit_causal_lms(device, task, model_type, quantized,
-                                                                          speed_setting, fast, says):
+@pytest.mark.parametrize(
+    "device, task, model_type, quantized, speed_setting, fast, says",
+    [
+        (CUDA, "causal_lm", "llama", True, "auto", True, "fast path"),
+        (CUDA, "causal_lm", "qwen2", True, "auto", True, "fast path"),
+        (CUDA, "causal_lm", "gpt2", True, "auto", False, "'gpt2' is not a Llama/Mistral/Qwen2-layout decoder"),
+        (CUDA, "seq_cls", "llama", True, "auto", False, "task seq_cls"),
+        (CUDA, "causal_lm", "llama", False, "auto", False, "not 4-bit"),
+        (CUDA, "causal_lm", "llama", True, "off", False, ""),
+        (CPU, "causal_lm", "llama", True, "auto", False, ""),
+    ],
+)
+def test_the_fast_path_is_chosen_on_cuda_for_llama_layout_4bit_causal_lms(
+    device, task, model_type, quantized, speed_setting, fast, says
+):
     t = TrainConfig(speed=speed_setting, liger_kernels=False, gradient_checkpointing=False, precision="mixed")
     plan = fast_plan.choose(t, device, task, model_type, quantized)
     assert plan.fast is fast and says in plan.note and (says == "") == (plan.note == "")
@@ -73,13 +92,23 @@ def test_the_fast_path_is_chosen_on_cuda_for_llama_layout_4bit_causal_lms(device
 def test_traced_dequantization_is_bitsandbytes_bit_for_bit(llama_dir):
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
+
     model = adapted(llama_dir)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 14
     for layer in layers:
         t = nf4_lora.nf4_tensors(layer)
-        ours = nf4_lora.dequantize_nf4(t["packed"], t["absmax"], t["nested_absmax"], t["nested_code"], t["offset"],
-                                        t["code"], t["shape"], t["blocksize"], torch.bfloat16)
+        ours = nf4_lora.dequantize_nf4(
+            t["packed"],
+            t["absmax"],
+            t["nested_absmax"],
+            t["nested_code"],
+            t["offset"],
+            t["code"],
+            t["shape"],
+            t["blocksize"],
+            torch.bfloat16,
+        )
         assert torch.equal(ours, F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16))
 
 
@@ -101,8 +130,10 @@ def test_fast_path_gives_the_bitsandbytes_path_gradients_and_one_graph_for_all_l
         assert (fast_grads[name] - g).norm() <= 2e-2 * g.norm(), name
 
 
-@pytest.mark.parametrize("adapters_in_gemm,swiglu", [("shared", True), ("all", True), ("none", True),
-                                                     ("shared", False), ("all", False), ("none", False)])
+@pytest.mark.parametrize(
+    "adapters_in_gemm,swiglu",
+    [("shared", True), ("all", True), ("none", True), ("shared", False), ("all", False), ("none", False)],
+)
 def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_dir, adapters_in_gemm, swiglu):
     """tasks/fast/patch.install_fused: q/k/v and gate/up as one 4-bit GEMM each, their A's as one
     GEMM, gate and up's B's inside the SwiGLU (swiglu) or in their base GEMM (shared, all), and
@@ -113,20 +144,24 @@ def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_di
     for fused in (False, True):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        plan = dataclasses.replace(FAST, fused_projections=fused, adapters_in_gemm=adapters_in_gemm,
-                                   swiglu_kernel=swiglu)
+        plan = dataclasses.replace(
+            FAST, fused_projections=fused, adapters_in_gemm=adapters_in_gemm, swiglu_kernel=swiglu
+        )
         with patch.scoped("llama", plan) as patches:
             model = adapted(llama_dir)
             done = patches.apply(model, plan, compile_backend="aot_eager_decomp_partition", random=False)
             if fused:  # one 4-bit weight for the group: it dequantizes to the layers' weights side by side
                 import bitsandbytes.functional as bnbf
+
                 for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
                     module = getattr(model.get_base_model().model.layers[1], block)
                     group = getattr(module, patch._FUSED)
                     shape, blocksize, *_ = group["meta"]
                     whole = nf4_lora.dequantize_nf4(*group["tensors"], list(shape), blocksize, torch.bfloat16)
-                    apart = [bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.bfloat16)
-                             for w in (getattr(module, n).base_layer.weight for n in names)]
+                    apart = [
+                        bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.bfloat16)
+                        for w in (getattr(module, n).base_layer.weight for n in names)
+                    ]
                     assert torch.equal(whole, torch.cat(apart))
             loss, grads = loss_and_grads(model, ids)
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # no graph break: forward and recompute
@@ -136,9 +171,15 @@ def test_fused_projections_give_the_loss_and_gradients_of_separate_ones(llama_di
             runs.append((done, loss, grads, base))
         assert not [m for m in model.modules() if hasattr(m, patch._FUSED) or "forward" in vars(m)]  # undone
     (done0, loss0, grads0, base0), (done1, loss1, grads1, base1) = runs
-    in_gemm = {"shared": 2 * 5, "all": 2 * 7, "none": 0}[adapters_in_gemm] - 2 * 2 * (swiglu and adapters_in_gemm != "none")
+    in_gemm = {"shared": 2 * 5, "all": 2 * 7, "none": 0}[adapters_in_gemm] - 2 * 2 * (
+        swiglu and adapters_in_gemm != "none"
+    )
     assert "fused_projections" not in done0 and done1["fused_projections"] == {
-        "attention": 2, "mlp": 2, "adapters_in_gemm": in_gemm, "adapters_in_swiglu": 2 * 2 * swiglu}
+        "attention": 2,
+        "mlp": 2,
+        "adapters_in_gemm": in_gemm,
+        "adapters_in_swiglu": 2 * 2 * swiglu,
+    }
     assert loss1 == pytest.approx(loss0, abs=2e-3) and base1 == pytest.approx(base0, abs=2e-3)
     assert grads0.keys() == grads1.keys() and len(grads0) == 2 * 7 * 2
     for name, g in grads0.items():  # bf16 GEMMs of other widths: rounding only
@@ -150,13 +191,16 @@ def _4bit_layers_with_loras(specs) -> tuple[list, list, dict]:
     scale) (outputs: whole 256-block groups of nested scales), their LoRA weights (A, B, scale)
     and their 4-bit weights laid end to end."""
     import bitsandbytes as bnb
+
     torch.manual_seed(0)
     layers, loras = [], []
     for out, rank, scale in specs:
-        layer = bnb.nn.Linear4bit(128, out, bias=False, compute_dtype=torch.float32, quant_type="nf4",
-                                  compress_statistics=True)
-        layer.weight = bnb.nn.Params4bit(torch.randn(out, 128) * 0.02, requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True)
+        layer = bnb.nn.Linear4bit(
+            128, out, bias=False, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True
+        )
+        layer.weight = bnb.nn.Params4bit(
+            torch.randn(out, 128) * 0.02, requires_grad=False, quant_type="nf4", compress_statistics=True
+        )
         layers.append(layer.to("cpu"))
         loras.append((torch.randn(rank, 128, requires_grad=True), torch.randn(out, rank, requires_grad=True), scale))
     patch.install(torch.nn.ModuleList(layers), FAST)
@@ -224,8 +268,15 @@ def test_adapters_inside_the_swiglu_are_the_separate_gate_and_up_lora_layers(pad
         t.grad = None
     m = torch.cat([x @ a.t() for a, _, _ in loras], dim=-1)
     (_, b_gate, s_gate), (_, b_up, s_up) = loras
-    h = nf4_lora.NF4LoRASwiGLU.apply(x, m, b_gate * s_gate, b_up * s_up, False, nf4_lora.meta(fused, False, pad_k),
-                                     *(fused[k] for k in nf4_lora._KEYS))
+    h = nf4_lora.NF4LoRASwiGLU.apply(
+        x,
+        m,
+        b_gate * s_gate,
+        b_up * s_up,
+        False,
+        nf4_lora.meta(fused, False, pad_k),
+        *(fused[k] for k in nf4_lora._KEYS),
+    )
     h.backward(g)
     assert torch.allclose(h, expected_h, atol=1e-5)
     for mine, theirs in zip([t.grad for t in leaves], expected):  # fp32 sums in another order
@@ -235,12 +286,15 @@ def test_adapters_inside_the_swiglu_are_the_separate_gate_and_up_lora_layers(pad
 def _saved_by_one_layer(model, partitioner: dict) -> list:
     """(shape, dtype, bytes) of every tensor one compiled decoder layer keeps for backward."""
     import types
+
     from torch._functorch import config
+
     layer = model.get_base_model().model.layers[0]
     patch.install(model, FAST)
     torch._dynamo.reset()
-    layer.forward = types.MethodType(torch.compile(patch._original_forward(type(layer)),
-                                                   backend="aot_eager_decomp_partition"), layer)
+    layer.forward = types.MethodType(
+        torch.compile(patch._original_forward(type(layer)), backend="aot_eager_decomp_partition"), layer
+    )
     x = torch.randn(1, 512, 256, dtype=torch.bfloat16, requires_grad=True)
     position = model.get_base_model().model.rotary_emb(x, torch.arange(512)[None])
     saved = []
@@ -248,8 +302,12 @@ def _saved_by_one_layer(model, partitioner: dict) -> list:
     def pack(t):
         saved.append((tuple(t.shape), t.dtype, t.numel() * t.element_size()))
         return t
-    with config.patch(partitioner), torch.autocast("cpu", dtype=torch.bfloat16), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+
+    with (
+        config.patch(partitioner),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         layer(x, position_embeddings=position, attention_mask=None)
     return [s for s in saved if s[1] != torch.uint8]  # the 4-bit weights themselves are no extra memory
 
@@ -265,6 +323,7 @@ def test_a_compiled_layer_keeps_no_dequantized_weight_and_recomputes_elementwise
 
 def test_scoped_undoes_module_class_and_instance_patches(llama_dir):
     from transformers.models.llama import modeling_llama as ml
+
     rope, norm, layer_forward = ml.apply_rotary_pos_emb, ml.LlamaRMSNorm, ml.LlamaDecoderLayer.forward
     model_forward = ml.LlamaForCausalLM.forward
     plan = fast_plan.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)
@@ -287,11 +346,12 @@ def test_flat_parameters_are_views_and_train_like_separate_ones():
     """tasks/flat_optim.flatten: each parameter becomes a view of one buffer and its .grad a view
     of one gradient buffer that backward accumulates into; one optimizer over the flat buffer
     then trains exactly as one over the separate tensors (the elementwise AdamW update)."""
-    from tasks.flat_optim import flatten
+    from tasks.training.flat_optim import flatten
 
     def build():
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+
     x = torch.randn(5, 8)
     a, b = build(), build()
     opt_a = torch.optim.AdamW(a.parameters(), lr=0.1)
@@ -337,6 +397,7 @@ def test_an_fp32_residual_stream_checkpoints_bf16_inputs_and_gives_checkpointing
     model's, the adapter gradients are transformers' checkpointing's within bf16 steps, and the
     hooks end with the scope."""
     from tasks.fast.ops import layer_checkpoint
+
     ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
     reference = loss_and_grads(adapted(llama_dir), ids)
     with torch.no_grad():
@@ -347,6 +408,7 @@ def test_an_fp32_residual_stream_checkpoints_bf16_inputs_and_gives_checkpointing
         def __init__(self, x, offload):
             kept.append(x.dtype)
             super().__init__(x, offload)
+
     monkeypatch.setattr(layer_checkpoint, "_Saved", Recorded)
     plan = fast_plan.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16", residual="fp32")
     with patch.scoped("llama", plan) as patches:
@@ -357,8 +419,9 @@ def test_an_fp32_residual_stream_checkpoints_bf16_inputs_and_gives_checkpointing
         assert applied["residual_stream"] == "fp32 (layer inputs checkpointed in bfloat16)"
         inputs = []
         for layer in decoder_layers(model):
-            layer.register_forward_pre_hook(lambda m, a, k: inputs.append((a or [k.get("hidden_states")])[0].dtype),
-                                            with_kwargs=True)
+            layer.register_forward_pre_hook(
+                lambda m, a, k: inputs.append((a or [k.get("hidden_states")])[0].dtype), with_kwargs=True
+            )
         loss, grads = loss_and_grads(model, ids)
     assert inputs == [torch.float32] * 2 and kept == [torch.bfloat16] * 2
     assert loss == pytest.approx(reference[0], rel=1e-4) and abs(loss - fp32) < abs(reference[0] - fp32)
@@ -376,7 +439,10 @@ def test_lean_and_offload_are_the_fast_path_with_split_layers_and_cpu_stays_as_i
     plan = fast_plan.choose(t, CUDA, "causal_lm", "llama", quantized=True)
     assert plan.fast and (plan.split, plan.offload) == (split, offload)
     assert plan.optimizer == "paged_adamw_32bit_flat"  # optimizer: auto on the fast path
-    assert fast_plan.choose(t.model_copy(update={"optimizer": "adamw"}), CUDA, "causal_lm", "llama", True).optimizer == "adamw"
+    assert (
+        fast_plan.choose(t.model_copy(update={"optimizer": "adamw"}), CUDA, "causal_lm", "llama", True).optimizer
+        == "adamw"
+    )
     cpu = fast_plan.choose(t, CPU, "causal_lm", "llama", quantized=True)
     assert not cpu.fast and (cpu.split, cpu.offload, cpu.optimizer) == (0, False, "auto")
 
@@ -391,8 +457,16 @@ def test_the_fast_path_follows_the_model_s_own_model_type(family):
     model gets its layers checkpointed by tasks/fast/ops/layer_checkpoint.py, with the loss and
     gradients of the unpatched model, and the patches end with the scope."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.for_model(family, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+
+    config = AutoConfig.for_model(
+        family,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).train()
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -410,6 +484,7 @@ def test_the_fast_path_follows_the_model_s_own_model_type(family):
 
 def test_a_family_without_a_fast_path_trains_as_loaded_and_says_so(capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     plan = dataclasses.replace(FAST, liger=False)
     with patch.scoped("gpt2", plan) as patches:
@@ -421,9 +496,20 @@ def test_a_family_without_a_fast_path_trains_as_loaded_and_says_so(capsys):
 def test_bench_variants_are_plans():
     """bench/gpu_qlora_bench.py switches the fast path by building Plans, one field a part."""
     from bench import gpu_qlora_bench as bench
+
     plan = bench.variant_plan("auto+notriton+noswiglu+padk1+torchcheckpoint+budget80+split3+ingemm+fp32res", FAST)
-    assert (plan.triton, plan.swiglu_kernel, plan.pad_k, plan.checkpoint, plan.activation_memory_budget, plan.split,
-            plan.adapters_in_gemm, plan.residual) == (False, False, 1, "torch", 0.8, 3, "shared", "fp32")
+    assert (
+        plan.triton,
+        plan.swiglu_kernel,
+        plan.pad_k,
+        plan.checkpoint,
+        plan.activation_memory_budget,
+        plan.split,
+        plan.adapters_in_gemm,
+        plan.residual,
+    ) == (False, False, 1, "torch", 0.8, 3, "shared", "fp32")
     assert bench.variant_plan("auto+cse", FAST).partitioner() == {"cse": True, "activation_memory_budget": 1.0}
-    assert bench.variant_plan("auto", FAST) == FAST and FAST.partitioner() == {"cse": False,
-                                                                              "activation_memory_budget": 0.9}
+    assert bench.variant_plan("auto", FAST) == FAST and FAST.partitioner() == {
+        "cse": False,
+        "activation_memory_budget": 0.9,
+    }

@@ -2,6 +2,7 @@
 every label token the same however the step is cut into micro-batches and ranks; under DDP
 only the last micro-step all-reduces gradients; the loop reads no tensor value between log
 points; and Liger-style patches end with training, so evaluation runs the model unpatched."""
+
 import contextlib
 import dataclasses
 import json
@@ -15,12 +16,13 @@ import torch
 from datasets import Dataset
 
 from tasks import evaluate, quantize, split, tokenize, train, validate
+from tasks.config import Params
+from tasks.data.batching import IGNORE
 from tasks.distributed import ddp as distributed
 from tasks.fast import plan as fast_plan
-from tasks.batching import IGNORE
-from tasks.config import Params
 from tests.test_causal_lm import causal_params, tiny_llama  # noqa: F401 (fixture)
 from tests.trainer_helpers import CPU, EXTRA, NO_AUTOCAST, ddp_step, micro_batches, rows, tiny_model
+
 
 def grads_after(model, group) -> tuple[dict, float]:
     model.zero_grad(set_to_none=True)
@@ -30,7 +32,7 @@ def grads_after(model, group) -> tuple[dict, float]:
 
 def test_batch_4_and_batch_1_times_4_give_the_same_gradients():
     model = tiny_model()
-    one, loss_one = grads_after(model, micro_batches(rows(), 4))   # batch 4 x accum 1
+    one, loss_one = grads_after(model, micro_batches(rows(), 4))  # batch 4 x accum 1
     four, loss_four = grads_after(model, micro_batches(rows(), 1))  # batch 1 x accum 4
     assert loss_one == pytest.approx(loss_four, rel=1e-5)
     for name in one:
@@ -91,6 +93,7 @@ def test_the_loop_reads_tensor_values_only_at_log_points(prepared, tmp_path, mon
             if frame.f_code.co_filename.endswith(os.path.join("tasks", "train.py")):
                 callers.append(frame.f_code.co_name)
             return _original(self, *args, **kwargs)
+
         monkeypatch.setattr(torch.Tensor, name, counted)
     train.run(prepared, tmp_path)
     log = pd.read_csv(tmp_path / "reports/train/loss.csv")
@@ -105,12 +108,14 @@ def test_liger_style_patches_end_with_training(prepared, tmp_path, monkeypatch):
     """Class-level patches made for training (as Liger's are) are undone when it ends:
     evaluation in the same process builds and runs the unpatched classes."""
     from transformers.models.llama import modeling_llama
+
     original, norm, calls = modeling_llama.LlamaForCausalLM.forward, modeling_llama.LlamaRMSNorm, []
 
     def fake_liger(model_type, t, device):  # what apply_liger_kernel_to_llama does, minus the kernels
         def forward(self, *args, **kwargs):
             calls.append(1)
             return original(self, *args, **kwargs)
+
         modeling_llama.LlamaForCausalLM.forward = forward
         modeling_llama.LlamaRMSNorm = type("PatchedRMSNorm", (norm,), {})
         return True

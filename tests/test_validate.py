@@ -1,12 +1,13 @@
 """Validation on real data, and bad data named by file, row and rule."""
+
 import json
 
 import pytest
 
 from tasks import catalog, validate
-from tasks.arrowio import open_rows
 from tasks.common import PipelineError
 from tasks.config import Params
+from tasks.data.arrowio import open_rows
 from tests.conftest import AG_NEWS, ALPACA, SELF_INSTRUCT, repo_params
 
 
@@ -23,8 +24,12 @@ def test_ag_news_validates_cleans_and_keeps_every_row(tmp_path):
     rows = open_rows(tmp_path / catalog.VALIDATED_ROWS).to_pandas()
     assert len(rows) == 7600 and res.summary["rows"] == 7600
     assert sorted(rows["label"].value_counts().tolist()) == [1900] * 4
-    assert json.loads((tmp_path / "data/validated/labels.json").read_text())["names"] == \
-        ["World", "Sports", "Business", "Sci/Tech"]
+    assert json.loads((tmp_path / "data/validated/labels.json").read_text())["names"] == [
+        "World",
+        "Sports",
+        "Business",
+        "Sci/Tech",
+    ]
     text = " ".join(rows["text"])
     assert "#36;" not in text and "\\" not in text and "&lt;" not in text
     # the second row of the file: '... the  #36;10 million Ansari X Prize ...' becomes '$10 million'
@@ -52,13 +57,16 @@ def _csv(tmp_path, text: str | bytes):
 GOOD = '"1","Title one","Body one"\n"2","Title two","Body two"\n'
 
 
-@pytest.mark.parametrize("content, row, rule", [
-    (GOOD + '"3","   ","Body three"\n', "3", "not_blank"),
-    (GOOD + '"7","Title x","Body x"\n', "3", "isin"),
-    (GOOD + '"World?","Title x","Body x"\n', "3", "isin"),
-    (GOOD + '"1",,"Body x"\n', "3", "not_nullable"),
-    (GOOD + '"1","Title one","Body one"\n', "3", "unique_rows"),
-])
+@pytest.mark.parametrize(
+    "content, row, rule",
+    [
+        (GOOD + '"3","   ","Body three"\n', "3", "not_blank"),
+        (GOOD + '"7","Title x","Body x"\n', "3", "isin"),
+        (GOOD + '"World?","Title x","Body x"\n', "3", "isin"),
+        (GOOD + '"1",,"Body x"\n', "3", "not_nullable"),
+        (GOOD + '"1","Title one","Body one"\n', "3", "unique_rows"),
+    ],
+)
 def test_bad_rows_are_named(tmp_path, content, row, rule):
     path = _csv(tmp_path, content)
     with pytest.raises(PipelineError) as exc:
@@ -70,12 +78,15 @@ def test_bad_rows_are_named(tmp_path, content, row, rule):
     assert any(e["row"] == row and rule in e["rule"] for e in report["errors"]), report["errors"]
 
 
-@pytest.mark.parametrize("content, words", [
-    (b"", "file is empty"),
-    (GOOD.encode() + b'"1","Caf\xe9","x"\n', "line 3: not valid UTF-8"),
-    ('"1","only two"\n', "line 1: expected 3 fields"),
-    ('"1","A","a"\n"1","B","b"\n', "at_least_2_classes"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", "file is empty"),
+        (GOOD.encode() + b'"1","Caf\xe9","x"\n', "line 3: not valid UTF-8"),
+        ('"1","only two"\n', "line 1: expected 3 fields"),
+        ('"1","A","a"\n"1","B","b"\n', "at_least_2_classes"),
+    ],
+)
 def test_bad_files_are_named(tmp_path, content, words):
     path = _csv(tmp_path, content)
     with pytest.raises(PipelineError) as exc:

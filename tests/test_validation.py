@@ -1,18 +1,20 @@
-"""Validation during training (train.eval_every) and early stopping (tasks/validation.py): the
+"""Validation during training (train.eval_every) and early stopping (tasks/training/validation.py): the
 curve is logged, the best pass's adapter is the one saved, and a resumed run decides as an
 uninterrupted one."""
+
 import json
 
 import pandas as pd
 import pytest
 import torch
 
-from tasks import checkpoint, quantize, split, tokenize, train, validate
-from tasks.config import ParamsError, Params, load_params
+from tasks import quantize, split, tokenize, train, validate
+from tasks.config import Params, ParamsError, load_params
 from tasks.evaluate import load_adapted
-from tasks.modeling import load_tokenizer
+from tasks.model.loading import load_tokenizer
 from tasks.tokenize import load_split
-from tasks.validation import score
+from tasks.training import checkpoint
+from tasks.training.validation import score
 from tests.conftest import REPO, small_cls_params, write_params
 from tests.test_causal_lm import causal_params, tiny_llama  # noqa: F401 (fixture)
 
@@ -58,8 +60,17 @@ def test_validation_curve_for_classification(tmp_path, agnews_small):
 def early_params(tiny, **train_updates) -> Params:
     raw = causal_params(tiny)
     # min_delta far above any change: the first pass stays the best, so patience runs out
-    raw["train"].update({"max_steps": 8, "eval_every": 1, "early_stopping": True, "early_stopping_patience": 3,
-                         "early_stopping_min_delta": 100.0, "checkpoint_every": 0, **train_updates})
+    raw["train"].update(
+        {
+            "max_steps": 8,
+            "eval_every": 1,
+            "early_stopping": True,
+            "early_stopping_patience": 3,
+            "early_stopping_min_delta": 100.0,
+            "checkpoint_every": 0,
+            **train_updates,
+        }
+    )
     return Params.model_validate(raw)
 
 
@@ -90,8 +101,9 @@ def test_early_stopping_state_survives_a_crash(tmp_path, tiny_llama, monkeypatch
     real_save = checkpoint.save
 
     def save_then_crash(*args, **kwargs):
-        path = real_save(*args, **kwargs)
+        real_save(*args, **kwargs)
         raise KeyboardInterrupt("crash after the checkpoint")
+
     monkeypatch.setattr(checkpoint, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.run(params, b, resume_key="k")
@@ -105,14 +117,18 @@ def test_early_stopping_state_survives_a_crash(tmp_path, tiny_llama, monkeypatch
         assert sa[key] == sb[key], key
     for name in ("validation.csv", "loss.csv"):
         assert (a / "reports/train" / name).read_text() == (b / "reports/train" / name).read_text()
-    assert (a / "models/adapter/adapter_model.safetensors").read_bytes() == \
-        (b / "models/adapter/adapter_model.safetensors").read_bytes()
+    assert (a / "models/adapter/adapter_model.safetensors").read_bytes() == (
+        b / "models/adapter/adapter_model.safetensors"
+    ).read_bytes()
 
 
-@pytest.mark.parametrize("override, key", [
-    (["train.early_stopping=true", "train.eval_every=0"], "train.early_stopping"),
-    (["task=causal_lm", "train.early_stopping_metric=accuracy"], "train.early_stopping_metric"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        (["train.early_stopping=true", "train.eval_every=0"], "train.early_stopping"),
+        (["task=causal_lm", "train.early_stopping_metric=accuracy"], "train.early_stopping_metric"),
+    ],
+)
 def test_wrong_early_stopping_settings_name_the_key(tmp_path, override, key):
     path = write_params(tmp_path, __import__("yaml").safe_load((REPO / "params.yaml").read_text()))
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):

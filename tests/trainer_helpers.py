@@ -1,13 +1,14 @@
 """Small causal-LM pieces for tests/test_trainer.py, importable by its DDP worker processes
 without the flow (Prefect) imports of the test modules."""
+
 import os
 
 import torch
 from datasets import Dataset
 
 from tasks import train
+from tasks.data.batching import IGNORE, collate
 from tasks.distributed import ddp as distributed
-from tasks.batching import IGNORE, collate
 
 CPU = torch.device("cpu")
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
@@ -16,9 +17,18 @@ EXTRA = {"use_cache": False}
 
 def tiny_model(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
@@ -36,7 +46,7 @@ def rows() -> Dataset:
 def micro_batches(frame: Dataset, size: int) -> list:
     out = []
     for i in range(0, len(frame), size):
-        batch = collate(frame[i: i + size], 0, "causal_lm")
+        batch = collate(frame[i : i + size], 0, "causal_lm")
         out.append((batch, int(batch["attention_mask"].sum())))
     return out
 
@@ -49,9 +59,12 @@ def ddp_step(rank: int, world: int, port: int, out: str, layer_checkpoint: bool 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
+
     model = tiny_model()
     if layer_checkpoint:
-        from tasks.fast import patch, plan as fast_plan
+        from tasks.fast import patch
+        from tasks.fast import plan as fast_plan
+
         plan = fast_plan.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16")
         assert patch.Patches("llama").apply(model, plan, random=False) == {"checkpointed_layers": 2}
     ddp = DistributedDataParallel(model)
@@ -70,6 +83,13 @@ def ddp_step(rank: int, world: int, port: int, out: str, layer_checkpoint: bool 
     loss, _ = train.accumulate(ddp, micro_batches(mine, 1), "causal_lm", CPU, NO_AUTOCAST, EXTRA)
     distributed.sum_over_ranks = real
     loss = real(loss, CPU) / world
-    torch.save({"grads": {n: p.grad for n, p in model.named_parameters()}, "reduced_after": reduced_after,
-                "count_reductions": len(counts), "loss": float(loss)}, f"{out}/{rank}.pt")
+    torch.save(
+        {
+            "grads": {n: p.grad for n, p in model.named_parameters()},
+            "reduced_after": reduced_after,
+            "count_reductions": len(counts),
+            "loss": float(loss),
+        },
+        f"{out}/{rank}.pt",
+    )
     torch.distributed.destroy_process_group()

@@ -4,6 +4,7 @@ model is sharded (tasks/distributed/sharding.py, train.strategy); either way onc
 optimizer step (no_sync on the micro-steps before). With WORLD_SIZE unset (one process) every
 function here is a no-op, so the loop reads the same either way. sharding.py builds on this
 module, never the other way round."""
+
 from __future__ import annotations
 
 import contextlib
@@ -42,6 +43,7 @@ def wrap(model, device: torch.device):
     if world()[1] == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
+
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -51,6 +53,7 @@ def no_sync(model, skip: bool):
     FSDP2 the same: unsharded gradients add up until the last micro-step reduce-scatters them."""
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel
+
     if skip and isinstance(model, DistributedDataParallel):
         return model.no_sync()
     if skip and isinstance(model, FSDPModule):

@@ -13,7 +13,7 @@
   out of 4-bit, quantization constants); the rest of the device is needed for activations,
   the adapters with their gradients and optimizer state, and the allocator's slack.
 
-The 4-bit weights are sharded as they are stored: `quant.quant_storage` (tasks/modeling.py)
+The 4-bit weights are sharded as they are stored: `quant.quant_storage` (tasks/model/loading.py)
 is the compute dtype under fsdp, so FSDP sees bf16 tensors like every other weight (FSDP1's
 flat parameters need one floating dtype; FSDP2 also shards uint8, but a mixed-precision
 policy would cast them). The quantization constants stay on each module (small, not
@@ -25,6 +25,7 @@ one-process format: LoRA state is small (Llama-3.1-70B, r=16 on all linear layer
 207M parameters, 2.5 GB with AdamW's two moments), so the same checkpoint resumes on any
 number of processes, with or without FSDP, and rank 0 alone writes.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,10 +61,14 @@ def choose(setting: str, base_dir: Path, device: torch.device) -> tuple[str, str
     need, have = stored_bytes(base_dir), device_memory(device)
     gib = 1 << 30
     if need > FIT_SHARE * have:
-        return "fsdp", (f"train.strategy: auto: the base takes {need / gib:.2f} GiB, more than {FIT_SHARE:.0%} of one "
-                        f"device's {have / gib:.1f} GiB: sharded over {world} processes (FSDP)")
-    return "ddp", (f"train.strategy: auto: the base takes {need / gib:.2f} GiB, at most {FIT_SHARE:.0%} of one "
-                   f"device's {have / gib:.1f} GiB: a whole copy on each of {world} processes (DDP)")
+        return "fsdp", (
+            f"train.strategy: auto: the base takes {need / gib:.2f} GiB, more than {FIT_SHARE:.0%} of one "
+            f"device's {have / gib:.1f} GiB: sharded over {world} processes (FSDP)"
+        )
+    return "ddp", (
+        f"train.strategy: auto: the base takes {need / gib:.2f} GiB, at most {FIT_SHARE:.0%} of one "
+        f"device's {have / gib:.1f} GiB: a whole copy on each of {world} processes (DDP)"
+    )
 
 
 def adjust(t, strategy: str, base_config: dict, device: torch.device) -> tuple[object, list[str]]:
@@ -74,12 +79,20 @@ def adjust(t, strategy: str, base_config: dict, device: torch.device) -> tuple[o
     storage = (base_config.get("quantization_config") or {}).get("bnb_4bit_quant_storage", "uint8")
     if t.speed != "off" and (strategy == "fsdp" or storage != "uint8"):
         update["speed"] = "off"
-        notes.append("speed: off: " + ("FSDP shards the 4-bit weights the fast path reads in place" if strategy == "fsdp"
-                                       else f"the base's 4-bit weights are stored as {storage}, the fast path reads uint8"))
+        notes.append(
+            "speed: off: "
+            + (
+                "FSDP shards the 4-bit weights the fast path reads in place"
+                if strategy == "fsdp"
+                else f"the base's 4-bit weights are stored as {storage}, the fast path reads uint8"
+            )
+        )
     if strategy == "fsdp" and (t.optimizer.startswith("paged") or (t.optimizer == "auto" and device.type == "cuda")):
         update["optimizer"] = "adamw"
-        notes.append(f"optimizer: adamw (torch) under FSDP, not {t.optimizer}: bitsandbytes' optimizers update "
-                     f"plain tensors, FSDP's parameters are sharded DTensors")
+        notes.append(
+            f"optimizer: adamw (torch) under FSDP, not {t.optimizer}: bitsandbytes' optimizers update "
+            f"plain tensors, FSDP's parameters are sharded DTensors"
+        )
     return (t.model_copy(update=update) if update else t), notes
 
 
@@ -113,10 +126,17 @@ def shard(model, device: torch.device):
     `device` (and the 4-bit layers' quantization constants, whole, on every process)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
     mesh = init_device_mesh(device.type, (ddp.world()[1],))
     for m in model.modules():  # fully_shard moves parameters and buffers to the device, not bitsandbytes'
-        for state in {id(q): q for q in (getattr(m, "quant_state", None),  # quantization constants
-                                         getattr(getattr(m, "weight", None), "quant_state", None)) if q is not None}.values():
+        for state in {
+            id(q): q
+            for q in (
+                getattr(m, "quant_state", None),  # quantization constants
+                getattr(getattr(m, "weight", None), "quant_state", None),
+            )
+            if q is not None
+        }.values():
             state.to(device)
     blocks = block_classes(model)
     for m in list(model.modules()):
@@ -128,11 +148,13 @@ def shard(model, device: torch.device):
 
 def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 
 def _options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True, **kw)
 
 
@@ -146,6 +168,7 @@ def full_trainable_state(model) -> dict[str, torch.Tensor] | None:
     if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     return get_model_state_dict(model, options=_options())
 
 
@@ -156,9 +179,12 @@ def full_training_state(model, optimizer) -> tuple[dict, dict]:
     if not is_sharded(model):  # whole on every rank (DDP: the same): rank 0's copy
         if not ddp.is_main():
             return {}, {}
-        return ({n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                optimizer.state_dict())
+        return (
+            {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad},
+            optimizer.state_dict(),
+        )
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     weights = get_model_state_dict(model, options=_options())
     optim = get_optimizer_state_dict(model, optimizer, options=_options())
     if not ddp.is_main():
@@ -177,17 +203,21 @@ def load_training_state(model, optimizer, weights: dict | None, optim: dict | No
     names = {id(p): n for n, p in model.named_parameters()}
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
         full = {}
         if ddp.is_main():
             order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
             groups = [{**g, "params": [order[i] for i in g["params"]]} for g in optim["param_groups"]]
             full = {"state": {order[int(i)]: s for i, s in optim["state"].items()}, "param_groups": groups}
-        loaded = set_model_state_dict(model, weights if ddp.is_main() else {},
-                                      options=_options(broadcast_from_rank0=True, strict=False))  # frozen: not in it
+        loaded = set_model_state_dict(
+            model, weights if ddp.is_main() else {}, options=_options(broadcast_from_rank0=True, strict=False)
+        )  # frozen: not in it
         missing = sorted(set(loaded.missing_keys) & set(trainable_names(model)))
         if missing or loaded.unexpected_keys:
-            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:3]}, unexpected "
-                               f"{sorted(loaded.unexpected_keys)[:3]}")
+            raise RuntimeError(
+                f"checkpoint does not fit the model: missing {missing[:3]}, unexpected "
+                f"{sorted(loaded.unexpected_keys)[:3]}"
+            )
         set_optimizer_state_dict(model, optimizer, full, options=_options(broadcast_from_rank0=True))
         return
     if ddp.world()[1] > 1:  # DDP: rank 0 read it; the others may be on other hosts

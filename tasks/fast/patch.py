@@ -16,6 +16,7 @@ in one log line. What it installs, the Plan says, and nothing else:
     in two halves;
   - an fp32 residual stream.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,9 +31,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from tasks.fast.ops import layer_checkpoint, nf4_triton, swiglu_lora
-from tasks.fast.ops.nf4_lora import NF4Linear, NF4LoRALinear, NF4LoRASwiGLU, _KEYS, laid_end_to_end, meta, nf4_tensors
+from tasks.fast.ops.nf4_lora import _KEYS, NF4Linear, NF4LoRALinear, NF4LoRASwiGLU, laid_end_to_end, meta, nf4_tensors
 from tasks.fast.plan import LIGER, Plan
-from tasks.precision import decoder_layers
+from tasks.model.precision import decoder_layers
 
 
 class Patches:
@@ -42,8 +43,12 @@ class Patches:
     def __init__(self, model_type: str):
         self.modules = [importlib.import_module(name) for name in _modeling_modules(model_type)]
         self.module_state = [(m, dict(vars(m))) for m in self.modules]
-        self.class_state = [(c, dict(vars(c))) for m in self.modules for c in list(vars(m).values())
-                            if isinstance(c, type) and c.__module__ == m.__name__]
+        self.class_state = [
+            (c, dict(vars(c)))
+            for m in self.modules
+            for c in list(vars(m).values())
+            if isinstance(c, type) and c.__module__ == m.__name__
+        ]
         self.models: list[tuple[object, set[int], dict]] = []
         self.hooks: list = []
         self.compiled: dict = {}  # one compiled function per decoder class (or layer half) in this scope
@@ -60,16 +65,25 @@ class Patches:
         done = {}
         if plan.liger and model_type in LIGER:
             import liger_kernel.transformers as liger
+
             # Only the head's fused linear cross-entropy when layers are compiled: inside a
             # compiled layer, Inductor fuses the norms, RoPE and SwiGLU itself.
             kernels = not plan.compile
-            getattr(liger, LIGER[model_type])(rope=kernels, rms_norm=kernels, swiglu=kernels, cross_entropy=False,
-                                              fused_linear_cross_entropy=True, model=hf)
+            getattr(liger, LIGER[model_type])(
+                rope=kernels,
+                rms_norm=kernels,
+                swiglu=kernels,
+                cross_entropy=False,
+                fused_linear_cross_entropy=True,
+                model=hf,
+            )
             done["liger"] = "fused linear cross-entropy" + (", RMSNorm, RoPE, SwiGLU" if kernels else "")
         family = APPLY.get(model_type)
         if plan.fast and family is None:
-            print(f"train: speed: '{model_type}' has no fast path (tasks/fast/patch.py APPLY: {', '.join(APPLY)}); "
-                  "its layers run as loaded")
+            print(
+                f"train: speed: '{model_type}' has no fast path (tasks/fast/patch.py APPLY: {', '.join(APPLY)}); "
+                "its layers run as loaded"
+            )
         elif plan.fast:
             done.update(family(self, model, layers, plan, compile_backend, random))
         return done
@@ -109,19 +123,25 @@ def apply_llama_layout(patches: Patches, model, layers: list, plan: Plan, compil
         if plan.fused_projections:
             done["fused_projections"] = install_fused(layers, plan)
     if plan.split:
-        halves = (patches.compile(layer_checkpoint.attention_half, compile_backend),
-                  patches.compile(layer_checkpoint.mlp_half, compile_backend)) \
-            if plan.compile else (layer_checkpoint.attention_half, layer_checkpoint.mlp_half)
+        halves = (
+            (
+                patches.compile(layer_checkpoint.attention_half, compile_backend),
+                patches.compile(layer_checkpoint.mlp_half, compile_backend),
+            )
+            if plan.compile
+            else (layer_checkpoint.attention_half, layer_checkpoint.mlp_half)
+        )
         for layer in layers:
             layer.gradient_checkpointing = False
-            layer.forward = types.MethodType(_split(*halves, plan, random, _original_forward(type(layer)),
-                                                    _keep(plan, layer)), layer)
+            layer.forward = types.MethodType(
+                _split(*halves, plan, random, _original_forward(type(layer)), _keep(plan, layer)), layer
+            )
         done["compiled_layers" if plan.compile else "checkpointed_layers"] = len(layers)
-        done["layer_checkpoint"] = f"two halves, MLP backward in {plan.split} chunk(s)" + \
-            (", inputs offloaded to pinned host memory" if plan.offload else "")
+        done["layer_checkpoint"] = f"two halves, MLP backward in {plan.split} chunk(s)" + (
+            ", inputs offloaded to pinned host memory" if plan.offload else ""
+        )
     else:
-        step = patches.compile(type(layers[0]), compile_backend) if plan.compile \
-            else _original_forward(type(layers[0]))
+        step = patches.compile(type(layers[0]), compile_backend) if plan.compile else _original_forward(type(layers[0]))
         for layer in layers:
             layer.gradient_checkpointing = False  # checkpointed here instead (around the compiled forward)
             layer.forward = types.MethodType(_checkpointed(step, plan, random, _keep(plan, layer)), layer)
@@ -135,8 +155,9 @@ def apply_llama_layout(patches: Patches, model, layers: list, plan: Plan, compil
 
 # The fast path's apply function for each model family (config.json's model_type), as Liger's
 # MODEL_TYPE_TO_APPLY_LIGER_FN: plan.FAST_TYPES are the families choose() sends here.
-APPLY = types.MappingProxyType({"llama": apply_llama_layout, "mistral": apply_llama_layout,
-                                "qwen2": apply_llama_layout})
+APPLY = types.MappingProxyType(
+    {"llama": apply_llama_layout, "mistral": apply_llama_layout, "qwen2": apply_llama_layout}
+)
 
 
 def _fp32_residual(patches: Patches, model) -> str:
@@ -148,8 +169,10 @@ def _fp32_residual(patches: Patches, model) -> str:
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = hf.get_decoder()
     dtype = decoder.norm.weight.dtype
-    patches.hooks += [decoder.embed_tokens.register_forward_hook(lambda m, args, out: out.float()),
-                      decoder.norm.register_forward_hook(lambda m, args, out: out.to(dtype))]
+    patches.hooks += [
+        decoder.embed_tokens.register_forward_hook(lambda m, args, out: out.float()),
+        decoder.norm.register_forward_hook(lambda m, args, out: out.to(dtype)),
+    ]
     return f"fp32 (layer inputs checkpointed in {str(dtype).removeprefix('torch.')})"
 
 
@@ -163,11 +186,14 @@ def scoped(model_type: str, plan: Plan):
     failure falls back to running the layer uncompiled rather than stopping the run."""
     import torch._dynamo
     import torch._functorch.config
+
     patches = Patches(model_type)
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     try:
-        with torch._dynamo.config.patch({limit: 64, "suppress_errors": True}), \
-                torch._functorch.config.patch(plan.partitioner()):
+        with (
+            torch._dynamo.config.patch({limit: 64, "suppress_errors": True}),
+            torch._functorch.config.patch(plan.partitioner()),
+        ):
             yield patches
     finally:
         patches.undo()
@@ -225,9 +251,11 @@ def _split(attn, mlp, plan: Plan, random: bool, whole, keep):
         x = args[0] if args else kwargs.pop("hidden_states")
         if gradient_checkpointing and self.training and torch.is_grad_enabled():
             kwargs = _no_cache(kwargs)
-            return layer_checkpoint.checkpoint(lambda h: attn(self, h, **kwargs), lambda h: mlp(self, h), x,
-                                               chunks, offload, random, keep)
+            return layer_checkpoint.checkpoint(
+                lambda h: attn(self, h, **kwargs), lambda h: mlp(self, h), x, chunks, offload, random, keep
+            )
         return mlp(self, attn(self, x, **kwargs))
+
     return forward
 
 
@@ -246,11 +274,13 @@ def _checkpointed(step, plan: Plan, random: bool, keep=None):
         kwargs = _no_cache(kwargs)
         if ours and (args or "hidden_states" in kwargs):
             x, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
-            return layer_checkpoint.checkpoint(lambda h: step(self, h, *rest, **kwargs), None, x, 1, offload, random,
-                                               keep)
+            return layer_checkpoint.checkpoint(
+                lambda h: step(self, h, *rest, **kwargs), None, x, 1, offload, random, keep
+            )
         # Keep only this layer's input; recompute the rest in backward (replaying the RNG
         # state only if dropout draws from it: saving it costs time on every layer).
         return checkpoint(step, self, *args, use_reentrant=False, preserve_rng_state=random, **kwargs)
+
     return forward
 
 
@@ -273,6 +303,7 @@ def install(model, plan: Plan) -> int:
     """Route every NF4 Linear4bit of the model through NF4Linear (the Triton dequantization
     where plan.triton and CUDA allow); returns how many."""
     import bitsandbytes as bnb
+
     triton = _triton(plan)
     count = 0
     for module in model.modules():
@@ -316,13 +347,23 @@ def _plain_adapter(module) -> str | None:
     """The adapter of a PEFT LoRA layer over a routed NF4 base when it is the case fusing
     reproduces (one active adapter, vanilla LoRA, no dropout, not merged), else None."""
     base = getattr(module, "base_layer", None)
-    if base is None or not hasattr(base, _NF4) or not hasattr(module, "lora_A") or module.merged \
-            or module.disable_adapters or len(module.active_adapters) != 1:
+    if (
+        base is None
+        or not hasattr(base, _NF4)
+        or not hasattr(module, "lora_A")
+        or module.merged
+        or module.disable_adapters
+        or len(module.active_adapters) != 1
+    ):
         return None
     name = module.active_adapters[0]
-    if name not in module.lora_A or name in getattr(module, "lora_variant", {}) \
-            or getattr(module, "use_dora", {}).get(name, False) or getattr(module, "lora_bias", {}).get(name, False) \
-            or not isinstance(module.lora_dropout[name], torch.nn.Identity):
+    if (
+        name not in module.lora_A
+        or name in getattr(module, "lora_variant", {})
+        or getattr(module, "use_dora", {}).get(name, False)
+        or getattr(module, "lora_bias", {}).get(name, False)
+        or not isinstance(module.lora_dropout[name], torch.nn.Identity)
+    ):
         return None
     return name
 
@@ -347,7 +388,7 @@ def _group(modules: list, adapters_in_gemm: bool, triton: bool, pad_k: int) -> d
                 if t[key] is None:
                     continue
                 n = t[key].numel()
-                views[key] = fused[key][at[key]: at[key] + n].view_as(t[key])
+                views[key] = fused[key][at[key] : at[key] + n].view_as(t[key])
                 at[key] += n
             weight, state = m.base_layer.weight, m.base_layer.weight.quant_state
             weight.data = views["packed"]
@@ -355,10 +396,15 @@ def _group(modules: list, adapters_in_gemm: bool, triton: bool, pad_k: int) -> d
             if "nested_absmax" in views:
                 state.state2.absmax = views["nested_absmax"]
             t.update(views)
-    return {"modules": modules, "adapters": adapters, "meta": meta(fused, triton, pad_k),
-            "tensors": tuple(fused[k] for k in _KEYS), "sizes": [t["shape"][0] for t in nf4],
-            "ranks": [m.lora_A[a].out_features for m, a in zip(modules, adapters)],
-            "adapters_in_gemm": adapters_in_gemm}
+    return {
+        "modules": modules,
+        "adapters": adapters,
+        "meta": meta(fused, triton, pad_k),
+        "tensors": tuple(fused[k] for k in _KEYS),
+        "sizes": [t["shape"][0] for t in nf4],
+        "ranks": [m.lora_A[a].out_features for m, a in zip(modules, adapters)],
+        "adapters_in_gemm": adapters_in_gemm,
+    }
 
 
 def lora_projections(x: Tensor, group: dict) -> list[Tensor]:
@@ -393,8 +439,15 @@ def lora_swiglu(x: Tensor, group: dict) -> Tensor:
     A's, the B's inside the SwiGLU kernel (NF4LoRASwiGLU)."""
     _, mids = _mids(x, group)
     (gate, up), (g, u) = group["modules"], group["adapters"]
-    h = NF4LoRASwiGLU.apply(x, mids, gate.lora_B[g].weight * gate.scaling[g], up.lora_B[u].weight * up.scaling[u],
-                            group["kernel"], group["meta"], *group["tensors"])
+    h = NF4LoRASwiGLU.apply(
+        x,
+        mids,
+        gate.lora_B[g].weight * gate.scaling[g],
+        up.lora_B[u].weight * up.scaling[u],
+        group["kernel"],
+        group["meta"],
+        *group["tensors"],
+    )
     return h.to(x.dtype)
 
 
@@ -403,13 +456,20 @@ def _changed(group: dict) -> bool:
     return any(m.disable_adapters or m.merged for m in group["modules"])
 
 
-def _fused_attention(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                     **kwargs):
+def _fused_attention(
+    self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
+):
     group = getattr(self, _FUSED)
     cache = past_key_values if past_key_values is not None else kwargs.get("past_key_value")
     if cache is not None or _changed(group):  # generation with a cache: the layer's own code
-        return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
-                                  attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+        return type(self).forward(
+            self,
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
     kwargs.pop("past_key_value", None)
     modeling = group["modeling"]
     input_shape = hidden_states.shape[:-1]
@@ -420,8 +480,16 @@ def _fused_attention(self, hidden_states, position_embeddings=None, attention_ma
     attention = modeling.eager_attention_forward
     if self.config._attn_implementation != "eager":
         attention = modeling.ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-    out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
-                             scaling=self.scaling, **kwargs)
+    out, weights = attention(
+        self,
+        q,
+        k,
+        v,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **kwargs,
+    )
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
@@ -461,15 +529,18 @@ def install_fused(layers: list, plan: Plan) -> dict:
         if type(attn).__name__ in ATTENTION_CLASSES and not getattr(attn.config, "attention_bias", False):
             group = _group([attn.q_proj, attn.k_proj, attn.v_proj], shared, triton, plan.pad_k)
             modeling = sys.modules[type(attn).__module__]
-            if group and all(hasattr(modeling, n) for n in ("apply_rotary_pos_emb", "eager_attention_forward",
-                                                             "ALL_ATTENTION_FUNCTIONS")):
+            if group and all(
+                hasattr(modeling, n)
+                for n in ("apply_rotary_pos_emb", "eager_attention_forward", "ALL_ATTENTION_FUNCTIONS")
+            ):
                 setattr(attn, _FUSED, {**group, "modeling": modeling})
                 attn.forward = types.MethodType(_fused_attention, attn)
                 done["attention"] += 1
                 done["adapters_in_gemm"] += 3 * shared
         if type(mlp).__name__ in MLP_CLASSES:
-            swiglu = plan.swiglu_kernel and (isinstance(mlp.act_fn, torch.nn.SiLU)
-                                             or type(mlp.act_fn).__name__ == "SiLUActivation")  # transformers' own
+            swiglu = plan.swiglu_kernel and (
+                isinstance(mlp.act_fn, torch.nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation"
+            )  # transformers' own
             group = _group([mlp.gate_proj, mlp.up_proj], shared and not swiglu, triton, plan.pad_k)
             if group:
                 setattr(mlp, _FUSED, {**group, "swiglu": swiglu, "kernel": kernel})

@@ -37,12 +37,13 @@ offload: the fast path, and the layer inputs that checkpointing keeps wait in pi
 memory, copied there and back on a side stream while layers compute: less GPU memory at
 nearly auto's speed.
 The optimizer stays train.optimizer (auto: paged AdamW 32-bit on CUDA), run over one flat
-buffer of all adapter weights (tasks/flat_optim.py: the same update in one kernel launch, not
+buffer of all adapter weights (tasks/training/flat_optim.py: the same update in one kernel launch, not
 one per tensor); `adamw` is torch's fused AdamW there, which keeps 8 bytes of state per adapter
 weight on the GPU.
 auto anywhere else, and off: the train.* flags as set (the CPU path is unchanged). On CUDA
 a model that cannot take the fast path says why in one log line.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,43 +55,48 @@ import torch
 FAST_TYPES = ("llama", "mistral", "qwen2")  # the decoder layout the fast path is written for (patch.APPLY)
 
 # Liger's patch function for each model family it covers (config.json's model_type)
-LIGER = types.MappingProxyType({"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
-                                "qwen2": "apply_liger_kernel_to_qwen2"})
+LIGER = types.MappingProxyType(
+    {
+        "llama": "apply_liger_kernel_to_llama",
+        "mistral": "apply_liger_kernel_to_mistral",
+        "qwen2": "apply_liger_kernel_to_qwen2",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    fast: bool                   # the fast path (compiled, checkpointed layers; fused LoRA)
-    liger: bool                  # Liger kernels (on the fast path: the fused linear cross-entropy only)
+    fast: bool  # the fast path (compiled, checkpointed layers; fused LoRA)
+    liger: bool  # Liger kernels (on the fast path: the fused linear cross-entropy only)
     gradient_checkpointing: bool
-    precision: str               # train.precision mode for the rest of the model (tasks/precision.py)
-    optimizer: str = "auto"      # train.optimizer for make_optimizer
-    compile: bool = False        # torch.compile each decoder layer (fast path)
-    nf4_traced: bool = False     # tasks/fast/ops/nf4_lora.py: 4-bit layers as tensor code (compiled fast path)
-    split: int = 0               # layers as two compiled halves, the MLP's backward in this many token chunks
-                                 # (tasks/fast/ops/layer_checkpoint.py; 0: one compiled graph a layer)
-    offload: bool = False        # checkpointed layers keep their input in pinned host memory
+    precision: str  # train.precision mode for the rest of the model (tasks/model/precision.py)
+    optimizer: str = "auto"  # train.optimizer for make_optimizer
+    compile: bool = False  # torch.compile each decoder layer (fast path)
+    nf4_traced: bool = False  # tasks/fast/ops/nf4_lora.py: 4-bit layers as tensor code (compiled fast path)
+    split: int = 0  # layers as two compiled halves, the MLP's backward in this many token chunks
+    # (tasks/fast/ops/layer_checkpoint.py; 0: one compiled graph a layer)
+    offload: bool = False  # checkpointed layers keep their input in pinned host memory
     fused_projections: bool = False  # q/k/v and gate/up as one 4-bit GEMM each (+ one for their A's)
     adapters_in_gemm: str = "none"  # none, shared (q/k/v; gate/up unless in the SwiGLU kernel) or all (o, down
-                                    # too): the LoRA B's inside their base GEMM (ops/nf4_lora.NF4LoRALinear)
-    residual: str = "bf16"       # the residual stream between decoder layers: bf16, or fp32 (each layer's input
-                                 # then checkpointed in bf16: tasks/fast/ops/layer_checkpoint.py)
-    triton: bool = True          # the NF4 dequantization by tasks/fast/ops/nf4_triton.py where it can run (CUDA);
-                                 # False: the tensor code of ops/nf4_lora.dequantize_nf4 everywhere
-    swiglu_kernel: bool = True   # a SiLU MLP's gate/up adapters added inside the SwiGLU kernel
-                                 # (ops/swiglu_lora.py); False: apart, as PEFT adds them
-    pad_k: int = 64              # adapters in a GEMM: its K (inputs + ranks) padded with zero columns to a
-                                 # multiple of this, a K of whole GEMM tiles (1: no padding)
+    # too): the LoRA B's inside their base GEMM (ops/nf4_lora.NF4LoRALinear)
+    residual: str = "bf16"  # the residual stream between decoder layers: bf16, or fp32 (each layer's input
+    # then checkpointed in bf16: tasks/fast/ops/layer_checkpoint.py)
+    triton: bool = True  # the NF4 dequantization by tasks/fast/ops/nf4_triton.py where it can run (CUDA);
+    # False: the tensor code of ops/nf4_lora.dequantize_nf4 everywhere
+    swiglu_kernel: bool = True  # a SiLU MLP's gate/up adapters added inside the SwiGLU kernel
+    # (ops/swiglu_lora.py); False: apart, as PEFT adds them
+    pad_k: int = 64  # adapters in a GEMM: its K (inputs + ranks) padded with zero columns to a
+    # multiple of this, a K of whole GEMM tiles (1: no padding)
     partitioner_cse: bool = False  # AOTAutograd's partitioner: merging the backward's dequantization with the
-                                   # forward's would keep each bf16 weight from forward to backward (the 4-bit
-                                   # point is not to): off
+    # forward's would keep each bf16 weight from forward to backward (the 4-bit
+    # point is not to): off
     activation_memory_budget: float = 0.9  # the partitioner recomputes cheap elementwise results (RMSNorm
-                                           # outputs, SwiGLU's product) in backward rather than keep them; lower
-                                           # budgets make it recompute matmuls or attention too (1.0: keep all)
-    checkpoint: str = "ours"     # whole decoder layers checkpointed by "ours" (tasks/fast/ops/layer_checkpoint.py:
-                                 # forward without a graph) or "torch" (torch.utils.checkpoint); layers with
-                                 # LoRA dropout take torch's unless offloaded or kept in another dtype
-    note: str = ""               # one line for the log ("" when there is nothing to say)
+    # outputs, SwiGLU's product) in backward rather than keep them; lower
+    # budgets make it recompute matmuls or attention too (1.0: keep all)
+    checkpoint: str = "ours"  # whole decoder layers checkpointed by "ours" (tasks/fast/ops/layer_checkpoint.py:
+    # forward without a graph) or "torch" (torch.utils.checkpoint); layers with
+    # LoRA dropout take torch's unless offloaded or kept in another dtype
+    note: str = ""  # one line for the log ("" when there is nothing to say)
 
     def describe(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "note"}
@@ -103,11 +109,21 @@ class Plan:
 def choose(t, device: torch.device, task: str, model_type: str, quantized: bool) -> Plan:
     """The plan for this run from train.speed and where and what it trains (model_type:
     the checkpoint's config.json model_type)."""
-    flags = Plan(fast=False, liger=t.liger_kernels and device.type == "cuda" and model_type in LIGER,
-                 gradient_checkpointing=t.gradient_checkpointing, precision=t.precision, optimizer=t.optimizer)
+    flags = Plan(
+        fast=False,
+        liger=t.liger_kernels and device.type == "cuda" and model_type in LIGER,
+        gradient_checkpointing=t.gradient_checkpointing,
+        precision=t.precision,
+        optimizer=t.optimizer,
+    )
     if t.speed == "off" or device.type != "cuda":
-        return flags if not t.fp32_residual else dataclasses.replace(
-            flags, note="train.fp32_residual applies on the fast path only (CUDA, train.speed not off): ignored")
+        return (
+            flags
+            if not t.fp32_residual
+            else dataclasses.replace(
+                flags, note="train.fp32_residual applies on the fast path only (CUDA, train.speed not off): ignored"
+            )
+        )
     why = None
     if task != "causal_lm":
         why = f"task {task} (the fast path is for causal LMs)"
@@ -116,13 +132,19 @@ def choose(t, device: torch.device, task: str, model_type: str, quantized: bool)
     elif not quantized:
         why = "the base is not 4-bit (quant.load_in_4bit: false)"
     if why:
-        return dataclasses.replace(flags, note=f"speed: {t.speed}: {why}; using the train.* flags as set "
-                                               f"(liger_kernels={flags.liger}, precision={t.precision})"
-                                   + ("; train.fp32_residual ignored" if t.fp32_residual else ""))
+        return dataclasses.replace(
+            flags,
+            note=f"speed: {t.speed}: {why}; using the train.* flags as set "
+            f"(liger_kernels={flags.liger}, precision={t.precision})"
+            + ("; train.fp32_residual ignored" if t.fp32_residual else ""),
+        )
     liger = importlib.util.find_spec("liger_kernel") is not None
-    note = (f"speed: {t.speed}: fast path (compiled + checkpointed decoder layers with the 4-bit dequantization "
-            "inside, " + ("Liger fused linear cross-entropy" if liger else "full logits: liger-kernel is not installed")
-            + ", bf16 activations, LoRA sums rounded once with the next operation)")
+    note = (
+        f"speed: {t.speed}: fast path (compiled + checkpointed decoder layers with the 4-bit dequantization "
+        "inside, "
+        + ("Liger fused linear cross-entropy" if liger else "full logits: liger-kernel is not installed")
+        + ", bf16 activations, LoRA sums rounded once with the next operation)"
+    )
     # Paged AdamW 32-bit (auto's choice on CUDA) over one flat buffer: the same update in one launch
     optimizer = "paged_adamw_32bit_flat" if t.optimizer in ("auto", "paged_adamw_32bit") else t.optimizer
     split, offload = {"lean": (2, False), "offload": (0, True)}.get(t.speed, (0, False))
@@ -131,11 +153,24 @@ def choose(t, device: torch.device, task: str, model_type: str, quantized: bool)
     if offload:
         note += "; layer inputs in pinned host memory"
     if t.adapters_in_gemm:
-        note += "; q/k/v adapters (gate/up's where the MLP is not SiLU) added inside their base GEMMs (sums rounded " \
-                "to bf16 there)"
+        note += (
+            "; q/k/v adapters (gate/up's where the MLP is not SiLU) added inside their base GEMMs (sums rounded "
+            "to bf16 there)"
+        )
     if t.fp32_residual:
         note += "; the residual stream in fp32 (layer inputs checkpointed in bf16)"
-    return Plan(fast=True, liger=liger, gradient_checkpointing=True, precision="bf16", optimizer=optimizer,
-                compile=True, nf4_traced=True, split=split, offload=offload, fused_projections=True,
-                adapters_in_gemm="shared" if t.adapters_in_gemm else "none",
-                residual="fp32" if t.fp32_residual else "bf16", note=note)
+    return Plan(
+        fast=True,
+        liger=liger,
+        gradient_checkpointing=True,
+        precision="bf16",
+        optimizer=optimizer,
+        compile=True,
+        nf4_traced=True,
+        split=split,
+        offload=offload,
+        fused_projections=True,
+        adapters_in_gemm="shared" if t.adapters_in_gemm else "none",
+        residual="fp32" if t.fp32_residual else "bf16",
+        note=note,
+    )

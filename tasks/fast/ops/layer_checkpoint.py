@@ -42,6 +42,7 @@ backward recomputes the layer from that copy: the forward, and so the loss, carr
 stream; the gradients are the layer's linearised at its input rounded to bf16 (a bf16 stream
 computes both forward and gradients there).
 """
+
 from __future__ import annotations
 
 import weakref
@@ -59,7 +60,8 @@ def _side(device: torch.device) -> torch.cuda.Stream:
 
 class _Saved:
     """A layer's input until its backward: the tensor itself, or a host copy and its way back."""
-    last: "weakref.ref[_Saved] | None" = None  # the most recent offloaded input whose backward has not run
+
+    last: weakref.ref[_Saved] | None = None  # the most recent offloaded input whose backward has not run
 
     def __init__(self, x: torch.Tensor, offload: bool):
         self.gpu, self.host, self.ready, self.prev = None, None, None, None
@@ -105,10 +107,15 @@ class LayerCheckpoint(torch.autograd.Function):
     def forward(ctx, x, attn, mlp, chunks, offload, random, keep):
         ctx.attn, ctx.mlp, ctx.chunks, ctx.random = attn, mlp, (1 if random else chunks), random
         kind = x.device.type
-        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind),
-                        torch.is_autocast_cache_enabled())
-        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if kind == "cuda" else None) \
-            if random else None
+        ctx.autocast = (
+            kind,
+            torch.is_autocast_enabled(kind),
+            torch.get_autocast_dtype(kind),
+            torch.is_autocast_cache_enabled(),
+        )
+        ctx.rng = (
+            (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if kind == "cuda" else None) if random else None
+        )
         ctx.dtype = x.dtype
         ctx.saved = _Saved(x.detach().to(keep or x.dtype), offload)
         with torch.no_grad():
@@ -126,9 +133,11 @@ class LayerCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.saved is None:
-            raise RuntimeError("a checkpointed decoder layer (tasks/fast/ops/layer_checkpoint.py) was backpropagated "
-                               "twice: its saved input is used up by the first backward (retain_graph is not "
-                               "supported)")
+            raise RuntimeError(
+                "a checkpointed decoder layer (tasks/fast/ops/layer_checkpoint.py) was backpropagated "
+                "twice: its saved input is used up by the first backward (retain_graph is not "
+                "supported)"
+            )
         x = ctx.saved.take().to(ctx.dtype).detach().requires_grad_(True)
         kind, enabled, dtype, cache = ctx.autocast
 
@@ -171,8 +180,15 @@ def _bounds(n: int, chunks: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def checkpoint(attn, mlp, x: torch.Tensor, chunks: int = 1, offload: bool = False,
-               random: bool = False, keep: torch.dtype | None = None) -> torch.Tensor:
+def checkpoint(
+    attn,
+    mlp,
+    x: torch.Tensor,
+    chunks: int = 1,
+    offload: bool = False,
+    random: bool = False,
+    keep: torch.dtype | None = None,
+) -> torch.Tensor:
     """mlp(attn(x)) for a decoder layer's two halves, or attn(x) for a whole layer (mlp None),
     checkpointed as above."""
     if not x.requires_grad:  # the adapters inside still need the backward to run

@@ -24,6 +24,7 @@ Every function takes the fast path's choices as arguments (`meta`: shape, blocks
 whether the Triton dequantization runs, K's padding); tasks/fast/patch.py installs these on a
 model from the Plan.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,9 +34,19 @@ from torch import Tensor
 from tasks.fast.ops import nf4_triton, swiglu_lora
 
 
-def dequantize_nf4(packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None,
-                   offset: Tensor | None, code: Tensor, shape: list[int], blocksize: int,
-                   dtype: torch.dtype, extra: Tensor | None = None, triton: bool = False) -> Tensor:
+def dequantize_nf4(
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    offset: Tensor | None,
+    code: Tensor,
+    shape: list[int],
+    blocksize: int,
+    dtype: torch.dtype,
+    extra: Tensor | None = None,
+    triton: bool = False,
+) -> Tensor:
     """bitsandbytes' dequantize_4bit in tensor operations, the same arithmetic in fp32:
     w = code[q] * scale[block], scale = nested_code[absmax] * nested_absmax[block // 256] + offset
     (double quant), and two 4-bit codes a byte, the first in the high half. offset: one value,
@@ -43,8 +54,9 @@ def dequantize_nf4(packed: Tensor, absmax: Tensor, nested_absmax: Tensor | None,
     after the weight's, [W | extra] (NF4LoRALinear's adapters). triton: nf4_triton's kernel where
     usable (the caller has registered it: nf4_triton.available(), outside compiled code)."""
     if triton and nf4_triton.usable(packed, nested_absmax, shape, blocksize):
-        return nf4_triton.dequantize(packed, absmax, nested_absmax, nested_code, offset, code, shape, blocksize,
-                                     dtype, extra)
+        return nf4_triton.dequantize(
+            packed, absmax, nested_absmax, nested_code, offset, code, shape, blocksize, dtype, extra
+        )
     if nested_absmax is not None:
         blocks = torch.arange(absmax.numel(), device=absmax.device) // 256
         shift = offset.view(-1)[blocks] if offset.numel() > 1 else offset
@@ -98,7 +110,7 @@ def _input_and_rank_grads(grad: Tensor, b: Tensor, meta: tuple, tensors) -> tupl
     one GEMM over the weight dequantized again with B (N x R) in its last columns."""
     k, r = meta[0][1], b.shape[1]
     dxm = grad @ _weight(tensors, meta, F.pad(b, (0, _pad(k, r, meta[4]))))
-    return dxm[..., :k], dxm[..., k:k + r]
+    return dxm[..., :k], dxm[..., k : k + r]
 
 
 class NF4LoRALinear(torch.autograd.Function):
@@ -118,8 +130,9 @@ class NF4LoRALinear(torch.autograd.Function):
         ctx.save_for_backward(m, b, *tensors)
         ctx.meta, ctx.b_dtype = meta, b_dtype
         pad = _pad(shape[1], m.shape[-1], meta[4])
-        return F.linear(torch.cat((x.to(dtype), F.pad(m, (0, pad))), dim=-1),
-                        _weight(tensors, meta, F.pad(b, (0, pad))))
+        return F.linear(
+            torch.cat((x.to(dtype), F.pad(m, (0, pad))), dim=-1), _weight(tensors, meta, F.pad(b, (0, pad)))
+        )
 
     @staticmethod
     def backward(ctx, grad):
@@ -175,12 +188,17 @@ def nf4_tensors(layer) -> dict | None:
     if state.shape[0] * state.shape[1] % state.blocksize:
         return None
     nested = state.nested
-    return {"packed": weight.data, "absmax": state.absmax,
-            "nested_absmax": state.state2.absmax if nested else None,
-            "nested_code": state.state2.code if nested else None,
-            "offset": state.offset if nested else None, "code": state.code.float(),
-            "shape": [int(n) for n in state.shape], "blocksize": int(state.blocksize),
-            "dtype": getattr(layer, "compute_dtype", None) or torch.bfloat16}
+    return {
+        "packed": weight.data,
+        "absmax": state.absmax,
+        "nested_absmax": state.state2.absmax if nested else None,
+        "nested_code": state.state2.code if nested else None,
+        "offset": state.offset if nested else None,
+        "code": state.code.float(),
+        "shape": [int(n) for n in state.shape],
+        "blocksize": int(state.blocksize),
+        "dtype": getattr(layer, "compute_dtype", None) or torch.bfloat16,
+    }
 
 
 def laid_end_to_end(nf4: list[dict]) -> dict | None:
@@ -192,22 +210,30 @@ def laid_end_to_end(nf4: list[dict]) -> dict | None:
     first = nf4[0]
     if len(nf4) == 1:
         return first
-    if len({(t["dtype"], t["shape"][1], t["blocksize"]) for t in nf4}) != 1 \
-            or any(not torch.equal(t["code"], first["code"]) for t in nf4):
+    if len({(t["dtype"], t["shape"][1], t["blocksize"]) for t in nf4}) != 1 or any(
+        not torch.equal(t["code"], first["code"]) for t in nf4
+    ):
         return None
     nested = first["nested_absmax"] is not None
-    if nested and any(t["nested_absmax"] is None or t["absmax"].numel() % 256
-                      or not torch.equal(t["nested_code"], first["nested_code"]) for t in nf4):
+    if nested and any(
+        t["nested_absmax"] is None
+        or t["absmax"].numel() % 256
+        or not torch.equal(t["nested_code"], first["nested_code"])
+        for t in nf4
+    ):
         return None
     if not nested and any(t["nested_absmax"] is not None for t in nf4):
         return None
-    return {"packed": torch.cat([t["packed"].view(-1) for t in nf4]),
-            "absmax": torch.cat([t["absmax"].view(-1) for t in nf4]),
-            "code": first["code"], "nested_code": first["nested_code"],
-            "nested_absmax": torch.cat([t["nested_absmax"] for t in nf4]) if nested else None,
-            "offset": torch.cat([t["offset"].reshape(1).expand(t["nested_absmax"].numel()) for t in nf4])
-            if nested else None,
-            "shape": [sum(t["shape"][0] for t in nf4), first["shape"][1]], "blocksize": first["blocksize"],
-            "dtype": first["dtype"]}
-
-
+    return {
+        "packed": torch.cat([t["packed"].view(-1) for t in nf4]),
+        "absmax": torch.cat([t["absmax"].view(-1) for t in nf4]),
+        "code": first["code"],
+        "nested_code": first["nested_code"],
+        "nested_absmax": torch.cat([t["nested_absmax"] for t in nf4]) if nested else None,
+        "offset": torch.cat([t["offset"].reshape(1).expand(t["nested_absmax"].numel()) for t in nf4])
+        if nested
+        else None,
+        "shape": [sum(t["shape"][0] for t in nf4), first["shape"][1]],
+        "blocksize": first["blocksize"],
+        "dtype": first["dtype"],
+    }

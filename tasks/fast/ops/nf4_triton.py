@@ -17,6 +17,7 @@ to the weight's: the kernel stores each row of W with a row stride of cols + ext
 [W | B] costs no second pass over the bf16 weight.
 CUDA only; `available()` says whether it can run here.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,7 +28,7 @@ from torch import Tensor
 ROWS = 64  # 4-bit blocks per program (64 x 64 weights for blocksize 64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def available() -> bool:
     if not torch.cuda.is_available() or not hasattr(torch.library, "triton_op"):
         return False
@@ -38,15 +39,28 @@ def available() -> bool:
     return _op() is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _op():
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
-    def dequantize_kernel(packed, absmax, nested_absmax, nested_code, offset, code, out, n_blocks, cols, stride,
-                          ROWS: tl.constexpr, HALF: tl.constexpr, OFFSET_PER_BLOCK: tl.constexpr):
+    def dequantize_kernel(
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        code,
+        out,
+        n_blocks,
+        cols,
+        stride,
+        ROWS: tl.constexpr,
+        HALF: tl.constexpr,
+        OFFSET_PER_BLOCK: tl.constexpr,
+    ):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # 4-bit blocks of this program
         valid = rows < n_blocks
         nested = rows // 256
@@ -54,10 +68,14 @@ def _op():
             shift = tl.load(offset + nested, mask=valid, other=0.0)
         else:
             shift = tl.load(offset)
-        scale = tl.load(nested_code + tl.load(absmax + rows, mask=valid, other=0).to(tl.int32), mask=valid,
-                        other=0.0) * tl.load(nested_absmax + nested, mask=valid, other=0.0) + shift
-        byte = tl.load(packed + rows[:, None] * HALF + tl.arange(0, HALF)[None, :], mask=valid[:, None],
-                       other=0).to(tl.int32)
+        scale = (
+            tl.load(nested_code + tl.load(absmax + rows, mask=valid, other=0).to(tl.int32), mask=valid, other=0.0)
+            * tl.load(nested_absmax + nested, mask=valid, other=0.0)
+            + shift
+        )
+        byte = tl.load(packed + rows[:, None] * HALF + tl.arange(0, HALF)[None, :], mask=valid[:, None], other=0).to(
+            tl.int32
+        )
         high = tl.load(code + (byte >> 4)) * scale[:, None]  # the first weight of a byte is its high half
         low = tl.load(code + (byte & 15)) * scale[:, None]
         w = tl.interleave(high, low)
@@ -74,19 +92,49 @@ def _op():
         tl.store(out + row[:, None] * stride + start + col[None, :], value, mask=valid)
 
     @triton_op("qlora_flow::dequantize_nf4", mutates_args=())
-    def dequantize_nf4(packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_code: Tensor, offset: Tensor,
-                       code: Tensor, extra: Tensor, rows: int, cols: int, blocksize: int,
-                       dtype: torch.dtype) -> Tensor:
+    def dequantize_nf4(
+        packed: Tensor,
+        absmax: Tensor,
+        nested_absmax: Tensor,
+        nested_code: Tensor,
+        offset: Tensor,
+        code: Tensor,
+        extra: Tensor,
+        rows: int,
+        cols: int,
+        blocksize: int,
+        dtype: torch.dtype,
+    ) -> Tensor:
         stride = cols + extra.shape[1]
         out = torch.empty(rows, stride, dtype=dtype, device=packed.device)
         n_blocks = rows * cols // blocksize
         wrap_triton(dequantize_kernel)[(triton.cdiv(n_blocks, ROWS),)](
-            packed, absmax, nested_absmax, nested_code, offset, code, out, n_blocks, cols, stride,
-            ROWS=ROWS, HALF=blocksize // 2, OFFSET_PER_BLOCK=offset.numel() > 1)
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            code,
+            out,
+            n_blocks,
+            cols,
+            stride,
+            ROWS=ROWS,
+            HALF=blocksize // 2,
+            OFFSET_PER_BLOCK=offset.numel() > 1,
+        )
         if extra.shape[1]:  # a kernel, not out[:, cols:] = extra (compiled, that copies all of out once more)
             wrap_triton(columns_kernel)[(triton.cdiv(rows, ROWS),)](
-                extra, out, rows, extra.shape[1], extra.stride(0), cols, stride, ROWS=ROWS,
-                R=triton.next_power_of_2(extra.shape[1]))
+                extra,
+                out,
+                rows,
+                extra.shape[1],
+                extra.stride(0),
+                cols,
+                stride,
+                ROWS=ROWS,
+                R=triton.next_power_of_2(extra.shape[1]),
+            )
         return out
 
     return dequantize_nf4
@@ -95,13 +143,27 @@ def _op():
 def usable(packed: Tensor, nested_absmax, shape: list[int], blocksize: int) -> bool:
     """The kernel's case: CUDA tensors, double quant, a power-of-two block of at least 32 that
     divides a row. Call available() once first, outside compiled code (it registers the op)."""
-    return packed.is_cuda and nested_absmax is not None and blocksize >= 32 and blocksize & (blocksize - 1) == 0 \
+    return (
+        packed.is_cuda
+        and nested_absmax is not None
+        and blocksize >= 32
+        and blocksize & (blocksize - 1) == 0
         and shape[1] % blocksize == 0
+    )
 
 
-def dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_code: Tensor, offset: Tensor,
-               code: Tensor, shape: list[int], blocksize: int, dtype: torch.dtype,
-               extra: Tensor | None = None) -> Tensor:
+def dequantize(
+    packed: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor,
+    nested_code: Tensor,
+    offset: Tensor,
+    code: Tensor,
+    shape: list[int],
+    blocksize: int,
+    dtype: torch.dtype,
+    extra: Tensor | None = None,
+) -> Tensor:
     """The weight (shape), or [W | extra] with `extra` (shape[0] rows) in the last columns. The
     op by its registered name: compiled code traces it as one operator (a call of the cached
     _op() would break the graph)."""
@@ -109,5 +171,16 @@ def dequantize(packed: Tensor, absmax: Tensor, nested_absmax: Tensor, nested_cod
         raise ValueError(f"nf4_triton: a row of {shape[1]} weights is not whole blocks of {blocksize}")
     if extra is None:
         extra = packed.new_empty(shape[0], 0, dtype=dtype)
-    return torch.ops.qlora_flow.dequantize_nf4(packed.view(-1), absmax, nested_absmax, nested_code, offset.reshape(-1),
-                                               code, extra.to(dtype).contiguous(), shape[0], shape[1], blocksize, dtype)
+    return torch.ops.qlora_flow.dequantize_nf4(
+        packed.view(-1),
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset.reshape(-1),
+        code,
+        extra.to(dtype).contiguous(),
+        shape[0],
+        shape[1],
+        blocksize,
+        dtype,
+    )

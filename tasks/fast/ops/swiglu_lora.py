@@ -16,6 +16,7 @@ registered them (as torch ops, so compiled code calls them with no Python in bet
 outside compiled code, as tasks/fast/patch.py does), and the same arithmetic as tensor code
 elsewhere (what the CPU tests check the kernels against).
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,7 +30,7 @@ from torch import Tensor
 TILES = (32, 128, 4)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def available() -> bool:
     """Whether the Triton kernels run here; registers their ops (call outside compiled code)."""
     if not torch.cuda.is_available() or not hasattr(torch.library, "triton_op"):
@@ -43,24 +44,45 @@ def available() -> bool:
 
 def _ranks(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor | None = None) -> tuple[int, int, int]:
     n, r_gate, r_up = b_gate.shape[0], b_gate.shape[1], b_up.shape[1]
-    if b_up.shape[0] != n or y.shape[-1] != 2 * n or m.shape[-1] != r_gate + r_up or m.shape[:-1] != y.shape[:-1] \
-            or (dh is not None and dh.shape != (*y.shape[:-1], n)):
+    if (
+        b_up.shape[0] != n
+        or y.shape[-1] != 2 * n
+        or m.shape[-1] != r_gate + r_up
+        or m.shape[:-1] != y.shape[:-1]
+        or (dh is not None and dh.shape != (*y.shape[:-1], n))
+    ):
         grad = f", dh {tuple(dh.shape)}" if dh is not None else ""
-        raise ValueError(f"swiglu_lora: shapes do not match: y {tuple(y.shape)}, m {tuple(m.shape)}, B's "
-                         f"{tuple(b_gate.shape)} and {tuple(b_up.shape)}{grad}")
+        raise ValueError(
+            f"swiglu_lora: shapes do not match: y {tuple(y.shape)}, m {tuple(m.shape)}, B's "
+            f"{tuple(b_gate.shape)} and {tuple(b_up.shape)}{grad}"
+        )
     return n, r_gate, r_up
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ops():
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
 
     @triton.jit
-    def swiglu_kernel(y, m, b_gate, b_up, dh, out, rows, n, r_gate, r_up,
-                      BT: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, R_MAX: tl.constexpr,
-                      BACKWARD: tl.constexpr):
+    def swiglu_kernel(
+        y,
+        m,
+        b_gate,
+        b_up,
+        dh,
+        out,
+        rows,
+        n,
+        r_gate,
+        r_up,
+        BT: tl.constexpr,
+        BN: tl.constexpr,
+        KC: tl.constexpr,
+        R_MAX: tl.constexpr,
+        BACKWARD: tl.constexpr,
+    ):
         """Forward: out = h. Backward: out = [dg | du] laid like y, from dh."""
         t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
         c = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -74,8 +96,7 @@ def _ops():
             j = k + tl.arange(0, KC)
             m_gate = tl.load(m + t[:, None] * r + j[None, :], mask=row_ok & (j < r_gate)[None, :], other=0.0)
             m_up = tl.load(m + t[:, None] * r + r_gate + j[None, :], mask=row_ok & (j < r_up)[None, :], other=0.0)
-            bt_gate = tl.load(b_gate + c[None, :] * r_gate + j[:, None], mask=(j < r_gate)[:, None] & col_ok,
-                              other=0.0)
+            bt_gate = tl.load(b_gate + c[None, :] * r_gate + j[:, None], mask=(j < r_gate)[:, None] & col_ok, other=0.0)
             bt_up = tl.load(b_up + c[None, :] * r_up + j[:, None], mask=(j < r_up)[:, None] & col_ok, other=0.0)
             adapter_gate += tl.dot(m_gate, bt_gate)
             adapter_up += tl.dot(m_up, bt_up)
@@ -102,9 +123,23 @@ def _ops():
         block_t, block_n, warps = tiles
         r_max = max(r_gate, r_up)  # KC, a chunk of the ranks: tl.dot needs K >= 16; 64 bounds the tiles' shared memory
         wrap_triton(swiglu_kernel)[(triton.cdiv(rows, block_t), triton.cdiv(n, block_n))](
-            y, m, b_gate, b_up, y if dh is None else dh, out, rows, n, r_gate, r_up, BT=block_t, BN=block_n,
-            KC=min(64, max(16, triton.next_power_of_2(r_max))), R_MAX=r_max, num_warps=warps,
-            BACKWARD=dh is not None)
+            y,
+            m,
+            b_gate,
+            b_up,
+            y if dh is None else dh,
+            out,
+            rows,
+            n,
+            r_gate,
+            r_up,
+            BT=block_t,
+            BN=block_n,
+            KC=min(64, max(16, triton.next_power_of_2(r_max))),
+            R_MAX=r_max,
+            num_warps=warps,
+            BACKWARD=dh is not None,
+        )
         return out
 
     @triton_op("qlora_flow::swiglu_lora", mutates_args=())
@@ -121,8 +156,14 @@ def _ops():
 def with_tiles(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor | None, tiles: tuple) -> Tensor:
     """The kernel with other tiles than TILES, eager (bench/swiglu_tiles.py times them): forward
     (dh None) or backward, on contiguous CUDA tensors. Call available() first."""
-    return _ops()[2](y.contiguous(), m.contiguous(), b_gate.contiguous(), b_up.contiguous(),
-                     None if dh is None else dh.contiguous(), tiles)
+    return _ops()[2](
+        y.contiguous(),
+        m.contiguous(),
+        b_gate.contiguous(),
+        b_up.contiguous(),
+        None if dh is None else dh.contiguous(),
+        tiles,
+    )
 
 
 def _sums(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,8 +186,7 @@ def forward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, kernel: bool) ->
     m: (..., r_g + r_u); b_gate: (N, r_g); b_up: (N, r_u); any ranks (the kernel takes them in
     chunks of at most 64). kernel: the Triton kernel where _use_kernel says so."""
     if _use_kernel(y, kernel):
-        return torch.ops.qlora_flow.swiglu_lora(y.contiguous(), m.contiguous(), b_gate.contiguous(),
-                                                b_up.contiguous())
+        return torch.ops.qlora_flow.swiglu_lora(y.contiguous(), m.contiguous(), b_gate.contiguous(), b_up.contiguous())
     gate, up = _sums(y, m, b_gate, b_up)
     return (F.silu(gate) * up).to(y.dtype)
 
@@ -154,8 +194,9 @@ def forward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, kernel: bool) ->
 def backward(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor, kernel: bool) -> Tensor:
     """[dL/d(gate sum) | dL/d(up sum)] laid like y, in y's dtype, from dh = dL/dh."""
     if _use_kernel(y, kernel):
-        return torch.ops.qlora_flow.swiglu_lora_backward(y.contiguous(), m.contiguous(), b_gate.contiguous(),
-                                                         b_up.contiguous(), dh.contiguous())
+        return torch.ops.qlora_flow.swiglu_lora_backward(
+            y.contiguous(), m.contiguous(), b_gate.contiguous(), b_up.contiguous(), dh.contiguous()
+        )
     gate, up = _sums(y, m, b_gate, b_up)
     g, sig = dh.float(), torch.sigmoid(gate)
     d_gate = g * up * sig * (1 + gate * (1 - sig))

@@ -15,9 +15,10 @@ taken; the others wait in the inbox for a later run. A failed append (a full dis
 the raw dataset as it was and the files in the inbox.
 
 In bounded memory whatever the raw dataset's size: it is read as a stream, each row reduced to
-the 128-bit hash of its identity (tasks/rowhash.py, the key validate judges duplicates on), and
+the 128-bit hash of its identity (tasks/data/rowhash.py, the key validate judges duplicates on), and
 appended to by copying it a block at a time (a JSON list file is parsed whole: use JSONL).
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks import chat
 from tasks.common import PipelineError, resolve, write_json
 from tasks.config import Params
-from tasks.dataio import ROW, detect_format, iter_raw, read_raw
-from tasks.rowhash import row_hashes
-from tasks.validate import label_space, key_columns, prepare_frame, validate_frame
+from tasks.data import chat
+from tasks.data.readers import ROW, detect_format, iter_raw, read_raw
+from tasks.data.rowhash import row_hashes
+from tasks.validate import key_columns, label_space, prepare_frame, validate_frame
 
 REPORT = "reports/ingest.json"
 
@@ -51,7 +52,7 @@ class Ingest:
     errors: list[dict] = field(default_factory=list)
     accepted: list[dict] = field(default_factory=list)  # {"file", "rows_added", "rows_skipped"}
     rejected: list[dict] = field(default_factory=list)  # {"file", "errors": count}; the rows and rules in errors
-    waiting: list[str] = field(default_factory=list)    # still being written: left for a later run
+    waiting: list[str] = field(default_factory=list)  # still being written: left for a later run
 
 
 def _identities(params: Params, prepared: pd.DataFrame) -> np.ndarray:
@@ -115,6 +116,7 @@ def _arrow_column(texts: list, arrow_type):
     """A column of the raw parquet file's type from the rows' text form (dataio reads parquet as
     text: numbers as their digits, nested values, a chat's messages, as JSON)."""
     import pyarrow as pa
+
     if pa.types.is_nested(arrow_type):
         return pa.array([None if v is None else json.loads(v) for v in texts], type=arrow_type)
     return pa.array(texts, type=pa.string()).cast(arrow_type)
@@ -138,12 +140,17 @@ def _append(raw: Path, fmt: str, cols: list[str], new: pd.DataFrame) -> None:
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         source = pq.ParquetFile(raw)
         with pq.ParquetWriter(tmp, source.schema_arrow) as writer:
             for batch in source.iter_batches():
                 writer.write_batch(batch)
-            writer.write_table(pa.table([_arrow_column([r.get(f.name) for r in records], f.type)
-                                         for f in source.schema_arrow], schema=source.schema_arrow))
+            writer.write_table(
+                pa.table(
+                    [_arrow_column([r.get(f.name) for r in records], f.type) for f in source.schema_arrow],
+                    schema=source.schema_arrow,
+                )
+            )
     os.replace(tmp, raw)
 
 
@@ -154,9 +161,11 @@ def _append_or_keep(raw: Path, fmt: str, cols: list[str], new: pd.DataFrame) -> 
         _append(raw, fmt, cols, new)
     except OSError as exc:
         raw.with_name(f".{raw.name}.ingest").unlink(missing_ok=True)
-        raise PipelineError(f"{raw}: appending {len(new)} new rows failed ({exc.strerror or exc}); the dataset is "
-                            f"unchanged and the drop stays in the inbox: free space on {raw.parent}'s disk, "
-                            f"then retrain again (the next scheduled run retries)") from exc
+        raise PipelineError(
+            f"{raw}: appending {len(new)} new rows failed ({exc.strerror or exc}); the dataset is "
+            f"unchanged and the drop stays in the inbox: free space on {raw.parent}'s disk, "
+            f"then retrain again (the next scheduled run retries)"
+        ) from exc
 
 
 def _move(files: list[Path], dest: Path) -> None:
@@ -213,8 +222,9 @@ def ingest(params: Params, root: Path, inbox: Path) -> Ingest:
         rows = []
         for idx, key, in_raw in zip(valid.index, ids, known):
             if in_raw or key.tobytes() in added:
-                file_skipped.append({"file": str(f), "row": str(original.at[idx, ROW]),
-                                     "reason": "already in the dataset"})
+                file_skipped.append(
+                    {"file": str(f), "row": str(original.at[idx, ROW]), "reason": "already in the dataset"}
+                )
             else:
                 added.add(key.tobytes())
                 rows.append(idx)
@@ -225,17 +235,35 @@ def ingest(params: Params, root: Path, inbox: Path) -> Ingest:
         accepted.append({"file": str(f), "rows_added": len(rows), "rows_skipped": len(file_skipped)})
     new = pd.concat(accepted_rows, ignore_index=True) if accepted_rows else None
     if new is not None and params.task == "seq_cls" and len(classes) < d.min_classes:
-        errors.append({"file": str(raw), "row": None, "column": d.label_column, "rule": f"at_least_{d.min_classes}_classes",
-                       "value": f"classes in the dataset with this drop merged: {sorted(map(str, classes))}"})
-        rejected += [{"file": a["file"], "errors": 0, "reason": "the merged dataset breaks a rule over all rows"}
-                     for a in accepted]
+        errors.append(
+            {
+                "file": str(raw),
+                "row": None,
+                "column": d.label_column,
+                "rule": f"at_least_{d.min_classes}_classes",
+                "value": f"classes in the dataset with this drop merged: {sorted(map(str, classes))}",
+            }
+        )
+        rejected += [
+            {"file": a["file"], "errors": 0, "reason": "the merged dataset breaks a rule over all rows"}
+            for a in accepted
+        ]
         accepted, new = [], None
     status = "merged" if new is not None else ("rejected" if rejected else "no_new_data")
-    result = Ingest(status, [str(f) for f in taken], 0 if new is None else len(new), skipped, errors,
-                    accepted, rejected, waiting)
-    report = {"status": status, "raw": str(raw), "files": result.files, "added_rows": result.added_rows,
-              "accepted": accepted, "rejected": rejected, "waiting": waiting, "skipped_duplicates": skipped,
-              "errors": errors}
+    result = Ingest(
+        status, [str(f) for f in taken], 0 if new is None else len(new), skipped, errors, accepted, rejected, waiting
+    )
+    report = {
+        "status": status,
+        "raw": str(raw),
+        "files": result.files,
+        "added_rows": result.added_rows,
+        "accepted": accepted,
+        "rejected": rejected,
+        "waiting": waiting,
+        "skipped_duplicates": skipped,
+        "errors": errors,
+    }
     if new is not None:
         try:
             _append_or_keep(raw, fmt, cols, new)

@@ -11,18 +11,19 @@ to one text, with the character span of each assistant turn known:
   whole rendering, which holds for templates that render each turn on its own; a template
   that rewrites earlier turns (e.g. drops past reasoning) fails with rule chat_template_prefix
   rather than mislabelling tokens.
-- alpaca / chatml / plain (tasks/prompts.py, for models without a template): built turn by turn;
+- alpaca / chatml / plain (tasks/data/prompts.py, for models without a template): built turn by turn;
   each assistant turn ends with the tokenizer's EOS, as the single-turn path does.
 
 The whole text is tokenized once (so the ids are what apply_chat_template would give), and a
 token carries a label when it starts inside an assistant span (its offsets say where).
 """
+
 from __future__ import annotations
 
 from schemas.messages import normalize
 from tasks.catalog import IGNORE_INDEX as IGNORE
 from tasks.common import PipelineError
-from tasks.prompts import ALPACA_NO_INPUT
+from tasks.data.prompts import ALPACA_NO_INPUT
 
 HAND_TEMPLATES = ("alpaca", "chatml", "plain")
 ALPACA_PREAMBLE = ALPACA_NO_INPUT.split("### Instruction:")[0]  # "Below is an instruction ...\n\n"
@@ -31,21 +32,27 @@ ALPACA_PREAMBLE = ALPACA_NO_INPUT.split("### Instruction:")[0]  # "Below is an i
 def from_instruction(instruction: str, input: str = "", output: str | None = None) -> list[dict]:
     """An Alpaca / Self-Instruct row as a conversation (the input joins the instruction)."""
     user = f"{instruction}\n\n{input}" if input else instruction
-    return [{"role": "user", "content": user}] + ([{"role": "assistant", "content": output}] if output is not None else [])
+    return [{"role": "user", "content": user}] + (
+        [{"role": "assistant", "content": output}] if output is not None else []
+    )
 
 
 def _check_template(tok) -> None:
     if not getattr(tok, "chat_template", None):
-        raise PipelineError(f"tokenize.template is 'model' but the tokenizer of {tok.name_or_path!r} has no chat "
-                            f"template; choose one of {', '.join(HAND_TEMPLATES)} (tasks/prompts.py)")
+        raise PipelineError(
+            f"tokenize.template is 'model' but the tokenizer of {tok.name_or_path!r} has no chat "
+            f"template; choose one of {', '.join(HAND_TEMPLATES)} (tasks/data/prompts.py)"
+        )
 
 
 def _apply(tok, messages: list[dict], generation_prompt: bool) -> str:
     try:
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # jinja raises its own errors (e.g. a template that refuses a system message)
-        raise PipelineError(f"the chat template cannot render this conversation ({type(exc).__name__}: {exc}); "
-                            f"rule: chat_template_render") from None
+        raise PipelineError(
+            f"the chat template cannot render this conversation ({type(exc).__name__}: {exc}); "
+            f"rule: chat_template_render"
+        ) from None
 
 
 def _render_model(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -57,9 +64,11 @@ def _render_model(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]
             continue
         before, through = _apply(tok, messages[:i], True), _apply(tok, messages[: i + 1], False)
         if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
-            raise PipelineError(f"the chat template does not render turn {i + 1} as a prefix of the whole conversation, "
-                                f"so its assistant tokens cannot be located; use a hand-written template "
-                                f"(tokenize.template: {' / '.join(HAND_TEMPLATES)}); rule: chat_template_prefix")
+            raise PipelineError(
+                f"the chat template does not render turn {i + 1} as a prefix of the whole conversation, "
+                f"so its assistant tokens cannot be located; use a hand-written template "
+                f"(tokenize.template: {' / '.join(HAND_TEMPLATES)}); rule: chat_template_prefix"
+            )
         spans.append((len(before), len(through)))
     return text, spans
 
@@ -99,8 +108,9 @@ def render(tok, messages: list[dict], template: str) -> tuple[str, list[tuple[in
 
 def _tokenize(tok, text: str, template: str):
     if not getattr(tok, "is_fast", False):
-        raise PipelineError(f"chat data needs a fast (Rust) tokenizer for token offsets; {tok.name_or_path!r} has "
-                            f"only a slow one")
+        raise PipelineError(
+            f"chat data needs a fast (Rust) tokenizer for token offsets; {tok.name_or_path!r} has only a slow one"
+        )
     # A model's template writes its own BOS; the hand-written ones get it from the tokenizer, as in the
     # instruction path.
     enc = tok(text, add_special_tokens=template != "model", return_offsets_mapping=True)
@@ -155,10 +165,12 @@ def encode_batch(batch: dict, tok, max_length: int, template: str) -> dict:
 
 # --- validation (tasks/validate.py hooks here for chat data) ---------------------------------------
 
+
 def resolve_layout(params, chunks):
     """(params with data.layout auto made definite, the same chunks): a causal-LM dataset is chat data
     when its first chunk has a messages or conversations column. Later stages read data.layout."""
     import itertools
+
     if params.task != "causal_lm" or params.data.layout != "auto":
         return params, chunks
     chunks = iter(chunks)
@@ -175,9 +187,13 @@ def classification_as_instruction(df, d, mapping: dict[str, int] | None, names: 
     row without the label column, as predict gets it, has no output)."""
     if not names:
         from tasks.common import PipelineError
+
         raise PipelineError("data.layout classification needs data.label_names: the names the model answers with")
-    text = [df[c].map(lambda v: "" if not isinstance(v, str) else (clean(v) if clean else v.strip()))
-            for c in d.text_columns if c in df]
+    text = [
+        df[c].map(lambda v: "" if not isinstance(v, str) else (clean(v) if clean else v.strip()))
+        for c in d.text_columns
+        if c in df
+    ]
     joined = text[0].str.rstrip(".") if text else ""
     for t in text[1:]:  # as the classifier joins them (tasks/validate.joined_text)
         joined = joined.str.cat(t.str.rstrip("."), sep=". ")
@@ -190,6 +206,7 @@ def classification_as_instruction(df, d, mapping: dict[str, int] | None, names: 
 def is_chat(layout: str, columns) -> bool:
     """Whether data.layout (auto: by the columns found) makes these rows conversations."""
     from schemas.messages import COLUMNS
+
     return layout == "messages" or (layout == "auto" and any(c in columns for c in COLUMNS))
 
 
@@ -199,6 +216,7 @@ def prepare_frame(df, clean: bool, unique: bool, for_prediction: bool = False):
     import json
 
     from schemas.messages import KEY, ConversationError, messages_schema, problems, prompt_key
+
     if "messages" not in df and "conversations" in df:
         df["messages"] = df.pop("conversations")
     if "messages" not in df:  # reported as a missing column (prompt_key is derived, not asked for)
@@ -228,14 +246,18 @@ def canonical_columns(df) -> dict:
     import json
 
     from schemas.messages import KEY
-    return {"messages": [json.dumps(normalize(v), ensure_ascii=False) for v in df["messages"]],
-            "prompt_key": df[KEY].tolist()}
+
+    return {
+        "messages": [json.dumps(normalize(v), ensure_ascii=False) for v in df["messages"]],
+        "prompt_key": df[KEY].tolist(),
+    }
 
 
 def prediction_frame(df, row_column: str):
     """Validated conversations to answer: messages up to the last user turn, and `expected`, the
     final assistant turn when the conversation came with one (as a test row does)."""
     import pandas as pd
+
     prompts, expected = [], []
     for value in df["messages"]:
         msgs = normalize(value)

@@ -15,6 +15,7 @@ and `unpinned` otherwise (a branch or tag can move: the run needs the same opt-i
 loaded dataset's fingerprint is recorded by the validate stage (data/validated/source.json).
 A local dataset folder given as hf://DIR is checked like any path.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,10 +25,10 @@ from pathlib import Path
 
 import yaml
 
-from flows import dvc_ops
+from flows.dvc import dvc_ops
 from tasks.common import PipelineError, resolve
 from tasks.config import Params
-from tasks.dataio import HUB_PREFIX, is_hub
+from tasks.data.readers import HUB_PREFIX, is_hub
 
 ALLOW_ENV = "QLORA_ALLOW_UNVERIFIED_DATA"
 
@@ -38,15 +39,15 @@ class DataVersionMismatch(PipelineError):
 
 @dataclass(frozen=True)
 class DataCheck:
-    data_path: str                    # data.path as params give it
-    status: str                       # verified | untracked | modified | uncommitted | pinned | unpinned
-    md5: str                          # DVC md5 of what the .dvc file tracks (of data.path if untracked)
-    file_md5: str                     # DVC md5 of data.path itself
-    dvc_file: str | None = None       # relative to the project
-    tracked_path: str | None = None   # what the .dvc file tracks (data.path or a folder above it)
-    recorded_md5: str | None = None   # md5 in the .dvc file on disk
+    data_path: str  # data.path as params give it
+    status: str  # verified | untracked | modified | uncommitted | pinned | unpinned
+    md5: str  # DVC md5 of what the .dvc file tracks (of data.path if untracked)
+    file_md5: str  # DVC md5 of data.path itself
+    dvc_file: str | None = None  # relative to the project
+    tracked_path: str | None = None  # what the .dvc file tracks (data.path or a folder above it)
+    recorded_md5: str | None = None  # md5 in the .dvc file on disk
     committed_md5: str | None = None  # md5 in the .dvc file at git's HEAD
-    revision: str | None = None       # hf:// hub datasets: data.revision
+    revision: str | None = None  # hf:// hub datasets: data.revision
 
     @property
     def verified(self) -> bool:
@@ -54,26 +55,46 @@ class DataCheck:
 
     def problem(self) -> str:
         if self.status == "unpinned":
-            return (f"{self.data_path}: data.revision {self.revision!r} is not a commit hash, so the hub dataset "
-                    f"it names can change without the record knowing")
+            return (
+                f"{self.data_path}: data.revision {self.revision!r} is not a commit hash, so the hub dataset "
+                f"it names can change without the record knowing"
+            )
         where = f"{self.tracked_path} (tracked by {self.dvc_file})"
         if self.status == "modified":
-            return (f"{self.data_path}: the data on disk is not the version recorded in {self.dvc_file}: "
-                    f"{where} hashes to md5 {self.md5}, the recorded version is {self.recorded_md5}"
-                    + (f" (committed: {self.committed_md5})" if self.committed_md5 not in (None, self.recorded_md5)
-                       else ""))
-        return (f"{self.data_path}: {self.dvc_file} differs from the version git's HEAD holds: the data hashes "
-                f"to md5 {self.md5}, the committed version is {self.committed_md5 or '(not committed)'}")
+            return (
+                f"{self.data_path}: the data on disk is not the version recorded in {self.dvc_file}: "
+                f"{where} hashes to md5 {self.md5}, the recorded version is {self.recorded_md5}"
+                + (f" (committed: {self.committed_md5})" if self.committed_md5 not in (None, self.recorded_md5) else "")
+            )
+        return (
+            f"{self.data_path}: {self.dvc_file} differs from the version git's HEAD holds: the data hashes "
+            f"to md5 {self.md5}, the committed version is {self.committed_md5 or '(not committed)'}"
+        )
 
     def tags(self) -> dict[str, str]:
         """What MLflow records about the data of a run."""
-        tags = {"data_path": self.data_path, "data_md5": self.md5, "data_file_md5": self.file_md5,
-                "data_verified": {"verified": "true", "untracked": "untracked", "pinned": "pinned"}.get(
-                    self.status, "false"), "data_check": self.status}
+        tags = {
+            "data_path": self.data_path,
+            "data_md5": self.md5,
+            "data_file_md5": self.file_md5,
+            "data_verified": {"verified": "true", "untracked": "untracked", "pinned": "pinned"}.get(
+                self.status, "false"
+            ),
+            "data_check": self.status,
+        }
         if self.revision is not None:
             tags["data_revision"] = self.revision
-        tags.update({k: v for k, v in (("dvc_file", self.dvc_file), ("dvc_tracked_path", self.tracked_path),
-                                       ("dvc_data_md5", self.committed_md5 or self.recorded_md5)) if v})
+        tags.update(
+            {
+                k: v
+                for k, v in (
+                    ("dvc_file", self.dvc_file),
+                    ("dvc_tracked_path", self.tracked_path),
+                    ("dvc_data_md5", self.committed_md5 or self.recorded_md5),
+                )
+                if v
+            }
+        )
         return tags
 
     def to_json(self) -> dict:
@@ -87,7 +108,7 @@ def check_data(params: Params, root: Path) -> DataCheck:
     root = Path(root).resolve()
     d = params.data
     if is_hub(d.path):
-        local = resolve(root, d.path[len(HUB_PREFIX):])
+        local = resolve(root, d.path[len(HUB_PREFIX) :])
         if not local.is_dir():  # a hub id: nothing on disk until datasets.load_dataset fetches it
             pinned = bool(d.revision and COMMIT.fullmatch(d.revision))
             return DataCheck(d.path, "pinned" if pinned else "unpinned", "", "", revision=d.revision or "main")
@@ -111,8 +132,16 @@ def check_data(params: Params, root: Path) -> DataCheck:
         status = "uncommitted"
     else:
         status = "verified"
-    return DataCheck(params.data.path, status, actual, file_md5, str(dvc_file.relative_to(root)),
-                     str(tracked.relative_to(root)), recorded, committed)
+    return DataCheck(
+        params.data.path,
+        status,
+        actual,
+        file_md5,
+        str(dvc_file.relative_to(root)),
+        str(tracked.relative_to(root)),
+        recorded,
+        committed,
+    )
 
 
 def allowed_by_user() -> bool:
@@ -127,15 +156,19 @@ def require_committed_version(check: DataCheck, allow: bool | None = None) -> Da
         if not allow and check.status == "unpinned":
             raise DataVersionMismatch(
                 check.problem() + ". Pin data.revision to the commit to train on, or run on it anyway with "
-                f"--allow-unverified-data ({ALLOW_ENV}=1): the run is then recorded as unverified.")
+                f"--allow-unverified-data ({ALLOW_ENV}=1): the run is then recorded as unverified."
+            )
         if not allow:
             # One line (a refusal is one `qlora: error:` line). The restore needs --force: DVC
             # will not overwrite bytes it has no copy of without it, and those bytes are exactly
             # the change being discarded.
             raise DataVersionMismatch(
-                check.problem() + ". Restore the committed data, discarding the change on disk (`git checkout "
-                + str(check.dvc_file) + f" && dvc checkout --force {check.dvc_file}`), record it as a new version "
+                check.problem()
+                + ". Restore the committed data, discarding the change on disk (`git checkout "
+                + str(check.dvc_file)
+                + f" && dvc checkout --force {check.dvc_file}`), record it as a new version "
                 f"(`dvc add {check.tracked_path}` and commit {check.dvc_file}), or run on it anyway with "
-                f"--allow-unverified-data ({ALLOW_ENV}=1): the run is then recorded with the real hash as unverified.")
+                f"--allow-unverified-data ({ALLOW_ENV}=1): the run is then recorded with the real hash as unverified."
+            )
         print(f"warning: {check.problem()}; running on it as asked ({ALLOW_ENV}); recorded as unverified")
     return check

@@ -16,6 +16,7 @@ bf16         Everything in the compute dtype except the trained adapters. Fastes
 
 The trained adapter weights are fp32 in every mode.
 """
+
 from __future__ import annotations
 
 import types
@@ -35,10 +36,14 @@ def prepare_base(model, mode: str, gradient_checkpointing: bool, skip_last: int 
     skip_last: the last N checkpointed layers keep their activations instead (selective
     checkpointing: each one skips a recompute and holds one layer's activations)."""
     from peft import prepare_model_for_kbit_training
+
     quantized = getattr(model, "is_loaded_in_4bit", False)
     if quantized and mode == "fp32_upcast":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     else:
         if quantized:
             for p in model.parameters():
@@ -48,6 +53,7 @@ def prepare_base(model, mode: str, gradient_checkpointing: bool, skip_last: int 
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     if gradient_checkpointing and skip_last:
         from transformers.modeling_layers import GradientCheckpointingLayer
+
         blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         for block in blocks[-skip_last:]:
             block.gradient_checkpointing = False
@@ -66,8 +72,10 @@ def apply_mixed(model, compute_dtype: torch.dtype) -> int:
     layers = decoder_layers(model)
     if not layers:
         kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise PipelineError(f"train.precision: mixed needs a decoder with the Llama layout ({', '.join(LLAMA_LAYOUT)} "
-                            f"in each layer); '{kind}' has none. Use fp32_upcast or bf16.")
+        raise PipelineError(
+            f"train.precision: mixed needs a decoder with the Llama layout ({', '.join(LLAMA_LAYOUT)} "
+            f"in each layer); '{kind}' has none. Use fp32_upcast or bf16."
+        )
     model.get_input_embeddings().register_forward_hook(_cast_output(torch.float32))
     for layer in layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
@@ -88,12 +96,14 @@ def apply_mixed(model, compute_dtype: torch.dtype) -> int:
 
 def _plain_lora(module) -> bool:
     from peft.tuners.lora import LoraLayer
+
     return isinstance(module, LoraLayer) and not any(module.use_dora.values())
 
 
 def _cast_output(dtype: torch.dtype):
     def hook(module, args, output):
         return output.to(dtype)
+
     return hook
 
 
@@ -145,7 +155,9 @@ def _act_mul(act, cuda: bool):
     one for its backward) on CUDA, where unfused fp32 temporaries cost a fifth of the step."""
     key = (act, cuda)
     if key not in _ACT_MUL:
+
         def act_mul(g, dg, u, du):
             return (act(g.float() + dg.float()) * (u.float() + du.float())).to(g.dtype)
+
         _ACT_MUL[key] = torch.compile(act_mul, dynamic=True) if cuda else act_mul
     return _ACT_MUL[key]

@@ -1,4 +1,5 @@
 """Prompt templates for instruction tuning. The loss covers only what follows the prompt."""
+
 from __future__ import annotations
 
 ALPACA_WITH_INPUT = (

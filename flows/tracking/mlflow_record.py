@@ -1,11 +1,12 @@
 """MLflow glue: one run per pipeline result, with params, metrics, plots, the adapter, a
-registered model version (a servable MLflow model with its model card: flows/serving.py) and lineage tags (git commit, the data's DVC hash
+registered model version (a servable MLflow model with its model card: flows/serving/model_version.py) and lineage tags (git commit, the data's DVC hash
 and whether it was verified, the DVC experiment, the base model, the Prefect flow run).
 
 A result is identified by dvc.lock's digest: a `qlora run` that ran no stage and finds a run
 with the same digest records nothing new and names that run instead. It only reads the
 files the stages wrote, so results made by `dvc repro` are recorded the same way.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,7 +22,7 @@ from tasks.common import PipelineError, read_json
 from tasks.config import Params
 
 LOCK_TAG = "dvc_lock_sha256"
-MERGED_HASH_TAG = "merged_md5"    # a version's weights, as DVC hashes them: one version per weights
+MERGED_HASH_TAG = "merged_md5"  # a version's weights, as DVC hashes them: one version per weights
 ADAPTER_HASH_TAG = "adapter_md5"
 # Read once, at import: mlflow.set_tracking_uri() writes this variable itself, so a later
 # read would return the last project's store rather than the user's choice.
@@ -30,6 +31,7 @@ USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 # models/base/lineage.json facts the run is tagged with (a GGUF base adds its file and hash)
 BASE_LINEAGE_TAGS = ("base_model", "base_model_source", "base_model_revision", "base_model_file", "base_model_sha256")
+
 
 def tracking_uri(params: Params, root: Path) -> str:
     return params.tracking.tracking_uri or USER_TRACKING_URI or f"sqlite:///{Path(root) / 'mlruns.db'}"
@@ -42,8 +44,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
     except Exception as exc:
-        raise PipelineError(f"MLflow tracking server {uri} is unreachable ({exc}); start it, or unset "
-                            f"tracking.tracking_uri / MLFLOW_TRACKING_URI to use the local store") from None
+        raise PipelineError(
+            f"MLflow tracking server {uri} is unreachable ({exc}); start it, or unset "
+            f"tracking.tracking_uri / MLFLOW_TRACKING_URI to use the local store"
+        ) from None
 
 
 def usable_uri(params: Params, root: Path) -> tuple[str, str | None]:
@@ -65,6 +69,7 @@ def use_store(params: Params, root: Path, create: bool = True):
     Runs left RUNNING by dead processes are marked KILLED first. create=False: a missing
     experiment is not created (a command that may have nothing to record)."""
     import mlflow
+
     uri, fallback_from = usable_uri(params, root)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(params.tracking.experiment) is None:
@@ -83,6 +88,7 @@ END_REASON_TAG = "qlora_end_reason"
 
 def process_tags() -> dict[str, str]:
     import socket
+
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
 
@@ -101,6 +107,7 @@ def close_dead_runs(mlflow, experiment_id: str) -> list[str]:
     """Mark KILLED the RUNNING runs whose writing process (on this host) is gone: a process killed
     mid-run cannot end its run itself. Runs of other hosts, or without a pid, are left alone."""
     import socket
+
     host = socket.gethostname()
     client = mlflow.tracking.MlflowClient()
     closed = []
@@ -109,8 +116,11 @@ def close_dead_runs(mlflow, experiment_id: str) -> list[str]:
         pid = tags.get(PID_TAG, "")
         if tags.get(HOST_TAG) != host or not pid.isdigit() or not _gone(int(pid)):
             continue
-        client.set_tag(run.info.run_id, END_REASON_TAG,
-                       f"process {pid} on {host} is gone (killed or crashed); marked KILLED by the next qlora command")
+        client.set_tag(
+            run.info.run_id,
+            END_REASON_TAG,
+            f"process {pid} on {host} is gone (killed or crashed); marked KILLED by the next qlora command",
+        )
         client.set_terminated(run.info.run_id, status="KILLED")
         closed.append(run.info.run_id)
     if closed:
@@ -121,6 +131,7 @@ def close_dead_runs(mlflow, experiment_id: str) -> list[str]:
 def git_state(cwd: Path) -> dict:
     def git(*args) -> str:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
         # params.yaml and dvc.lock are recorded on the run itself (params, dvc_lock_sha256): dirty means
         # the code or anything else differs from git_commit.
@@ -151,8 +162,12 @@ def find_run(mlflow, digest: str, experiment: str):
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None or not digest:
         return None
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.{LOCK_TAG} = '{digest}' "
-                              f"and attributes.status = 'FINISHED'", max_results=1, output_format="list")
+    runs = mlflow.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.{LOCK_TAG} = '{digest}' and attributes.status = 'FINISHED'",
+        max_results=1,
+        output_format="list",
+    )
     return runs[0] if runs else None
 
 
@@ -166,6 +181,7 @@ def _recorded(root: Path) -> dict:
 
 def _remember(root: Path, uri: str, digest: str, info: dict) -> None:
     from tasks.common import write_json
+
     known = _recorded(root)
     known.setdefault(uri, {})[digest] = {k: v for k, v in info.items() if k != "reused"}
     write_json(Path(root) / RECORDED, known)
@@ -181,8 +197,10 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
     try:
         mlflow, uri, fallback_from = use_store(params, root)
     except PipelineError as exc:  # the server went away while the stages ran: their outputs stand
-        raise PipelineError(f"{exc}. The stages' outputs are kept (dvc.lock records them): once the server "
-                            f"answers, run the same command again; it records them without re-running a stage") from None
+        raise PipelineError(
+            f"{exc}. The stages' outputs are kept (dvc.lock records them): once the server "
+            f"answers, run the same command again; it records them without re-running a stage"
+        ) from None
     if not outcome.ran_any and parent_run_id is None:
         existing = find_run(mlflow, outcome.lock_digest, params.tracking.experiment)
         if existing is not None:
@@ -193,24 +211,42 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
             _remember(root, uri, outcome.lock_digest, info)
             return info
     base = read_json(Path(root) / catalog.BASE_LINEAGE)
-    tags = {**git_state(root), **outcome.data["tags"], **{k: str(base[k]) for k in BASE_LINEAGE_TAGS if k in base},
-            "task": params.task, "prefect_flow_run_id": outcome.flow_run_id, LOCK_TAG: outcome.lock_digest,
-            **process_tags(),
-            **({"label_names": json.dumps(read_json(Path(root) / catalog.LABELS)["names"])}
-               if params.task == "seq_cls" else {}),
-            **{f"stage.{n}": "ran" if s.ran else "skipped" for n, s in outcome.stages.items()}}
+    tags = {
+        **git_state(root),
+        **outcome.data["tags"],
+        **{k: str(base[k]) for k in BASE_LINEAGE_TAGS if k in base},
+        "task": params.task,
+        "prefect_flow_run_id": outcome.flow_run_id,
+        LOCK_TAG: outcome.lock_digest,
+        **process_tags(),
+        **(
+            {"label_names": json.dumps(read_json(Path(root) / catalog.LABELS)["names"])}
+            if params.task == "seq_cls"
+            else {}
+        ),
+        **{f"stage.{n}": "ran" if s.ran else "skipped" for n, s in outcome.stages.items()},
+    }
     source = Path(root) / catalog.VALIDATED_DIR / "source.json"  # hf:// data: what datasets.load_dataset loaded
     if source.exists():
         tags["data_fingerprint"] = read_json(source)["fingerprint"]
     if outcome.experiment is not None:
-        tags.update({"dvc_experiment": outcome.experiment.name, "dvc_experiment_rev": outcome.experiment.rev,
-                     "dvc_experiment_baseline": outcome.experiment.baseline})
+        tags.update(
+            {
+                "dvc_experiment": outcome.experiment.name,
+                "dvc_experiment_rev": outcome.experiment.rev,
+                "dvc_experiment_baseline": outcome.experiment.baseline,
+            }
+        )
     if fallback_from:
         tags["tracking_fallback_from"] = fallback_from
-    nesting = {"nested": True, "parent_run_id": parent_run_id} if parent_run_id else \
-        {"nested": mlflow.active_run() is not None}
-    with mlflow.start_run(run_name=outcome.experiment.name if outcome.experiment else None, tags=tags,
-                          **nesting) as run:
+    nesting = (
+        {"nested": True, "parent_run_id": parent_run_id}
+        if parent_run_id
+        else {"nested": mlflow.active_run() is not None}
+    )
+    with mlflow.start_run(
+        run_name=outcome.experiment.name if outcome.experiment else None, tags=tags, **nesting
+    ) as run:
         mlflow.log_params(_flatten(params.model_dump(mode="json")))
         info = {"run_id": run.info.run_id, "tracking_uri": uri, "reused": False}
         _log_results(mlflow, run, params, Path(root), outcome)
@@ -224,6 +260,7 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
 
 def _log_results(mlflow, run, params: Params, root: Path, outcome) -> None:
     from mlflow.entities import Metric
+
     _log_dataset(mlflow, params, root, outcome.stages["validate"].outs.get(catalog.VALIDATED_DIR, ""))
     if (root / catalog.TRAIN_LOSS_CSV).exists():
         now = int(time.time() * 1000)
@@ -233,19 +270,34 @@ def _log_results(mlflow, run, params: Params, root: Path, outcome) -> None:
         metrics += [Metric("learning_rate", float(r["lr"]), now, int(r["step"])) for r in rows]
         if (root / catalog.TRAIN_VALIDATION_CSV).exists():  # train.eval_every passes: val_loss (, val_accuracy)
             with open(root / catalog.TRAIN_VALIDATION_CSV) as f:
-                metrics += [Metric(k, float(v), now, int(r["step"])) for r in csv.DictReader(f)
-                            for k, v in r.items() if k != "step" and v != ""]
+                metrics += [
+                    Metric(k, float(v), now, int(r["step"]))
+                    for r in csv.DictReader(f)
+                    for k, v in r.items()
+                    if k != "step" and v != ""
+                ]
         client = mlflow.tracking.MlflowClient()
         for i in range(0, len(metrics), 900):
-            client.log_batch(run.info.run_id, metrics=metrics[i:i + 900])
+            client.log_batch(run.info.run_id, metrics=metrics[i : i + 900])
         summary = read_json(root / catalog.TRAIN_SUMMARY)
-        mlflow.log_metrics({f"train_{k}": v for k, v in summary.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_metrics(
+            {f"train_{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        )
         # how it trained: on how many processes, sharded how, and what each rank did
-        mlflow.set_tags({"train_world_size": str(summary.get("world_size", 1)),
-                         "train_strategy": str(summary.get("strategy", "single"))})
-        mlflow.log_metrics({f"train_rank{r['rank']}_{k}": r[k] for r in summary.get("ranks", [])
-                            for k in ("tokens", "tokens_per_second", "train_seconds") if r.get(k) is not None})
+        mlflow.set_tags(
+            {
+                "train_world_size": str(summary.get("world_size", 1)),
+                "train_strategy": str(summary.get("strategy", "single")),
+            }
+        )
+        mlflow.log_metrics(
+            {
+                f"train_rank{r['rank']}_{k}": r[k]
+                for r in summary.get("ranks", [])
+                for k in ("tokens", "tokens_per_second", "train_seconds")
+                if r.get(k) is not None
+            }
+        )
     metrics = read_json(root / catalog.METRICS)
     split = metrics.get("split", "test")
     flat = {f"{split}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -258,6 +310,7 @@ def _log_results(mlflow, run, params: Params, root: Path, outcome) -> None:
             mlflow.log_artifacts(str(root / rel), rel)
     if (root / catalog.SAMPLES).exists():  # causal_lm: prompt, reference, generated, scores; a table in the UI
         import pandas as pd
+
         samples = pd.read_json(root / catalog.SAMPLES, lines=True, dtype=False)
         if len(samples):
             mlflow.log_table(samples, artifact_file="eval/samples_table.json")
@@ -271,31 +324,43 @@ def _log_results(mlflow, run, params: Params, root: Path, outcome) -> None:
 def _log_dataset(mlflow, params: Params, root: Path, validated_md5: str) -> None:
     """The validated rows as MLflow's training input: a Hugging Face dataset (memory-mapped, so
     MLflow reads only the first rows for the schema) whose digest is DVC's md5 of data/validated."""
-    from tasks.arrowio import open_rows
-    from tasks.dataio import is_hub
+    from tasks.data.arrowio import open_rows
+    from tasks.data.readers import is_hub
+
     d = params.data
     rows = open_rows(root / catalog.VALIDATED_ROWS)
     source = d.path if is_hub(d.path) or Path(d.path).is_absolute() else str(root / d.path)
-    ds = mlflow.data.from_huggingface(rows, path=source, name=Path(d.path).name, digest=validated_md5[:32] or None,
-                                      targets="label" if "label" in rows.column_names else None,
-                                      revision=d.revision if is_hub(d.path) else None)
+    ds = mlflow.data.from_huggingface(
+        rows,
+        path=source,
+        name=Path(d.path).name,
+        digest=validated_md5[:32] or None,
+        targets="label" if "label" in rows.column_names else None,
+        revision=d.revision if is_hub(d.path) else None,
+    )
     mlflow.log_input(ds, context="training")
     mlflow.set_tag("dataset_digest", ds.digest)
 
 
 def _register(mlflow, run, params: Params, root: Path, outcome, tags: dict) -> str | None:
-    """Register this result as a model version, a servable MLflow model (flows/serving.py) holding the
+    """Register this result as a model version, a servable MLflow model (flows/serving/model_version.py) holding the
     merged model or only the adapter (tracking.register_as), unless the same weights are registered."""
-    from flows import lineage, serving
-    from tasks.card import record_facts, render_card, render_summary
+    from flows.serving import model_version
+    from flows.tracking import lineage
+    from tasks.serve.card import record_facts, render_card, render_summary
+
     variant = params.tracking.register_as
     if variant == "merged" and not (root / catalog.MERGED_DIR / "config.json").exists():
-        print("warning: tracking.register_as is 'merged' but there is no merged model (merge.enabled is false): "
-              "no model version registered")
+        print(
+            "warning: tracking.register_as is 'merged' but there is no merged model (merge.enabled is false): "
+            "no model version registered"
+        )
         return None
     name = params.tracking.registered_model
     client = mlflow.tracking.MlflowClient()
-    hash_tag, out = (MERGED_HASH_TAG, catalog.MERGED_DIR) if variant == "merged" else (ADAPTER_HASH_TAG, catalog.ADAPTER_DIR)
+    hash_tag, out = (
+        (MERGED_HASH_TAG, catalog.MERGED_DIR) if variant == "merged" else (ADAPTER_HASH_TAG, catalog.ADAPTER_DIR)
+    )
     stage = "merge" if variant == "merged" else "train"
     digest = outcome.stages[stage].outs.get(out, "")
     try:
@@ -310,13 +375,20 @@ def _register(mlflow, run, params: Params, root: Path, outcome, tags: dict) -> s
     facts = record_facts(info, variant)
     card = render_card(facts)
     mlflow.log_text(card, f"model_card/{catalog.CARD}")
-    model_info = serving.log_model(params, root, variant, card, tags={"variant": variant, hash_tag: digest})
-    version_tags = {hash_tag: digest, "variant": variant,
-                    **{k: str(v) for k, v in tags.items() if not k.startswith("stage.") and k not in (PID_TAG, HOST_TAG)},
-                    **{k: f"{v:.6g}" for k, v in info["metrics"].items()}}
-    mv = serving.register(name, model_info, version_tags,
-                          f"QLoRA fine-tunes of {facts['base_model']} made by qlora-flow (task {params.task}). "
-                          f"Each version is a pyfunc MLflow model carrying its model card (bundle/README.md).")
+    model_info = model_version.log_model(params, root, variant, card, tags={"variant": variant, hash_tag: digest})
+    version_tags = {
+        hash_tag: digest,
+        "variant": variant,
+        **{k: str(v) for k, v in tags.items() if not k.startswith("stage.") and k not in (PID_TAG, HOST_TAG)},
+        **{k: f"{v:.6g}" for k, v in info["metrics"].items()},
+    }
+    mv = model_version.register(
+        name,
+        model_info,
+        version_tags,
+        f"QLoRA fine-tunes of {facts['base_model']} made by qlora-flow (task {params.task}). "
+        f"Each version is a pyfunc MLflow model carrying its model card (bundle/README.md).",
+    )
     facts["model"]["version"] = mv.version  # the description names it; the card cannot (it is inside the version)
     client.update_model_version(name, mv.version, description=render_summary(facts))
     mlflow.set_tag("registered_model_version", f"{name}/{mv.version}")

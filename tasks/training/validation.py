@@ -10,16 +10,17 @@ seeded sample, the same every pass) in length-sorted batches (little padding), u
 training loss (mean over label tokens, or over examples for seq_cls), plus accuracy for seq_cls.
 Under DDP each rank scores its shard and the sums are added, so all ranks take the same decision.
 """
+
 from __future__ import annotations
 
 import random
 
 import torch
 
-from tasks.distributed import ddp as distributed
-from tasks.arrowio import list_lengths
-from tasks.batching import IGNORE, batches
 from tasks.config import TrainConfig
+from tasks.data.arrowio import list_lengths
+from tasks.data.batching import IGNORE, batches
+from tasks.distributed import ddp as distributed
 
 
 def _keep_4bit_layers_in_train_mode(model) -> None:
@@ -32,7 +33,9 @@ def _keep_4bit_layers_in_train_mode(model) -> None:
 
 
 @torch.no_grad()
-def score(model, rows, batch_size: int, pad_id: int, task: str, device, autocast, subset: list[int] | None = None) -> dict:
+def score(
+    model, rows, batch_size: int, pad_id: int, task: str, device, autocast, subset: list[int] | None = None
+) -> dict:
     """{"loss": ..., "accuracy": ... (seq_cls)} of the model on these tokenized rows (those at `subset`)."""
     lengths = list_lengths(rows).tolist()  # from the Arrow offsets: no row is read
     rank, size = distributed.world()  # every row once over all ranks (no collective runs per batch)
@@ -70,10 +73,10 @@ class Validation:
         self.subset: list[int] | None = None  # the rows every pass scores (chosen at the first pass)
         self.stopping, self.metric = t.early_stopping, t.early_stopping_metric
         self.patience, self.min_delta = t.early_stopping_patience, t.early_stopping_min_delta
-        self.history: list[dict] = []   # one row per pass: step, val_loss (, val_accuracy)
+        self.history: list[dict] = []  # one row per pass: step, val_loss (, val_accuracy)
         self.best: float | None = None  # the best score of self.metric so far
         self.best_step: int | None = None
-        self.bad_passes = 0             # passes since the last improvement
+        self.bad_passes = 0  # passes since the last improvement
         self.stopped_at: int | None = None
         self.best_weights: dict[str, torch.Tensor] = {}  # trainable tensors of the best pass (early stopping)
 
@@ -94,8 +97,9 @@ class Validation:
         if self.best is None or sign * (value - self.best) > self.min_delta:
             self.best, self.best_step, self.bad_passes = value, step, 0
             if self.stopping:  # keep a copy of what would be saved: the trainable weights
-                self.best_weights = {n: p.detach().to("cpu", copy=True)
-                                     for n, p in model.named_parameters() if p.requires_grad}
+                self.best_weights = {
+                    n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad
+                }
         else:
             self.bad_passes += 1
             if self.stopping and self.bad_passes >= self.patience:
@@ -121,15 +125,28 @@ class Validation:
             return {}
         last = self.history[-1]
         out = {f"final_{k}": v for k, v in last.items() if k != "step"}
-        out.update({"validation_rows": len(self.subset or []), "best_step": self.best_step, f"best_val_{self.metric}": self.best,
-                    "early_stopping": self.stopping, "stopped_early": self.stop, "stopped_at_step": self.stopped_at,
-                    "saved_adapter_step": self.best_step if self.stopping else last["step"]})
+        out.update(
+            {
+                "validation_rows": len(self.subset or []),
+                "best_step": self.best_step,
+                f"best_val_{self.metric}": self.best,
+                "early_stopping": self.stopping,
+                "stopped_early": self.stop,
+                "stopped_at_step": self.stopped_at,
+                "saved_adapter_step": self.best_step if self.stopping else last["step"],
+            }
+        )
         return out
 
     # --- checkpointing: JSON state and tensors, restored by a resumed run
     def state(self) -> dict:
-        return {"history": self.history, "best": self.best, "best_step": self.best_step,
-                "bad_passes": self.bad_passes, "stopped_at": self.stopped_at}
+        return {
+            "history": self.history,
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad_passes": self.bad_passes,
+            "stopped_at": self.stopped_at,
+        }
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return self.best_weights

@@ -4,13 +4,14 @@ inside functions too (the stages import their heavy dependencies lazily), and so
 `__init__.py` files that run on the way. dvc.yaml's code dependencies are this closure, so an
 edit to any module a stage can execute makes DVC run the stage again: the record follows the code.
 """
+
 from __future__ import annotations
 
 import ast
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("tasks", "flows", "schemas")  # the project's own packages (pyproject's [tool.setuptools])
 
 
@@ -30,7 +31,7 @@ def _with_packages(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def imported_modules(name: str, root: Path = REPO) -> frozenset[str]:
     """The project modules that `name`'s source imports anywhere in the file."""
     path = module_file(name, root)

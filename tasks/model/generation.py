@@ -8,6 +8,7 @@ assistant turns included, so a multi-turn row is asked what its final answer sho
 conversation so far as context. (All unlabelled tokens would splice the turns of a multi-turn row
 together; a single-turn row gets the same prompt either way.)
 """
+
 from __future__ import annotations
 
 import re
@@ -45,6 +46,7 @@ def rouge_l(generated: str, reference: str) -> float:
     global _ROUGE
     if _ROUGE is None:
         from rouge_score import rouge_scorer
+
         _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     return float(_ROUGE.score(reference, generated)["rougeL"].fmeasure)
 
@@ -57,23 +59,30 @@ def generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_si
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
-        idx = order[start: start + batch_size]
+        idx = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for r, i in enumerate(idx):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]) :] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+        )
         for r, i in enumerate(idx):
             new = gen[r, width:].tolist()
             out[i] = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
     return out
 
 
-def evaluate_generation(model, tok, rows, max_rows: int | None, max_new_tokens: int, batch_size: int,
-                        device) -> tuple[dict, list[dict]]:
+def evaluate_generation(
+    model, tok, rows, max_rows: int | None, max_new_tokens: int, batch_size: int, device
+) -> tuple[dict, list[dict]]:
     """({"exact_match", "rougeL", "generated_rows"}, one sample per row: row, prompt, reference,
     generated, exact_match, rougeL). rows: a tokenized split (input_ids, labels, row)."""
     n = len(rows) if max_rows is None else min(max_rows, len(rows))
@@ -88,9 +97,19 @@ def evaluate_generation(model, tok, rows, max_rows: int | None, max_new_tokens: 
     for (row, prompt, reference), answer in zip(items, answers):
         ref = tok.decode(reference, skip_special_tokens=True).strip()
         got = tok.decode(answer, skip_special_tokens=True).strip()
-        samples.append({"row": row, "prompt": tok.decode(prompt, skip_special_tokens=True), "reference": ref,
-                        "generated": got, "exact_match": exact_match(got, ref), "rougeL": round(rouge_l(got, ref), 6)})
-    metrics = {"generated_rows": len(samples),
-               "exact_match": sum(s["exact_match"] for s in samples) / len(samples) if samples else None,
-               "rougeL": sum(s["rougeL"] for s in samples) / len(samples) if samples else None}
+        samples.append(
+            {
+                "row": row,
+                "prompt": tok.decode(prompt, skip_special_tokens=True),
+                "reference": ref,
+                "generated": got,
+                "exact_match": exact_match(got, ref),
+                "rougeL": round(rouge_l(got, ref), 6),
+            }
+        )
+    metrics = {
+        "generated_rows": len(samples),
+        "exact_match": sum(s["exact_match"] for s in samples) / len(samples) if samples else None,
+        "rougeL": sum(s["rougeL"] for s in samples) / len(samples) if samples else None,
+    }
     return metrics, samples

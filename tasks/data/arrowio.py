@@ -7,10 +7,11 @@ Bytes depend only on the rows: a writer re-cuts whatever it is given into record
 of BATCH_ROWS rows, so the chunk size of the reader upstream or the number of processes of
 a `Dataset.map` never changes a file's DVC hash.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,8 +24,8 @@ SUFFIX = ".arrow"
 class RowsWriter:
     """Append tables (or dicts of columns) with one schema; written in BATCH_ROWS-row batches.
 
-        with RowsWriter(path, features) as out:
-            out.write({"text": [...], "label": [...], "row": [...]})
+    with RowsWriter(path, features) as out:
+        out.write({"text": [...], "label": [...], "row": [...]})
     """
 
     def __init__(self, path: Path, features):
@@ -39,8 +40,11 @@ class RowsWriter:
     def write(self, batch) -> None:
         if isinstance(batch, pa.RecordBatch):
             batch = pa.Table.from_batches([batch])
-        table = batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(
-            {name: batch[name] for name in self.schema.names}, schema=self.schema)
+        table = (
+            batch
+            if isinstance(batch, pa.Table)
+            else pa.Table.from_pydict({name: batch[name] for name in self.schema.names}, schema=self.schema)
+        )
         if table.schema != self.schema:
             table = table.select(self.schema.names).cast(self.schema)
         if table.num_rows == 0:
@@ -69,7 +73,7 @@ class RowsWriter:
         self._sink.close()
         return self.rows
 
-    def __enter__(self) -> "RowsWriter":
+    def __enter__(self) -> RowsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -83,6 +87,7 @@ class RowsWriter:
 def open_rows(path: Path):
     """The rows as a `datasets.Dataset`, memory-mapped: nothing is read until it is used."""
     from datasets import Dataset
+
     return Dataset.from_file(str(path), in_memory=False)
 
 

@@ -1,6 +1,7 @@
 """DVC glue: the one place that decides what is up to date (dvc.lock), hashes data the way
 DVC does, runs parameter experiments, and records new data versions (`dvc add` + push +
 git commit of the .dvc file)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -25,6 +26,7 @@ def md5(path: Path) -> str:
     from dvc_data.hashfile.hash import hash_file
     from dvc_data.hashfile.tree import Tree
     from dvc_objects.fs.local import LocalFileSystem
+
     fs, path = LocalFileSystem(), Path(path)
     if path.is_file():
         return hash_file(str(path), fs, "md5", state=None)[1].value
@@ -47,6 +49,7 @@ def _repo(root: Path):
     """One dvc.repo.Repo per project for this process: opening one costs ~0.2 s, and a run asks
     DVC about seven stages. DVC resets the repo's caches after each locked operation."""
     from dvc.repo import Repo
+
     key = str(Path(root).resolve())
     with contextlib.chdir(key):  # DVC resolves some paths (targets, stage wdirs) against the cwd
         if key not in _REPOS:
@@ -59,6 +62,7 @@ def reproduce(root: Path, stage: str) -> bool:
     code changed (or its outputs are missing), records it in dvc.lock, and skips it otherwise.
     Returns whether it ran."""
     from dvc.exceptions import ReproductionError
+
     with _repo(root) as repo:
         repo.scm_context.quiet = True  # no "git add dvc.lock" hints after every stage
         try:
@@ -70,6 +74,7 @@ def reproduce(root: Path, stage: str) -> bool:
 
 def stage_error_path(root: Path, stage: str) -> Path:
     from tasks.catalog import STAGE_ERRORS_DIR
+
     return Path(root) / STAGE_ERRORS_DIR / f"{stage}.txt"
 
 
@@ -86,6 +91,7 @@ def stage_key(root: Path, stage: str) -> str:
     stages with persistent outputs, so the key is computed here with DVC's functions.)"""
     from dvc.stage.cache import _get_cache_hash
     from dvc.stage.serialize import to_single_stage_lockfile
+
     with _repo(root) as repo:
         (target,) = repo.stage.collect(f"{repo.root_dir}/dvc.yaml:{stage}")
         target.save_deps()
@@ -114,12 +120,12 @@ def locked_outs(root: Path, stage: str) -> dict[str, str]:
 def apply_params(root: Path, overrides: list[str]) -> None:
     """Write the overrides into params.yaml, as `dvc exp run -S` does (comments are kept)."""
     from dvc.utils.hydra import apply_overrides
+
     apply_overrides(str(Path(root) / PARAMS_FILE), list(overrides))
 
 
 def is_git_repo(root: Path) -> bool:
-    return subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root,
-                          capture_output=True).returncode == 0
+    return subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True).returncode == 0
 
 
 def save_experiment(root: Path, name: str | None) -> tuple[str, str]:
@@ -160,8 +166,9 @@ def committed_dvc_md5(dvc_file: Path, root: Path) -> str | None:
 def _run(cmd: list[str], root: Path) -> str:
     p = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     if p.returncode:
-        raise PipelineError(f"`{' '.join(cmd[2:] if cmd[0] == sys.executable else cmd)}` failed in {root}:\n"
-                            f"{p.stdout}{p.stderr}")
+        raise PipelineError(
+            f"`{' '.join(cmd[2:] if cmd[0] == sys.executable else cmd)}` failed in {root}:\n{p.stdout}{p.stderr}"
+        )
     return p.stdout
 
 
@@ -177,8 +184,10 @@ def new_version(data_path: Path, root: Path, remote: str | None, commit: bool, m
         raise PipelineError(f"{data_path} is not tracked by DVC: `dvc add` it (or its folder) first")
     meta = yaml.safe_load(dvc_file.read_text())
     if meta.get("deps") or meta.get("frozen"):
-        raise PipelineError(f"{dvc_file} is a `dvc import`; retraining appends rows to data you own: "
-                            f"`dvc add` a copy of it and point data.path there")
+        raise PipelineError(
+            f"{dvc_file} is a `dvc import`; retraining appends rows to data you own: "
+            f"`dvc add` a copy of it and point data.path there"
+        )
     target = dvc_file.with_suffix("")
     dvc(root, "add", "-q", str(target.relative_to(root)))
     push = ["push", "-q", str(dvc_file.relative_to(root))] + (["-r", remote] if remote else [])

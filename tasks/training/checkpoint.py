@@ -13,6 +13,7 @@ the others, so the files are those of a one-process run and resume on any number
 processes (the data position is counted in rows of the epoch's order, not per rank), and
 only rank 0's disk needs them (several nodes).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,13 +27,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.distributed import ddp as distributed, sharding
+from tasks.distributed import ddp as distributed
+from tasks.distributed import sharding
 
 KEEP = 2
 
 
 EXTRA = "extra.safetensors"  # tensors a caller adds (the best adapter weights of early stopping)
-MANIFEST = "manifest.json"     # {file: {size, sha256}} of the other files; written last
+MANIFEST = "manifest.json"  # {file: {size, sha256}} of the other files; written last
 
 
 def run_dir(ckpt_root: Path, key: str) -> Path:
@@ -110,8 +112,9 @@ def check(path: Path) -> str | None:
     return None
 
 
-def save(ckpt_dir: Path, model, optimizer, scheduler, state: dict,
-         extra: dict[str, torch.Tensor] | None = None) -> Path | None:
+def save(
+    ckpt_dir: Path, model, optimizer, scheduler, state: dict, extra: dict[str, torch.Tensor] | None = None
+) -> Path | None:
     """Called by every rank (gathering FSDP's shards is a collective); rank 0 writes."""
     weights, optim = sharding.full_training_state(model, optimizer)
     if not distributed.is_main():

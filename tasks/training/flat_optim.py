@@ -15,6 +15,7 @@ the flat gradient (one kernel) and never drops the views. The state (two fp32 va
 weight) is paged memory, as with PagedAdamW32bit. One process only: under DDP the
 per-tensor optimizer is used (DDP's gradient buckets manage .grad themselves).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,9 +31,9 @@ def flatten(params: list[torch.Tensor]) -> tuple[torch.nn.Parameter, torch.Tenso
     at = 0
     for p in params:
         n = p.numel()
-        flat[at: at + n].copy_(p.detach().reshape(-1))
-        p.data = flat[at: at + n].view_as(p)
-        p.grad = grad[at: at + n].view_as(p)
+        flat[at : at + n].copy_(p.detach().reshape(-1))
+        p.data = flat[at : at + n].view_as(p)
+        p.grad = grad[at : at + n].view_as(p)
         at += n
     owner = torch.nn.Parameter(flat)  # the optimizer's one tensor; the model keeps views
     owner.grad = grad
@@ -42,8 +43,12 @@ def flatten(params: list[torch.Tensor]) -> tuple[torch.nn.Parameter, torch.Tenso
 def make(params: list[torch.Tensor], lr: float, weight_decay: float):
     """A paged AdamW 32-bit over the flat buffer; the per-tensor one where that cannot be."""
     import bitsandbytes as bnb
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         return bnb.optim.PagedAdamW32bit(params, lr=lr, weight_decay=weight_decay)
     flat = flatten(list(params))
     if flat is None:

@@ -3,6 +3,7 @@
 Safety: weights load from safetensors only (pickle checkpoints are refused) and
 remote code runs only when params say model.trust_remote_code: true.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,15 +32,21 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, dict]:
     if gguf.is_gguf(cfg.name):
         return str(gguf.locate(cfg.name)[0]), gguf.lineage(cfg.name)
     if Path(cfg.name).is_dir():
-        return str(Path(cfg.name).resolve()), {"base_model": cfg.name, "base_model_source": "local_dir",
-                                               "base_model_revision": cfg.revision}
+        return str(Path(cfg.name).resolve()), {
+            "base_model": cfg.name,
+            "base_model_source": "local_dir",
+            "base_model_revision": cfg.revision,
+        }
     if cfg.prefer_embedded and cfg.name in EMBEDDED:
         module, dist = EMBEDDED[cfg.name]
         try:
             path = importlib.import_module(module).get_model_path()
             version = importlib.metadata.version(dist)
-            return str(path), {"base_model": cfg.name, "base_model_source": f"pypi:{dist}",
-                               "base_model_revision": f"{dist}=={version}"}
+            return str(path), {
+                "base_model": cfg.name,
+                "base_model_source": f"pypi:{dist}",
+                "base_model_revision": f"{dist}=={version}",
+            }
         except ImportError:
             pass  # fall through to the hub
     return cfg.name, {"base_model": cfg.name, "base_model_source": "hub", "base_model_revision": cfg.revision}
@@ -55,8 +62,10 @@ def check_safe_dir(path: str | Path, what: str = "model") -> None:
         return
     pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if pickles:
-        raise PipelineError(f"{p}: {what} weights are pickle files ({', '.join(sorted(pickles))}); only "
-                            f"safetensors are loaded. Convert them (e.g. save_pretrained(safe_serialization=True)).")
+        raise PipelineError(
+            f"{p}: {what} weights are pickle files ({', '.join(sorted(pickles))}); only "
+            f"safetensors are loaded. Convert them (e.g. save_pretrained(safe_serialization=True))."
+        )
 
 
 def pick_device(setting: str) -> torch.device:
@@ -69,6 +78,7 @@ def pick_device(setting: str) -> torch.device:
 
 def bnb_config(q: QuantConfig):
     from transformers import BitsAndBytesConfig
+
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
@@ -89,12 +99,13 @@ def quant_storage(q: QuantConfig, strategy: str) -> str:
 
 def auto_class(task: str):
     import transformers
-    return transformers.AutoModelForSequenceClassification if task == "seq_cls" \
-        else transformers.AutoModelForCausalLM
+
+    return transformers.AutoModelForSequenceClassification if task == "seq_cls" else transformers.AutoModelForCausalLM
 
 
 def load_tokenizer(source: str, revision: str = "main", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
+
     if gguf.is_gguf(source):
         tok = gguf.load_tokenizer(Path(source))
     else:
@@ -104,33 +115,51 @@ def load_tokenizer(source: str, revision: str = "main", trust_remote_code: bool 
     return tok
 
 
-def load_base(task: str, source: str, model_cfg: ModelConfig, quant: QuantConfig,
-              device: torch.device, label_names: list[str] | None = None):
+def load_base(
+    task: str,
+    source: str,
+    model_cfg: ModelConfig,
+    quant: QuantConfig,
+    device: torch.device,
+    label_names: list[str] | None = None,
+):
     """Load the base model from its source, quantized to 4-bit when quant.load_in_4bit."""
     if gguf.is_gguf(source):  # dequantized once to dense safetensors, which load like any checkpoint
         import tempfile
+
         with tempfile.TemporaryDirectory(prefix="qlora-gguf-") as dense:
             gguf.dequantize_to(Path(source), Path(dense), auto_class(task), DTYPES[quant.compute_dtype])
             return load_base(task, dense, model_cfg, quant, device, label_names)
     check_safe_dir(source)
-    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
-                  use_safetensors=True, dtype=DTYPES[quant.compute_dtype])
+    kwargs = dict(
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=True,
+        dtype=DTYPES[quant.compute_dtype],
+    )
     if quant.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(quant)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     if task == "seq_cls":
-        kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-                      label2id={n: i for i, n in enumerate(label_names)})
+        kwargs.update(
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
     try:
         model = auto_class(task).from_pretrained(source, **kwargs)
     except OSError as exc:
-        raise PipelineError(f"cannot load base model '{source}': {exc}. Offline? Point model.name at a "
-                            f"local directory or install an embedded model package.") from None
+        raise PipelineError(
+            f"cannot load base model '{source}': {exc}. Offline? Point model.name at a "
+            f"local directory or install an embedded model package."
+        ) from None
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             raise
-        raise PipelineError(f"base model '{source}' needs its own Python code to load; it is not run unless "
-                            f"params set model.trust_remote_code: true (only for code you have reviewed)") from None
+        raise PipelineError(
+            f"base model '{source}' needs its own Python code to load; it is not run unless "
+            f"params set model.trust_remote_code: true (only for code you have reviewed)"
+        ) from None
     LOAD_COUNT["base"] += 1
     if not quant.load_in_4bit:
         model.to(device)

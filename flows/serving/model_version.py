@@ -1,10 +1,11 @@
 """A registered model version as a real MLflow model: a pyfunc (models from code,
-flows/served_model.py) that carries a bundle (tasks/predict.py: the merged model, or the adapter
+flows/serving/served_model.py) that carries a bundle (tasks/serve/predict.py: the merged model, or the adapter
 and where its base comes from; the params; the model card), its own prediction code (tasks/,
 schemas/), a signature, an input example and pip requirements pinned to the versions that
 trained it. So `mlflow models serve -m models:/NAME@champion`, `mlflow.pyfunc.load_model` and
 `qlora predict --model models:/NAME@champion` all work, and answer alike.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -22,10 +23,22 @@ from tasks.common import PipelineError, read_json, resolve
 from tasks.config import Params
 
 PYTHON_MODEL = Path(__file__).with_name("served_model.py")
-MODEL_NAME = "model"   # the logged model's name in its run
+MODEL_NAME = "model"  # the logged model's name in its run
 # distributions the served code imports, pinned to the versions installed where it was trained
-REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "accelerate", "pandas", "pandera",
-                "pydantic", "PyYAML", "numpy", "tqdm")
+REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "accelerate",
+    "pandas",
+    "pandera",
+    "pydantic",
+    "PyYAML",
+    "numpy",
+    "tqdm",
+)
 ADAPTER_REQUIREMENTS = ("peft",)
 TMP_DIR = ".qlora/tmp"  # bundles are built here: hard links into models/ need the same filesystem
 
@@ -53,13 +66,15 @@ def requirements(params: Params, variant: str, root: Path) -> list[str]:
 
 def is_chat_model(root: Path) -> bool:
     """Whether the model trained on conversations (its split rows carry messages)."""
-    from tasks.arrowio import open_rows
+    from tasks.data.arrowio import open_rows
+
     return "messages" in open_rows(resolve(root, catalog.split_file(catalog.SPLIT_DIR, "test"))).features
 
 
 def signature(params: Params, chat: bool = False):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
     run_params = [ParamSpec("batch_size", "long", params.eval.batch_size)]
     if params.task == "seq_cls":
         inputs = Schema([ColSpec("string", c) for c in params.data.text_columns])
@@ -82,13 +97,19 @@ def signature(params: Params, chat: bool = False):
 def input_example(params: Params, root: Path, n: int = 2) -> pd.DataFrame:
     """The first rows of the held-out test split, as the raw data has them (what a client sends):
     the raw data is read a chunk at a time until they are found."""
-    from tasks.arrowio import open_rows
-    from tasks.dataio import ROW
+    from tasks.data.arrowio import open_rows
+    from tasks.data.readers import ROW
     from tasks.validate import source_chunks
+
     d = params.data
     wanted = [str(r) for r in open_rows(resolve(root, catalog.split_file(catalog.SPLIT_DIR, "test")))[:n]["row"]]
-    columns = list(d.text_columns) if params.task == "seq_cls" or d.layout == "classification" \
-        else ["messages"] if is_chat_model(root) else ["instruction", "input"]
+    columns = (
+        list(d.text_columns)
+        if params.task == "seq_cls" or d.layout == "classification"
+        else ["messages"]
+        if is_chat_model(root)
+        else ["instruction", "input"]
+    )
     found = []
     for chunk in source_chunks(params, root)[1]:
         found.append(chunk[chunk[ROW].astype(str).isin(set(wanted))])
@@ -105,23 +126,29 @@ def log_model(params: Params, root: Path, variant: str, card: str, tags: dict | 
     MLflow loads it once and predicts the input example to check it serves."""
     import mlflow
 
-    from tasks.predict import write_bundle
+    from tasks.serve.predict import write_bundle
+
     tmp_root = resolve(root, TMP_DIR)
     tmp_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
         bundle = write_bundle(Path(tmp) / "bundle", params, root, variant, card)
         return mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=str(PYTHON_MODEL), artifacts={"bundle": str(bundle)},
+            name=MODEL_NAME,
+            python_model=str(PYTHON_MODEL),
+            artifacts={"bundle": str(bundle)},
             code_paths=[str(Path(tasks.__file__).parent), str(Path(schemas.__file__).parent)],
             signature=signature(params, params.task == "causal_lm" and is_chat_model(root)),
             input_example=input_example(params, root),
             pip_requirements=requirements(params, variant, root),
-            metadata={"qlora_variant": variant, "task": params.task}, tags=tags)
+            metadata={"qlora_variant": variant, "task": params.task},
+            tags=tags,
+        )
 
 
 def register(name: str, model_info, tags: dict, model_description: str):
     """A registry version of a logged model, with its tags (the MLflow UI shows them)."""
     import mlflow
+
     client = mlflow.tracking.MlflowClient()
     try:
         client.create_registered_model(name, description=model_description)
@@ -138,7 +165,9 @@ MODEL_URI = re.compile(r"^(models|runs):/")
 def version_of(uri: str) -> dict | None:
     """models:/NAME@ALIAS or models:/NAME/VERSION -> {name, version, aliases, run_id}; else None."""
     import mlflow
-    from flows.lineage import parse_ref
+
+    from flows.tracking.lineage import parse_ref
+
     if not uri.startswith("models:/") or uri.startswith("models:/m-"):
         return None
     ref = uri.removeprefix("models:/")
@@ -150,8 +179,13 @@ def version_of(uri: str) -> dict | None:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except Exception as exc:
         raise PipelineError(f"{uri}: not in the registry at {mlflow.get_tracking_uri()} ({exc})") from None
-    return {"name": name, "version": mv.version, "aliases": list(mv.aliases), "run_id": mv.run_id,
-            "uri": f"models:/{name}/{mv.version}"}
+    return {
+        "name": name,
+        "version": mv.version,
+        "aliases": list(mv.aliases),
+        "run_id": mv.run_id,
+        "uri": f"models:/{name}/{mv.version}",
+    }
 
 
 @contextmanager
@@ -165,6 +199,7 @@ def local_model(ref: str):
         yield path, None
         return
     import mlflow
+
     info = version_of(ref)
     with tempfile.TemporaryDirectory(prefix="qlora-model-") as tmp:
         try:

@@ -2,12 +2,13 @@
 (the 1-based line for CSV/JSONL, the element index for JSON lists, the row for parquet),
 so validation can name it. Values stay strings or None: no silent type coercion.
 """
+
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 
@@ -31,8 +32,10 @@ def _decode(path: Path, data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise PipelineError(f"{path}: line {line}: not valid UTF-8 (byte {data[exc.start]:#04x} "
-                            f"at offset {exc.start}); rule: utf8_encoding") from None
+        raise PipelineError(
+            f"{path}: line {line}: not valid UTF-8 (byte {data[exc.start]:#04x} "
+            f"at offset {exc.start}); rule: utf8_encoding"
+        ) from None
 
 
 def _as_text(value):
@@ -56,8 +59,10 @@ def _utf8_lines(path: Path, binary) -> Iterator[str]:
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise PipelineError(f"{path}: line {line_no}: not valid UTF-8 (byte {raw[exc.start]:#04x} "
-                                f"at offset {offset + exc.start}); rule: utf8_encoding") from None
+            raise PipelineError(
+                f"{path}: line {line_no}: not valid UTF-8 (byte {raw[exc.start]:#04x} "
+                f"at offset {offset + exc.start}); rule: utf8_encoding"
+            ) from None
         offset += len(raw)
 
 
@@ -83,8 +88,10 @@ def _csv_chunks(path: Path, header: bool, columns: list[str] | None, chunk_rows:
                     line = reader.line_num + 1
                     continue
                 if len(rec) != len(names):
-                    raise PipelineError(f"{path}: line {line}: expected {len(names)} fields "
-                                        f"({', '.join(names)}), found {len(rec)}; rule: field_count")
+                    raise PipelineError(
+                        f"{path}: line {line}: expected {len(names)} fields "
+                        f"({', '.join(names)}), found {len(rec)}; rule: field_count"
+                    )
                 records.append([v if v != "" else None for v in rec])
                 rows.append(line)
                 line = reader.line_num + 1
@@ -106,8 +113,9 @@ def _frame(records: list[list], names: list[str], rows: list) -> pd.DataFrame:
 def _records_frame(path: Path, objs: list, rows: list[int]) -> pd.DataFrame:
     for obj, row in zip(objs, rows):
         if not isinstance(obj, dict):
-            raise PipelineError(f"{path}: row {row}: expected a JSON object, found "
-                                f"{type(obj).__name__}; rule: json_object")
+            raise PipelineError(
+                f"{path}: row {row}: expected a JSON object, found {type(obj).__name__}; rule: json_object"
+            )
     df = pd.DataFrame([{k: _as_text(v) for k, v in o.items()} for o in objs], dtype=object)
     df[ROW] = rows
     return df
@@ -129,11 +137,11 @@ def _read_json(path: Path, text: str) -> tuple[list, list[int]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: line {exc.lineno}, column {exc.colno}: not valid JSON "
-                            f"({exc.msg}); rule: json_syntax") from None
+        raise PipelineError(
+            f"{path}: line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg}); rule: json_syntax"
+        ) from None
     if not isinstance(data, list):
-        raise PipelineError(f"{path}: expected a JSON list of records, found {type(data).__name__}; "
-                            f"rule: json_list")
+        raise PipelineError(f"{path}: expected a JSON list of records, found {type(data).__name__}; rule: json_list")
     return data, list(range(1, len(data) + 1))
 
 
@@ -148,8 +156,9 @@ def _explode_instances(objs: list, rows: list[int]) -> tuple[list, list]:
             continue
         for j, inst in enumerate(instances, start=1):
             inst = inst if isinstance(inst, dict) else {}
-            out.append({"instruction": obj.get("instruction"), "input": inst.get("input"),
-                        "output": inst.get("output")})
+            out.append(
+                {"instruction": obj.get("instruction"), "input": inst.get("input"), "output": inst.get("output")}
+            )
             out_rows.append(f"{row}.{j}")
     return out, out_rows
 
@@ -168,14 +177,18 @@ def _object_chunks(path: Path, records: Iterator[tuple[object, int]], chunk_rows
 
 def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
     import pyarrow.parquet as pq
+
     try:
         pf = pq.ParquetFile(path)
         done = 0
         for batch in pf.iter_batches(batch_size=chunk_rows):
             # Python values, not pandas': a nested column (chat `messages`, list<struct>) arrives
             # as lists of dicts that _as_text writes as JSON, as the JSON(L) readers do.
-            df = pd.DataFrame({k: [_as_text(v) for v in vals] for k, vals in batch.to_pydict().items()},
-                              columns=batch.schema.names, dtype=object)
+            df = pd.DataFrame(
+                {k: [_as_text(v) for v in vals] for k, vals in batch.to_pydict().items()},
+                columns=batch.schema.names,
+                dtype=object,
+            )
             df[ROW] = list(range(done + 1, done + len(df) + 1))
             done += len(df)
             yield df
@@ -185,8 +198,9 @@ def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         raise PipelineError(f"{path}: not a readable parquet file ({exc}); rule: parquet_format") from None
 
 
-def iter_raw(path: Path, fmt: str = "auto", header: bool = True, columns: list[str] | None = None,
-             chunk_rows: int = 100_000) -> Iterator[pd.DataFrame]:
+def iter_raw(
+    path: Path, fmt: str = "auto", header: bool = True, columns: list[str] | None = None, chunk_rows: int = 100_000
+) -> Iterator[pd.DataFrame]:
     """The raw dataset as frames of at most chunk_rows records: strings/None plus `_row`. Read as a
     stream (CSV, JSONL, parquet), so memory holds one chunk whatever the file's size; a JSON list
     is one document and is parsed whole (write large data as JSONL)."""
@@ -215,8 +229,7 @@ def iter_raw(path: Path, fmt: str = "auto", header: bool = True, columns: list[s
         raise PipelineError(f"{path}: no data rows; rule: not_empty")
 
 
-def read_raw(path: Path, fmt: str = "auto", header: bool = True,
-             columns: list[str] | None = None) -> pd.DataFrame:
+def read_raw(path: Path, fmt: str = "auto", header: bool = True, columns: list[str] | None = None) -> pd.DataFrame:
     """The whole raw dataset in one frame (small inputs: rows to predict, inbox drops)."""
     frames = list(iter_raw(path, fmt, header, columns))
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
@@ -234,18 +247,28 @@ def load_hub(name: str, config: str | None, split: str, revision: str | None, ca
     `datasets` builders read: CSV, JSON(L), parquet...), cached under cache_dir. Returns
     (Dataset, lineage: what was loaded, by revision and fingerprint)."""
     import datasets
+
     try:
         ds = datasets.load_dataset(name, config, split=split, revision=revision, cache_dir=str(cache_dir))
     except ConnectionError as exc:
         raise PipelineError(
             f"{HUB_PREFIX}{name}: cannot reach the Hugging Face Hub ({exc}). This machine has no network "
             f"(or HF_HUB_OFFLINE is set) and the dataset is not in the cache ({cache_dir}): download it where "
-            f"there is a network (the same data.revision), or point data.path at a local copy") from None
+            f"there is a network (the same data.revision), or point data.path at a local copy"
+        ) from None
     except (FileNotFoundError, ValueError) as exc:  # no such dataset, config or split
-        raise PipelineError(f"{HUB_PREFIX}{name}: cannot load config={config!r} split={split!r} "
-                            f"revision={revision!r}: {exc}") from None
-    lineage = {"source": f"{HUB_PREFIX}{name}", "config": config, "split": split, "revision": revision,
-               "fingerprint": ds._fingerprint, "rows": ds.num_rows, "features": sorted(ds.features)}
+        raise PipelineError(
+            f"{HUB_PREFIX}{name}: cannot load config={config!r} split={split!r} revision={revision!r}: {exc}"
+        ) from None
+    lineage = {
+        "source": f"{HUB_PREFIX}{name}",
+        "config": config,
+        "split": split,
+        "revision": revision,
+        "fingerprint": ds._fingerprint,
+        "rows": ds.num_rows,
+        "features": sorted(ds.features),
+    }
     return ds, lineage
 
 

@@ -1,4 +1,5 @@
 """PNG plots people look at: the training loss curve and the confusion matrix."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,9 @@ def plot_loss(log: list[dict], path: Path, validation: list[dict] | None = None,
     steps = [r["step"] for r in log]
     losses = [r["loss"] for r in log]
     k = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
+    smooth = [
+        sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))
+    ]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     ax.plot(steps, losses, alpha=0.35, label="train loss")
     ax.plot(steps, smooth, label=f"train, moving mean ({k} steps)")
@@ -25,8 +28,9 @@ def plot_loss(log: list[dict], path: Path, validation: list[dict] | None = None,
         ax.plot(vs, [r["val_loss"] for r in validation], "o-", label="validation loss")
         if "val_accuracy" in validation[0]:
             acc = ax.twinx()
-            lines = acc.plot(vs, [r["val_accuracy"] for r in validation], "s--", color="tab:green",
-                             label="validation accuracy")
+            lines = acc.plot(
+                vs, [r["val_accuracy"] for r in validation], "s--", color="tab:green", label="validation accuracy"
+            )
             acc.set_ylabel("validation accuracy")
     if best_step is not None:
         ax.axvline(best_step, color="grey", linestyle=":", label=f"best step {best_step} (saved)")
@@ -48,8 +52,7 @@ def plot_confusion(matrix: list[list[int]], names: list[str], path: Path, title:
     top = max(max(r) for r in matrix) or 1
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, matrix[i][j], ha="center", va="center",
-                    color="white" if matrix[i][j] > top / 2 else "black")
+            ax.text(j, i, matrix[i][j], ha="center", va="center", color="white" if matrix[i][j] > top / 2 else "black")
     ax.set_xticks(range(n), names, rotation=30, ha="right")
     ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")

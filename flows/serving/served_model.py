@@ -1,11 +1,12 @@
 """The code of every registered model version (MLflow "models from code").
 
-flows/serving.py logs this file as the version's python_model, with tasks/ and schemas/ as its
+flows/serving/model_version.py logs this file as the version's python_model, with tasks/ and schemas/ as its
 code_paths: MLflow copies all three into the version, and runs this file to load it (in
 `mlflow.pyfunc.load_model` and `mlflow models serve`), so a version serves with the code that
-made it. Nothing is pickled. It imports only mlflow and tasks: prediction is tasks/predict.py,
+made it. Nothing is pickled. It imports only mlflow and tasks: prediction is tasks/serve/predict.py,
 the same function `qlora predict` calls.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -13,7 +14,6 @@ import warnings
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
 
 # The signature is given explicitly when the model is logged; type hints would be a second one.
 warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
@@ -25,14 +25,16 @@ class QloraModel(mlflow.pyfunc.PythonModel):
     max_new_tokens (causal_lm)."""
 
     def load_context(self, context):
-        from tasks.predict import load_predictor
+        from tasks.serve.predict import load_predictor
+
         self.predictor = load_predictor(context.artifacts["bundle"])
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
         from tasks.common import PipelineError
-        from tasks.predict import frame_rows, predict, prepare
+        from tasks.serve.predict import frame_rows, predict, prepare
+
         params = params or {}
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
@@ -40,8 +42,9 @@ class QloraModel(mlflow.pyfunc.PythonModel):
             rows = prepare(self.predictor.params, frame_rows(model_input), "request")
         except PipelineError as exc:  # a bad row is the caller's error: HTTP 400 naming row, column and rule
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        return predict(self.predictor, rows, batch_size=params.get("batch_size"),
-                       max_new_tokens=params.get("max_new_tokens"))
+        return predict(
+            self.predictor, rows, batch_size=params.get("batch_size"), max_new_tokens=params.get("max_new_tokens")
+        )
 
 
 mlflow.models.set_model(QloraModel())

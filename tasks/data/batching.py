@@ -2,9 +2,10 @@
 
 Rows come from a tokenized split (`tasks.tokenize.load_split`: a memory-mapped
 `datasets.Dataset`): a batch reads just its rows, by position, from the mapped file."""
+
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -29,13 +30,14 @@ def collate(rows: Mapping[str, list], pad_id: int, task: str) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(rows, batch_size: int, pad_id: int, task: str,
-            order: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def batches(
+    rows, batch_size: int, pad_id: int, task: str, order: list[int] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of `rows` (a Dataset) in `order` (positions; default: as stored)."""
     order = list(range(len(rows))) if order is None else order
     rows = rows.select_columns(["input_ids", "labels"])  # leave provenance columns unread
     for start in range(0, len(order), batch_size):
-        yield collate(rows[order[start: start + batch_size]], pad_id, task)
+        yield collate(rows[order[start : start + batch_size]], pad_id, task)
 
 
 def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 32) -> list[int]:
@@ -48,9 +50,9 @@ def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(len(lengths), generator=g).tolist()
     window = batch_size * group
-    chunks = [sorted(perm[i: i + window], key=lambda j: -lengths[j]) for i in range(0, len(perm), window)]
+    chunks = [sorted(perm[i : i + window], key=lambda j: -lengths[j]) for i in range(0, len(perm), window)]
     flat = [j for chunk in chunks for j in chunk]
-    blocks = [flat[i: i + batch_size] for i in range(0, len(flat), batch_size)]
+    blocks = [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
     return [j for b in torch.randperm(len(blocks), generator=g).tolist() for j in blocks[b]]
 
 
@@ -88,9 +90,9 @@ def collate_packed(rows, bins: list[list[int]], pad_id: int) -> tuple[dict[str, 
         at = 0
         for i in b:
             seq, lab = seq_of[i], lab_of[i]
-            ids[r, at: at + len(seq)] = torch.tensor(seq)
-            labels[r, at: at + len(seq)] = torch.tensor(lab)
-            pos[r, at: at + len(seq)] = torch.arange(len(seq))
+            ids[r, at : at + len(seq)] = torch.tensor(seq)
+            labels[r, at : at + len(seq)] = torch.tensor(lab)
+            pos[r, at : at + len(seq)] = torch.arange(len(seq))
             at += len(seq)
         pos[r, at:] = torch.arange(width - at)  # padding: a sequence of its own, no loss
         real += at

@@ -1,0 +1,1 @@
+"""DVC wiring: the DAG and dvc.yaml, the stage command, code dependencies, data versions."""

@@ -1,0 +1,1 @@
+"""Registered versions as MLflow pyfunc models (models from code)."""

@@ -1,0 +1,1 @@
+"""MLflow wiring: runs, the model registry, and lineage read back from them."""

@@ -1,0 +1,1 @@
+"""Serving a trained model: batch prediction and the model card."""
