@@ -265,7 +265,7 @@ def test_registered_version_is_a_pyfunc_with_signature_example_requirements_and_
     reqs = (local / "requirements.txt").read_text().split()
     for dist in ("torch", "transformers", "mlflow", "pandera"):
         assert f"{dist}=={importlib.metadata.version(dist).split('+')[0]}" in reqs, reqs
-    assert (local / "code/tasks/predict.py").exists() and (local / "served_model.py").exists()
+    assert (local / "code/tasks/serve/predict.py").exists() and (local / "served_model.py").exists()
     bundle = local / "artifacts/bundle"
     assert (bundle / "merged/model.safetensors").exists() and json.loads((bundle / catalog.BUNDLE_META).read_text())[
         "variant"
