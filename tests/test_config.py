@@ -75,3 +75,34 @@ def test_params_reference_page_is_the_rendering_of_the_typed_defaults():
         else:
             assert f"| `{section}` | `{defaults[section]}` |" in text
     assert "| `lora.r` | `16` |" in text
+
+
+def test_set_changes_only_the_values_it_sets_in_params_yaml(tmp_path):
+    """`--set` writes params.yaml through a YAML round trip: the diff is the changed lines alone,
+    comments, flow lists and `null` stay as written, and the file reads back to the new values."""
+    import difflib
+    import shutil
+
+    from flows.dvc.dvc_ops import apply_params
+    from tasks.config import load_params
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    before = (tmp_path / "params.yaml").read_text().splitlines()
+    apply_params(tmp_path, ["model.name=does/not-exist", "train.lr=2e-4", "data.columns=[a, b, c]"])
+    after = (tmp_path / "params.yaml").read_text().splitlines()
+    changed = [line for line in difflib.unified_diff(before, after, n=0, lineterm="") if line[:1] in "+-"]
+    assert changed == [
+        "--- ",
+        "+++ ",
+        "-  columns: [label, title, description]",
+        "+  columns: [a, b, c]",
+        "-  name: sentence-transformers/all-MiniLM-L6-v2",
+        "+  name: does/not-exist",
+        "-  lr: 0.002",
+        "+  lr: 2e-4",
+    ], changed
+    params = load_params(tmp_path / "params.yaml")
+    assert (params.model.name, params.train.lr, params.data.columns) == ("does/not-exist", 2e-4, ["a", "b", "c"])
+    with pytest.raises(Exception, match="'seed' is not a section"):
+        apply_params(tmp_path, ["seed.x=1"])
+    assert (tmp_path / "params.yaml").read_text().splitlines() == after  # a refused override writes nothing

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -118,10 +119,44 @@ def locked_outs(root: Path, stage: str) -> dict[str, str]:
 
 # --- experiments: `qlora run --set` is `dvc exp run -S` in the workspace, in steps
 def apply_params(root: Path, overrides: list[str]) -> None:
-    """Write the overrides into params.yaml, as `dvc exp run -S` does (comments are kept)."""
-    from dvc.utils.hydra import apply_overrides
+    """Write the overrides into params.yaml, changing only the values they set: a round trip
+    through ruamel keeps every comment, the flow lists and `null`, so `git diff` of an experiment
+    shows the settings it changed and nothing else. Values parse as YAML, as `--set` reads them."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-    apply_overrides(str(Path(root) / PARAMS_FILE), list(overrides))
+    from tasks.config import apply_overrides
+
+    path = Path(root) / PARAMS_FILE
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    yaml_rt.width = 4096  # never re-wrap a long value
+    yaml_rt.indent(mapping=2, sequence=4, offset=2)
+    yaml_rt.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    doc = yaml_rt.load(path.read_text())
+    apply_overrides({}, list(overrides))  # the same KEY=VALUE errors as load_params
+    for item in overrides:
+        key, value = item.split("=", 1)
+        *sections, leaf = key.strip().split(".")
+        node = doc
+        for part in sections:
+            if part not in node:
+                node[part] = CommentedMap()
+            node = node[part]
+            if not isinstance(node, dict):
+                raise PipelineError(f"--set {item!r}: '{part}' is not a section of {path}")
+        parsed = yaml_rt.load(value)  # YAML 1.2, as DVC reads params: 2e-4 is a number
+        if isinstance(parsed, CommentedSeq):  # a list keeps the block style of a block list it replaces
+            old = node.get(leaf)
+            if isinstance(old, CommentedSeq) and not old.fa.flow_style():
+                parsed.fa.set_block_style()
+        node[leaf] = parsed
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        yaml_rt.dump(doc, f)
+    os.replace(tmp, path)
 
 
 def is_git_repo(root: Path) -> bool:
