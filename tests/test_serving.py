@@ -236,9 +236,14 @@ def cls_project(tmp_path_factory, agnews_small):
     raw["tracking"]["registered_model"] = CLS_MODEL
     root = make_project(tmp_path_factory.mktemp("serving") / "project", raw)
     out = qlora_pipeline(Project(root=root))
-    version = out.mlflow["model_version"]
-    _client(root).set_registered_model_alias(CLS_MODEL, "champion", version)
-    return root, out, str(version)
+    version = str(out.mlflow["model_version"])
+    # the first version is champion without a retrain: the serving commands work right after a run
+    client = _client(root)
+    assert client.get_model_version_by_alias(CLS_MODEL, "champion").version == version
+    assert client.get_model_version(CLS_MODEL, version).tags["champion_decision"] == "promoted"
+    tags = client.get_run(out.mlflow["run_id"]).data.tags
+    assert (tags["champion_decision"], tags["champion_reason"]) == ("promoted", "first version")
+    return root, out, version
 
 
 @pytest.fixture(scope="module")
@@ -428,7 +433,7 @@ def llm_project(tmp_path_factory):
     )
     root = make_project(tmp_path_factory.mktemp("serving-llm") / "project", raw)  # dvc.yaml: the local base a dep
     out = qlora_pipeline(Project(root=root))
-    _client(root).set_registered_model_alias(LLM_MODEL, "champion", out.mlflow["model_version"])
+    assert _client(root).get_model_version_by_alias(LLM_MODEL, "champion").version == str(out.mlflow["model_version"])
     return root, str(out.mlflow["model_version"])
 
 

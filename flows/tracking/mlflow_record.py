@@ -253,9 +253,29 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
         version = _register(mlflow, run, params, Path(root), outcome, tags)
         if version:
             info["model_version"] = version
+            if parent_run_id is None:  # a retraining child leaves the decision to its champion/challenger step
+                _crown_first_version(mlflow, params, version)
     if not fallback_from:
         _remember(root, uri, outcome.lock_digest, info)
     return info
+
+
+def _crown_first_version(mlflow, params: Params, version: str) -> None:
+    """A registry without a champion serves nothing: the version just registered becomes champion,
+    recorded as a decision the way retraining records one, so `models:/NAME@champion` answers
+    after the first run. Once a champion exists, only retraining's comparison moves it."""
+    from flows.retrain_state import DECISION_TAG
+
+    client = mlflow.tracking.MlflowClient()
+    name, alias = params.tracking.registered_model, params.retrain.alias
+    try:
+        client.get_model_version_by_alias(name, alias)
+        return
+    except mlflow.exceptions.MlflowException:
+        pass  # no such alias yet
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, DECISION_TAG, "promoted")
+    mlflow.set_tags({"champion_decision": "promoted", "champion_reason": "first version"})
 
 
 def _log_results(mlflow, run, params: Params, root: Path, outcome) -> None:
