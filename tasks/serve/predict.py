@@ -222,7 +222,7 @@ def _base_from_reference(task: str, ref: dict, labels: list[str] | None, device:
     """The base as the quantize stage made it: same source, revision, 4-bit settings and seed (a
     head the checkpoint lacks is initialised from it; the adapter then replaces the trained head)."""
     from tasks.config import QuantConfig
-    from tasks.model.loading import resolve_source
+    from tasks.model.source import resolve_source
 
     cfg = ModelConfig(
         name=ref["name"],
