@@ -32,7 +32,7 @@ def _quiet_expected_errors() -> None:
     """Install _ExpectedErrorsOnce on Prefect's console handlers (after Prefect set up logging)."""
     import logging
 
-    import prefect  # noqa: F401 (sets up logging)
+    import prefect.main  # noqa: F401 (`import prefect` alone sets up no logging; prefect.main does)
     from prefect.logging.handlers import PrefectConsoleHandler
 
     for handler in logging.getLogger().handlers:
