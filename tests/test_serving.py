@@ -9,11 +9,8 @@ real `mlflow models serve` process on a free loopback port and send it real HTTP
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -30,6 +27,7 @@ from tasks.common import PipelineError
 from tasks.config import Params
 from tasks.data.readers import read_raw
 from tasks.serve.card import parse_front_matter, record_facts, render_card
+from tasks.serve.model_server import ServerDidNotAnswer, model_server
 from tasks.serve.predict import prepare
 from tests.conftest import AG_NEWS, ALPACA, env, make_project, repo_params, small_cls_params
 
@@ -142,60 +140,16 @@ def test_card_is_rendered_from_the_lineage_record():
 # --- slow: real projects, a real registry, a real server -------------------------------------------
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serve(model_uri: str, tracking_uri: str, cwd: Path, log: Path, timeout: float = 240):
     """`mlflow models serve` as a user runs it (the venv's bin on PATH, as after activating it) on a
     free loopback port; yields the base URL; the server and its workers are killed at the end."""
-    port = _port()
     e = env() | {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                str(VENV_BIN / "mlflow"),
-                "models",
-                "serve",
-                "-m",
-                model_uri,
-                "--env-manager",
-                "local",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=cwd,
-            env=e,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(url + "/ping", timeout=2)
-                break
-            except (urllib.error.URLError, OSError):
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow models serve did not answer on {url}:\n{log.read_text()[-4000:]}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the CLI and the uvicorn it started: one process group
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        with model_server(VENV_BIN / "mlflow", model_uri, cwd, e, log, timeout) as url:
+            yield url
+    except ServerDidNotAnswer as exc:  # raised before the yield: the server never answered
+        pytest.fail(str(exc))
 
 
 def post(url: str, payload: dict) -> tuple[int, dict]:
@@ -239,7 +193,7 @@ def cls_project(tmp_path_factory, agnews_small):
     version = str(out.mlflow["model_version"])
     # the first version is champion without a retrain: the serving commands work right after a run
     client = _client(root)
-    assert client.get_model_version_by_alias(CLS_MODEL, "champion").version == version
+    assert str(client.get_model_version_by_alias(CLS_MODEL, "champion").version) == version
     assert client.get_model_version(CLS_MODEL, version).tags["champion_decision"] == "promoted"
     tags = client.get_run(out.mlflow["run_id"]).data.tags
     assert (tags["champion_decision"], tags["champion_reason"]) == ("promoted", "first version")
@@ -433,7 +387,9 @@ def llm_project(tmp_path_factory):
     )
     root = make_project(tmp_path_factory.mktemp("serving-llm") / "project", raw)  # dvc.yaml: the local base a dep
     out = qlora_pipeline(Project(root=root))
-    assert _client(root).get_model_version_by_alias(LLM_MODEL, "champion").version == str(out.mlflow["model_version"])
+    assert str(_client(root).get_model_version_by_alias(LLM_MODEL, "champion").version) == str(
+        out.mlflow["model_version"]
+    )
     return root, str(out.mlflow["model_version"])
 
 
