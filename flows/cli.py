@@ -433,6 +433,24 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    """One screen, read only: nothing trains and nothing is written."""
+    root = Path.cwd()
+    configure_env(root)
+    import json
+
+    from flows.status import project_status, render
+    from tasks.common import PipelineError
+    from tasks.config import ParamsError
+
+    try:
+        status = project_status(root)
+    except (ParamsError, PipelineError) as exc:
+        return fail(str(exc))
+    print(json.dumps(status, indent=2, default=str) if args.json else render(status))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qlora", description="Reproducible QLoRA fine-tuning pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -514,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(fn=cmd_predict)
+    p = sub.add_parser("status", help="what is stale, the champion, the last retraining tick, what was interrupted")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
     for name, fn, helptext in (
         ("dvc-yaml", cmd_dvc_yaml, "print (or --write) dvc.yaml rendered from flows/dvc/stages.py"),
         (

@@ -15,13 +15,16 @@ beside it).
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Cancelled, Completed, Failed
+from prefect.states import Cancelled, Completed, Failed, State
 
 from flows import retrain_state
 from flows.dvc import dvc_ops
@@ -30,7 +33,7 @@ from flows.lock import ProjectBusy, project_lock
 from flows.pipeline import Project, qlora_pipeline
 from flows.tracking import mlflow_record
 from tasks import catalog
-from tasks.common import PipelineError, resolve
+from tasks.common import PipelineError, resolve, write_json
 from tasks.config import Params, ParamsError, check_retrain_ready, load_params
 
 
@@ -190,17 +193,43 @@ def _report_markdown(got: dict) -> str:
 def retrain_flow(root: str = ".", overrides: list[str] | None = None, wait_for_lock: bool = False):
     try:
         with project_lock(Path(root), wait=wait_for_lock, what="qlora retrain"):
-            return _retrain(Path(root).resolve(), overrides or [])
+            _record_tick(Path(root), {"status": "running"})
+            got = _retrain(Path(root).resolve(), overrides or [])
+            _record_tick(
+                Path(root), {"status": got.name.lower(), "message": got.message} if isinstance(got, State) else got
+            )
+            return got
     except ProjectBusy as exc:
         get_run_logger().warning(f"skipped: {exc}")
         return Cancelled(name="Skipped", message=str(exc), data={"status": "busy", "message": str(exc)})
     except (PipelineError, ParamsError) as exc:  # its message names the file or setting and what to do: no traceback
         refused = isinstance(exc, (ParamsError, DataVersionMismatch))  # nothing was read or written
-        return Failed(
-            name="Refused" if refused else "Failed",
-            message=str(exc),
-            data={"status": "refused" if refused else "failed", "message": str(exc)},
-        )
+        data = {"status": "refused" if refused else "failed", "message": str(exc)}
+        _record_tick(Path(root), data)
+        return Failed(name="Refused" if refused else "Failed", message=str(exc), data=data)
+
+
+def _record_tick(root: Path, got: dict) -> None:
+    """What `qlora status` shows of the last tick. A tick that dies leaves "running" with its pid,
+    which status reads as interrupted; a tick that finds nothing to do is recorded here, not in MLflow."""
+    decision = (got.get("decision") or {}).get("reason")
+    record = functools.partial(
+        write_json,
+        root / catalog.RETRAIN_LAST,
+        {
+            "status": got.get("status"),
+            "pid": os.getpid(),
+            "flow_run_id": str(runtime.flow_run.id),
+            ("started_at" if got.get("status") == "running" else "finished_at"): time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"decision": decision} if decision else {}),
+            **({"message": got["message"]} if got.get("message") else {}),
+            **({"model_version": str(got["pipeline"].get("model_version"))} if got.get("pipeline") else {}),
+        },
+    )
+    try:
+        record()
+    except OSError as exc:  # a full disk must not fail the tick whose work is done
+        get_run_logger().warning(f"{catalog.RETRAIN_LAST} not written: {exc}")
 
 
 def _retrain(root: Path, overrides: list[str]):

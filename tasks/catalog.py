@@ -55,6 +55,8 @@ SWEEPS_DIR = "reports/sweeps"  # one folder per `qlora sweep`
 CHECKPOINT_DIR = ".qlora/checkpoints/train"  # resumable training checkpoints
 LOCK_FILE = ".qlora/lock"  # one writing command at a time
 SERVE_LOCK_FILE = ".qlora/serve.lock"  # held by the one `qlora serve` of a project
+TRAIN_STEPS_LIVE = ".qlora/live/train_steps.jsonl"  # train appends each logged step; MLflow receives it live
+RETRAIN_LAST = ".qlora/retrain/last.json"  # the last retraining tick: when, what it did, or that it is running
 STAGE_ERRORS_DIR = ".qlora/errors"  # a failed stage's message, for whoever ran it through DVC
 
 # conventions shared by tokenize, batching, train and evaluate

@@ -191,6 +191,41 @@ def test_retraining_commit_reproduces_with_dvc(reference):
     assert repro.returncode == 0 and "Running stage" not in repro.stdout, repro.stdout
 
 
+def _status(root: Path) -> tuple[dict, str]:
+    def cli(*args):
+        p = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "status", *args], cwd=root, env=env(), capture_output=True, text=True
+        )
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    import json
+
+    return json.loads(cli("--json")), cli()
+
+
+def test_status_shows_the_project_on_one_screen(reference):
+    """After an uninterrupted retrain: DVC up to date, the champion with its version's test scores,
+    the last tick and its decision, nothing interrupted; nothing written by asking."""
+    root, state = reference
+    before = _db(root, "select count(*) from runs")
+    status, screen = _status(root)
+    assert status["stale"] == {} and status["data"]["status"] == "verified"
+    champion = status["registry"]["champion"]
+    run_id = _db(root, f"select run_id from model_versions where name='{MODEL}' and version=1")[0][0]
+    (accuracy,) = _db(root, f"select value from latest_metrics where run_uuid='{run_id}' and key='test_accuracy'")[0]
+    assert champion["model"] == f"{MODEL}/1" and champion["scores"]["accuracy"] == accuracy
+    assert champion["data_md5"] == state["data_md5"]
+    last = status["last_retrain"]
+    assert last["status"] == "trained" and last["decision"] == "no champion yet" and last["model_version"] == "1"
+    assert status["interrupted"] == {"lock_holder": None, "checkpoints": []}
+    assert "pending_retrain" not in status["registry"]
+    assert f"champion  {MODEL}/1 (@champion): accuracy={accuracy:.4f}" in screen
+    assert "dvc       up to date" in screen and "resume    nothing interrupted" in screen, screen
+    print("\n" + screen)
+    assert _db(root, "select count(*) from runs") == before
+
+
 def test_nothing_to_do_records_nothing_in_mlflow(reference):
     root, state = reference
     before = _db(root, "select count(*) from runs")
@@ -215,6 +250,11 @@ def test_killed_retrain_is_finished_by_the_next_one(base, reference, boundary, t
         time.sleep(2)  # into the training loop, past model loading
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    if boundary == "git_commit":  # the data version is committed, its model not trained: status says so
+        status, screen = _status(root)
+        assert status["registry"]["pending_retrain"]["step"] == "train", status
+        assert status["last_retrain"]["status"].startswith("interrupted (process "), status
+        assert "resume    retraining left its train step" in screen, screen
     started = time.perf_counter()
     assert _retrain(root).wait(timeout=900) == 0, (root.parent / "retrain.log").read_text()
     print(f"{boundary}: the next run finished in {time.perf_counter() - started:.1f} s")
@@ -224,3 +264,33 @@ def test_killed_retrain_is_finished_by_the_next_one(base, reference, boundary, t
     assert state == ref, (root.parent / "retrain.log").read_text()[-4000:]
     killed = _db(root, "select count(*) from runs where status='KILLED'")
     assert boundary in ("append", "dvc_add", "dvc_push", "git_commit") or killed[0][0] >= 1
+
+
+def test_retraining_on_two_processes_ends_as_one_process_does(base, reference, tmp_path):
+    """With train.processes=2 the retraining flow's train stage launches 2 workers (gloo here) and
+    the project ends in the state a one-process retrain leaves: one data version, one model
+    version promoted, dvc.lock committed. Its MLflow run names the world size."""
+    import json
+
+    root = _copy(base, tmp_path / "case")
+    args = [sys.executable, "-m", "flows.cli", "retrain", "--set", "train.processes=2"]
+    p = subprocess.run(
+        args + [a for s in SETTINGS for a in ("--set", s)],
+        cwd=root,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "launching 2 process(es) on 1 node(s) (gloo)" in p.stdout + p.stderr
+    summary = json.loads((root / "reports/train/summary.json").read_text())
+    assert summary["world_size"] == 2 and [r["rank"] for r in summary["ranks"]] == [0, 1]
+    state = _state(root)
+    assert state == reference[1]
+    lock = yaml.safe_load(
+        subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True, text=True, check=True).stdout
+    )
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["processes"] == 2
+    version = _db(root, f"select run_id from model_versions where name='{MODEL}'")[0][0]
+    assert _db(root, f"select value from tags where run_uuid='{version}' and key='train_world_size'") == [("2",)]

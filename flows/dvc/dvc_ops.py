@@ -73,6 +73,36 @@ def reproduce(root: Path, stage: str) -> bool:
     return bool(ran)
 
 
+def stale_stages(root: Path) -> dict[str, list[str]]:
+    """{stage: what changed} as `dvc status` reports it; {} when everything is up to date."""
+    import logging
+
+    dvc_log = logging.getLogger("dvc")
+    level = dvc_log.level
+    dvc_log.setLevel(logging.ERROR)  # not DVC's note that an imported dataset's .dvc file is frozen
+    try:
+        with _repo(root) as repo:
+            status = repo.status()
+    finally:
+        dvc_log.setLevel(level)
+    stale = {}
+    for target, changes in status.items():
+        stage = target.rsplit(":", 1)[-1]  # "dvc.yaml:train" or "train"; a .dvc file keeps its path
+        why = []
+        for change in changes:
+            if isinstance(change, dict):
+                for kind, items in change.items():
+                    why += (
+                        [f"{kind} {path}: {state}" for path, state in (items or {}).items()]
+                        if isinstance(items, dict)
+                        else [f"{kind}: {items}"]
+                    )
+            else:
+                why.append(str(change))
+        stale[stage] = why
+    return stale
+
+
 def stage_error_path(root: Path, stage: str) -> Path:
     from tasks.catalog import STAGE_ERRORS_DIR
 

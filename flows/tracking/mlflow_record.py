@@ -64,10 +64,11 @@ def usable_uri(params: Params, root: Path) -> tuple[str, str | None]:
         return local, uri
 
 
-def use_store(params: Params, root: Path, create: bool = True):
+def use_store(params: Params, root: Path, create: bool = True, close_dead: bool = True):
     """Point MLflow at this project's store and experiment; returns (mlflow, uri, fallback_from).
-    Runs left RUNNING by dead processes are marked KILLED first. create=False: a missing
-    experiment is not created (a command that may have nothing to record)."""
+    Runs left RUNNING by dead processes are marked KILLED first (close_dead=False: a command
+    that only reads). create=False: a missing experiment is not created (a command that may
+    have nothing to record)."""
     import mlflow
 
     uri, fallback_from = usable_uri(params, root)
@@ -78,7 +79,8 @@ def use_store(params: Params, root: Path, create: bool = True):
         location = (Path(root) / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
         mlflow.create_experiment(params.tracking.experiment, artifact_location=location)
     experiment = mlflow.set_experiment(params.tracking.experiment)
-    close_dead_runs(mlflow, experiment.experiment_id)
+    if close_dead:
+        close_dead_runs(mlflow, experiment.experiment_id)
     return mlflow, uri, fallback_from
 
 
