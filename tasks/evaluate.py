@@ -20,7 +20,7 @@ from tasks import catalog
 from tasks.catalog import IGNORE_INDEX as IGNORE
 from tasks.common import StageResult, atomic_dir, resolve, result, write_json
 from tasks.config import Params
-from tasks.data.batching import batches
+from tasks.data.batching import batches, loss_units
 from tasks.model import generation
 from tasks.model.loading import DTYPES, check_safe_dir, load_saved, load_tokenizer, pick_device, set_threads
 from tasks.tokenize import label_names, load_split
@@ -73,7 +73,7 @@ def predict(model, frame, batch_size: int, pad_id: int, task: str, device, dtype
             logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
         )
         loss_sum += loss.item()
-        n_tok += int((labels != IGNORE).sum())
+        n_tok += loss_units(batch, task)
     return preds if task == "seq_cls" else (loss_sum, n_tok)
 
 

@@ -97,3 +97,11 @@ def collate_packed(rows, bins: list[list[int]], pad_id: int) -> tuple[dict[str, 
         pos[r, at:] = torch.arange(width - at)  # padding: a sequence of its own, no loss
         real += at
     return {"input_ids": ids, "labels": labels, "position_ids": pos}, real
+
+
+def loss_units(batch: dict, task: str) -> int:
+    """What the loss averages over: the label tokens a causal LM predicts (labels shift by one),
+    or the examples of a classifier. The trainer and validation count on the CPU batch: no GPU sync."""
+    if task == "seq_cls":
+        return len(batch["labels"])
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -19,7 +19,7 @@ import torch
 
 from tasks.config import TrainConfig
 from tasks.data.arrowio import list_lengths
-from tasks.data.batching import IGNORE, batches
+from tasks.data.batching import batches, loss_units
 from tasks.distributed import ddp as distributed
 
 
@@ -46,10 +46,7 @@ def score(
     _keep_4bit_layers_in_train_mode(model)
     sums = torch.zeros(3, dtype=torch.float64)  # loss sum, loss units, correct
     for batch in batches(rows, batch_size, pad_id, task, order):
-        if task == "seq_cls":
-            units = len(batch["labels"])
-        else:  # the label tokens a causal LM predicts: labels shift by one
-            units = int((batch["labels"][:, 1:] != IGNORE).sum())
+        units = loss_units(batch, task)
         if units == 0:
             continue
         batch = {k: v.to(device) for k, v in batch.items()}
