@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.console import EXIT_BUSY, EXIT_ERROR, EXIT_REJECTED, PARAMS, configure_env, fail
+from flows.console import EXIT_BUSY, EXIT_ERROR, EXIT_REJECTED, PARAMS, VERBOSE_ENV, configure_env, fail
 
 PARAMS_DOC = "docs/reference/params.md"
 
@@ -493,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                 help="run on data that is not its committed DVC version; recorded as unverified",
             )
         p.add_argument("--wait", action="store_true", help="wait for a command already holding the project")
+        p.add_argument(
+            "-v", "--verbose", action="store_true", help="library notices too (deprecations, optional kernels)"
+        )
         p.set_defaults(fn=fn)
     p = sub.add_parser("lineage", help="what data, code and settings produced a registered model")
     p.add_argument("model", help="NAME[@alias] or NAME/VERSION (default alias: champion)")
@@ -547,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--write", action="store_true")
         p.set_defaults(fn=fn)
     args = ap.parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"  # before configure_env, and inherited by the stages
     return args.fn(args)
 
 

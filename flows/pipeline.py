@@ -23,6 +23,7 @@ from flows.dvc import dvc_ops
 from flows.dvc.data_check import ALLOW_ENV, DataCheck, check_data, require_committed_version
 from flows.dvc.stages import STAGES, upstream
 from flows.tracking import mlflow_record
+from flows.tracking.live import LiveRun
 from tasks.config import Params, load_params
 
 
@@ -90,8 +91,17 @@ def save_experiment_task(project: Project, name: str | None, stages: list[StageO
 
 
 @task(name="record", cache_policy=NO_CACHE)
-def record_task(project: Project, params: Params, outcome: PipelineOutcome, parent_run_id: str | None) -> dict:
-    return mlflow_record.record_pipeline(params, project.root, outcome, parent_run_id=parent_run_id)
+def record_task(
+    project: Project,
+    params: Params,
+    outcome: PipelineOutcome,
+    parent_run_id: str | None,
+    live_run_id: str | None,
+    live_last_step: int,
+) -> dict:
+    return mlflow_record.record_pipeline(
+        params, project.root, outcome, parent_run_id, live_run_id=live_run_id, live_last_step=live_last_step
+    )
 
 
 @contextmanager
@@ -121,23 +131,34 @@ def qlora_pipeline(
     logger = get_run_logger()
     params = project.params()
     mlflow_record.usable_uri(params, project.root)  # an unreachable tracking server stops the run before any stage
-    with _unverified_data_allowed(allow_unverified_data):
-        data = check_data_task(project, params)
-        states, outcomes = {}, {}
-        for stage in STAGES:
-            # Upstream states as inputs: Prefect records them as the task's dependencies (the DAG's edges).
-            states[stage.name] = run_stage.with_options(name=stage.name)(
-                project, stage.name, [states[name] for name in upstream(stage)], return_state=True
-            )
-            outcomes[stage.name] = states[stage.name].result()  # raises if the stage failed
-            logger.info(f"{stage.name}: {'ran' if outcomes[stage.name].ran else 'skipped (up to date in dvc.lock)'}")
-    exp = save_experiment_task(project, experiment_name, list(outcomes.values())) if experiment else None
-    outcome = PipelineOutcome(
-        stages=outcomes,
-        data=data.to_json() | {"tags": data.tags()},
-        lock_digest=dvc_ops.lock_digest(project.root),
-        flow_run_id=str(runtime.flow_run.id),
-        experiment=exp,
-    )
-    outcome.mlflow = record_task(project, params, outcome, parent_run_id)
+    live = LiveRun(params, project.root, parent_run_id)
+    try:
+        with _unverified_data_allowed(allow_unverified_data):
+            data = check_data_task(project, params)
+            stale = dvc_ops.stale_stages(project.root)  # what DVC is about to run
+            states, outcomes = {}, {}
+            for stage in STAGES:
+                if live.run_id is None and stage.name in stale:  # the MLflow run spans the work, from its start
+                    logger.info(f"mlflow: run {live.start()} open while the stages run")
+                # Upstream states as inputs: Prefect records them as the task's dependencies (the DAG's edges).
+                states[stage.name] = run_stage.with_options(name=stage.name)(
+                    project, stage.name, [states[name] for name in upstream(stage)], return_state=True
+                )
+                outcomes[stage.name] = states[stage.name].result()  # raises if the stage failed
+                logger.info(
+                    f"{stage.name}: {'ran' if outcomes[stage.name].ran else 'skipped (up to date in dvc.lock)'}"
+                )
+        exp = save_experiment_task(project, experiment_name, list(outcomes.values())) if experiment else None
+        outcome = PipelineOutcome(
+            stages=outcomes,
+            data=data.to_json() | {"tags": data.tags()},
+            lock_digest=dvc_ops.lock_digest(project.root),
+            flow_run_id=str(runtime.flow_run.id),
+            experiment=exp,
+        )
+        live.stop()
+        outcome.mlflow = record_task(project, params, outcome, parent_run_id, live.run_id, live.last_step)
+    except BaseException as exc:
+        live.fail(exc)
+        raise
     return outcome

@@ -226,3 +226,65 @@ def test_merged_model_matches_adapter_on_base(project):
         AutoModelForSequenceClassification.from_pretrained(root / catalog.MERGED_DIR), str(root / catalog.ADAPTER_DIR)
     )
     assert reloaded.peft_config["default"].r == params.lora.r
+
+
+def _train_stage_running(root: Path) -> bool:
+    import os
+
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and b"flows.dvc.stage_command\x00train" in (proc / "cmdline").read_bytes()
+                and os.readlink(proc / "cwd") == str(root)
+            ):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_the_mlflow_run_is_open_while_the_pipeline_works_and_receives_steps_live(tmp_path, agnews_small):
+    """`qlora run` as a user starts it, watched from outside through the SQLite store: while the
+    train stage process is alive, a RUNNING run already holds train_loss steps; it is the run the
+    command reports at the end, each step is in it once, its duration spans training, and it holds
+    system metrics."""
+    import sqlite3
+    import time
+
+    raw = small_cls_params(agnews_small)
+    raw["train"].update(max_steps=30, log_every=1)
+    root = make_project(tmp_path / "project", raw)
+    proc = subprocess.Popen(
+        [".venv/bin/qlora", "run"], cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen_live = []  # (run_id, steps) seen while train ran
+    while proc.poll() is None:
+        if _train_stage_running(root) and (root / "mlruns.db").exists():
+            try:
+                with sqlite3.connect(f"file:{root / 'mlruns.db'}?mode=ro", uri=True, timeout=0.2) as con:
+                    rows = con.execute(
+                        "select r.run_uuid, count(m.step) from runs r join metrics m on m.run_uuid = r.run_uuid "
+                        "where r.status = 'RUNNING' and m.key = 'train_loss' group by r.run_uuid"
+                    ).fetchall()
+            except sqlite3.Error:
+                rows = []
+            if rows and _train_stage_running(root):
+                seen_live.append(rows[0])
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out[-3000:]
+    for notice in ("kernels-community", "FutureWarning", "LOAD REPORT"):  # library notices stay off without -v
+        assert notice not in out, out[-3000:]
+    run_id = out.split("mlflow:   run ")[1].split()[0]
+    assert seen_live and {r for r, _ in seen_live} == {run_id}, (seen_live, out[-2000:])
+    assert min(n for _, n in seen_live) < 30  # read back before training ended
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns.db'}")
+    client = mlflow.tracking.MlflowClient()
+    run = client.get_run(run_id)
+    history = client.get_metric_history(run_id, "train_loss")
+    assert run.info.status == "FINISHED" and sorted(m.step for m in history) == list(range(1, 31))
+    summary = json.loads((root / catalog.TRAIN_SUMMARY).read_text())
+    assert (run.info.end_time - run.info.start_time) / 1000 > summary["train_seconds"]
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+    assert len(client.search_runs([run.info.experiment_id])) == 1

@@ -189,10 +189,19 @@ def _remember(root: Path, uri: str, digest: str, info: dict) -> None:
     write_json(Path(root) / RECORDED, known)
 
 
-def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | None = None) -> dict:
+def record_pipeline(
+    params: Params,
+    root: Path,
+    outcome,
+    parent_run_id: str | None = None,
+    live_run_id: str | None = None,
+    live_last_step: int = -1,
+) -> dict:
     """Record a pipeline result; returns {"run_id", "tracking_uri", "reused", "model_version"?}.
-    A run that ran no stage and whose dvc.lock is already recorded makes no new MLflow run."""
-    if not outcome.ran_any and parent_run_id is None:
+    A run that ran no stage and whose dvc.lock is already recorded makes no new MLflow run.
+    live_run_id: the run opened when the first stage ran (flows/tracking/live.py), filled and
+    closed here; its train steps up to live_last_step are in it already."""
+    if not outcome.ran_any and parent_run_id is None and live_run_id is None:
         known = _recorded(root).get(tracking_uri(params, root), {}).get(outcome.lock_digest)
         if known:  # this project recorded these very outputs (no need to even import mlflow)
             return {**known, "reused": True}
@@ -203,7 +212,7 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
             f"{exc}. The stages' outputs are kept (dvc.lock records them): once the server "
             f"answers, run the same command again; it records them without re-running a stage"
         ) from None
-    if not outcome.ran_any and parent_run_id is None:
+    if not outcome.ran_any and parent_run_id is None and live_run_id is None:
         existing = find_run(mlflow, outcome.lock_digest, params.tracking.experiment)
         if existing is not None:
             info = {"run_id": existing.info.run_id, "tracking_uri": uri, "reused": True}
@@ -241,17 +250,18 @@ def record_pipeline(params: Params, root: Path, outcome, parent_run_id: str | No
         )
     if fallback_from:
         tags["tracking_fallback_from"] = fallback_from
-    nesting = (
-        {"nested": True, "parent_run_id": parent_run_id}
-        if parent_run_id
-        else {"nested": mlflow.active_run() is not None}
-    )
-    with mlflow.start_run(
-        run_name=outcome.experiment.name if outcome.experiment else None, tags=tags, **nesting
-    ) as run:
+    run_name = outcome.experiment.name if outcome.experiment else None
+    if live_run_id:  # resume the run that has been open since the first stage ran
+        opening = {"run_id": live_run_id, "nested": mlflow.active_run() is not None}
+        tags.update({"mlflow.runName": run_name} if run_name else {})
+    elif parent_run_id:
+        opening = {"run_name": run_name, "nested": True, "parent_run_id": parent_run_id}
+    else:
+        opening = {"run_name": run_name, "nested": mlflow.active_run() is not None}
+    with mlflow.start_run(tags=tags, **opening) as run:
         mlflow.log_params(_flatten(params.model_dump(mode="json")))
         info = {"run_id": run.info.run_id, "tracking_uri": uri, "reused": False}
-        _log_results(mlflow, run, params, Path(root), outcome)
+        _log_results(mlflow, run, params, Path(root), outcome, after_step=live_last_step)
         version = _register(mlflow, run, params, Path(root), outcome, tags)
         if version:
             info["model_version"] = version
@@ -280,14 +290,15 @@ def _crown_first_version(mlflow, params: Params, version: str) -> None:
     mlflow.set_tags({"champion_decision": "promoted", "champion_reason": "first version"})
 
 
-def _log_results(mlflow, run, params: Params, root: Path, outcome) -> None:
+def _log_results(mlflow, run, params: Params, root: Path, outcome, after_step: int = -1) -> None:
+    """after_step: the per-step curves up to this step were logged live (flows/tracking/live.py)."""
     from mlflow.entities import Metric
 
     _log_dataset(mlflow, params, root, outcome.stages["validate"].outs.get(catalog.VALIDATED_DIR, ""))
     if (root / catalog.TRAIN_LOSS_CSV).exists():
         now = int(time.time() * 1000)
         with open(root / catalog.TRAIN_LOSS_CSV) as f:
-            rows = list(csv.DictReader(f))
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) > after_step]
         metrics = [Metric("train_loss", float(r["loss"]), now, int(r["step"])) for r in rows]
         metrics += [Metric("learning_rate", float(r["lr"]), now, int(r["step"])) for r in rows]
         if (root / catalog.TRAIN_VALIDATION_CSV).exists():  # train.eval_every passes: val_loss (, val_accuracy)
@@ -295,6 +306,7 @@ def _log_results(mlflow, run, params: Params, root: Path, outcome) -> None:
                 metrics += [
                     Metric(k, float(v), now, int(r["step"]))
                     for r in csv.DictReader(f)
+                    if int(r["step"]) > after_step
                     for k, v in r.items()
                     if k != "step" and v != ""
                 ]

@@ -29,6 +29,14 @@ HF_METRICS = {
     "exact_match": ("exact_match", "exact match"),
     "rougeL": ("rouge", "ROUGE-L"),
 }
+# the run's data_verified tag (flows/dvc/data_check.py), said plainly in a version's description
+DATA_MATCH = {
+    "true": "the data matched the version committed in git",
+    "false": "the data did NOT match the version committed in git (the run was allowed on unverified data)",
+    "untracked": "the data is not tracked by DVC: there is no committed version to match",
+    "pinned": "a hub dataset pinned to a commit",
+    "unpinned": "a hub dataset at a moving revision: not verified",
+}
 BASE_PREFIX = "base_"  # reports/metrics.json: the same metric of the base model alone (tasks/evaluate.py)
 CARD_SETTINGS = (
     "task",
@@ -426,7 +434,8 @@ def render_summary(facts: dict) -> str:
         lines.append(
             f"**data** `{data}`: "
             + (f"DVC md5 `{dvc}`" if dvc else f"md5 `{lin.get('data_md5', '?')}`")
-            + f", its committed DVC version: {lin.get('data_verified', 'unknown')}"
+            + "; "
+            + DATA_MATCH.get(lin.get("data_verified"), "whether it matched a version committed in git is not recorded")
         )
     if lin.get("git_commit"):
         lines.append(
