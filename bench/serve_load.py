@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,8 +31,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 AG_NEWS = REPO.parent / "shared" / "datasets" / "ag_news" / "test.csv"
-sys.path.insert(0, str(REPO / "bench"))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from data_scale import scratch_project  # noqa: E402
+
+from tasks.serve.model_server import ServerDidNotAnswer, model_server  # noqa: E402
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -46,12 +46,6 @@ def _env(extra: dict | None = None) -> dict:
         PATH=f"{REPO / '.venv/bin'}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     return env | (extra or {})
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_champion(dest: Path, name: str) -> Path:
@@ -81,52 +75,6 @@ def tiny_champion(dest: Path, name: str) -> Path:
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlruns.db'}")
     mlflow.tracking.MlflowClient().set_registered_model_alias(name, "champion", version)
     return root
-
-
-def serve(model_uri: str, tracking_uri: str, cwd: Path, log: Path, timeout: float = 300):
-    port = _port()
-    proc = subprocess.Popen(
-        [
-            str(REPO / ".venv/bin/mlflow"),
-            "models",
-            "serve",
-            "-m",
-            model_uri,
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=cwd,
-        env=_env({"MLFLOW_TRACKING_URI": tracking_uri}),
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url + "/ping", timeout=2)
-            return proc, url
-        except (urllib.error.URLError, OSError):
-            if proc.poll() is not None or time.time() > deadline:
-                stop(proc)
-                sys.exit(f"mlflow models serve did not answer on {url}:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the CLI and its uvicorn workers: one process group
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def load(url: str, bodies: list[bytes], clients: int, seconds: float) -> dict:
@@ -205,12 +153,15 @@ def main() -> None:
         ).encode()
         for i in range(0, len(ag) - k + 1, k)
     ]
-    proc, url = serve(f"models:/{name}@champion", tracking_uri, root, work / "serve.log")
+    env = _env({"MLFLOW_TRACKING_URI": tracking_uri})
     try:
-        load(url, bodies[:2], 1, 0.1)  # warm-up: the first request loads lazily held state
-        result = load(url, bodies, args.clients, args.seconds)
-    finally:
-        stop(proc)
+        with model_server(
+            REPO / ".venv/bin/mlflow", f"models:/{name}@champion", root, env, work / "serve.log", 300
+        ) as url:
+            load(url, bodies[:2], 1, 0.1)  # warm-up: the first request loads lazily held state
+            result = load(url, bodies, args.clients, args.seconds)
+    except ServerDidNotAnswer as exc:
+        sys.exit(str(exc))
     result = {
         "bench": "serve_load",
         "model": f"models:/{name}@champion",
