@@ -3,7 +3,7 @@
 scratch copy of the project, one process tree per stage.
 
 Inputs are built from the shared AG News rows (7,600), made unique by a counter appended to
-the description, ~255 bytes a row as in issue #12's table. Peak RSS is sampled every 50 ms
+the description, ~255 bytes a row. Peak RSS is sampled every 50 ms
 over the stage's whole process tree (the stage and its Dataset.map workers, summed: file
 pages a worker maps count once per process, so this overstates rather than understates),
 and also reported as the kernel's high-water mark of the largest single process.

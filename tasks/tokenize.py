@@ -28,15 +28,15 @@ from tasks.model.loading import load_tokenizer
 from tasks.model.source import resolve_source
 
 MAP_BATCH = 1_000  # rows per call of the encode function
-ROWS_PER_PROCESS = 20_000  # a process costs ~1 s to start: small splits use fewer
+ROWS_PER_PROCESS = 20_000  # a process is slow to start: small splits use fewer
 SLICE_ROWS = 1_000_000  # rows per round of map processes (bounds the mapped pages they hold)
 LISTED_TRUNCATED = 1_000  # rows named per split in stats.json (all are counted)
 
 
 def token_ids(tok, texts: list[str], special_tokens: bool) -> list[list[int]]:
     """Token ids of each text. A fast tokenizer's Rust backend is called directly (encode_batch_fast:
-    the same ids as `tok(texts)`, without character offsets and the Python wrapper's per-row work:
-    ~30% faster on AG News); a slow tokenizer goes through its usual call."""
+    the same ids as `tok(texts)`, without character offsets and the Python wrapper's per-row work);
+    a slow tokenizer goes through its usual call."""
     if getattr(tok, "is_fast", False):
         backend = tok.backend_tokenizer
         # a tokenizer.json may carry truncation or padding (MiniLM's: 128 tokens); `tok(...)` would reset

@@ -2,9 +2,9 @@
 in one kernel launch per step instead of one per adapter tensor.
 
 bitsandbytes' optimizers loop over the parameters in Python: per tensor a prefetch, a
-kernel launch and bookkeeping, then a synchronize. With LoRA r=16 on every linear layer of an
-8B Llama that is 448 tensors and 42 ms of a 810 ms step on the H100, most of it the GPU
-waiting for the host (bench/results/README.md). Its 32-bit Adam update is elementwise (no
+kernel launch and bookkeeping, then a synchronize. With LoRA on every linear layer of a large
+model that is hundreds of tensors, and the GPU waits for the host (docs/gpu.md gives the
+figures). Its 32-bit Adam update is elementwise (no
 per-tensor norm unless max_unorm is set, which it is not here), so running it once over all
 adapter weights laid end to end gives the same numbers.
 
