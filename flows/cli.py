@@ -386,7 +386,7 @@ def cmd_predict(args) -> int:
     import pandas as pd
 
     from flows.serving import model_version
-    from tasks.common import PipelineError
+    from tasks.common import PipelineError, atomic_file
     from tasks.config import ParamsError
     from tasks.serve import predict as P
 
@@ -415,13 +415,11 @@ def cmd_predict(args) -> int:
     used = f"{version['name']}/{version['version']}" if version else str(args.model)
     result = pd.concat([rows[["row"]], out] + ([rows[["expected"]]] if "expected" in rows else []), axis=1)
     result["model"] = used
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    if out_path.suffix.lower() == ".csv":
-        result.to_csv(tmp, index=False)
-    else:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.to_dict("records")))
-    os.replace(tmp, out_path)
+    with atomic_file(out_path) as tmp:
+        if out_path.suffix.lower() == ".csv":
+            result.to_csv(tmp, index=False)
+        else:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.to_dict("records")))
     aliases = f" ({', '.join(version['aliases'])})" if version and version["aliases"] else ""
     note = ""
     if "expected" in rows and params.task == "seq_cls":

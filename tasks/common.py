@@ -42,7 +42,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Write a directory beside its target, then swap it in: readers never see half of it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # A fresh name no leftover can hold; ".tmp" marks a killed writer's folder for whoever cleans up.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         old = target.with_name(f".{target.name}.old")
@@ -57,17 +58,25 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise
 
 
-def write_json(path: Path, obj) -> None:
-    """Write then rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+@contextmanager
+def atomic_file(target: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temp path beside target (`.name` + suffix) to write, renamed over target when the block
+    ends: readers see the old file or the new one, never half of one. When the block fails (a
+    full disk) the temp file is removed and target is as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}{suffix}")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: no half-written temp file left behind
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, obj) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: Path):

@@ -22,7 +22,7 @@ import pandera.errors
 
 from schemas import classification_schema, instruction_schema
 from tasks import catalog
-from tasks.common import PipelineError, StageResult, atomic_dir, resolve, result, write_json
+from tasks.common import PipelineError, StageResult, atomic_dir, atomic_file, resolve, result, write_json
 from tasks.config import Params
 from tasks.data import chat
 from tasks.data.arrowio import RowsWriter, iter_batches, take_column
@@ -272,8 +272,7 @@ class Report:
 
     def write(self, **facts) -> None:
         """The report as one JSON document, its lists streamed from the entry files."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w") as out:
+        with atomic_file(self.path) as tmp, open(tmp, "w") as out:
             head = {"file": self.source, "task": self.task, **facts}
             out.write(json.dumps(head, indent=2, sort_keys=True, default=str)[:-2] + ",\n")
             for i, (kind, path) in enumerate(self.lists.items()):
@@ -284,7 +283,6 @@ class Report:
                         out.write(("," if j else "") + "\n    " + line.rstrip("\n"))
                 out.write("\n  ]" + ("," if i < len(self.lists) - 1 else "") + "\n")
             out.write("}\n")
-        tmp.replace(self.path)
 
     def close(self) -> None:
         for kind, f in self.files.items():

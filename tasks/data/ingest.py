@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.common import PipelineError, resolve, write_json
+from schemas.messages import COLUMNS as MESSAGE_COLUMNS
+from schemas.messages import normalize
+from tasks.common import PipelineError, atomic_file, resolve, write_json
 from tasks.config import Params
 from tasks.data import chat
 from tasks.data.readers import ROW, detect_format, iter_raw, read_raw
@@ -41,6 +43,7 @@ from tasks.data.rowhash import row_hashes
 from tasks.validate import key_columns, label_space, prepare_frame, validate_frame
 
 REPORT = "reports/ingest.json"
+SHAREGPT_ROLES = {"user": "human", "assistant": "gpt"}
 
 
 @dataclass
@@ -122,10 +125,36 @@ def _arrow_column(texts: list, arrow_type):
     return pa.array(texts, type=pa.string()).cast(arrow_type)
 
 
+def _in_raw_layout(row: dict, cols: list[str]) -> dict:
+    """A new row in the raw dataset's columns. A conversation dropped in the other chat layout
+    (ShareGPT's conversations of {from, value}, OpenAI's messages of {role, content}) is rewritten in
+    the raw dataset's, or the column the raw dataset has would be missing from the appended row."""
+    out = {c: row[c] for c in cols if c in row}
+    for col in MESSAGE_COLUMNS:
+        other = next((c for c in MESSAGE_COLUMNS if c != col and row.get(c) is not None), None)
+        if col in cols and col not in out and other is not None:
+            turns = normalize(row[other])
+            if col == "conversations":
+                turns = [{"from": SHAREGPT_ROLES.get(m["role"], m["role"]), "value": m["content"]} for m in turns]
+            out[col] = json.dumps(turns, ensure_ascii=False)
+    return out
+
+
+def _nested(record: dict) -> dict:
+    """A record for a JSON file: readers hand a conversation over as JSON text, and it goes back as
+    the list it is (as text it would be a string field, no longer the messages layout)."""
+    return {c: json.loads(v) if c in MESSAGE_COLUMNS and isinstance(v, str) else v for c, v in record.items()}
+
+
 def _append(raw: Path, fmt: str, cols: list[str], new: pd.DataFrame) -> None:
     """Write raw + new rows to a temp file beside raw, then rename over it."""
-    tmp = raw.with_name(f".{raw.name}.ingest")
-    records = [] if fmt == "csv" else [{c: r[c] for c in cols if c in r} for r in new.to_dict("records")]
+    with atomic_file(raw, suffix=".ingest") as tmp:
+        _write_appended(raw, tmp, fmt, cols, new)
+
+
+def _write_appended(raw: Path, tmp: Path, fmt: str, cols: list[str], new: pd.DataFrame) -> None:
+    """raw's rows, then the new ones, written to tmp in raw's format."""
+    records = [] if fmt == "csv" else [_in_raw_layout(r, cols) for r in new.to_dict("records")]
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
@@ -134,9 +163,11 @@ def _append(raw: Path, fmt: str, cols: list[str], new: pd.DataFrame) -> None:
             out.write(buf.getvalue().encode())
     elif fmt == "jsonl":
         with _copy_with_newline(raw, tmp) as out:
-            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+            out.write("".join(json.dumps(_nested(r), ensure_ascii=False) + "\n" for r in records).encode())
     elif fmt == "json":  # one document: parsed whole
-        tmp.write_text(json.dumps(json.loads(raw.read_text()) + records, ensure_ascii=False, indent=1))
+        tmp.write_text(
+            json.dumps(json.loads(raw.read_text()) + [_nested(r) for r in records], ensure_ascii=False, indent=1)
+        )
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -151,16 +182,14 @@ def _append(raw: Path, fmt: str, cols: list[str], new: pd.DataFrame) -> None:
                     schema=source.schema_arrow,
                 )
             )
-    os.replace(tmp, raw)
 
 
 def _append_or_keep(raw: Path, fmt: str, cols: list[str], new: pd.DataFrame) -> None:
-    """_append, or on an OS error (a full disk) remove the partial temp file and say so: the raw
-    dataset is as it was and the drop stays in the inbox for the next run."""
+    """_append, or on an OS error (a full disk) say so: atomic_file has removed the partial temp
+    file, the raw dataset is as it was and the drop stays in the inbox for the next run."""
     try:
         _append(raw, fmt, cols, new)
     except OSError as exc:
-        raw.with_name(f".{raw.name}.ingest").unlink(missing_ok=True)
         raise PipelineError(
             f"{raw}: appending {len(new)} new rows failed ({exc.strerror or exc}); the dataset is "
             f"unchanged and the drop stays in the inbox: free space on {raw.parent}'s disk, "

@@ -21,12 +21,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from tasks.common import atomic_dir
 from tasks.distributed import ddp as distributed
 from tasks.distributed import sharding
 
@@ -119,29 +119,19 @@ def save(
     weights, optim = sharding.full_training_state(model, optimizer)
     if not distributed.is_main():
         return None
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{state['step']:08d}"
-    # A name no leftover can hold: a killed save's temp folder is never in the way.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=ckpt_dir))
-    save_file(weights, tmp / "trainable.safetensors")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, tmp / "rng.safetensors")
-    if extra:
-        save_file({n: t.detach().to("cpu").contiguous() for n, t in extra.items()}, tmp / EXTRA)
-    torch.save(optim, tmp / "optimizer.pt")  # tensors only: loads with weights_only=True
-    (tmp / "state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}))
-    _write_manifest(tmp)
-    if final.exists():
-        # A folder of this name left by a killed attempt: renaming over a non-empty folder
-        # fails, so it is moved aside first and removed once the new one is in place.
-        aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=ckpt_dir))
-        os.replace(final, aside / final.name)
-        os.replace(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    # atomic_dir's temp folder ends in .tmp: prune finds a killed save's.
+    with atomic_dir(final) as tmp:
+        save_file(weights, tmp / "trainable.safetensors")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, tmp / "rng.safetensors")
+        if extra:
+            save_file({n: t.detach().to("cpu").contiguous() for n, t in extra.items()}, tmp / EXTRA)
+        torch.save(optim, tmp / "optimizer.pt")  # tensors only: loads with weights_only=True
+        (tmp / "state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}))
+        _write_manifest(tmp)
     # Later steps than this one are a killed attempt's that were not resumed from (skipped as
     # corrupt): they are not this run's future.
     steps = sorted(p for p in ckpt_dir.glob("step-*") if p.name <= final.name)
