@@ -13,31 +13,30 @@ import json
 import os
 from pathlib import Path
 
+
+def llama_shape(
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    vocab_size: int,
+) -> dict:
+    """The sizes that make a Llama-layout decoder's shape (LlamaConfig's keyword arguments)."""
+    return dict(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        vocab_size=vocab_size,
+    )
+
+
 SHAPES = {
-    "llama-1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    ),
-    "llama-8b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    ),
-    "llama-70b": dict(
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    ),
+    "llama-1b": llama_shape(2048, 8192, 16, 32, 8, 128256),
+    "llama-8b": llama_shape(4096, 14336, 32, 32, 8, 128256),
+    "llama-70b": llama_shape(8192, 28672, 80, 64, 8, 128256),
 }
 RANDOM_DIR = Path("/tmp/qlora-bench")  # where random-weight checkpoints of a shape are written once
 
@@ -119,12 +118,7 @@ def build_tiny_llama(out: Path, corpus_json: Path, vocab_size: int = 384, seed: 
         tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
     cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **llama_shape(64, 128, 2, 4, 2, vocab_size=len(tok)),
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,

@@ -8,10 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
+from bench.models import llama_shape
 from tasks import evaluate, quantize, tokenize, train
 from tasks.config import Params
 from tests.conftest import ALPACA, repo_params, write_split
 from tests.tiny_llm import build_tiny_llama
+from tests.trainer_helpers import nf4_arguments
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -88,18 +90,7 @@ def test_traced_nf4_dequantization_is_bitsandbytes_bit_for_bit_on_cuda():
     )
     layer = layer.cuda()
     t = nf4_tensors(layer)
-    ours = dequantize_nf4(
-        t["packed"],
-        t["absmax"],
-        t["nested_absmax"],
-        t["nested_code"],
-        t["offset"],
-        t["code"],
-        t["shape"],
-        t["blocksize"],
-        torch.bfloat16,
-        triton=False,
-    )  # the Triton kernel: the next test
+    ours = dequantize_nf4(*nf4_arguments(t), torch.bfloat16, triton=False)  # the Triton kernel: the next test
     assert torch.equal(ours, F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16))
     x = torch.randn(2, 64, 3072, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
@@ -130,17 +121,7 @@ def test_triton_nf4_dequantization_is_bitsandbytes_up_to_the_scales_last_bit(row
     )
     layer = layer.cuda()
     t = nf4_tensors(layer)
-    ours = nf4_triton.dequantize(
-        t["packed"],
-        t["absmax"],
-        t["nested_absmax"],
-        t["nested_code"],
-        t["offset"],
-        t["code"],
-        t["shape"],
-        t["blocksize"],
-        torch.bfloat16,
-    )
+    ours = nf4_triton.dequantize(*nf4_arguments(t), torch.bfloat16)
     ref = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
     assert ours.shape == ref.shape and not ours.isnan().any()
     differ = ours != ref
@@ -148,18 +129,7 @@ def test_triton_nf4_dequantization_is_bitsandbytes_up_to_the_scales_last_bit(row
     assert ((ours.float() - ref.float()).abs() <= ref.float().abs() * 2**-7 + 1e-30).all()
     # [W | B]: the same weights written with a row stride of cols + 24, B in the last columns
     extra = torch.randn(rows, 24, device="cuda", dtype=torch.bfloat16)
-    wide = nf4_triton.dequantize(
-        t["packed"],
-        t["absmax"],
-        t["nested_absmax"],
-        t["nested_code"],
-        t["offset"],
-        t["code"],
-        t["shape"],
-        t["blocksize"],
-        torch.bfloat16,
-        extra,
-    )
+    wide = nf4_triton.dequantize(*nf4_arguments(t), torch.bfloat16, extra)
     assert torch.equal(wide, torch.cat((ours, extra), dim=1))
 
 
@@ -250,15 +220,7 @@ def test_split_layers_and_offloaded_inputs_give_the_gradients_of_one_graph_check
     from tasks.fast import patch
     from tests.tiny_llm import save_random_llama
 
-    path = save_random_llama(
-        tmp_path / "llama",
-        hidden_size=256,
-        intermediate_size=896,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        vocab_size=1000,
-    )
+    path = save_random_llama(tmp_path / "llama", **llama_shape(256, 896, 3, 4, 1, 1000))
     ids = torch.randint(0, 1000, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     results = []
     for plan in (_fast_plan(checkpoint="torch"), _fast_plan(split=split, offload=offload, residual=residual)):
@@ -291,15 +253,7 @@ def test_adapters_in_the_base_gemm_give_the_gradients_of_peft_sums_compiled_on_c
     from tasks.fast.ops import swiglu_lora
     from tests.tiny_llm import save_random_llama
 
-    path = save_random_llama(
-        tmp_path / "llama",
-        hidden_size=256,
-        intermediate_size=896,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        vocab_size=1000,
-    )
+    path = save_random_llama(tmp_path / "llama", **llama_shape(256, 896, 3, 4, 1, 1000))
     ids = torch.randint(0, 1000, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     results = []
     for mode, swiglu in (("none", False), ("all", False), ("none", True), ("all", True)):

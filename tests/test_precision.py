@@ -18,17 +18,10 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def small_llama(tmp_path_factory):
     """Wide enough that bf16 rounding of small adapter outputs shows in the loss."""
+    from bench.models import llama_shape
     from tests.tiny_llm import save_random_llama
 
-    return save_random_llama(
-        tmp_path_factory.mktemp("small-llama"),
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=4000,
-    )
+    return save_random_llama(tmp_path_factory.mktemp("small-llama"), **llama_shape(512, 1536, 4, 8, 2, 4000))
 
 
 def with_adapters(path: str, precision: str, skip_last: int = 0, dropout: float = 0.0):

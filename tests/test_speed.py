@@ -15,6 +15,7 @@ from tasks.fast.ops import nf4_lora
 from tasks.model.loading import load_base
 from tasks.model.precision import decoder_layers
 from tasks.train import add_lora
+from tests.trainer_helpers import nf4_arguments
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 FAST = fast_plan.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)  # train.speed: auto's plan on CUDA
@@ -22,17 +23,10 @@ FAST = fast_plan.choose(TrainConfig(), CUDA, "causal_lm", "llama", True)  # trai
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
+    from bench.models import llama_shape
     from tests.tiny_llm import save_random_llama
 
-    return save_random_llama(
-        tmp_path_factory.mktemp("llama"),
-        hidden_size=256,
-        intermediate_size=896,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        vocab_size=1000,
-    )
+    return save_random_llama(tmp_path_factory.mktemp("llama"), **llama_shape(256, 896, 2, 4, 1, 1000))
 
 
 def adapted(path: str):
@@ -98,17 +92,7 @@ def test_traced_dequantization_is_bitsandbytes_bit_for_bit(llama_dir):
     assert len(layers) == 14
     for layer in layers:
         t = nf4_lora.nf4_tensors(layer)
-        ours = nf4_lora.dequantize_nf4(
-            t["packed"],
-            t["absmax"],
-            t["nested_absmax"],
-            t["nested_code"],
-            t["offset"],
-            t["code"],
-            t["shape"],
-            t["blocksize"],
-            torch.bfloat16,
-        )
+        ours = nf4_lora.dequantize_nf4(*nf4_arguments(t), torch.bfloat16)
         assert torch.equal(ours, F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16))
 
 
@@ -223,7 +207,9 @@ def test_adapters_in_the_gemm_of_weights_laid_end_to_end_are_the_separate_lora_l
         t.grad = None
     m = torch.cat([x @ a.t() * s for a, _, s in loras], dim=-1)
     b = torch.block_diag(*(b for _, b, _ in loras))
-    y = nf4_lora.NF4LoRALinear.apply(x, m, b, nf4_lora.meta(fused, False, pad_k), *(fused[k] for k in nf4_lora._KEYS))
+    y = nf4_lora.NF4LoRALinear.apply(
+        x, m, b, nf4_lora.meta(fused, False, pad_k), *(fused[k] for k in nf4_lora.TENSOR_KEYS)
+    )
     y.backward(g)
     assert torch.allclose(y, torch.cat(separate, dim=-1), atol=1e-5)
     got = [t.grad for t in [x] + [p for a, b, _ in loras for p in (a, b)]]
@@ -275,7 +261,7 @@ def test_adapters_inside_the_swiglu_are_the_separate_gate_and_up_lora_layers(pad
         b_up * s_up,
         False,
         nf4_lora.meta(fused, False, pad_k),
-        *(fused[k] for k in nf4_lora._KEYS),
+        *(fused[k] for k in nf4_lora.TENSOR_KEYS),
     )
     h.backward(g)
     assert torch.allclose(h, expected_h, atol=1e-5)

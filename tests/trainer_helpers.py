@@ -6,9 +6,11 @@ import os
 import torch
 from datasets import Dataset
 
+from bench.models import llama_shape
 from tasks import train
 from tasks.data.batching import IGNORE, collate
 from tasks.distributed import ddp as distributed
+from tasks.fast.ops import nf4_lora
 
 CPU = torch.device("cpu")
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
@@ -19,16 +21,7 @@ def tiny_model(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    cfg = LlamaConfig(**llama_shape(32, 64, 2, 4, 2, 100), pad_token_id=0, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).float()
 
 
@@ -93,3 +86,9 @@ def ddp_step(rank: int, world: int, port: int, out: str, layer_checkpoint: bool 
         f"{out}/{rank}.pt",
     )
     torch.distributed.destroy_process_group()
+
+
+def nf4_arguments(t: dict) -> list:
+    """dequantize_nf4's and nf4_triton.dequantize's leading arguments from nf4_lora.nf4_tensors(layer):
+    its tensors, shape and blocksize."""
+    return [*(t[k] for k in nf4_lora.TENSOR_KEYS), t["shape"], t["blocksize"]]

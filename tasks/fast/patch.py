@@ -31,7 +31,15 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from tasks.fast.ops import layer_checkpoint, nf4_triton, swiglu_lora
-from tasks.fast.ops.nf4_lora import _KEYS, NF4Linear, NF4LoRALinear, NF4LoRASwiGLU, laid_end_to_end, meta, nf4_tensors
+from tasks.fast.ops.nf4_lora import (
+    TENSOR_KEYS,
+    NF4Linear,
+    NF4LoRALinear,
+    NF4LoRASwiGLU,
+    laid_end_to_end,
+    meta,
+    nf4_tensors,
+)
 from tasks.fast.plan import LIGER, Plan
 from tasks.model.precision import decoder_layers
 
@@ -290,7 +298,7 @@ _FUSED = "_qlora_flow_fused"  # attention / MLP / LoRA-layer attribute: its fuse
 
 def _nf4_forward(self, x: Tensor) -> Tensor:
     t = getattr(self, _NF4)
-    y = NF4Linear.apply(x, t["meta"], *(t[k] for k in _KEYS))
+    y = NF4Linear.apply(x, t["meta"], *(t[k] for k in TENSOR_KEYS))
     return y.to(x.dtype)  # as bitsandbytes does
 
 
@@ -400,7 +408,7 @@ def _group(modules: list, adapters_in_gemm: bool, triton: bool, pad_k: int) -> d
         "modules": modules,
         "adapters": adapters,
         "meta": meta(fused, triton, pad_k),
-        "tensors": tuple(fused[k] for k in _KEYS),
+        "tensors": tuple(fused[k] for k in TENSOR_KEYS),
         "sizes": [t["shape"][0] for t in nf4],
         "ranks": [m.lora_A[a].out_features for m, a in zip(modules, adapters)],
         "adapters_in_gemm": adapters_in_gemm,

@@ -68,11 +68,11 @@ def dequantize_nf4(
     return w if extra is None else torch.cat((w, extra.to(dtype)), dim=1)
 
 
-_KEYS = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "code")
+TENSOR_KEYS = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "code")
 
 
 def meta(t: dict, triton: bool, pad_k: int) -> tuple:
-    """What the autograd functions below take besides the tensors (t[k] for k in _KEYS):
+    """What the autograd functions below take besides the tensors (t[k] for k in TENSOR_KEYS):
     (shape, blocksize, dtype, triton, pad_k), constants to the compiler. triton: the
     dequantization by nf4_triton.py where usable; pad_k: adapters in a GEMM pad its K (inputs +
     ranks) with zero columns to a multiple of this."""
