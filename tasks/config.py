@@ -225,8 +225,8 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False,
         description=(
-            "Recompute activations in backward. Memory is not the limit for 22M params on CPU (costs ~30% "
-            "time); turn it on for large models on a GPU."
+            "Recompute activations in backward: less memory for more time. A small model on CPU does not "
+            "need it; turn it on for large models on a GPU."
         ),
     )
     gradient_checkpointing_skip_last: int = Field(
@@ -278,8 +278,8 @@ class TrainConfig(Section):
         ge=1,
         description=(
             "Validation rows each pass scores: a fixed sample (seeded by seed) of the validation split, so passes "
-            "stay cheap (on CPU a pass over all 760 AG News validation rows costs as much as ~15 training steps, "
-            "200 rows ~4); null: every row."
+            "stay cheap (a pass over a whole validation split can cost as much as many training steps: "
+            "docs/instruction-tuning.md); null: every row."
         ),
     )
     early_stopping: bool = Field(
