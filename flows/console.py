@@ -38,7 +38,9 @@ def quiet_libraries() -> None:
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+    warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO: monitors started, artifacts validated
 
 
 def fail(msg: str) -> int:
