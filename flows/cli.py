@@ -25,7 +25,13 @@ class _ExpectedErrorsOnce:
         from tasks.config import ParamsError
 
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, (PipelineError, ParamsError))
+        if isinstance(exc, (PipelineError, ParamsError)):
+            return False
+        # The command's own Prefect server gone mid-run: its error line names the server
+        # (flows/prefect_server.py); a server of the user's that goes away still raises to the shell.
+        import httpx
+
+        return not isinstance(exc, httpx.TransportError)
 
 
 def _quiet_expected_errors() -> None:

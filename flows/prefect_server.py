@@ -16,6 +16,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from tasks.common import PipelineError
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -59,14 +61,29 @@ def prefect_api(root: Path, services: bool = False, ui: bool = False, timeout: f
                 raise RuntimeError(f"the Prefect server for this run did not start; see {log_path}") from None
             time.sleep(0.2)
     os.environ["PREFECT_API_URL"] = url
+    # The server is this command's own, on loopback: a refused connection means it is gone, and
+    # Prefect's default back-off would only delay the command's error line by minutes.
+    retries_set = "PREFECT_CLIENT_MAX_RETRIES" not in os.environ
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
     try:
         yield url, proc
+    except Exception as exc:
+        if proc.poll() is None or isinstance(exc, PipelineError):
+            raise
+        # The flow cannot report a state to a dead API: whatever Prefect raised, the cause is the server.
+        raise PipelineError(
+            f"the Prefect server of this command (127.0.0.1:{port}) stopped mid-run (exit status "
+            f"{proc.returncode}; its log: {log_path}), so the flow could not go on ({type(exc).__name__}). "
+            f"What the stages finished is kept in dvc.lock: run the same command again; DVC skips it"
+        ) from None
     finally:
-        if "prefect" in sys.modules:  # send the run's last logs before the server goes
+        if "prefect" in sys.modules and proc.poll() is None:  # send the run's last logs before the server goes
             from prefect.logging.handlers import APILogWorker
 
             APILogWorker.drain_all(timeout=5)
         os.environ.pop("PREFECT_API_URL", None)
+        if retries_set:
+            os.environ.pop("PREFECT_CLIENT_MAX_RETRIES", None)
         proc.terminate()
         try:
             proc.wait(timeout=30)
