@@ -106,5 +106,8 @@ class LiveRun:
     def fail(self, error: BaseException) -> None:
         self.stop()
         if self.run_id is not None:
-            self._client.set_tag(self.run_id, "qlora_error", f"{type(error).__name__}: {error}"[:5000])
-            self._client.set_terminated(self.run_id, "FAILED")
+            try:
+                self._client.set_tag(self.run_id, "qlora_error", f"{type(error).__name__}: {error}"[:5000])
+                self._client.set_terminated(self.run_id, "FAILED")
+            except Exception:  # the tracking server is gone: the next command marks the run KILLED (its pid tag)
+                pass

@@ -64,11 +64,19 @@ def usable_uri(params: Params, root: Path) -> tuple[str, str | None]:
         return local, uri
 
 
+# A tracking server that goes away mid-run fails each call after seconds of retries rather than
+# MLflow's default minutes of backoff, so the command ends in its one error line. A user's own
+# setting of these variables wins.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
 def use_store(params: Params, root: Path, create: bool = True, close_dead: bool = True):
     """Point MLflow at this project's store and experiment; returns (mlflow, uri, fallback_from).
     Runs left RUNNING by dead processes are marked KILLED first (close_dead=False: a command
     that only reads). create=False: a missing experiment is not created (a command that may
     have nothing to record)."""
+    for name, value in HTTP_RETRIES.items():
+        os.environ.setdefault(name, value)
     import mlflow
 
     uri, fallback_from = usable_uri(params, root)
