@@ -8,6 +8,7 @@ trained it. So `mlflow models serve -m models:/NAME@champion`, `mlflow.pyfunc.lo
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import re
 import tempfile
@@ -130,19 +131,53 @@ def log_model(params: Params, root: Path, variant: str, card: str, tags: dict | 
 
     tmp_root = resolve(root, TMP_DIR)
     tmp_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
-        bundle = write_bundle(Path(tmp) / "bundle", params, root, variant, card)
-        return mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
-            python_model=str(PYTHON_MODEL),
-            artifacts={"bundle": str(bundle)},
-            code_paths=[str(Path(tasks.__file__).parent), str(Path(schemas.__file__).parent)],
-            signature=signature(params, params.task == "causal_lm" and is_chat_model(root)),
-            input_example=input_example(params, root),
-            pip_requirements=requirements(params, variant, root),
-            metadata={"qlora_variant": variant, "task": params.task},
-            tags=tags,
-        )
+    try:
+        with tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
+            bundle = write_bundle(Path(tmp) / "bundle", params, root, variant, card)
+            return mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(PYTHON_MODEL),
+                artifacts={"bundle": str(bundle)},
+                code_paths=[str(Path(tasks.__file__).parent), str(Path(schemas.__file__).parent)],
+                signature=signature(params, params.task == "causal_lm" and is_chat_model(root)),
+                input_example=input_example(params, root),
+                pip_requirements=requirements(params, variant, root),
+                metadata={"qlora_variant": variant, "task": params.task},
+                tags=tags,
+            )
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        run = mlflow.active_run()
+        if run is not None:
+            discard_partial(run.info.run_id, run.info.experiment_id)
+        raise PipelineError(
+            f"registering {params.tracking.registered_model}: writing the version to "
+            f"{exc.filename2 or exc.filename} failed (No space left on device); no version is registered and "
+            f"its partial copy is removed. Free space on that disk and run `qlora run` again: it registers "
+            f"the version without re-running a stage"
+        ) from None
+
+
+def discard_partial(run_id: str, experiment_id: str) -> list[str]:
+    """The models a run logged whose copy into the artifact store was cut short (a full disk):
+    marked FAILED and their files removed, so no half copy holds the space or looks like a model.
+    Returns the folders removed."""
+    import shutil
+    from urllib.parse import unquote, urlparse
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    removed = []
+    for model in client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"):
+        location = urlparse(model.artifact_location)
+        if location.scheme in ("", "file"):
+            folder = Path(unquote(location.path)).parent  # artifact_location is <model folder>/artifacts
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+        client.finalize_logged_model(model.model_id, "FAILED")
+    return removed
 
 
 def register(name: str, model_info, tags: dict, model_description: str):
