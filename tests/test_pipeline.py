@@ -276,7 +276,6 @@ def test_the_mlflow_run_is_open_while_the_pipeline_works_and_receives_steps_live
     assert proc.returncode == 0, out[-3000:]
     for notice in ("kernels-community", "FutureWarning", "LOAD REPORT"):  # library notices stay off without -v
         assert notice not in out, out[-3000:]
-    assert out.count("Running stage 'train'") == 1, out[-3000:]  # DVC's line once, not again through Prefect's log
     run_id = out.split("mlflow:   run ")[1].split()[0]
     assert seen_live and {r for r, _ in seen_live} == {run_id}, (seen_live, out[-2000:])
     assert min(n for _, n in seen_live) < 30  # read back before training ended

@@ -49,17 +49,12 @@ _REPOS: dict[str, object] = {}
 def _repo(root: Path):
     """One dvc.repo.Repo per project for this process: opening one costs ~0.2 s, and a run asks
     DVC about seven stages. DVC resets the repo's caches after each locked operation."""
-    import logging
-
     from dvc.repo import Repo
 
     key = str(Path(root).resolve())
     with contextlib.chdir(key):  # DVC resolves some paths (targets, stage wdirs) against the cwd
         if key not in _REPOS:
             _REPOS[key] = Repo(key)
-            # DVC prints its own progress lines; its log records would print each again through
-            # the Prefect console handler on the root logger (warnings still reach stderr)
-            logging.getLogger("dvc").propagate = False
         yield _REPOS[key]
 
 
