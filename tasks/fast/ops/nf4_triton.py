@@ -25,18 +25,14 @@ import functools
 import torch
 from torch import Tensor
 
+from tasks.fast.ops import triton_ops
+
 ROWS = 64  # 4-bit blocks per program (64 x 64 weights for blocksize 64)
 
 
 @functools.cache
 def available() -> bool:
-    if not torch.cuda.is_available() or not hasattr(torch.library, "triton_op"):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return _op() is not None
+    return triton_ops.can_run() and _op() is not None
 
 
 @functools.cache

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tasks.fast.ops import triton_ops
+
 # A program's tile (tokens x output columns) and its warps: the fastest setting of the tile
 # sweep at the 8B MLP shape (bench/swiglu_tiles.py; docs/gpu.md)
 TILES = (32, 128, 4)
@@ -33,13 +35,7 @@ TILES = (32, 128, 4)
 @functools.cache
 def available() -> bool:
     """Whether the Triton kernels run here; registers their ops (call outside compiled code)."""
-    if not torch.cuda.is_available() or not hasattr(torch.library, "triton_op"):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return _ops() is not None
+    return triton_ops.can_run() and _ops() is not None
 
 
 def _ranks(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor | None = None) -> tuple[int, int, int]:
