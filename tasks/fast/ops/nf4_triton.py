@@ -25,14 +25,14 @@ import functools
 import torch
 from torch import Tensor
 
-from tasks.fast.ops import triton_ops
+from tasks.fast.ops import triton_ops_can_run
 
 ROWS = 64  # 4-bit blocks per program (64 x 64 weights for blocksize 64)
 
 
 @functools.cache
 def available() -> bool:
-    return triton_ops.can_run() and _op() is not None
+    return triton_ops_can_run() and _op() is not None
 
 
 @functools.cache

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.fast.ops import triton_ops
+from tasks.fast.ops import triton_ops_can_run
 
 # A program's tile (tokens x output columns) and its warps: the fastest setting of the tile
 # sweep at the 8B MLP shape (bench/swiglu_tiles.py; docs/gpu.md)
@@ -35,7 +35,7 @@ TILES = (32, 128, 4)
 @functools.cache
 def available() -> bool:
     """Whether the Triton kernels run here; registers their ops (call outside compiled code)."""
-    return triton_ops.can_run() and _ops() is not None
+    return triton_ops_can_run() and _ops() is not None
 
 
 def _ranks(y: Tensor, m: Tensor, b_gate: Tensor, b_up: Tensor, dh: Tensor | None = None) -> tuple[int, int, int]:
