@@ -47,8 +47,10 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# One worker per core, each taking whole test files (--dist loadfile): a file's module-scoped
+# fixtures (a trained project, a reference retrain) are built once, in one worker.
 test: setup lint docs
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
