@@ -406,3 +406,156 @@ def _serve_env() -> dict:
     from tests.conftest import env
 
     return env()
+
+
+def _mlflow_client(uri: str):
+    import mlflow
+
+    return mlflow.tracking.MlflowClient(tracking_uri=uri)
+
+
+def _runs(client, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+# --- servers of the world killed mid-run (#27 goal 10)
+def _start_mlflow_server(folder: Path, port: int):
+    """A real `mlflow server` on a SQLite backend in folder; the same folder and port start it
+    again over the same records."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "art")]
+        + ["--workers", "1"],
+        stdout=open(folder / "server.log", "a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except Exception:
+            assert proc.poll() is None and time.time() < deadline, (folder / "server.log").read_text()
+            time.sleep(0.3)
+
+
+def _kill_group(proc) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _run_until_training(root: Path, step: int = 3):
+    """`qlora run` started in root, returned once training saved its checkpoint of step."""
+    import subprocess
+    import time
+
+    from tests.conftest import env
+
+    proc = subprocess.Popen(
+        [".venv/bin/qlora", "run"],
+        cwd=root,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    ckpts = root / ".qlora/checkpoints/train"
+    deadline = time.time() + 300
+    while not any(ckpts.glob(f"*/step-{step:08d}")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before training reached step {step}: {proc.communicate()}"
+    return proc
+
+
+def _stage_status(stdout: str) -> dict:
+    return {
+        line.split()[0]: line.split()[1]
+        for line in stdout.splitlines()
+        if line.startswith("  ") and len(line.split()) > 1 and line.split()[1] in ("ran", "skipped")
+    }
+
+
+@pytest.mark.slow
+def test_the_tracking_server_killed_mid_run_then_restarted(tmp_path, agnews_small):
+    """A real `mlflow server` SIGKILLed while `qlora run` trains: the stages finish and DVC keeps
+    their outputs; the record fails in one error line naming the server and what to do. The
+    server restarted on the same backend and port, the next `qlora run` re-runs no stage,
+    records to it, and no MLflow run is left RUNNING."""
+    from tests.conftest import make_project, small_cls_params
+    from tests.test_reliability import _unused_port
+
+    folder = tmp_path / "mlflow"
+    folder.mkdir()
+    port = _unused_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _start_mlflow_server(folder, port)
+    try:
+        raw = small_cls_params(agnews_small)
+        raw["train"].update(max_steps=12, checkpoint_every=3)
+        raw["tracking"]["tracking_uri"] = url
+        root = make_project(tmp_path / "project", raw)
+        run = _run_until_training(root)
+        _kill_group(server)
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 2, out + err
+        line = _one_error_line(err)
+        assert f"MLflow tracking server {url} is unreachable" in line and "run the same command again" in line, line
+        assert (root / "models/merged/config.json").exists() and not (root / ".qlora/checkpoints/train").exists()
+        server = _start_mlflow_server(folder, port)
+        again = _cli(root, "run")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert set(_stage_status(again.stdout).values()) == {"skipped"}, again.stdout
+        assert f"at {url} (model version 1)" in again.stdout, again.stdout
+        client = _mlflow_client(url)
+        runs = _runs(client, raw["tracking"]["experiment"])
+        assert "RUNNING" not in {r.info.status for r in runs} and "FINISHED" in {r.info.status for r in runs}
+    finally:
+        _kill_group(server)
+
+
+@pytest.mark.slow
+def test_the_prefect_server_killed_mid_run(tmp_path, agnews_small):
+    """The Prefect server `qlora run` started, SIGKILLed while it trains: the run ends with one
+    error line naming that server and what to do, leaves no process behind and releases the
+    project; the next `qlora run` finishes the work, DVC skipping what was done."""
+    import signal
+    import time
+
+    from tests.conftest import descendants, make_project, small_cls_params
+    from tests.test_reliability import _alive
+
+    raw = small_cls_params(agnews_small)
+    raw["train"].update(max_steps=12, checkpoint_every=3)
+    root = make_project(tmp_path / "project", raw)
+    run = _run_until_training(root)
+    below = descendants(run.pid)
+    servers = [p for p in below if b"prefect\x00server\x00start" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert servers, "the run has no Prefect server to kill"
+    for server in servers:
+        os.kill(server, signal.SIGKILL)
+    out, err = run.communicate(timeout=600)
+    deadline = time.time() + 20
+    while any(_alive(p) for p in below) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in below if _alive(p)], "processes outlived the run"
+    assert run.returncode == 2, out + err
+    line = _one_error_line(err)
+    assert "the Prefect server of this command" in line and "run the same command again" in line, line
+    again = _cli(root, "run")
+    assert again.returncode == 0, again.stdout + again.stderr
+    status = _stage_status(again.stdout)
+    assert status["validate"] == "skipped" and status["merge"] in ("ran", "skipped"), again.stdout
+    assert (root / "models/merged/config.json").exists()
