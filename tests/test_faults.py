@@ -419,6 +419,41 @@ def _runs(client, experiment: str) -> list:
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
+@pytest.mark.slow
+def test_a_full_disk_while_the_registry_copies_a_version_registers_nothing_half(tmp_path, tiny_disk, agnews_small):
+    """`qlora run` with mlartifacts/ (where the registry keeps each version's copy) on a 4 MiB
+    disk: the run's reports and adapter fit, the merged model of the version does not. One
+    error line naming the cause and what to do; no model version, the MLflow run FAILED and
+    the version's partial copy removed; the pipeline's outputs stand. With space, the next
+    `qlora run` re-runs no stage and registers the version."""
+    from tests.conftest import make_project, small_cls_params
+
+    _grow(tiny_disk, "4m")
+    raw = small_cls_params(agnews_small)
+    root = make_project(tmp_path / "project", raw)
+    (root / "mlartifacts").symlink_to(tiny_disk)
+    got = _cli(root, "run")
+    assert got.returncode == 2, got.stdout + got.stderr
+    line = _one_error_line(got.stderr)
+    assert "No space left on device" in line and "Free space on that disk and run `qlora run` again" in line, line
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    client = _mlflow_client(uri)
+    name = raw["tracking"]["registered_model"]
+    assert client.search_model_versions(f"name='{name}'") == []
+    runs = _runs(client, raw["tracking"]["experiment"])
+    assert [r.info.status for r in runs] == ["FAILED"], [r.info.status for r in runs]
+    assert (root / "models/merged/config.json").exists() and (root / "dvc.lock").exists()
+    _grow(tiny_disk, "512m")
+    again = _cli(root, "run")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert set(_stage_status(again.stdout).values()) == {"skipped"} and "(model version 1)" in again.stdout, (
+        again.stdout
+    )
+    (version,) = client.search_model_versions(f"name='{name}'")
+    assert client.get_model_version_by_alias(name, "champion").version == version.version
+    assert sorted(r.info.status for r in _runs(client, raw["tracking"]["experiment"])) == ["FAILED", "FINISHED"]
+
+
 # --- servers of the world killed mid-run (#27 goal 10)
 def _start_mlflow_server(folder: Path, port: int):
     """A real `mlflow server` on a SQLite backend in folder; the same folder and port start it
