@@ -129,6 +129,8 @@ def _in_raw_layout(row: dict, cols: list[str]) -> dict:
     """A new row in the raw dataset's columns. A conversation dropped in the other chat layout
     (ShareGPT's conversations of {from, value}, OpenAI's messages of {role, content}) is rewritten in
     the raw dataset's, or the column the raw dataset has would be missing from the appended row."""
+    # files of a drop with other columns meet in one frame: a column a row's file lacks holds NaN
+    row = {c: v for c, v in row.items() if not (isinstance(v, float) and v != v)}
     out = {c: row[c] for c in cols if c in row}
     for col in MESSAGE_COLUMNS:
         other = next((c for c in MESSAGE_COLUMNS if c != col and row.get(c) is not None), None)
