@@ -3,6 +3,9 @@ model's chat template, and the loss on every assistant turn and nothing else, ch
 token on the tiny Llama with a chat template set here."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -345,3 +348,109 @@ def test_messages_jsonl_trains_end_to_end(tmp_path, tiny_chat_llama):
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [2, 4]
     assert "test_rougeL" in client.get_run(run_id).data.metrics
     assert "eval/samples_table.json" in {a.path for a in client.list_artifacts(run_id, "eval")}
+
+
+def _sharegpt(conv: dict) -> dict:
+    roles = {"user": "human", "assistant": "gpt"}
+    return {
+        "conversations": [{"from": roles.get(m["role"], m["role"]), "value": m["content"]} for m in conv["messages"]]
+    }
+
+
+def test_a_chat_drop_is_merged_in_the_datasets_layout_without_its_known_prompts(tmp_path):
+    """Ingest of a JSONL chat drop: new conversations are appended as OpenAI messages lists (a
+    ShareGPT file's rewritten so), and a conversation whose prompt the dataset has is skipped,
+    whatever its answer (a chat row's identity is its prompt, as validate judges duplicates)."""
+    from tasks.data.ingest import ingest
+
+    def conv(i, answer=None):
+        return {
+            "messages": [
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": answer or f"A{i}."},
+            ]
+        }
+
+    data = tmp_path / "data/raw/chat/data.jsonl"
+    data.parent.mkdir(parents=True)
+    _jsonl(data, [conv(i) for i in range(6)])
+    inbox = tmp_path / "data/inbox"
+    inbox.mkdir(parents=True)
+    _jsonl(inbox / "1-openai.jsonl", [conv(6), conv(2, "Another answer."), conv(7)])
+    _jsonl(inbox / "2-sharegpt.jsonl", [_sharegpt(conv(8)), _sharegpt(conv(6))])
+    params = chat_params("data/raw/chat/data.jsonl", format="jsonl", layout="messages").model_copy(
+        update={"retrain": Params().retrain.model_copy(update={"settle_seconds": 0})}
+    )
+    got = ingest(params, tmp_path, inbox)
+    assert got.status == "merged" and got.added_rows == 3
+    assert {(Path(s["file"]).name, s["row"]) for s in got.skipped_duplicates} == {
+        ("1-openai.jsonl", "2"),
+        ("2-sharegpt.jsonl", "2"),
+    }
+    lines = [json.loads(x) for x in data.read_text().splitlines()]
+    assert lines == [conv(i) for i in range(9)]
+
+
+@pytest.mark.slow
+def test_a_chat_drop_retrains_and_the_champion_is_decided_on_exact_match(tmp_path, tiny_chat_llama):
+    """New conversations dropped in the inbox as JSONL (OpenAI messages; one file in ShareGPT's
+    layout) go through `qlora retrain`'s flow as a CSV drop does: rows merged in the raw dataset's
+    layout, duplicates of its prompts skipped, a new DVC data version committed, a model version
+    registered with its exact match, and the champion decision made on that same score."""
+    import mlflow
+    import yaml
+
+    from flows.retrain import retrain_flow
+    from tests.conftest import git, make_project
+    from tests.test_causal_lm import causal_params
+
+    def conv(r):
+        user = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]}
+
+    alpaca = [r for r in json.loads(ALPACA.read_text()) if len(r["instruction"] + r["input"] + r["output"]) < 200]
+    seed, new = [conv(r) for r in alpaca[:26]], [conv(r) for r in alpaca[26:42]]
+    data = "data/raw/chat/data.jsonl"
+    raw = causal_params(tiny_chat_llama)
+    raw["data"].update(path=data, format="jsonl", layout="messages")
+    raw["split"]["method"] = "hash"
+    raw["tokenize"].update(template="model", max_length=128)
+    raw["train"].update(max_steps=2, batch_size=4)
+    raw["eval"].update(max_new_tokens=4, max_generate_rows=4, num_samples=2)
+    raw["tracking"].update(registered_model="tiny-chat-retrain", experiment="chat-retrain")
+    raw["retrain"].update(metric="exact_match", settle_seconds=0)
+    root = make_project(tmp_path / "project", raw)
+    (root / data).parent.mkdir(parents=True)
+    _jsonl(root / data, seed)
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "remote", "add", "-d", "local", "../remote"], cwd=root, check=True, capture_output=True)
+    subprocess.run([*dvc, "add", "-q", "data/raw/chat"], cwd=root, check=True, capture_output=True)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "seed conversations")
+    seed_md5 = yaml.safe_load((root / "data/raw/chat.dvc").read_text())["outs"][0]["md5"]
+    inbox = root / "data/inbox"
+    inbox.mkdir(parents=True)
+    _jsonl(inbox / "1-openai.jsonl", new[:12] + seed[:3])  # 3 prompts the dataset has: skipped
+    _jsonl(inbox / "2-sharegpt.jsonl", [_sharegpt(c) for c in new[12:]])
+
+    out = retrain_flow(str(root))
+    assert out["status"] == "trained", out
+    assert out["ingest"]["added_rows"] == 16 and len(out["ingest"]["skipped_duplicates"]) == 3
+    lines = [json.loads(x) for x in (root / data).read_text().splitlines()]
+    assert (
+        len(new) == 16 and len(lines) == 42 and lines[26:] == new
+    )  # appended as OpenAI messages lists, ShareGPT rows rewritten
+    assert out["data"]["md5"] != seed_md5 and out["data"]["git_commit"]
+    assert git(root, "log", "-1", "--format=%H", "--", "data/raw/chat.dvc").strip() == out["data"]["git_commit"]
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    assert metrics["generated_rows"] >= 2 and 0 <= metrics["exact_match"] <= 1
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
+    version = client.get_model_version("tiny-chat-retrain", out["pipeline"]["model_version"])
+    test_em = client.get_run(version.run_id).data.metrics["test_exact_match"]
+    d = out["decision"]
+    assert d["metric"] == "exact_match" and d["challenger_version"] == str(version.version)
+    assert d["challenger_score"] == test_em == pytest.approx(metrics["exact_match"])
+    assert d["promoted"] and d["reason"] == "no champion yet"
+    assert version.tags["champion_decision"] == "promoted"
+    assert float(version.tags["test_exact_match_at_registration"]) == test_em
+    assert client.get_model_version_by_alias("tiny-chat-retrain", "champion").version == version.version
