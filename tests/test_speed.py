@@ -479,6 +479,22 @@ def test_a_family_without_a_fast_path_trains_as_loaded_and_says_so(capsys):
     assert "speed: 'gpt2' has no fast path" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "model_type, module",
+    [
+        ("llama", "transformers.models.llama.modeling_llama"),
+        ("gemma3_text", "transformers.models.gemma3.modeling_gemma3"),
+        ("phi3", "transformers.models.phi3.modeling_phi3"),
+        ("not_a_model_type", None),
+    ],
+)
+def test_the_patch_scope_finds_a_family_s_modeling_module_beside_its_config(model_type, module):
+    """A model type need not name its package (gemma3_text lives in transformers.models.gemma3);
+    a type transformers does not know has nothing to snapshot, and the scope opens all the same."""
+    with patch.scoped(model_type, dataclasses.replace(FAST, liger=False)) as patches:
+        assert [m.__name__ for m in patches.modules] == ([module] if module else [])
+
+
 def test_bench_variants_are_plans():
     """bench/gpu_qlora_bench.py switches the fast path by building Plans, one field a part."""
     from bench import gpu_qlora_bench as bench

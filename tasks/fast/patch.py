@@ -208,10 +208,15 @@ def scoped(model_type: str, plan: Plan):
 
 
 def _modeling_modules(model_type: str) -> list[str]:
-    names = []
-    if model_type.isidentifier():
-        names.append(f"transformers.models.{model_type}.modeling_{model_type}")
-    return [n for n in names if importlib.util.find_spec(n) is not None]
+    """The transformers module that defines this model type's classes, found beside its config
+    class: a model type need not name its package (gemma3_text lives in transformers.models.gemma3)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        name = CONFIG_MAPPING[model_type].__module__.replace(".configuration_", ".modeling_")
+        return [name] if importlib.util.find_spec(name) is not None else []
+    except (KeyError, ModuleNotFoundError):  # a type transformers does not know: nothing of its to snapshot
+        return []
 
 
 def _restore(obj, state: dict) -> None:
