@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.common import PipelineError
+from tasks.common import PipelineError, atomic_file
 
 LOCK_FILE = "dvc.lock"
 PARAMS_FILE = "params.yaml"
@@ -183,10 +182,8 @@ def apply_params(root: Path, overrides: list[str]) -> None:
             if isinstance(old, CommentedSeq) and not old.fa.flow_style():
                 parsed.fa.set_block_style()
         node[leaf] = parsed
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         yaml_rt.dump(doc, f)
-    os.replace(tmp, path)
 
 
 def is_git_repo(root: Path) -> bool:
