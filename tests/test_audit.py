@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -161,8 +162,22 @@ def test_a_scheduled_run_that_finds_the_project_busy_is_recorded_as_skipped(tmp_
     assert state.type.value == "CANCELLED" and state.name == "Skipped", state
     assert "another pipeline run holds" in state.message
     assert cli.returncode == 3 and "Skipped" in cli.stderr, cli.stderr
+    errors = [line for line in cli.stderr.splitlines() if line.startswith("qlora: error:")]
+    assert len(errors) == 1 and "qlora run (another user)" in errors[0] and "pass --wait" in errors[0], cli.stderr
+    assert "Traceback" not in cli.stderr
     assert (root / "data/inbox/new.csv").exists() and not (root / catalog.INGEST_REPORT).exists()
     assert not (root / "mlruns.db").exists()
+    # the advice works as written: with --wait the command queues behind the holder, then runs
+    # (the drop is set aside, so the run that follows has nothing to train)
+    (root / "data/inbox/new.csv").rename(root / "new.csv")
+    with project_lock(root, what="qlora run (another user)"):
+        waiting = subprocess.Popen(
+            [".venv/bin/qlora", "retrain", "--wait"], cwd=root, env=env(), stdout=subprocess.PIPE, text=True
+        )
+        time.sleep(3)
+        assert waiting.poll() is None  # still queued behind the holder
+    out, _ = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0 and "retrain: skipped" in out, out
 
 
 def test_a_rejected_drop_fails_the_flow_run_with_its_report_attached(tmp_path):
@@ -196,3 +211,6 @@ def test_a_rejected_drop_fails_the_flow_run_with_its_report_attached(tmp_path):
     (root / "data/inbox/bad2.csv").write_text('"3","  ","x"\n')
     cli = qlora(root, "retrain")
     assert cli.returncode == 4 and "Rejected" in cli.stderr, cli.stdout[-1500:] + cli.stderr[-1500:]
+    errors = [line for line in cli.stderr.splitlines() if line.startswith("qlora: error:")]
+    assert len(errors) == 1 and "bad2.csv" in errors[0] and "drop the files in data/inbox again" in errors[0], errors
+    assert "Traceback" not in cli.stderr

@@ -594,3 +594,10 @@ def test_the_prefect_server_killed_mid_run(tmp_path, agnews_small):
     status = _stage_status(again.stdout)
     assert status["validate"] == "skipped" and status["merge"] in ("ran", "skipped"), again.stdout
     assert (root / "models/merged/config.json").exists()
+    # nothing lost in the record either: the model is registered, and no run is left RUNNING
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
+    assert client.search_model_versions(f"name='{raw['tracking']['registered_model']}'")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
