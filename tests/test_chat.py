@@ -454,3 +454,24 @@ def test_a_chat_drop_retrains_and_the_champion_is_decided_on_exact_match(tmp_pat
     assert version.tags["champion_decision"] == "promoted"
     assert float(version.tags["test_exact_match_at_registration"]) == test_em
     assert client.get_model_version_by_alias("tiny-chat-retrain", "champion").version == version.version
+
+    # a second drop: the new version is judged against the champion, both scored by exact match
+    # on the same (grown) test split
+    longer = [
+        r for r in json.loads(ALPACA.read_text()) if 200 <= len(r["instruction"] + r["input"] + r["output"]) < 320
+    ]
+    more = [conv(r) for r in longer]
+    _jsonl(inbox / "3-openai.jsonl", more)
+    again = retrain_flow(str(root))
+    assert again["status"] == "trained" and again["ingest"]["added_rows"] == len(more) == 12, again
+    d2, v2 = again["decision"], str(again["pipeline"]["model_version"])
+    assert d2["metric"] == "exact_match" and (d2["champion_version"], d2["challenger_version"]) == (
+        str(version.version),
+        v2,
+    )
+    v2_run = client.get_model_version("tiny-chat-retrain", v2).run_id
+    assert d2["challenger_score"] == client.get_run(v2_run).data.metrics["test_exact_match"]
+    assert 0 <= d2["champion_score"] <= 1 and d2["promoted"] == (d2["challenger_score"] > d2["champion_score"])
+    assert f"champion v{version.version} exact_match=" in d2["reason"]
+    champion = str(client.get_model_version_by_alias("tiny-chat-retrain", "champion").version)
+    assert champion == (v2 if d2["promoted"] else str(version.version))
