@@ -133,31 +133,11 @@ def search(cmd: list, env: dict, start: int, cap: int, resolution: int, trial_ti
         return row
 
     longest, failing, stopped = None, None, ""
-    seq = start
-    while seq <= cap:
-        if time.monotonic() - began > budget:
-            stopped = "time budget"
-            break
-        row = run(seq)
-        if "tokens_per_s" in row:
-            longest, seq = row, seq * 2
-        else:
-            failing = row
-            break
-    while longest and failing and not failing.get("timeout") and failing["seq"] - longest["seq"] > resolution:
-        if time.monotonic() - began > budget:
-            stopped = "time budget"
-            break
-        mid = (longest["seq"] + failing["seq"]) // 2 // resolution * resolution
-        row = run(mid)
-        if "tokens_per_s" in row:
-            longest = row
-        else:
-            failing = row
-            if row.get("timeout"):
-                break
-    if worker is not None:
-        worker.close()
+    try:
+        longest, failing, stopped = _double_then_bisect(run, start, cap, resolution, began, budget)
+    finally:  # a search cut short (the caller's time limit) leaves no worker holding the GPU
+        if worker is not None:
+            worker.close()
     if failing and failing.get("timeout"):
         stopped = "a trial's time limit"
     elif not failing and not stopped:
@@ -182,3 +162,32 @@ def search(cmd: list, env: dict, start: int, cap: int, resolution: int, trial_ti
 def env_with(site: str) -> dict:
     """This process's environment with `site` first on PYTHONPATH."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH", "")]))}
+
+
+def _double_then_bisect(run, start: int, cap: int, resolution: int, began: float, budget: float) -> tuple:
+    """The search itself: (the longest row that trained, the shortest that did not, what stopped it early)."""
+    longest, failing, stopped = None, None, ""
+    seq = start
+    while seq <= cap:
+        if time.monotonic() - began > budget:
+            stopped = "time budget"
+            break
+        row = run(seq)
+        if "tokens_per_s" in row:
+            longest, seq = row, seq * 2
+        else:
+            failing = row
+            break
+    while longest and failing and not failing.get("timeout") and failing["seq"] - longest["seq"] > resolution:
+        if time.monotonic() - began > budget:
+            stopped = "time budget"
+            break
+        mid = (longest["seq"] + failing["seq"]) // 2 // resolution * resolution
+        row = run(mid)
+        if "tokens_per_s" in row:
+            longest = row
+        else:
+            failing = row
+            if row.get("timeout"):
+                break
+    return longest, failing, stopped
