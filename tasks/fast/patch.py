@@ -574,7 +574,7 @@ def _fused_attention(
         attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,
         scaling=self.scaling,
-        **{name: getattr(self, _ATTENTION_ARGUMENTS[name]) for name in group["arguments"]},
+        **{name: getattr(self, _ATTENTION_ARGUMENTS[name], None) for name in group["arguments"]},
         **kwargs,
     )
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
