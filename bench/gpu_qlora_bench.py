@@ -1,9 +1,9 @@
 """GPU benchmark: the plain Hugging Face QLoRA recipe, this project's training path and
 Unsloth, in ONE invocation on one GPU, on the same model, data, batch and LoRA settings (r=16
 on all linear layers, dropout 0: Unsloth's fast path needs it). The model is a random-weight
-Llama of a shape in bench/models.SHAPES (--shapes), or a local checkpoint measured as it is
-(--model-dir: any Llama, Mistral or Qwen2 directory; every recipe reads its architecture from
-its config.json's model_type).
+model of a shape in bench/models.SHAPES (--shapes: Llama shapes, and Qwen3-8B, Gemma-2-9B,
+Gemma-3-12B/4B text, Phi-3-mini/medium of their real configs), or a local checkpoint measured
+as it is (--model-dir); every recipe reads the architecture from config.json's model_type.
 
 Prints one JSON line per (shape, recipe): tokens/s (median of the timed steps after warm-up),
 peak GPU memory, MFU (4N FLOPs a token, as in ../shared/bench), every step's loss, the ratios
@@ -30,6 +30,12 @@ the previous recipe's model is collected first and anything still held is subtra
 --packing SHAPE instead compares, on the Alpaca sample, the plain recipe with dynamic padding
 and this project's path with packing, with the same examples in every optimizer step
 (--examples-per-step), and prints both non-pad tokens/s figures and their ratio.
+--long-context SHAPE searches the longest sequence each recipe trains at batch 1
+(bench/long_context.py: doubling, then bisecting; every trial in a worker process, a new one
+after an out-of-memory), printing tokens/s at that length:
+
+    python bench/gpu_qlora_bench.py --long-context llama-8b --unsloth .usite.tgz --out OUT/long
+
 --memory-trace writes what is allocated at each project variant's peak. On a device machine:
 bench/device_setup.sh (wheels, and the Alpaca sample where bench/models.alpaca_sample looks).
 """
@@ -79,7 +85,7 @@ def plain_recipe(path: str, rank: int, dtype: torch.dtype = torch.bfloat16, drop
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
     )
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation="sdpa", device_map={"": 0}, quantization_config=q
+        path, dtype=dtype, attn_implementation=attention_of(path), device_map={"": 0}, quantization_config=q
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model.config.use_cache = False
@@ -97,6 +103,16 @@ def plain_recipe(path: str, rank: int, dtype: torch.dtype = torch.bfloat16, drop
     )
     opt = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     return model, opt, contextlib.nullcontext()
+
+
+def attention_of(path: str) -> str:
+    """sdpa, as the seeds' recipe, or eager for a family whose model class has no sdpa path
+    (Gemma 2: its attention logits are soft-capped), as transformers itself then picks."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(path)
+    return "sdpa" if getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_sdpa", True) else "eager"
 
 
 # Variant parts that change one or more fields of the Plan (tasks/fast/plan.py); splitN, padkN
@@ -121,6 +137,7 @@ PLAN_PARTS = {
     "torchcheckpoint": {"checkpoint": "torch"},
     "cse": {"partitioner_cse": True, "activation_memory_budget": 1.0},  # torch's own partitioner settings
     "nobudget": {"activation_memory_budget": 1.0},
+    "noliger": {"liger": False},  # the head's full logits and the model's own loss instead of Liger's
 }
 
 
@@ -336,10 +353,7 @@ def unsloth(
     name: str, seq: int, bs: int, steps: int, warmup: int, rank: int, tarball: str, gc_mode: str, profile: str = ""
 ) -> dict:
     """Unsloth's step (bench/unsloth_reference.py) in a process of its own, from the tarball."""
-    site = Path("/tmp/usite")
-    if not (site / "unsloth").exists():
-        site.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["tar", "xzf", tarball, "-C", str(site)], check=True)
+    site = unsloth_site(tarball)
     path = checkpoint(name)  # the same weights (and directory) as the other recipes
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     cmd = (
@@ -382,6 +396,71 @@ def unsloth(
         "unsloth": row.get("unsloth"),
         **({"profile": row["profile"]} if "profile" in row else {}),
     }
+
+
+def unsloth_site(tarball: str) -> Path:
+    """Unsloth and its dependencies from the tarball (../shared/bench/README.md), unpacked once."""
+    site = Path("/tmp/usite")
+    if not (site / "unsloth").exists():
+        site.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["tar", "xzf", tarball, "-C", str(site)], check=True)
+    return site
+
+
+def trial_worker(name: str, rank: int, variant: str) -> int:
+    """--trial-worker: the project's recipe (variant) loaded once, then trained at batch 1 at each
+    length read from stdin (bench/long_context.py)."""
+    from bench import long_context
+
+    path = checkpoint(name)
+    model, opt, scope = project_recipe(path, rank, variant)
+    with scope:
+        model.train()
+
+        def step(ids):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return long_context.serve(step, shape_config(path)["vocab_size"])
+
+
+def long_context_search(name: str, a, emit) -> None:
+    """--long-context: for each recipe of --long-recipes, the longest length that trains at batch 1
+    (bench/long_context.search), its tokens/s and peak memory, one JSON line each, then a table."""
+    from bench import long_context
+
+    path = checkpoint(name)  # written once, before any worker reads it
+    here = Path(__file__).resolve()
+    results, end = [], time.monotonic() + a.long_budget
+    recipes = [r for r in a.long_recipes.split(",") if r]
+    for i, recipe in enumerate(recipes):
+        budget = (end - time.monotonic()) / (len(recipes) - i)  # the time left, shared by the recipes left
+        if recipe.startswith("unsloth"):
+            if not a.unsloth:
+                emit({"shape": name, "recipe": recipe, "skipped": "no --unsloth tarball"})
+                continue
+            mode = recipe.removeprefix("unsloth[gc=").removesuffix("]")
+            cmd = [sys.executable, str(here.with_name("unsloth_reference.py")), "--serve", "--shape", name]
+            cmd += ["--gc", mode, "--seq", str(a.long_cap), "--rank", str(a.rank), "--dropout", "0"]
+            cmd += ["--model-dir", path] if path == name else []
+            env = long_context.env_with(str(unsloth_site(a.unsloth)))
+        else:
+            cmd = [sys.executable, str(here), "--trial-worker", recipe, "--shapes", name, "--rank", str(a.rank)]
+            env = dict(os.environ)
+        found = long_context.search(cmd, env, a.long_start, a.long_cap, a.long_resolution, a.trial_timeout, budget)
+        row = {"shape": name, "recipe": recipe if recipe.startswith("unsloth") else f"qlora-flow[{recipe}]", **found}
+        emit({"long_context": True, **row})
+        results.append(row)
+    cols = ["recipe", "longest_seq", "tokens_per_s_at_longest", "peak_gib_at_longest", "shortest_failing_seq"]
+    cols += ["failing_because", "stopped_by", "seconds"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + " --- |" * len(cols))
+    for r in results:
+        print("| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |", flush=True)
 
 
 def instruction_frame(seq: int, alpaca: str = "", copies: int = 4):
@@ -548,13 +627,13 @@ def max_diff(losses: list, ref: list | None) -> float | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--shapes", default="llama-1b,llama-8b", help=f"shapes of random-weight Llamas: {', '.join(SHAPES)}"
+        "--shapes", default="llama-1b,llama-8b", help=f"shapes of random-weight models: {', '.join(SHAPES)}"
     )
     ap.add_argument(
         "--model-dir",
         default="",
         help="local checkpoint directories (comma-separated) measured as they are "
-        "instead of --shapes: any Llama, Mistral or Qwen2 (config.json's model_type picks the code)",
+        "instead of --shapes (config.json's model_type picks the code)",
     )
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--bs", type=int, default=4)
@@ -609,7 +688,33 @@ def main() -> int:
         help="a .jsonl of an earlier run of this bench holding the fp32-reference row for the shape "
         "(same seed, data and steps), instead of running it again",
     )
+    ap.add_argument(
+        "--long-context",
+        default="",
+        help="a shape or checkpoint: the longest sequence each of --long-recipes trains at batch 1, "
+        "doubling from --long-start up to --long-cap, then bisecting to --long-resolution tokens, each "
+        "recipe in worker processes (bench/long_context.py); no other runs",
+    )
+    ap.add_argument(
+        "--long-recipes",
+        default="auto,offload,unsloth[gc=true],unsloth[gc=unsloth]",
+        help="project variants (as --variants) and unsloth[gc=true] (recompute on the GPU) / "
+        "unsloth[gc=unsloth] (offloaded checkpointing; both need --unsloth)",
+    )
+    ap.add_argument("--long-start", type=int, default=16384, help="the first length tried")
+    ap.add_argument("--long-cap", type=int, default=131072, help="no length beyond this is tried")
+    ap.add_argument("--long-resolution", type=int, default=4096, help="bisection stops at this gap")
+    ap.add_argument("--trial-timeout", type=float, default=240, help="seconds a trial (load, 2 steps) may take")
+    ap.add_argument(
+        "--long-budget",
+        type=float,
+        default=1200,
+        help="seconds the searches may start trials in, shared by the recipes (a trial started runs to its end)",
+    )
+    ap.add_argument("--trial-worker", default="", help=argparse.SUPPRESS)  # bench/long_context.py's worker
     a = ap.parse_args()
+    if a.trial_worker:
+        return trial_worker(a.shapes.split(",")[0], a.rank, a.trial_worker)
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA GPU"}))
         return 0
@@ -623,6 +728,9 @@ def main() -> int:
             out.flush()
 
     emit({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "command": " ".join(sys.argv)})
+    if a.long_context:
+        long_context_search(a.long_context, a, emit)
+        return 0
     if a.packing:  # padding vs packing on real instruction data
         for name in a.packing.split(","):
             for row in padding_vs_packing(

@@ -37,6 +37,56 @@ SHAPES = {
     "llama-1b": llama_shape(2048, 8192, 16, 32, 8, 128256),
     "llama-8b": llama_shape(4096, 14336, 32, 32, 8, 128256),
     "llama-70b": llama_shape(8192, 28672, 80, 64, 8, 128256),
+    # Other families: model_type names the config class; the sizes are the released checkpoints'
+    # config.json's (Qwen/Qwen3-8B, google/gemma-2-9b, google/gemma-3-12b-pt's and -4b-pt's text
+    # config, microsoft/Phi-3-mini-4k-instruct, microsoft/Phi-3-medium-4k-instruct)
+    "qwen3-8b": {
+        "model_type": "qwen3",
+        **llama_shape(4096, 12288, 36, 32, 8, 151936),
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": False,
+    },
+    "gemma2-9b": {
+        "model_type": "gemma2",
+        **llama_shape(3584, 14336, 42, 16, 8, 256000),
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "max_position_embeddings": 8192,
+    },
+    "gemma3-12b": {
+        "model_type": "gemma3_text",
+        **llama_shape(3840, 15360, 48, 16, 8, 262208),
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 1024,
+        "max_position_embeddings": 131072,
+    },
+    "gemma3-4b": {
+        "model_type": "gemma3_text",
+        **llama_shape(2560, 10240, 34, 8, 4, 262208),
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 1024,
+        "max_position_embeddings": 131072,
+    },
+    "phi3-mini": {
+        "model_type": "phi3",
+        **llama_shape(3072, 8192, 32, 32, 32, 32064),
+        "max_position_embeddings": 4096,
+        "pad_token_id": 32000,
+        "tie_word_embeddings": False,
+    },
+    "phi3-medium": {
+        "model_type": "phi3",
+        **llama_shape(5120, 17920, 40, 40, 10, 32064),
+        "max_position_embeddings": 4096,
+        "pad_token_id": 32000,
+        "tie_word_embeddings": False,
+    },
 }
 RANDOM_DIR = Path("/tmp/qlora-bench")  # where random-weight checkpoints of a shape are written once
 
@@ -48,6 +98,16 @@ def llama_config(name: str):
     return LlamaConfig(**SHAPES[name], max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
 
 
+def bench_config(name: str):
+    """The config of a benchmark shape: its family's config class (SHAPES' model_type), the Llama
+    config of llama_config where it names none."""
+    from transformers import AutoConfig
+
+    shape = dict(SHAPES[name])
+    model_type = shape.pop("model_type", None)
+    return AutoConfig.for_model(model_type, **shape) if model_type else llama_config(name)
+
+
 def shape_config(model_dir: str | Path) -> dict:
     """A checkpoint's config.json (model_type and sizes), the text config of a multimodal one."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -56,7 +116,8 @@ def shape_config(model_dir: str | Path) -> dict:
 
 def flops_per_token(config: dict, seq: int) -> float:
     """Training FLOPs a token (forward and backward: 4N for the matmuls with frozen weights, as in
-    ../shared/bench, plus attention's) of a Llama-layout decoder with this config."""
+    ../shared/bench, plus attention's) of a Llama-layout decoder with this config (Gemma's and
+    Phi-3's matmuls are the same; sliding windows are counted as full attention)."""
     h, n_layers, inter, vocab = (
         config["hidden_size"],
         config["num_hidden_layers"],
@@ -73,14 +134,14 @@ def flops_per_token(config: dict, seq: int) -> float:
 def model_dir(name: str) -> str:
     """RANDOM_DIR/name: the shape with seeded random bf16 weights (written on the GPU once)."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = RANDOM_DIR / name
     if (path / "config.json").exists():
         return str(path)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        m = LlamaForCausalLM(llama_config(name)).to(torch.bfloat16)
+        m = AutoModelForCausalLM.from_config(bench_config(name)).to(torch.bfloat16)
     m.save_pretrained(path, safe_serialization=True)
     del m
     torch.cuda.empty_cache()
@@ -138,4 +199,16 @@ def save_random_llama(out: Path, **shape) -> str:
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **shape)).to(torch.bfloat16).save_pretrained(out)
+    return str(out)
+
+
+def save_random(out: Path, model_type: str, **config) -> str:
+    """A model of the family (config.json's model_type) with the given config and seeded random
+    bf16 weights, saved (no tokenizer)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+    model.to(torch.bfloat16).save_pretrained(out)
     return str(out)

@@ -255,8 +255,8 @@ class TrainConfig(Section):
     liger_kernels: bool = Field(
         False,
         description=(
-            "Liger Triton kernels (fused linear+cross-entropy, RMSNorm, SwiGLU, RoPE): CUDA and "
-            "Llama/Mistral/Qwen2 models only; ignored elsewhere."
+            "Liger Triton kernels (fused linear+cross-entropy, RMSNorm, SwiGLU or GeGLU, RoPE): CUDA and "
+            "Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3 models only; ignored elsewhere."
         ),
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
@@ -300,7 +300,8 @@ class TrainConfig(Section):
     )
     speed: Literal["auto", "lean", "offload", "off"] = Field(
         "auto",
-        description="auto: on CUDA, a causal LM with a 4-bit Llama/Mistral/Qwen2-layout base trains on the "
+        description="auto: on CUDA, a causal LM with a 4-bit Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) "
+        "or Phi-3 base trains on the "
         "fast path (tasks/fast/: compiled and checkpointed decoder layers with the 4-bit dequantization inside, "
         "Liger cross-entropy, bf16 activations), whatever liger_kernels, gradient_checkpointing and precision say; "
         "lean: the fast path with less memory, a little slower (each layer as two compiled halves, the MLP in two "

@@ -452,11 +452,7 @@ def apply_speedups(model_type: str, t: TrainConfig, device: torch.device) -> boo
     (train.speed: off, or a model off the fast path; call inside fast_patch.scoped so it ends there.)"""
     if not (t.liger_kernels and device.type == "cuda" and model_type in fast_plan.LIGER):
         return False
-    import liger_kernel.transformers as liger
-
-    getattr(liger, fast_plan.LIGER[model_type])(
-        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True
-    )
+    fast_patch.apply_liger(model_type, kernels=True)
     return True
 
 

@@ -166,6 +166,13 @@ def test_triton_swiglu_lora_kernels_are_the_tensor_code(rows, n, ranks):
         assert (ours != ref).float().mean() < 0.05
 
 
+def _speed_auto():
+    """train.speed: auto, every other train.* setting as default."""
+    from tasks.config import TrainConfig
+
+    return TrainConfig(speed="auto")
+
+
 def _fast_plan(**changes):
     """train.speed: auto's plan on CUDA, with some choices changed."""
     import dataclasses
@@ -318,3 +325,99 @@ def test_flat_paged_adamw_is_paged_adamw_32bit_in_one_launch():
             opt.zero_grad(set_to_none=True)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+# Each family's own config on top of tiny sizes (tests/test_speed.py's FAMILIES: Gemma's sliding
+# windows shorter than the sequence, a Gemma 3 with a sliding and a full layer, Phi-3's pad token
+# inside the vocabulary)
+FAMILIES = {
+    "qwen3": {"head_dim": 64},
+    "gemma2": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 32},
+    "gemma3_text": {
+        "head_dim": 64,
+        "query_pre_attn_scalar": 64,
+        "sliding_window": 32,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    },
+    "phi3": {"pad_token_id": 0},
+}
+
+
+def _train_steps(path, plan, family: str, steps: int, ids) -> tuple[list, dict, dict]:
+    """`steps` optimizer steps (AdamW, lr 1e-3) of the 4-bit model with LoRA (r=8) under the plan,
+    patched as train.speed does when plan.fast; every step's loss, the first step's adapter
+    gradients, and what was applied."""
+    from tasks.fast import patch
+
+    with patch.scoped(family, plan) as patches:
+        model = _tiny_fast_model(path, plan)
+        done = patches.apply(model, plan, random=False) if plan.fast else {}
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        losses, grads = [], {}
+        for step in range(steps):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if step == 0:
+                grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        del model, opt
+    return losses, grads, done
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_trains_on_the_fast_path_with_the_slow_path_s_loss_and_gradients(tmp_path, family):
+    """train.speed: auto's plan for Qwen3, Gemma 2, Gemma 3 (text) and Phi-3 on CUDA (compiled and
+    checkpointed layers, Triton dequantization, fused projections, the SwiGLU kernel where the MLP
+    is SiLU, Liger's fused linear cross-entropy where installed): a small random model of the
+    family's own config class, 4-bit with LoRA, trains 4 steps with the loss of every step and
+    the first step's adapter gradients of the slow path (the same model as loaded, PEFT and
+    bitsandbytes, bf16 autocast), within bf16 rounding."""
+    from bench.models import save_random
+    from tasks.fast import plan as fast_plan
+
+    path = save_random(tmp_path / family, family, **llama_shape(256, 896, 3, 4, 1, 1000), **FAMILIES[family])
+    ids = torch.randint(0, 1000, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    fast = fast_plan.choose(_speed_auto(), torch.device("cuda"), "causal_lm", family, quantized=True)
+    assert fast.fast and fast.compile and fast.fused_projections
+    slow = fast_plan.Plan(fast=False, liger=False, gradient_checkpointing=True, precision="bf16")
+    torch._dynamo.reset()
+    slow_losses, slow_grads, _ = _train_steps(path, slow, family, 4, ids)
+    fast_losses, fast_grads, done = _train_steps(path, fast, family, 4, ids)
+    assert done["compiled_layers"] == 3 and done["nf4_traced_layers"] == 3 * (4 if family == "phi3" else 7)
+    assert done["fused_projections"]["mlp"] == 3
+    assert done["fused_projections"]["attention"] == (0 if family == "phi3" else 3)
+    assert fast_losses[-1] < fast_losses[0]
+    for a, b in zip(fast_losses, slow_losses):
+        assert a == pytest.approx(b, abs=2e-2), (fast_losses, slow_losses)
+    assert fast_grads.keys() == slow_grads.keys()
+    every_fast = torch.cat([g.flatten() for g in fast_grads.values()])
+    every_slow = torch.cat([slow_grads[n].flatten() for n in fast_grads])
+    assert (every_fast - every_slow).norm() <= 5e-2 * every_slow.norm()
+    for name, g in slow_grads.items():
+        assert not fast_grads[name].isnan().any(), name
+        assert (fast_grads[name] - g).norm() <= 1e-1 * g.norm() + 1e-8, name
+
+
+def test_a_family_without_a_fast_path_falls_back_and_trains_on_cuda(tmp_path, capsys):
+    """OLMo (no apply function): train.speed: auto's plan says why it is not the fast path; the
+    fast path's apply leaves it as loaded with one log line; the 4-bit model with LoRA trains."""
+    from bench.models import save_random
+    from tasks.fast import patch
+    from tasks.fast import plan as fast_plan
+
+    path = save_random(tmp_path / "olmo", "olmo", **llama_shape(256, 896, 2, 4, 1, 1000), pad_token_id=0)
+    plan = fast_plan.choose(_speed_auto(), torch.device("cuda"), "causal_lm", "olmo", quantized=True)
+    assert not plan.fast and "'olmo' has no fast path" in plan.note
+    ids = torch.randint(0, 1000, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    losses, grads, _ = _train_steps(path, plan, "olmo", 4, ids)
+    assert losses[-1] < losses[0] and grads and not any(g.isnan().any() for g in grads.values())
+    forced = _fast_plan(liger=False)
+    with patch.scoped("olmo", forced) as patches:
+        model = _tiny_fast_model(path, forced)
+        assert patches.apply(model, forced, random=False) == {}
+    assert "speed: 'olmo' has no fast path" in capsys.readouterr().out

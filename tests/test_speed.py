@@ -58,14 +58,19 @@ def loss_and_grads(model, ids):
     [
         (CUDA, "causal_lm", "llama", True, "auto", True, "fast path"),
         (CUDA, "causal_lm", "qwen2", True, "auto", True, "fast path"),
-        (CUDA, "causal_lm", "gpt2", True, "auto", False, "'gpt2' is not a Llama/Mistral/Qwen2-layout decoder"),
+        (CUDA, "causal_lm", "qwen3", True, "auto", True, "fast path"),
+        (CUDA, "causal_lm", "gemma2", True, "auto", True, "fast path"),
+        (CUDA, "causal_lm", "gemma3_text", True, "auto", True, "fast path"),
+        (CUDA, "causal_lm", "phi3", True, "auto", True, "fast path"),
+        (CUDA, "causal_lm", "gpt2", True, "auto", False, "'gpt2' has no fast path"),
+        (CUDA, "causal_lm", "olmo", True, "auto", False, "'olmo' has no fast path"),
         (CUDA, "seq_cls", "llama", True, "auto", False, "task seq_cls"),
         (CUDA, "causal_lm", "llama", False, "auto", False, "not 4-bit"),
         (CUDA, "causal_lm", "llama", True, "off", False, ""),
         (CPU, "causal_lm", "llama", True, "auto", False, ""),
     ],
 )
-def test_the_fast_path_is_chosen_on_cuda_for_llama_layout_4bit_causal_lms(
+def test_the_fast_path_is_chosen_on_cuda_for_4bit_causal_lms_of_the_fast_families(
     device, task, model_type, quantized, speed_setting, fast, says
 ):
     t = TrainConfig(speed=speed_setting, liger_kernels=False, gradient_checkpointing=False, precision="mixed")
@@ -435,13 +440,53 @@ def test_lean_and_offload_are_the_fast_path_with_split_layers_and_cpu_stays_as_i
 
 def test_every_fast_family_has_an_apply_function():
     assert set(patch.APPLY) == set(fast_plan.FAST_TYPES)
+    assert set(fast_plan.FAST_TYPES) <= set(fast_plan.LIGER)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
-def test_the_fast_path_follows_the_model_s_own_model_type(family):
-    """Patches.apply dispatches on the model's config.model_type (APPLY): a Mistral or Qwen2
-    model gets its layers checkpointed by tasks/fast/ops/layer_checkpoint.py, with the loss and
-    gradients of the unpatched model, and the patches end with the scope."""
+# Each family's own config on top of the tiny sizes: Gemma's sliding windows shorter than the
+# tests' sequences (so the sliding layers' masks differ from the full ones), a Gemma 3 with one
+# sliding and one full layer (its layers then take two RoPEs), Phi-3's pad token inside the vocabulary
+FAMILIES = {
+    "qwen3": {"head_dim": 64},
+    "gemma2": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 16},
+    "gemma3_text": {
+        "head_dim": 64,
+        "query_pre_attn_scalar": 64,
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "phi3": {"pad_token_id": 0},
+}
+APPLY_OF = {
+    "mistral": "apply_llama_layout",
+    "qwen2": "apply_llama_layout",
+    "qwen3": "apply_llama_layout",
+    "gemma2": "apply_gemma_layout",
+    "gemma3_text": "apply_gemma_layout",
+    "phi3": "apply_phi3_layout",
+}
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    """A 4-bit-quantizable model of each family in FAMILIES (the Llama tests' sizes), saved once."""
+    from bench.models import llama_shape, save_random
+
+    root = tmp_path_factory.mktemp("families")
+    return {
+        family: save_random(root / family, family, **llama_shape(256, 896, 2, 4, 1, 1000), **extra)
+        for family, extra in FAMILIES.items()
+    }
+
+
+@pytest.mark.parametrize("split", [0, 2])
+@pytest.mark.parametrize("family", list(APPLY_OF))
+def test_the_fast_path_follows_the_model_s_own_model_type(family, split):
+    """Patches.apply dispatches on the model's config.model_type (APPLY) to that family's apply
+    function: the model's layers are checkpointed by tasks/fast/ops/layer_checkpoint.py, whole or
+    as the family's two halves (split: another family's halves would drop Gemma's norms around
+    each branch or Phi-3's residual dropouts), with the loss and gradients of the unpatched model,
+    and the patches end with the scope."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
@@ -452,31 +497,107 @@ def test_the_fast_path_follows_the_model_s_own_model_type(family):
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=100,
+        **{k: 16 if k in ("head_dim", "query_pre_attn_scalar") else v for k, v in FAMILIES.get(family, {}).items()},
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).train()
-    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
     loss, grads = loss_and_grads(model, ids)
     model.zero_grad(set_to_none=True)
-    plan = fast_plan.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16")
+    assert patch.APPLY[family] is getattr(patch, APPLY_OF[family])
+    plan = fast_plan.Plan(fast=True, liger=False, gradient_checkpointing=True, precision="bf16", split=split)
     with patch.scoped(family, plan) as patches:
-        assert patches.apply(model, plan, random=False) == {"checkpointed_layers": 2}
+        done = patches.apply(model, plan, random=False)
+        assert done["checkpointed_layers"] == 2 and ("layer_checkpoint" in done) == (split > 0)
         fast_loss, fast_grads = loss_and_grads(model, ids)
     assert fast_loss == pytest.approx(loss, rel=1e-5)
     for name, g in grads.items():
-        assert torch.allclose(fast_grads[name], g, rtol=1e-4, atol=1e-6), name
+        if split:  # the MLP's recompute in token chunks: GEMMs of other shapes, other bf16 roundings
+            assert (fast_grads[name] - g).norm() <= 2e-2 * g.norm() + 1e-8, name
+        else:
+            assert torch.allclose(fast_grads[name], g, rtol=1e-4, atol=1e-6), name
     assert not [m for m in model.modules() if "forward" in vars(m)]
 
 
-def test_a_family_without_a_fast_path_trains_as_loaded_and_says_so(capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
+@pytest.mark.parametrize(
+    "family, adapters_in_gemm, swiglu, fused",
+    [
+        ("qwen3", "none", True, {"attention": 2, "mlp": 2, "adapters_in_gemm": 0, "adapters_in_swiglu": 4}),
+        ("gemma2", "none", True, {"attention": 2, "mlp": 2, "adapters_in_gemm": 0, "adapters_in_swiglu": 0}),
+        ("gemma2", "shared", True, {"attention": 2, "mlp": 2, "adapters_in_gemm": 10, "adapters_in_swiglu": 0}),
+        ("gemma3_text", "none", True, {"attention": 2, "mlp": 2, "adapters_in_gemm": 0, "adapters_in_swiglu": 0}),
+        ("phi3", "none", True, {"attention": 0, "mlp": 2, "adapters_in_gemm": 0, "adapters_in_swiglu": 2}),
+        ("phi3", "shared", False, {"attention": 0, "mlp": 0, "adapters_in_gemm": 4, "adapters_in_swiglu": 0}),
+        ("phi3", "all", True, {"attention": 0, "mlp": 2, "adapters_in_gemm": 6, "adapters_in_swiglu": 2}),
+    ],
+)
+def test_each_family_s_fast_path_gives_the_bitsandbytes_path_loss_and_gradients(
+    family_dirs, family, adapters_in_gemm, swiglu, fused
+):
+    """The fast path of each family, compiled as on CUDA (4-bit layers traced, q/k/v and gate/up
+    fused, Qwen3's SiLU MLP and Phi-3's gate_up_proj with their adapters in the SwiGLU kernel's
+    tensor code, Gemma's GeGLU after the fused GEMM, adapters in their GEMMs where asked), gives
+    the loss and adapter gradients of the same 4-bit model run by bitsandbytes and PEFT as loaded,
+    with no graph break; with the adapters disabled the blocks run their own code."""
+    path = family_dirs[family]
+    ids = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+    reference = adapted(path)
+    loss, grads = loss_and_grads(reference, ids)
+    with torch.no_grad(), reference.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
+        base = reference(input_ids=ids, labels=ids).loss.item()
+    plan = dataclasses.replace(
+        fast_plan.choose(TrainConfig(), CUDA, "causal_lm", family, True),
+        liger=False,
+        adapters_in_gemm=adapters_in_gemm,
+        swiglu_kernel=swiglu,
+    )
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with patch.scoped(family, plan) as patches:
+        model = adapted(path)
+        done = patches.apply(model, plan, compile_backend="aot_eager_decomp_partition", random=False)
+        fast_loss, fast_grads = loss_and_grads(model, ids)
+        model.eval()
+        with torch.no_grad(), model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_base = model(input_ids=ids, labels=ids).loss.item()
+    assert done["compiled_layers"] == 2 and done["fused_projections"] == fused
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert fast_loss == pytest.approx(loss, abs=2e-3) and fast_base == pytest.approx(base, abs=2e-3)
+    assert grads.keys() == fast_grads.keys() and len(grads) == 2 * 2 * (4 if family == "phi3" else 7)
+    for name, g in grads.items():  # bf16 GEMMs of other widths: rounding only
+        assert (fast_grads[name] - g).norm() <= 3e-2 * g.norm(), name
+    assert not [m for m in model.modules() if "forward" in vars(m) or hasattr(m, patch._NF4)]
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+
+@pytest.mark.parametrize("family", ["gpt2", "olmo"])
+def test_a_family_without_a_fast_path_trains_as_loaded_and_says_so(family, capsys):
+    """A family without an apply function (GPT-2; OLMo, whose layers have the Llama layout's parts
+    but no fast path written for them) is left as loaded, with one log line, and trains."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = (
+        {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 64, "n_positions": 32}
+        if family == "gpt2"
+        else {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        | {"vocab_size": 64, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **sizes)).train()
     plan = dataclasses.replace(FAST, liger=False)
-    with patch.scoped("gpt2", plan) as patches:
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with patch.scoped(family, plan) as patches:
         assert patches.apply(model, plan, random=False) == {}
         assert not [m for m in model.modules() if "forward" in vars(m)]
-    assert "speed: 'gpt2' has no fast path" in capsys.readouterr().out
+        losses = []
+        for _ in range(4):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert f"speed: '{family}' has no fast path" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

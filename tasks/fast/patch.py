@@ -4,13 +4,17 @@
 it, module-level patches (Liger's) and the instance patches on the models `Patches.apply`
 patched, so evaluation and merge in the same process build and run unpatched models.
 `Patches.apply` reads the model family from the model's config (config.json's model_type) and
-calls that family's apply function (APPLY); a family without one trains as loaded, and says so
-in one log line. What it installs, the Plan says, and nothing else:
+calls that family's apply function (APPLY, as Liger's MODEL_TYPE_TO_APPLY_LIGER_FN); a family
+without one trains as loaded, and says so in one log line. Each family's decoder layer runs its
+own forward (its norms, RoPE, attention and MLP code); what differs between families is where
+a layer splits into halves (apply_llama_layout, apply_gemma_layout, apply_phi3_layout) and
+which attention and MLP classes the fused projections reproduce (ATTENTION_CLASSES,
+MLP_CLASSES, STACKED_MLP_CLASSES). What it installs, the Plan says, and nothing else:
   - the 4-bit layers routed through ops/nf4_lora.NF4Linear (traced by the compiler);
   - fused projections: the LoRA layers that read the same input (q, k and v; gate and up) as
     one 4-bit GEMM over their weights laid end to end, and one GEMM for their adapters' A
-    matrices; a SiLU MLP's gate and up adapters inside the SwiGLU kernel; adapters in their
-    base GEMM where the Plan says so;
+    matrices; a SiLU MLP's gate and up adapters inside the SwiGLU kernel (Phi-3's gate_up_proj,
+    one layer already, too); adapters in their base GEMM where the Plan says so;
   - each decoder layer's forward compiled (one compiled function a decoder class, shared by its
     layers: one graph for all) and checkpointed (ops/layer_checkpoint.py or torch's), whole or
     in two halves;
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import sys
 import types
 
@@ -70,22 +75,14 @@ class Patches:
         had_forward = {id(m) for m in model.modules() if "forward" in vars(m)}
         layers = decoder_layers(model)
         self.models.append((model, had_forward, {id(layer): layer.gradient_checkpointing for layer in layers}))
+        random = random or draws_random(hf.config)
         done = {}
         if plan.liger and model_type in LIGER:
-            import liger_kernel.transformers as liger
-
             # Only the head's fused linear cross-entropy when layers are compiled: inside a
-            # compiled layer, Inductor fuses the norms, RoPE and SwiGLU itself.
+            # compiled layer, Inductor fuses the norms, RoPE and the MLP's activation itself.
             kernels = not plan.compile
-            getattr(liger, LIGER[model_type])(
-                rope=kernels,
-                rms_norm=kernels,
-                swiglu=kernels,
-                cross_entropy=False,
-                fused_linear_cross_entropy=True,
-                model=hf,
-            )
-            done["liger"] = "fused linear cross-entropy" + (", RMSNorm, RoPE, SwiGLU" if kernels else "")
+            apply_liger(model_type, kernels, model=hf)
+            done["liger"] = "fused linear cross-entropy" + (", RMSNorm, RoPE, MLP activation" if kernels else "")
         family = APPLY.get(model_type)
         if plan.fast and family is None:
             print(
@@ -122,23 +119,75 @@ class Patches:
         return self.compiled[key]
 
 
+def apply_liger(model_type: str, kernels: bool, model=None) -> None:
+    """Liger's patch function of the family (plan.LIGER) with its fused linear cross-entropy, and
+    its RoPE, RMSNorm and MLP-activation kernels when `kernels`: each family's function names
+    its own options (swiglu for SiLU MLPs, geglu for Gemma's), so only those it takes are
+    passed. model: an instance to patch (else the module's classes)."""
+    import liger_kernel.transformers as liger
+
+    fn = getattr(liger, LIGER[model_type])
+    options = {
+        "rope": kernels,
+        "rms_norm": kernels,
+        "swiglu": kernels,
+        "geglu": kernels,
+        "cross_entropy": False,
+        "fused_linear_cross_entropy": True,
+        "model": model,
+    }
+    takes = inspect.signature(fn).parameters
+    fn(**{k: v for k, v in options.items() if k in takes and (k != "model" or model is not None)})
+
+
+def draws_random(config) -> bool:
+    """Whether the decoder layers draw random numbers in training beside LoRA dropout (attention
+    dropout; Phi-3's residual dropout): a recompute then replays the forward's random state."""
+    return any(float(getattr(config, name, 0.0) or 0.0) > 0 for name in ("attention_dropout", "resid_pdrop"))
+
+
 def apply_llama_layout(patches: Patches, model, layers: list, plan: Plan, compile_backend: str, random: bool) -> dict:
-    """The fast path on a decoder with the Llama layout (input_layernorm, self_attn,
-    post_attention_layernorm, mlp in each layer): Llama, Mistral, Qwen2."""
+    """The fast path on a decoder with the Llama layout (`h = x + attn(norm(x))`, `out = h +
+    mlp(norm(h))` in each layer): Llama, Mistral, Qwen2, and Qwen3 (whose attention norms q and k
+    on each head before RoPE, inside its own forward)."""
+    halves = (layer_checkpoint.attention_half, layer_checkpoint.mlp_half)
+    return _apply_decoder(patches, model, layers, plan, compile_backend, random, halves)
+
+
+def apply_gemma_layout(patches: Patches, model, layers: list, plan: Plan, compile_backend: str, random: bool) -> dict:
+    """The fast path on Gemma 2 and Gemma 3 (text) decoders: each layer's own forward (RMSNorm with
+    its (1 + weight) scale, norms before and after attention and MLP, soft-capped attention
+    logits in Gemma 2, q/k norms in Gemma 3, sliding-window layers with their own mask and RoPE,
+    which the model passes each layer) compiled and checkpointed; gate and up as one 4-bit GEMM
+    with the GeGLU (tanh GELU) after it, in the MLP's own code. The scaled embedding and the
+    final logit soft-capping stay in the model's forward (or Liger's head)."""
+    halves = (layer_checkpoint.sandwich_attention_half, layer_checkpoint.sandwich_mlp_half)
+    return _apply_decoder(patches, model, layers, plan, compile_backend, random, halves)
+
+
+def apply_phi3_layout(patches: Patches, model, layers: list, plan: Plan, compile_backend: str, random: bool) -> dict:
+    """The fast path on Phi-3 decoders: the Llama layout with a dropout on each residual branch
+    (resid_pdrop; a layer that draws from it replays the random state in its recompute), q/k/v
+    as one layer (qkv_proj) and gate/up as one (gate_up_proj), so already one GEMM each; the
+    SwiGLU kernel takes gate_up_proj's adapter, its B split into gate's and up's rows."""
+    halves = (layer_checkpoint.dropout_attention_half, layer_checkpoint.dropout_mlp_half)
+    return _apply_decoder(patches, model, layers, plan, compile_backend, random, halves)
+
+
+def _apply_decoder(
+    patches: Patches, model, layers: list, plan: Plan, compile_backend: str, random: bool, halves: tuple
+) -> dict:
+    """What every family's apply function installs: the 4-bit layers routed through NF4Linear,
+    the fused projections, each decoder layer's own forward compiled and checkpointed (whole, or
+    as the family's two halves for plan.split), and the fp32 residual stream."""
     done = {}
     if plan.nf4_traced and plan.compile:
         done["nf4_traced_layers"] = install(model, plan)
         if plan.fused_projections:
             done["fused_projections"] = install_fused(layers, plan)
     if plan.split:
-        halves = (
-            (
-                patches.compile(layer_checkpoint.attention_half, compile_backend),
-                patches.compile(layer_checkpoint.mlp_half, compile_backend),
-            )
-            if plan.compile
-            else (layer_checkpoint.attention_half, layer_checkpoint.mlp_half)
-        )
+        if plan.compile:
+            halves = tuple(patches.compile(half, compile_backend) for half in halves)
         for layer in layers:
             layer.gradient_checkpointing = False
             layer.forward = types.MethodType(
@@ -164,7 +213,15 @@ def apply_llama_layout(patches: Patches, model, layers: list, plan: Plan, compil
 # The fast path's apply function for each model family (config.json's model_type), as Liger's
 # MODEL_TYPE_TO_APPLY_LIGER_FN: plan.FAST_TYPES are the families choose() sends here.
 APPLY = types.MappingProxyType(
-    {"llama": apply_llama_layout, "mistral": apply_llama_layout, "qwen2": apply_llama_layout}
+    {
+        "llama": apply_llama_layout,
+        "mistral": apply_llama_layout,
+        "qwen2": apply_llama_layout,
+        "qwen3": apply_llama_layout,
+        "gemma2": apply_gemma_layout,
+        "gemma3_text": apply_gemma_layout,
+        "phi3": apply_phi3_layout,
+    }
 )
 
 
@@ -352,8 +409,21 @@ def uninstall(model) -> None:
 # SwiGLU kernel); "all" also o and down as groups of one, slower (their input must be copied
 # next to the adapter's). With plan.swiglu_kernel, SiLU MLPs take NF4LoRASwiGLU: gate and up's
 # adapters added inside the SwiGLU kernel (exact sums, no adapter outputs written).
-ATTENTION_CLASSES = ("LlamaAttention",)  # whose forward _fused_attention reproduces
-MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(act(gate(x)) * up(x))
+# The attention classes whose forward _fused_attention reproduces, each with the keyword
+# arguments its forward passes the attention function beside Llama's (read from the module:
+# sliding_window from self.sliding_window, softcap from self.attn_logit_softcapping); q_norm and
+# k_norm, where a class has them, norm each head of q and k before RoPE
+ATTENTION_CLASSES = types.MappingProxyType(
+    {
+        "LlamaAttention": (),
+        "Qwen3Attention": ("sliding_window",),
+        "Gemma2Attention": ("sliding_window", "softcap"),
+        "Gemma3Attention": ("sliding_window",),
+    }
+)
+MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "Gemma3MLP")  # down(act(gate(x)) * up(x))
+STACKED_MLP_CLASSES = ("Phi3MLP",)  # down(up * act(gate)) with [gate | up] = gate_up_proj(x), one layer
+_ATTENTION_ARGUMENTS = types.MappingProxyType({"sliding_window": "sliding_window", "softcap": "attn_logit_softcapping"})
 
 
 def _plain_adapter(module) -> str | None:
@@ -487,7 +557,10 @@ def _fused_attention(
     modeling = group["modeling"]
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    q, k, v = (t.view(hidden_shape).transpose(1, 2) for t in lora_projections(hidden_states, group))
+    q, k, v = (t.view(hidden_shape) for t in lora_projections(hidden_states, group))
+    if hasattr(self, "q_norm"):  # RMSNorm over each head's dimension (Qwen3, Gemma 3)
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     cos, sin = position_embeddings
     q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
     attention = modeling.eager_attention_forward
@@ -501,6 +574,7 @@ def _fused_attention(
         attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout,
         scaling=self.scaling,
+        **{name: getattr(self, _ATTENTION_ARGUMENTS[name], None) for name in group["arguments"]},
         **kwargs,
     )
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
@@ -516,6 +590,28 @@ def _fused_mlp(self, x):
     return self.down_proj(self.act_fn(gate) * up)
 
 
+def lora_stacked_swiglu(x: Tensor, group: dict) -> Tensor:
+    """act(gate) * up for one LoRA layer whose output is [gate | up] (Phi-3's gate_up_proj) with
+    SiLU: its one adapter's input m = x A^T serves both halves, its B's rows split into gate's and
+    up's, so the SwiGLU kernel adds them as it adds two layers' (NF4LoRASwiGLU; m's gradient is
+    the sum of the two halves')."""
+    _, m = _mids(x, group)
+    (module,), (name,) = group["modules"], group["adapters"]
+    b = module.lora_B[name].weight * module.scaling[name]
+    n = b.shape[0] // 2
+    h = NF4LoRASwiGLU.apply(
+        x, torch.cat((m, m), dim=-1), b[:n], b[n:], group["kernel"], group["meta"], *group["tensors"]
+    )
+    return h.to(x.dtype)
+
+
+def _fused_stacked_mlp(self, x):
+    group = getattr(self, _FUSED)
+    if _changed(group):
+        return type(self).forward(self, x)
+    return self.down_proj(lora_stacked_swiglu(x, group))
+
+
 def _lora_layer(self, x, *args, **kwargs):
     """A LoRA layer of its own (o, down) with its adapter in the GEMM; PEFT's own forward for
     anything else (adapters changed, PEFT's extra arguments such as adapter_names)."""
@@ -526,7 +622,8 @@ def _lora_layer(self, x, *args, **kwargs):
 
 
 def install_fused(layers: list, plan: Plan) -> dict:
-    """Fuse q/k/v and gate/up of Llama-layout decoder layers whose 4-bit LoRA layers are routed
+    """Fuse q/k/v and gate/up of decoder layers (ATTENTION_CLASSES, MLP_CLASSES; Phi-3's
+    gate_up_proj, STACKED_MLP_CLASSES, is one layer already) whose 4-bit LoRA layers are routed
     through NF4Linear (after install): a SiLU MLP's gate and up adapters inside its SwiGLU
     kernel (plan.swiglu_kernel), the other groups' adapters in their GEMMs for
     plan.adapters_in_gemm "shared" (and o and down's for "all"); returns how many attention and
@@ -546,10 +643,29 @@ def install_fused(layers: list, plan: Plan) -> dict:
                 hasattr(modeling, n)
                 for n in ("apply_rotary_pos_emb", "eager_attention_forward", "ALL_ATTENTION_FUNCTIONS")
             ):
-                setattr(attn, _FUSED, {**group, "modeling": modeling})
+                arguments = ATTENTION_CLASSES[type(attn).__name__]
+                setattr(attn, _FUSED, {**group, "modeling": modeling, "arguments": arguments})
                 attn.forward = types.MethodType(_fused_attention, attn)
                 done["attention"] += 1
                 done["adapters_in_gemm"] += 3 * shared
+        elif shared and hasattr(attn, "qkv_proj"):  # q/k/v one layer already (Phi-3): its adapter in its GEMM
+            group = _group([attn.qkv_proj], True, triton, plan.pad_k)
+            if group:
+                setattr(attn.qkv_proj, _FUSED, group)
+                attn.qkv_proj.forward = types.MethodType(_lora_layer, attn.qkv_proj)
+                done["adapters_in_gemm"] += 1
+        if type(mlp).__name__ in STACKED_MLP_CLASSES:
+            silu = isinstance(mlp.activation_fn, torch.nn.SiLU) or type(mlp.activation_fn).__name__ == "SiLUActivation"
+            group = _group([mlp.gate_up_proj], not (plan.swiglu_kernel and silu), triton, plan.pad_k)
+            if group and plan.swiglu_kernel and silu:
+                setattr(mlp, _FUSED, {**group, "kernel": kernel})
+                mlp.forward = types.MethodType(_fused_stacked_mlp, mlp)
+                done["mlp"] += 1
+                done["adapters_in_swiglu"] += 1
+            elif group and shared:  # no SwiGLU kernel: its adapter in its GEMM, the MLP's own code around it
+                setattr(mlp.gate_up_proj, _FUSED, group)
+                mlp.gate_up_proj.forward = types.MethodType(_lora_layer, mlp.gate_up_proj)
+                done["adapters_in_gemm"] += 1
         if type(mlp).__name__ in MLP_CLASSES:
             swiglu = plan.swiglu_kernel and (
                 isinstance(mlp.act_fn, torch.nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation"

@@ -4,9 +4,9 @@ Every choice of the fast path is a field of the Plan; tasks/fast/patch.py instal
 says and reads nothing else, so a run (or a benchmark variant, built with dataclasses.replace)
 is described by its Plan alone.
 
-auto, on CUDA, for a causal LM with a 4-bit base and a Llama-layout decoder (Llama, Mistral,
-Qwen2), takes the fast path, whatever train.liger_kernels, train.gradient_checkpointing and
-train.precision say:
+auto, on CUDA, for a causal LM with a 4-bit base of a family the fast path is written for
+(FAST_TYPES: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3), takes the fast path,
+whatever train.liger_kernels, train.gradient_checkpointing and train.precision say:
   - each decoder layer's forward is compiled by torch.compile (one graph for all layers, in
     which norms, RoPE, SwiGLU, casts and residual adds become a few fused kernels) and
     checkpointed by tasks/fast/ops/layer_checkpoint.py: the forward runs without autograd (a
@@ -20,9 +20,10 @@ train.precision say:
     bf16 weight;
   - q/k/v and gate/up run as one 4-bit GEMM each over their weights laid end to end, their
     adapters' A matrices as one GEMM (tasks/fast/patch.py): fewer, larger GEMMs, and one read
-    of the input for the A's;
-  - gate and up's adapters are added inside the SwiGLU kernel (tasks/fast/ops/swiglu_lora.py):
-    the sums exact in fp32, no adapter output as wide as the MLP written and read back;
+    of the input for the A's (Phi-3's qkv_proj and gate_up_proj are one layer each already);
+  - a SiLU MLP's gate and up adapters are added inside the SwiGLU kernel
+    (tasks/fast/ops/swiglu_lora.py): the sums exact in fp32, no adapter output as wide as the
+    MLP written and read back; Gemma's GeGLU MLP runs its own activation after the fused GEMM;
   - with train.adapters_in_gemm, q/k/v's adapters go into their GEMM (the sums then rounded
     to bf16 there; off by default: next to the SwiGLU kernel it does not pay);
   - Liger's fused linear + cross-entropy computes the loss without a (tokens x vocab) tensor;
@@ -52,7 +53,9 @@ import types
 
 import torch
 
-FAST_TYPES = ("llama", "mistral", "qwen2")  # the decoder layout the fast path is written for (patch.APPLY)
+# The model families (config.json's model_type) the fast path is written for: patch.APPLY has
+# an apply function for each
+FAST_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 
 # Liger's patch function for each model family it covers (config.json's model_type)
 LIGER = types.MappingProxyType(
@@ -60,6 +63,10 @@ LIGER = types.MappingProxyType(
         "llama": "apply_liger_kernel_to_llama",
         "mistral": "apply_liger_kernel_to_mistral",
         "qwen2": "apply_liger_kernel_to_qwen2",
+        "qwen3": "apply_liger_kernel_to_qwen3",
+        "gemma2": "apply_liger_kernel_to_gemma2",
+        "gemma3_text": "apply_liger_kernel_to_gemma3_text",
+        "phi3": "apply_liger_kernel_to_phi3",
     }
 )
 
@@ -128,7 +135,7 @@ def choose(t, device: torch.device, task: str, model_type: str, quantized: bool)
     if task != "causal_lm":
         why = f"task {task} (the fast path is for causal LMs)"
     elif model_type not in FAST_TYPES:
-        why = f"'{model_type}' is not a Llama/Mistral/Qwen2-layout decoder"
+        why = f"'{model_type}' has no fast path (it is written for {', '.join(FAST_TYPES)})"
     elif not quantized:
         why = "the base is not 4-bit (quant.load_in_4bit: false)"
     if why:

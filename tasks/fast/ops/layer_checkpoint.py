@@ -2,7 +2,8 @@
 backward then in token chunks), with the saved layer input optionally in pinned host memory
 and optionally kept in bf16 where the residual stream between layers is fp32.
 
-A Llama-layout decoder layer is `h = x + attn(norm1(x))`, `out = h + mlp(norm2(h))`. Checkpointed
+A Llama-layout decoder layer is `h = x + attn(norm1(x))`, `out = h + mlp(norm2(h))` (Gemma's
+norms each branch's output too, Phi-3 drops out each branch: their halves are below). Checkpointed
 as one compiled graph, its backward holds the MLP's whole working set at once: the recomputed
 gate and up projections, their gradients, the SwiGLU product and the gradient of the down
 projection's input, each tokens x intermediate (224 MiB in bf16 at the 8B shape with 4 x 2048
@@ -205,3 +206,27 @@ def attention_half(layer, x, **kwargs):
 def mlp_half(layer, h):
     """h + mlp(norm2(h)): the second half, per token."""
     return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def sandwich_attention_half(layer, x, **kwargs):
+    """x + norm(attn(norm(x))): the first half of a Gemma 2 / Gemma 3 decoder layer, whose
+    attention output is normed again before the residual add (its forward's code)."""
+    h, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
+    return x + layer.post_attention_layernorm(h)
+
+
+def sandwich_mlp_half(layer, h):
+    """h + norm(mlp(norm(h))): the second half of a Gemma layer, per token."""
+    return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+
+
+def dropout_attention_half(layer, x, **kwargs):
+    """x + dropout(attn(norm1(x))): the first half of a Phi-3 decoder layer (a dropout on each
+    residual branch; the identity at resid_pdrop 0)."""
+    h, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
+    return x + layer.resid_attn_dropout(h)
+
+
+def dropout_mlp_half(layer, h):
+    """h + dropout(mlp(norm2(h))): the second half of a Phi-3 layer, per token."""
+    return h + layer.resid_mlp_dropout(layer.mlp(layer.post_attention_layernorm(h)))
