@@ -143,7 +143,8 @@ def fail(msg: str) -> int:
 def error_line(msg: str) -> str:
     """One line; where this process keeps a log, it ends with the file (the message is logged there too)."""
     where = log_path()
+    line = " ".join(part.strip() for part in msg.splitlines() if part.strip())  # a tool's output quoted in it
     if where is None:
-        return f"qlora: error: {msg}"
+        return f"qlora: error: {line}"
     log_line(f"qlora: error: {msg}")
-    return f"qlora: error: {msg} (full log: {where})"
+    return f"qlora: error: {line} (full log: {where})"
