@@ -76,7 +76,12 @@ def open_log(root: Path, command: str) -> Path:
     handler = logging.FileHandler(path, encoding="utf-8")  # append mode: the stages append to it too
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    logging.getLogger().addHandler(handler)
+    handler.set_name(LOG_ENV)
+    root_logger = logging.getLogger()
+    for earlier in [h for h in root_logger.handlers if h.get_name() == LOG_ENV]:  # a command run before in-process
+        root_logger.removeHandler(earlier)
+        earlier.close()
+    root_logger.addHandler(handler)
     logging.captureWarnings(True)  # the warnings still shown reach the file as well, through py.warnings
     _log_file = path.resolve()
     os.environ[LOG_ENV] = str(_log_file)
@@ -122,10 +127,10 @@ def printed_to_log():
 
 
 def stage_output_to_log() -> None:
-    """In a stage process started for a command that keeps a log (and not -v): this process's
+    """In a stage process DVC started for a command that keeps a log (and not -v): this process's
     stdout and stderr, and those of the processes it starts, append to that log."""
     path = os.environ.get(LOG_ENV)
-    if not path or verbose():
+    if not path or not os.environ.get("DVC_STAGE") or verbose():
         return
     sys.stdout.flush()
     sys.stderr.flush()
