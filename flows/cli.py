@@ -5,25 +5,46 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from flows.console import EXIT_BUSY, EXIT_ERROR, EXIT_REJECTED, PARAMS, VERBOSE_ENV, configure_env, fail
+from flows.console import (
+    EXIT_BUSY,
+    EXIT_ERROR,
+    EXIT_REJECTED,
+    PARAMS,
+    VERBOSE_ENV,
+    configure_env,
+    error_line,
+    fail,
+    log_exception,
+    open_log,
+)
 
 PARAMS_DOC = "docs/reference/params.md"
 
 
-class _ExpectedErrorsOnce:
-    """A console log filter: Prefect logs a failed task's and flow's exception with its traceback
-    (task, then flow); for the errors whose message says it all (a refusal, a stage's cause) the
-    command prints one `qlora: error:` line instead. The Prefect API (its UI) keeps the records."""
+class _ConsoleOnce:
+    """A filter for Prefect's console handler (on the root logger), so that each thing reaches the
+    console once. DVC's records: DVC's own handlers print them (flows/dvc/dvc_ops.py). Without -v,
+    Prefect's progress records stay in the log file and errors reach the console as the command's
+    one `qlora: error:` line, their tracebacks in the log file. With -v: Prefect logs a failed task's
+    and flow's exception with its traceback (task, then flow); for the errors whose message says
+    it all (a refusal, a stage's cause) the command's error line is enough. The Prefect API (its UI)
+    keeps every record."""
 
     def filter(self, record) -> bool:
+        from flows.console import verbose
         from tasks.common import PipelineError
         from tasks.config import ParamsError
 
+        if record.name.split(".")[0] in ("dvc", "dvc_objects", "dvc_data"):
+            return False
+        if not verbose():
+            return record.levelno == logging.WARNING
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, (PipelineError, ParamsError)):
             return False
@@ -34,48 +55,23 @@ class _ExpectedErrorsOnce:
         return not isinstance(exc, httpx.TransportError)
 
 
-def _quiet_expected_errors() -> None:
-    """Install _ExpectedErrorsOnce on Prefect's console handlers (after Prefect set up logging)."""
-    import logging
-
+def _console_once() -> None:
+    """Install _ConsoleOnce on Prefect's console handlers (after Prefect set up logging)."""
     import prefect.main  # noqa: F401 (`import prefect` alone sets up no logging; prefect.main does)
     from prefect.logging.handlers import PrefectConsoleHandler
 
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and not any(
-            isinstance(f, _ExpectedErrorsOnce) for f in handler.filters
-        ):
-            handler.addFilter(_ExpectedErrorsOnce())
+        if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _ConsoleOnce) for f in handler.filters):
+            handler.addFilter(_ConsoleOnce())
 
 
 def _print_outcome(root: Path, out, seconds: float) -> None:
+    """After the stage lines: the totals and where the results are."""
+    from flows.console import log_path
     from tasks import catalog
-    from tasks.common import read_json
 
-    facts = {"validate": catalog.VALIDATION_REPORT, "train": catalog.TRAIN_SUMMARY, "evaluate": catalog.METRICS}
-    print(f"\nqlora run finished in {seconds:.1f} s")
-    for name, s in out.stages.items():
-        keys = ""
-        if name in facts and (root / facts[name]).exists():
-            keys = ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in read_json(root / facts[name]).items()
-                if k
-                in (
-                    "rows",
-                    "accuracy",
-                    "macro_f1",
-                    "eval_loss",
-                    "perplexity",
-                    "exact_match",
-                    "base_exact_match",
-                    "rougeL",
-                    "base_rougeL",
-                    "final_loss",
-                    "steps",
-                )
-            )
-        print(f"  {name:<9} {'ran' if s.ran else 'skipped':<8} {keys}")
+    ran = sum(s.ran for s in out.stages.values())
+    print(f"\nqlora run finished in {seconds:.1f} s: {ran} stage(s) ran, {len(out.stages) - ran} skipped")
     print(f"  data:     {out.data['data_path']} md5 {out.data['md5']} ({out.data['status']})")
     print(f"  adapter:  {root / catalog.ADAPTER_DIR}")
     print(f"  merged:   {root / catalog.MERGED_DIR}")
@@ -93,6 +89,7 @@ def _print_outcome(root: Path, out, seconds: float) -> None:
             f"  mlflow:   run {ml['run_id']} at {ml['tracking_uri']}"
             + (f" (model version {ml['model_version']})" if ml.get("model_version") else "")
         )
+    print(f"  log:      {log_path()}")
 
 
 def _apply_overrides(root: Path, overrides: list[str]) -> None:
@@ -125,6 +122,7 @@ def cmd_run(args) -> int:
         with project_lock(root, wait=args.wait):
             if not (root / ".dvc").is_dir():
                 raise PipelineError(f"{root} is not a DVC project (no .dvc/): run qlora in a clone of qlora-flow")
+            open_log(root, "run")  # from here on, an error line names it
             if args.set:
                 _apply_overrides(root, args.set)
             from flows.dvc.stages import sync_dvc_yaml
@@ -139,15 +137,18 @@ def cmd_run(args) -> int:
                 print("warning: not a git repository with a commit: the run is not saved as a DVC experiment")
                 experiment = False
             with prefect_api(root):  # before Prefect's import: its settings read PREFECT_API_URL then
-                _quiet_expected_errors()
+                _console_once()
                 from flows.pipeline import Project, qlora_pipeline
 
                 out = qlora_pipeline(Project(root=root), experiment=experiment, experiment_name=args.name)
     except ProjectBusy as exc:
-        print(f"qlora: error: {exc}", file=sys.stderr)
+        print(error_line(str(exc)), file=sys.stderr)
         return EXIT_BUSY
     except (ParamsError, PipelineError) as exc:
         return fail(str(exc))
+    except Exception as exc:  # not one of ours: its traceback goes to the log, the console gets its last line
+        log_exception(exc)
+        return fail(f"{type(exc).__name__}: {exc}".splitlines()[0])
     _print_outcome(root, out, time.perf_counter() - started)
     return 0
 
@@ -262,32 +263,45 @@ def cmd_retrain(args) -> int:
     from tasks.config import ParamsError, load_params
     from tasks.model.source import check_reachable
 
+    inbox = "the inbox"
     try:  # a bad setting is the flow's to refuse; a base model that cannot be had stops it here
-        check_reachable(load_params(root / PARAMS, args.set).model, root)
+        params = load_params(root / PARAMS, args.set)
+        inbox = params.retrain.inbox
+        check_reachable(params.model, root)
     except PipelineError as exc:
         return fail(str(exc))
     except ParamsError:
         pass
-    with prefect_api(root):  # before Prefect's import: its settings read PREFECT_API_URL then
-        _quiet_expected_errors()
-        from flows.retrain import retrain_flow
+    if (root / ".dvc").is_dir():
+        open_log(root, "retrain")
+    try:
+        with prefect_api(root):  # before Prefect's import: its settings read PREFECT_API_URL then
+            _console_once()
+            from flows.retrain import retrain_flow
 
-        state = retrain_flow(str(root), args.set, wait_for_lock=args.wait, return_state=True)
+            state = retrain_flow(str(root), args.set, wait_for_lock=args.wait, return_state=True)
+    except Exception as exc:  # not one of ours: its traceback goes to the log, the console gets its last line
+        log_exception(exc)
+        return fail(f"{type(exc).__name__}: {exc}".splitlines()[0])
     code = _flow_exit(state)
     out = state.result(raise_on_failure=False) if code in (0, EXIT_REJECTED) else None
     if isinstance(out, dict) and "ingest" in out:
-        _print_ingest(out["ingest"])
+        _print_ingest(out["ingest"], inbox)
     if code == 0:
-        print(f"retrain: {out['status']}" + (f"; {out['decision']['reason']}" if "decision" in out else ""))
+        _print_retrain(out)
     elif state.name == "Refused":  # the message names the file or setting and what to do
-        print(f"qlora: error: {state.message}", file=sys.stderr)
+        print(error_line(state.message), file=sys.stderr)
     else:
-        print(f"qlora: error: retrain {state.name}: {state.message}", file=sys.stderr)
+        raised = state.result(raise_on_failure=False) if code != EXIT_BUSY else None
+        if isinstance(raised, BaseException):
+            log_exception(raised)
+        print(error_line(f"retrain {state.name}: {state.message}"), file=sys.stderr)
     return code
 
 
-def _print_ingest(got: dict) -> None:
-    """What the inbox gave: the files merged and the files rejected, with their first errors."""
+def _print_ingest(got: dict, inbox: str) -> None:
+    """What the inbox gave: the files merged and the files rejected, with their first errors; the
+    rows added and skipped, and why a drop added nothing."""
     from tasks import catalog
 
     for a in got.get("accepted", []):
@@ -303,6 +317,43 @@ def _print_ingest(got: dict) -> None:
         print(f"  waiting  {w}: still being written; a later run takes it")
     if got.get("accepted") or got.get("rejected"):
         print(f"  report:  {catalog.INGEST_REPORT}")
+    reasons: dict[str, int] = {}
+    for row in got.get("skipped_duplicates", []):
+        reasons[row["reason"]] = reasons.get(row["reason"], 0) + 1
+    skipped = ", ".join(f"{n} {why}" for why, n in reasons.items())
+    print(
+        f"ingest: {len(got.get('files', []))} file(s) taken from {inbox}: {got.get('added_rows', 0)} rows added, "
+        f"{sum(reasons.values())} skipped{f' ({skipped})' if skipped else ''}, "
+        f"{len(got.get('rejected', []))} file(s) rejected"
+    )
+    if got.get("status") == "no_new_data":
+        if got.get("accepted"):
+            why = "every row of the drop is already in the dataset"
+        elif got.get("waiting"):
+            why = f"{len(got['waiting'])} file(s) in {inbox} are still being written"
+        else:
+            why = f"{inbox} is empty"
+        print(f"retrain: skipped: {why}; no data version, no training")
+
+
+def _print_retrain(out: dict) -> None:
+    """What a retraining did: the data version, the pipeline's model version, the champion decision."""
+    if out["status"] == "skipped":  # _print_ingest said why
+        return
+    data, pipeline, decision = out.get("data") or {}, out.get("pipeline") or {}, out.get("decision") or {}
+    commit = f", git commit {data['git_commit'][:7]}" if data.get("git_commit") else ""
+    print(
+        f"retrain: {out['status']}: data version md5 {data.get('md5')}{commit}; "
+        f"model version {pipeline.get('model_version')} (MLflow run {pipeline.get('run_id')})"
+    )
+    if decision:
+        who = decision.get("challenger_version")
+        outcome = (
+            f"version {who} is the champion"
+            if decision.get("promoted")
+            else (f"version {decision.get('champion_after')} stays the champion")
+        )
+        print(f"champion: {outcome} ({decision.get('reason')})")
 
 
 def cmd_serve(args) -> int:

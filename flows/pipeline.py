@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from flows.dvc import dvc_ops
 from flows.dvc.data_check import ALLOW_ENV, DataCheck, check_data, require_committed_version
 from flows.dvc.stages import STAGES, upstream
+from flows.stage_lines import StageLines
 from flows.tracking import mlflow_record
 from flows.tracking.live import LiveRun
 from tasks.config import Params, load_params
@@ -137,17 +138,25 @@ def qlora_pipeline(
             data = check_data_task(project, params)
             stale = dvc_ops.stale_stages(project.root)  # what DVC is about to run
             states, outcomes = {}, {}
+            lines = StageLines(project.root)
             for stage in STAGES:
                 if live.run_id is None and stage.name in stale:  # the MLflow run spans the work, from its start
                     logger.info(f"mlflow: run {live.start()} open while the stages run")
+                # What DVC finds changed, the upstream stages done: a stage it is about to run gets a start line.
+                why = dvc_ops.stale_stages(project.root, stage.name).get(stage.name)
+                if why is not None:
+                    lines.started(stage.name, why)
+                started = time.perf_counter()
                 # Upstream states as inputs: Prefect records them as the task's dependencies (the DAG's edges).
-                states[stage.name] = run_stage.with_options(name=stage.name)(
-                    project, stage.name, [states[name] for name in upstream(stage)], return_state=True
-                )
-                outcomes[stage.name] = states[stage.name].result()  # raises if the stage failed
-                logger.info(
-                    f"{stage.name}: {'ran' if outcomes[stage.name].ran else 'skipped (up to date in dvc.lock)'}"
-                )
+                with lines.train_steps() if stage.name == "train" and why is not None else nullcontext():
+                    states[stage.name] = run_stage.with_options(name=stage.name)(
+                        project, stage.name, [states[name] for name in upstream(stage)], return_state=True
+                    )
+                if not states[stage.name].is_completed():
+                    lines.failed(stage.name, time.perf_counter() - started)
+                done = outcomes[stage.name] = states[stage.name].result()  # raises if the stage failed
+                lines.ended(stage.name, done.ran, done.seconds)
+                logger.info(f"{stage.name}: {'ran' if done.ran else 'skipped (up to date in dvc.lock)'}")
         exp = save_experiment_task(project, experiment_name, list(outcomes.values())) if experiment else None
         outcome = PipelineOutcome(
             stages=outcomes,

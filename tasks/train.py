@@ -114,7 +114,7 @@ def run(params: Params, root: Path, resume_key: str | None = None) -> StageResul
     with fast_patch.scoped(model_type, plan) as patches:
         s = setup(params, root, device, t, plan, strategy, model_type, tok, patches, resume_key)
         progress = resume(s, root)
-        steps = StepLog(root, enabled=distributed.is_main())
+        steps = StepLog(root, enabled=distributed.is_main(), total_steps=s.total)
         try:
             train(s, progress, params, steps)
         finally:

@@ -54,7 +54,28 @@ def _repo(root: Path):
     with contextlib.chdir(key):  # DVC resolves some paths (targets, stage wdirs) against the cwd
         if key not in _REPOS:
             _REPOS[key] = Repo(key)
+            _dvc_console()
         yield _REPOS[key]
+
+
+def _dvc_console() -> None:
+    """DVC's log records print once. Importing dvc gives its loggers handlers of their own that
+    print to the console, and its records also propagate to the root logger, where Prefect's
+    console handler prints them again (flows/cli.py filters DVC's records out of that one) and the
+    command's log file keeps them. Its INFO lines ("Running stage", "Updating lock file") say what
+    the stage lines of `qlora run` say: on the console only with -v; its warnings always.
+    The level is set here, explicitly: left unset, the loggers take the root logger's level
+    (WARNING under Prefect) and the INFO records reach neither the console nor the log file."""
+    import logging
+
+    from flows.console import verbose
+
+    for name in ("dvc", "dvc_objects", "dvc_data"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        for handler in logger.handlers:
+            if handler.level < logging.WARNING and not verbose():
+                handler.setLevel(logging.WARNING)  # its stdout handlers, which print only below WARNING
 
 
 def reproduce(root: Path, stage: str) -> bool:
@@ -72,18 +93,19 @@ def reproduce(root: Path, stage: str) -> bool:
     return bool(ran)
 
 
-def stale_stages(root: Path) -> dict[str, list[str]]:
-    """{stage: what changed} as `dvc status` reports it; {} when everything is up to date."""
+def stale_stages(root: Path, stage: str | None = None) -> dict[str, list[str]]:
+    """{stage: what changed} as `dvc status` reports it; {} when everything is up to date.
+    stage: that stage alone, against its deps as they are now (what `dvc repro` of it would find)."""
     import logging
 
-    dvc_log = logging.getLogger("dvc")
-    level = dvc_log.level
-    dvc_log.setLevel(logging.ERROR)  # not DVC's note that an imported dataset's .dvc file is frozen
-    try:
-        with _repo(root) as repo:
-            status = repo.status()
-    finally:
-        dvc_log.setLevel(level)
+    with _repo(root) as repo:  # first: importing dvc sets its loggers' levels, which are kept below
+        dvc_log = logging.getLogger("dvc")
+        level = dvc_log.level
+        dvc_log.setLevel(logging.ERROR)  # not DVC's note that an imported dataset's .dvc file is frozen
+        try:
+            status = repo.status(targets=[f"{repo.root_dir}/dvc.yaml:{stage}"] if stage else None)
+        finally:
+            dvc_log.setLevel(level)
     stale = {}
     for target, changes in status.items():
         stage = target.rsplit(":", 1)[-1]  # "dvc.yaml:train" or "train"; a .dvc file keeps its path

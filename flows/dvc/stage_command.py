@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.console import EXIT_BUSY, PARAMS, configure_env, fail
+from flows.console import EXIT_BUSY, EXIT_ERROR, PARAMS, configure_env, fail, stage_output_to_log
 
 RDZV_ENV = "QLORA_RDZV_ENDPOINT"  # host:port of the c10d rendezvous when train.nodes > 1
 STAGE_MODULE = __spec__.name  # this module, as the workers run it
@@ -24,6 +24,7 @@ LAUNCH_LOGS = ".qlora/launch"  # each launch's per-rank stdout/stderr (the faile
 
 def run(name: str, overrides: list[str], wait: bool) -> int:
     root = Path.cwd()
+    stage_output_to_log()  # started for `qlora run`/`retrain`: this stage's output goes to its log
     configure_env(root)
     from flows.dvc import dvc_ops
     from flows.dvc.data_check import check_data, require_committed_version
@@ -72,6 +73,15 @@ def run(name: str, overrides: list[str], wait: bool) -> int:
                 error_file.parent.mkdir(parents=True, exist_ok=True)
                 error_file.write_text(msg)
         return fail(msg)
+    except Exception as exc:  # a bug or a library's failure: the traceback, and its last line for the caller
+        import traceback
+
+        traceback.print_exc()
+        if os.environ.get("DVC_STAGE"):
+            with contextlib.suppress(OSError):
+                error_file.parent.mkdir(parents=True, exist_ok=True)
+                error_file.write_text(f"stage {name}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+        return EXIT_ERROR
     print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in res.summary.items()))
     return 0
 

@@ -184,12 +184,15 @@ def register(name: str, model_info, tags: dict, model_description: str):
     """A registry version of a logged model, with its tags (the MLflow UI shows them)."""
     import mlflow
 
+    from flows.console import printed_to_log
+
     client = mlflow.tracking.MlflowClient()
     try:
         client.create_registered_model(name, description=model_description)
     except Exception:
         pass  # it exists
-    return mlflow.register_model(model_info.model_uri, name, tags=tags)
+    with printed_to_log():  # "Registered model ... already exists", "Created version": the summary names the version
+        return mlflow.register_model(model_info.model_uri, name, tags=tags)
 
 
 # --- using a version -----------------------------------------------------------------------------

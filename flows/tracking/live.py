@@ -22,19 +22,42 @@ from tasks.config import Params
 STEP_METRICS = {"loss": "train_loss", "lr": "learning_rate"}
 
 
+class StepTail:
+    """The rows appended to the train stage's step file since the last read, whole lines only.
+    from_end: start at the file's current end (rows an earlier run left are not this run's). A
+    file shorter than what was read was started again: it is read from its start."""
+
+    def __init__(self, path: Path, from_end: bool = False):
+        self.path = Path(path)
+        self.offset = self.path.stat().st_size if from_end and self.path.exists() else 0
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            if f.seek(0, 2) < self.offset:
+                self.offset = 0
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        rows = [json.loads(line) for line in complete.decode().splitlines()]
+        self.offset += len(complete)
+        return rows
+
+
 class LiveRun:
     def __init__(self, params: Params, root: Path, parent_run_id: str | None = None, every_s: float = 0.5):
         self.params, self.root, self.parent_run_id, self.every_s = params, Path(root), parent_run_id, every_s
         self.run_id: str | None = None
         self.last_step = -1  # the last train step forwarded
-        self._offset = 0
+        self._tail = StepTail(self.steps_file)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._monitor = None
 
     @property
     def steps_file(self) -> Path:
-        return self.root / catalog.TRAIN_STEPS_LIVE
+        return Path(self.root) / catalog.TRAIN_STEPS_LIVE
 
     def start(self) -> str:
         mlflow, uri, _ = mlflow_record.use_store(self.params, self.root)
@@ -68,26 +91,17 @@ class LiveRun:
         """Send the steps appended since the last flush (whole lines only)."""
         from mlflow.entities import Metric
 
-        if not self.steps_file.exists():
-            return
-        with open(self.steps_file, "rb") as f:
-            f.seek(self._offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        if not complete:
-            return
-        metrics = []
-        for line in complete.decode().splitlines():
-            row = json.loads(line)
+        metrics, last = [], self.last_step
+        for row in self._tail.read():
             step, at = int(row.pop("step")), int(row.pop("time", time.time()) * 1000)
             for key, value in row.items():
                 name = STEP_METRICS.get(key) or (key if key.startswith("val_") else None)
                 if name and isinstance(value, (int, float)) and not isinstance(value, bool):
                     metrics.append(Metric(name, float(value), at, step))
-            self.last_step = max(self.last_step, step)
+            last = max(last, step)
         for i in range(0, len(metrics), 900):
             self._client.log_batch(self.run_id, metrics=metrics[i : i + 900])
-        self._offset += len(complete)
+        self.last_step = last  # only once sent: record_pipeline logs the steps after it
 
     def stop(self) -> None:
         """Stop forwarding (after a last flush) and sampling; the run stays open for the record."""

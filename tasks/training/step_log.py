@@ -13,8 +13,9 @@ from tasks import catalog
 
 
 class StepLog:
-    def __init__(self, root: Path, enabled: bool = True):
+    def __init__(self, root: Path, enabled: bool = True, total_steps: int | None = None):
         self.path = Path(root) / catalog.TRAIN_STEPS_LIVE
+        self.total_steps = total_steps  # in each row: a watcher's progress is step / total_steps
         self._file = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,8 +24,8 @@ class StepLog:
     def write(self, rows: list[dict]) -> None:
         if self._file is None or not rows:
             return
-        now = time.time()
-        self._file.write("".join(json.dumps({**row, "time": now}) + "\n" for row in rows))
+        now, total = time.time(), {"total_steps": self.total_steps} if self.total_steps else {}
+        self._file.write("".join(json.dumps({**row, **total, "time": now}) + "\n" for row in rows))
         self._file.flush()
 
     def close(self) -> None:
