@@ -163,3 +163,9 @@ def write_split(root: Path, params, parts: dict) -> None:
             frame = frame.assign(row=[str(i + 1) for i in range(len(frame))])
         with RowsWriter(root / catalog.split_file(catalog.SPLIT_DIR, name), features) as out:
             out.write({c: frame[c].astype(str).tolist() if c != "label" else frame[c].tolist() for c in features})
+
+
+def command_logs(root: Path) -> str:
+    """Every log file the project's commands wrote (.qlora/logs/): the stage processes' own lines
+    (what train prints when it resumes or launches workers) go there, not to the console."""
+    return "".join(p.read_text(errors="replace") for p in sorted((Path(root) / ".qlora/logs").glob("*.log")))

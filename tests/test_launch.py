@@ -17,7 +17,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import descendants, env, make_project, small_cls_params
+from tests.conftest import command_logs, descendants, env, make_project, small_cls_params
 
 
 def _run(cmd: list, cwd: Path, extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
@@ -70,7 +70,7 @@ def test_qlora_run_with_two_processes_records_one_run_that_matches_one_process(t
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     second = _run([".venv/bin/qlora", "run"], two)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "launching 2 process(es) on 1 node(s) (gloo)" in second.stdout + second.stderr
+    assert "launching 2 process(es) on 1 node(s) (gloo)" in command_logs(two)
     s = _summary(two)
     assert (s["world_size"], s["strategy"], s["steps"]) == (2, "ddp", 6)
     assert [r["rank"] for r in s["ranks"]] == [0, 1] and all(r["tokens"] > 0 for r in s["ranks"])

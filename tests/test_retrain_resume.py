@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import AG_NEWS, env, git, make_project, small_cls_params
+from tests.conftest import AG_NEWS, command_logs, env, git, make_project, small_cls_params
 
 pytestmark = pytest.mark.slow
 MODEL = "news-topics"
@@ -283,7 +283,7 @@ def test_retraining_on_two_processes_ends_as_one_process_does(base, reference, t
         timeout=900,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "launching 2 process(es) on 1 node(s) (gloo)" in p.stdout + p.stderr
+    assert "launching 2 process(es) on 1 node(s) (gloo)" in command_logs(root)
     summary = json.loads((root / "reports/train/summary.json").read_text())
     assert summary["world_size"] == 2 and [r["rank"] for r in summary["ranks"]] == [0, 1]
     state = _state(root)
